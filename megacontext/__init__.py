@@ -1,0 +1,61 @@
+"""megacontext: a frozen Hugging Face LM reads an unbounded history through a
+fixed budget of active entries (a gist tree, a learned focus policy, and a
+RoPE-preserving KV cache).
+
+``import megacontext as mc``. Heavy modules (torch, transformers) load on first
+use of the names that need them, so importing the package is cheap and never
+needs a GPU, a compiler or the network.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .errors import (
+    BackendUnavailableError,
+    ConfigError,
+    InvariantError,
+    MegaContextError,
+    ModelNotAvailableError,
+    StorageError,
+)
+
+# public name -> submodule that defines it (loaded on first access)
+_LAZY: dict[str, str] = {
+    "MegaContextConfig": "config",
+    "Base": "base",
+    "load_base": "base",
+    "profiling": "profiling",
+}
+
+__all__ = [
+    "BackendUnavailableError",
+    "ConfigError",
+    "InvariantError",
+    "MegaContextError",
+    "ModelNotAvailableError",
+    "StorageError",
+    "__version__",
+    *sorted(_LAZY),
+]
+
+if TYPE_CHECKING:
+    from . import profiling
+    from .base import Base, load_base
+    from .config import MegaContextConfig
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'megacontext' has no attribute {name!r}")
+    mod = importlib.import_module(f".{module}", __name__)
+    value = mod if name == module else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

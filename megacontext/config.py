@@ -1,0 +1,160 @@
+"""Run configuration, validated with pydantic.
+
+``MegaContextConfig`` holds the knobs of the tree, the working context, the focus
+allocator and the KV cache (the design brief's defaults). A bad value raises
+:class:`megacontext.ConfigError` naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+__all__ = ["MegaContextConfig"]
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+class MegaContextConfig(BaseModel):
+    """Configuration of a MegaContext run.
+
+    Tree: ``block_size`` tokens make one LOD1 gist, ``block_size`` LOD(l) gists one
+    LOD(l+1) gist, up to ``levels`` gist levels. Working context: at most ``w_max``
+    entries; the newest ``recent_tokens`` tokens (plus the partial block) stay LOD0.
+    Allocator: at most ``n_diff`` actions per step, expand when a candidate's mean
+    score exceeds ``tau_expand``, collapse below ``-tau_collapse``; a node changed
+    less than ``cooldown_steps`` steps ago, or resident at its LOD for fewer than
+    ``min_residency`` steps, is not flipped. ``horizon`` is H of Loss@H.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    model: str = Field("smollm2-135m", description="base model name, HF id or local path")
+    block_size: int = Field(32, description="tokens per LOD1 gist; a power of two")
+    levels: int = Field(2, ge=1, le=6, description="number of gist levels above LOD0")
+    w_max: int = Field(8192, gt=0, description="working-context budget (entries)")
+    horizon: int = Field(64, gt=0, description="H of Loss@H (tokens)")
+    n_diff: int = Field(4, ge=0, description="max allocator actions per step")
+    tau_expand: float = Field(0.2, ge=0.0, le=1.0)
+    tau_collapse: float = Field(0.2, ge=0.0, le=1.0)
+    cooldown_steps: int = Field(2, ge=0)
+    min_residency: int = Field(3, ge=0)
+    recent_tokens: int | None = Field(
+        None, ge=0, description="protected LOD0 tail; None = 2 blocks (the partial block is always kept)"
+    )
+    kv_mode: Literal["splice", "exact"] = "splice"
+    seed: int = 0
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size_power_of_two(cls, v: int) -> int:
+        if not _is_power_of_two(v):
+            raise ValueError("must be a power of two")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> MegaContextConfig:
+        if self.protected_tokens + self.block_size > self.w_max:
+            # "field: message" lets _config_error name the field of a cross-field check.
+            raise ValueError(
+                f"w_max: {self.w_max} cannot hold the protected tail "
+                f"(recent_tokens={self.protected_tokens} plus a partial block of "
+                f"{self.block_size})"
+            )
+        return self
+
+    @property
+    def protected_tokens(self) -> int:
+        """Tokens always kept at LOD0 besides the partial block."""
+        return 2 * self.block_size if self.recent_tokens is None else self.recent_tokens
+
+    # Construction with typed errors -------------------------------------------------
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _config_error(exc, data) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise _config_error(exc, {name: value}) from None
+
+    def replace(self, **changes: Any) -> MegaContextConfig:
+        """A validated copy with ``changes`` applied."""
+        return MegaContextConfig(**{**self.model_dump(), **changes})
+
+    # YAML -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> MegaContextConfig:
+        """Load a config; unknown keys and bad values raise ConfigError naming the file."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found", field=None) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
+        try:
+            return cls(**raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}", field=exc.field, value=exc.value) from None
+
+    def to_yaml(self, path: str | os.PathLike[str]) -> Path:
+        """Write the config atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(self.model_dump(), sort_keys=False)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def _config_error(exc: ValidationError, data: dict[str, Any]) -> ConfigError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    field = ".".join(loc) if loc else None
+    if field:
+        value = data.get(loc[0], err.get("input"))
+        reason = err["msg"].removeprefix("Value error, ")
+        msg = f"invalid value for field '{field}': {value!r} ({reason})"
+    else:
+        text = err["msg"].removeprefix("Value error, ")
+        m = re.match(r"^(\w+): (.*)$", text, re.S)
+        field, text = (m.group(1), m.group(2)) if m else (None, text)
+        value = data.get(field) if field else None
+        prefix = f"invalid value for field '{field}': {value!r} " if field else ""
+        msg = f"{prefix}({text})" if field else f"invalid configuration: {text}"
+    return ConfigError(msg, field=field, value=value)
