@@ -38,7 +38,11 @@ __all__ = [
     "ModelNotAvailableError",
     "StorageError",
     "__version__",
-    *sorted(_LAZY),
+    # lazily loaded (keep in step with _LAZY)
+    "Base",
+    "MegaContextConfig",
+    "load_base",
+    "profiling",
 ]
 
 if TYPE_CHECKING:

@@ -57,7 +57,9 @@ class MegaContextConfig(BaseModel):
     cooldown_steps: int = Field(2, ge=0)
     min_residency: int = Field(3, ge=0)
     recent_tokens: int | None = Field(
-        None, ge=0, description="protected LOD0 tail; None = 2 blocks (the partial block is always kept)"
+        None,
+        ge=0,
+        description="protected LOD0 tail; None = 2 blocks (the partial block is always kept)",
     )
     kv_mode: Literal["splice", "exact"] = "splice"
     seed: int = 0

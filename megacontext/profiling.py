@@ -55,7 +55,7 @@ def _nvtx_range(name: str, color: str | None) -> Iterator[None]:
         nvtx.end_range(rng)
 
 
-def range(name: str, color: str | None = None) -> contextlib.AbstractContextManager[None]:  # noqa: A001
+def range(name: str, color: str | None = None) -> contextlib.AbstractContextManager[None]:
     """A context manager marking ``name`` on the NVTX timeline (no-op when disabled)."""
     if _enabled is False or (_enabled is None and not enabled()):
         return _NULL

@@ -1,0 +1,1 @@
+"""Developer tools: ``python -m tools.format``, ``python -m tools.lint``, data tools."""
