@@ -20,6 +20,7 @@ from .errors import (
     MegaContextError,
     ModelNotAvailableError,
     StorageError,
+    UnsupportedModelError,
 )
 
 # public name -> submodule that defines it (loaded on first access)
@@ -27,7 +28,10 @@ _LAZY: dict[str, str] = {
     "MegaContextConfig": "config",
     "Base": "base",
     "load_base": "base",
+    "token_nll": "nll",
     "profiling": "profiling",
+    "MegaContextTree": "tree",
+    "mean_pool": "tree",
 }
 
 __all__ = [
@@ -37,18 +41,24 @@ __all__ = [
     "MegaContextError",
     "ModelNotAvailableError",
     "StorageError",
+    "UnsupportedModelError",
     "__version__",
     # lazily loaded (keep in step with _LAZY)
     "Base",
     "MegaContextConfig",
     "load_base",
     "profiling",
+    "token_nll",
+    "MegaContextTree",
+    "mean_pool",
 ]
 
 if TYPE_CHECKING:
     from . import profiling
     from .base import Base, load_base
     from .config import MegaContextConfig
+    from .nll import token_nll
+    from .tree import MegaContextTree, mean_pool
 
 
 def __getattr__(name: str) -> Any:
