@@ -20,7 +20,6 @@ from .errors import (
     MegaContextError,
     ModelNotAvailableError,
     StorageError,
-    UnsupportedModelError,
 )
 
 # public name -> submodule that defines it (loaded on first access)
@@ -28,7 +27,6 @@ _LAZY: dict[str, str] = {
     "MegaContextConfig": "config",
     "Base": "base",
     "load_base": "base",
-    "token_nll": "nll",
     "profiling": "profiling",
     "MegaContextTree": "tree",
     "mean_pool": "tree",
@@ -41,14 +39,12 @@ __all__ = [
     "MegaContextError",
     "ModelNotAvailableError",
     "StorageError",
-    "UnsupportedModelError",
     "__version__",
     # lazily loaded (keep in step with _LAZY)
     "Base",
     "MegaContextConfig",
     "load_base",
     "profiling",
-    "token_nll",
     "MegaContextTree",
     "mean_pool",
 ]
@@ -57,7 +53,6 @@ if TYPE_CHECKING:
     from . import profiling
     from .base import Base, load_base
     from .config import MegaContextConfig
-    from .nll import token_nll
     from .tree import MegaContextTree, mean_pool
 
 
