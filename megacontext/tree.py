@@ -26,6 +26,7 @@ so a call that fails part-way leaves the tree as it was.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -265,13 +266,66 @@ class MegaContextTree:
     # --------------------------------------------------------------------- writes
 
     def _check_writable(self, op: str) -> None:
-        if not self.writable:
-            raise StorageError(
-                f"{op}: tree at {self.path} was opened read-only (mode='r'); "
-                "open it with mode='r+' to modify it",
-                path=self.path,
-                field="mode",
-            )
+        if self.writable:
+            return
+        assert self._files is not None
+        if self._files.mode == "r":
+            why = "was opened read-only (mode='r'); open it with mode='r+' to modify it"
+        else:
+            why = "is closed"
+        raise StorageError(f"{op}: tree at {self.path} {why}", path=self.path, field="mode")
+
+    # -------------------------------------------------------------------- storage
+
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
+        """Write the tree to a new directory ``path`` (``LOD<l>.ctx`` + ``metadata.json``).
+
+        Atomic: written into a temporary directory next to ``path``, then renamed.
+        An existing non-empty ``path`` is a :class:`StorageError` unless
+        ``overwrite=True``. A float32 tree cannot be saved (:class:`ConfigError`:
+        the format stores fp16 or bf16). The tree itself stays where it was (RAM or
+        its own directory); ``MegaContextTree.open(path)`` opens the copy.
+        """
+        from .storage import save_tree
+
+        save_tree(self, path, overwrite=overwrite)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], mode: str = "r+") -> MegaContextTree:
+        """Open a saved tree, memory-mapped: O(1) in its size (no payload is read).
+
+        ``mode='r+'`` allows :meth:`append` and :meth:`refresh` (crash-safe appends,
+        one writer at a time: a second ``r+`` open raises :class:`StorageError`);
+        ``mode='r'`` refuses them. A corrupted or inconsistent directory raises
+        :class:`StorageError` naming the file and the field.
+        """
+        from .storage import open_tree
+
+        files = open_tree(path, mode)
+        meta = files.meta
+        tree = cls.__new__(cls)
+        tree.dim = meta["dim"]
+        tree.block_size = meta["block_size"]
+        tree.levels = meta["levels"]
+        tree.dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[meta["dtype"]]
+        tree.model_name = meta["model_name"]
+        tree.gist_batch = DEFAULT_GIST_BATCH
+        tree._files = files
+        tree._embed = None
+        tree._levels = list(files.levels)
+        return tree
+
+    def close(self) -> None:
+        """Release the files of an on-disk tree (and its writer lock). Views already
+        taken stay readable; further appends raise :class:`StorageError`."""
+        if self._files is not None:
+            self._files.close()
+
+    def __enter__(self) -> MegaContextTree:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @torch.no_grad()
     def append(self, token_ids: Any, embed: Embed, gistnet: GistFn | None = None) -> None:
