@@ -30,6 +30,8 @@ _LAZY: dict[str, str] = {
     "profiling": "profiling",
     "MegaContextTree": "tree",
     "mean_pool": "tree",
+    "GistNet": "gistnet",
+    "GistNetConfig": "gistnet",
 }
 
 __all__ = [
@@ -47,12 +49,15 @@ __all__ = [
     "profiling",
     "MegaContextTree",
     "mean_pool",
+    "GistNet",
+    "GistNetConfig",
 ]
 
 if TYPE_CHECKING:
     from . import profiling
     from .base import Base, load_base
     from .config import MegaContextConfig
+    from .gistnet import GistNet, GistNetConfig
     from .tree import MegaContextTree, mean_pool
 
 
