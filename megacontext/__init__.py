@@ -20,6 +20,7 @@ from .errors import (
     MegaContextError,
     ModelNotAvailableError,
     StorageError,
+    UnsupportedModelError,
 )
 
 # public name -> submodule that defines it (loaded on first access)
@@ -27,11 +28,15 @@ _LAZY: dict[str, str] = {
     "MegaContextConfig": "config",
     "Base": "base",
     "load_base": "base",
+    "token_nll": "nll",
     "profiling": "profiling",
     "MegaContextTree": "tree",
     "mean_pool": "tree",
     "GistNet": "gistnet",
     "GistNetConfig": "gistnet",
+    "WorkingContext": "working_context",
+    "FocusAllocator": "allocator",
+    "Action": "allocator",
 }
 
 __all__ = [
@@ -41,24 +46,32 @@ __all__ = [
     "MegaContextError",
     "ModelNotAvailableError",
     "StorageError",
+    "UnsupportedModelError",
     "__version__",
     # lazily loaded (keep in step with _LAZY)
     "Base",
     "MegaContextConfig",
     "load_base",
     "profiling",
+    "token_nll",
     "MegaContextTree",
     "mean_pool",
     "GistNet",
     "GistNetConfig",
+    "WorkingContext",
+    "FocusAllocator",
+    "Action",
 ]
 
 if TYPE_CHECKING:
     from . import profiling
+    from .allocator import Action, FocusAllocator
     from .base import Base, load_base
     from .config import MegaContextConfig
     from .gistnet import GistNet, GistNetConfig
+    from .nll import token_nll
     from .tree import MegaContextTree, mean_pool
+    from .working_context import WorkingContext
 
 
 def __getattr__(name: str) -> Any:

@@ -9,6 +9,7 @@ __all__ = [
     "MegaContextError",
     "ModelNotAvailableError",
     "StorageError",
+    "UnsupportedModelError",
 ]
 
 
@@ -48,3 +49,7 @@ class ModelNotAvailableError(MegaContextError, LookupError):
 
 class BackendUnavailableError(MegaContextError, RuntimeError):
     """A requested compute backend (cpp, cuda, triton) is not available in this build."""
+
+
+class UnsupportedModelError(ModelNotAvailableError):
+    """The model loads, but it is not a Llama-family decoder megacontext can drive."""

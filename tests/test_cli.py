@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from megacontext.cli import app, collect_info
+
+runner = CliRunner()
+
+
+def test_info_reports_the_extension():
+    data = collect_info()
+    assert data["extension"]["available"] is True
+    assert "cpp" in data["allocator_backends"]
+    assert data["default_model"]["installed"] is True
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0, result.output
+    assert "megacontext._C" in result.output
+    result = runner.invoke(app, ["info", "--json"])
+    assert json.loads(result.output)["extension"]["abi_version"] >= 1
+
+
+def test_nll_on_a_file_with_tiny_llama(tmp_path):
+    text = tmp_path / "sample.py"
+    text.write_text("def add(a, b):\n    return a + b\n" * 20)
+    result = runner.invoke(
+        app, ["nll", str(text), "--model", "tiny-llama", "--window", "64", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["model"] == "tiny-llama" and out["targets"] == out["tokens"] - 1
+    # a random model is near-uniform over 49,152 tokens: NLL close to ln(49152) ~ 10.8
+    assert 9.0 < out["mean_nll"] < 12.0
+
+
+def test_nll_module_option_and_limits():
+    result = runner.invoke(
+        app, ["nll", "--module", "json", "--model", "tiny-llama", "--max-tokens", "40"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "39 tokens scored" in result.output
+
+
+def test_nll_bad_inputs(tmp_path):
+    result = runner.invoke(app, ["nll", str(tmp_path / "missing.txt")])
+    assert result.exit_code == 2 and "not a file" in result.output
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    result = runner.invoke(app, ["nll", str(empty), "--model", "tiny-llama"])
+    assert result.exit_code == 2 and "empty" in result.output
+    result = runner.invoke(app, ["nll"])
+    assert result.exit_code == 2 and "exactly one" in result.output
+
+
+def test_typed_errors_become_one_line_messages(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world")
+    proc = subprocess.run(
+        [sys.executable, "-m", "megacontext.cli", "nll", str(text), "--model", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "ModelNotAvailableError" in proc.stderr and "Traceback" not in proc.stderr
