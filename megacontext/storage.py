@@ -405,6 +405,11 @@ def open_tree(path: str | os.PathLike[str], mode: str = "r+") -> TreeFiles:
                 raise _err(
                     opened[0].path, "lock", "another process has this tree open for writing"
                 ) from None
+            # metadata temp files of commits killed before their rename: never data
+            for name in os.listdir(directory):
+                if name.startswith(".metadata.") and name.endswith(".tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(directory, name))
     except BaseException:
         for lvl in opened:
             lvl.close()

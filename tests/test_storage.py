@@ -222,7 +222,11 @@ def test_crashed_tail_is_ignored_then_overwritten(saved):
         with open(path / name, "ab") as f:
             f.write(os.urandom(junk))
     (path / ".metadata.crash.tmp").write_text('{"counts": "half-written')
+    with MegaContextTree.open(path, "r") as opened:
+        assert_same_tree(opened, tree)
+    assert (path / ".metadata.crash.tmp").exists()  # a reader touches nothing
     with MegaContextTree.open(path) as opened:
+        assert not (path / ".metadata.crash.tmp").exists()  # the writer drops dead temp files
         assert_same_tree(opened, tree)
         opened.append([9, 9, 9], embed)  # 336 tokens: completes block 83
     after = reference(torch.cat([stream(0, 333), torch.tensor([9, 9, 9])]), levels=3)
@@ -562,3 +566,70 @@ def test_not_a_directory(tmp_path):
     with pytest.raises(StorageError, match="no such directory") as err:
         MegaContextTree.open(tmp_path / "nope")
     assert err.value.field == "path"
+
+
+# ------------------------------------------------------------ lazy, mapped reads
+
+
+def _mapped_rss_kib(file: Path) -> int:
+    """Resident KiB of this process's mappings of ``file`` (from /proc/self/smaps)."""
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        pytest.skip("no /proc/self/smaps")
+    total, inside = 0, False
+    for line in smaps.read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line
+            inside = len(head) >= 6 and head[5] == str(file)
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+def write_raw_tree(path: Path, num_tokens: int, dim: int, bs: int = 32, levels: int = 2) -> None:
+    """Write a valid fp16 tree directory straight from numpy (arbitrary gist values)."""
+    path.mkdir()
+    counts = [num_tokens // bs**lvl for lvl in range(levels + 1)]
+    rng = np.random.default_rng(0)
+    for level, n in enumerate(counts):
+        with open(path / f"LOD{level}.ctx", "wb") as f:
+            f.write(Header(level, bs, dim, 0 if level == 0 else 1).pack())
+            if level == 0:
+                rows = rng.integers(0, 2**32, 1 << 16, dtype=np.uint32)
+            else:
+                rows = rng.standard_normal((1 << 16) // dim * dim).astype(np.float16)
+            left = n * (1 if level == 0 else dim)
+            while left:
+                chunk = rows[: min(left, rows.size)]
+                f.write(chunk.tobytes())
+                left -= chunk.size
+    meta = dict(
+        format="megacontext-tree",
+        format_version=1,
+        levels=levels,
+        block_size=bs,
+        dim=dim,
+        dtype="float16",
+        model_name="",
+        counts=counts,
+    )
+    (path / "metadata.json").write_text(json.dumps(meta))
+
+
+def test_open_and_one_gist_read_map_pages_not_the_file(tmp_path):
+    # 1.6M tokens at d=576: LOD1 holds 50,000 gists, 57.6 MB of payload
+    path = tmp_path / "big"
+    write_raw_tree(path, 50_000 * 32, 576)
+    lod1 = path / "LOD1.ctx"
+    payload_kib = lod1.stat().st_size // 1024
+    with MegaContextTree.open(path, mode="r") as tree:
+        assert tree.num_nodes(1) == 50_000 and tree.num_nodes(2) == 1562
+        assert _mapped_rss_kib(lod1) == 0  # open maps the payload, reads none of it
+        g = tree.gists(1)[31_337].float()
+        assert torch.isfinite(g).all()
+        one = _mapped_rss_kib(lod1)
+        tree.gists(1).float().sum()
+        whole = _mapped_rss_kib(lod1)
+    # one read maps at most the kernel's fault-around window (64 KiB by default)
+    assert 0 < one <= 256, f"one gist read made {one} KiB of LOD1.ctx resident"
+    assert whole > payload_kib // 2  # the measurement does see pages when they are read
