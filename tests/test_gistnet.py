@@ -314,3 +314,15 @@ def test_exported_and_usable_as_tree_gistnet():
     # untrained GistNet == mean pooling, so the trees agree at both levels
     for level in (1, 2):
         torch.testing.assert_close(a.gists(level), b.gists(level))
+
+
+def test_cost_table_matches_modules():
+    # docs/gistnet.md quotes `python -m megacontext.gistnet`; its parameter counts must be
+    # those of the real modules at the defaults
+    from megacontext.gistnet import cost_table
+
+    table = cost_table()
+    for d in (576, 4096):
+        for readout in READOUTS:
+            n = sum(p.numel() for p in GistNet(d, readout=readout).parameters())
+            assert f"| {d} | {readout} | {n:,} |" in table
