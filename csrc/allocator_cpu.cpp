@@ -1,0 +1,120 @@
+// Host backend of the focus allocator: the shared core (allocator_core.h) driven by
+// sorted candidate queues.
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "allocator.h"
+
+namespace mc {
+namespace alloc {
+
+namespace {
+
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument(what); }
+
+// Queues as index arrays sorted by the shared order; a cursor skips candidates
+// that an applied action removed (their flag was cleared).
+struct HostSelect {
+  const Params& p;
+  const Arrays& a;
+  std::vector<int64_t> order[2];
+  size_t cursor[2] = {0, 0};
+
+  HostSelect(const Params& params, const Arrays& arrays) : p(params), a(arrays) {
+    for (int64_t i = 0; i < a.n; ++i) {
+      if (a.eflag[i]) order[kExpand].push_back(i);
+      if (a.cflag[i]) order[kCollapse].push_back(i);
+    }
+    for (int kind = 0; kind < 2; ++kind) {
+      std::sort(order[kind].begin(), order[kind].end(), [&](int64_t x, int64_t y) {
+        return better(kind, make_cand(p, a, x, kind), make_cand(p, a, y, kind));
+      });
+    }
+  }
+
+  bool best(int kind, Cand* out) {
+    const uint8_t* flag = kind == kExpand ? a.eflag : a.cflag;
+    auto& ord = order[kind];
+    size_t& k = cursor[kind];
+    while (k < ord.size() && !flag[ord[k]]) ++k;
+    if (k == ord.size()) return false;
+    *out = make_cand(p, a, ord[k], kind);
+    return true;
+  }
+
+  void apply(const Cand& c, int kind, int64_t t, int64_t index) {
+    apply_action(p, a, c, kind, t, index);
+  }
+};
+
+}  // namespace
+
+Params make_params(int64_t bs, int32_t top, int64_t num_tokens, int64_t w_max, int64_t p0,
+                   int64_t n_diff, int64_t cooldown, int64_t min_residency, double tau_expand,
+                   double tau_collapse, const int64_t* st_off, const int64_t* st_size,
+                   int n_state_levels) {
+  if (bs < 2) bad("block_size must be >= 2, got " + std::to_string(bs));
+  if (top < 1 || top >= kMaxLevels)
+    bad("top level must be in [1, " + std::to_string(kMaxLevels - 1) + "], got " +
+        std::to_string(top));
+  if (n_state_levels != top + 1)
+    bad("state offsets/sizes must have top + 1 = " + std::to_string(top + 1) +
+        " entries, got " + std::to_string(n_state_levels));
+  if (num_tokens < 0) bad("num_tokens must be >= 0");
+  if (w_max <= 0) bad("w_max must be > 0");
+  if (p0 < 0 || p0 > num_tokens) bad("protected start out of [0, num_tokens]");
+  if (n_diff < 0 || cooldown < 0 || min_residency < 0)
+    bad("n_diff, cooldown and min_residency must be >= 0");
+  Params p{};
+  p.bs = bs;
+  p.top = top;
+  p.num_tokens = num_tokens;
+  p.w_max = w_max;
+  p.p0 = p0;
+  p.n_diff = n_diff;
+  p.cooldown = cooldown;
+  p.min_residency = min_residency;
+  p.tau_expand = tau_expand;
+  p.tau_collapse = tau_collapse;
+  p.span[0] = 1;
+  for (int l = 1; l <= top; ++l) {
+    if (p.span[l - 1] > (int64_t{1} << 62) / bs) bad("block_size**levels overflows int64");
+    p.span[l] = p.span[l - 1] * bs;
+  }
+  for (int l = 1; l <= top; ++l) {
+    if (st_off[l] < 1 || st_size[l] < 0) bad("bad state layout at level " + std::to_string(l));
+    p.st_off[l] = st_off[l];
+    p.st_size[l] = st_size[l];
+  }
+  return p;
+}
+
+StepResult focus_step_host(const Params& p, const int32_t* levels, const int64_t* nodes,
+                           const float* scores, int64_t n, int64_t* state, int32_t* out_levels,
+                           int64_t* out_nodes, double* actions) {
+  std::vector<double> escore(n), cscore(n);
+  std::vector<uint8_t> eflag(n), cflag(n), mark(n);
+  Arrays a{levels, nodes, scores, n, state, escore.data(), cscore.data(), eflag.data(),
+           cflag.data(), mark.data(), actions, actions_capacity(p, n)};
+  const int64_t t = state[0];
+  for (int64_t i = 0; i < n; ++i) {
+    if (levels[i] < 0 || levels[i] > p.top)
+      bad("entry " + std::to_string(i) + ": level " + std::to_string(levels[i]) +
+          " outside [0, top]");
+    eval_entry(p, a, i, t);
+  }
+  HostSelect sel(p, a);
+  const int64_t n_actions = run_policy(p, n, t, sel);
+  int64_t off = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    write_out(p, a, i, off, out_levels, out_nodes);
+    off += out_count(p, a, i);
+  }
+  state[0] = t + 1;
+  return {off, n_actions};
+}
+
+}  // namespace alloc
+}  // namespace mc
