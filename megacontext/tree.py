@@ -321,6 +321,18 @@ class MegaContextTree:
         if self._files is not None:
             self._files.close()
 
+    def to_ram(self) -> MegaContextTree:
+        """An independent in-RAM copy of this tree (committed rows only, bit for bit)."""
+        ram = MegaContextTree(
+            self.dim, self.block_size, self.levels, dtype=self.dtype, model_name=self.model_name
+        )
+        for src, dst in zip(self._levels, ram._levels, strict=True):
+            rows = np.array(src.view())
+            dst.write(0, rows)
+            dst.commit(len(rows))
+        ram._embed = self._embed
+        return ram
+
     def __enter__(self) -> MegaContextTree:
         return self
 
@@ -335,7 +347,9 @@ class MegaContextTree:
             token_ids: 1-D integer ids in ``[0, 2**32)`` (tensor, array or sequence).
             embed: maps CPU int64 ids ``[n]`` to embeddings ``[n, dim]`` (e.g.
                 ``Base.embed``). Remembered for :meth:`refresh` of level 1.
-            gistnet: ``[B, bs, d] -> [B, d]``; default :func:`mean_pool`.
+            gistnet: ``[B, bs, d] -> [B, d]``; default :func:`mean_pool`. One callable
+                serves every level; if it has ``at_level(level)`` (as ``mc.GistNet``
+                does), level ``l`` is gisted by ``gistnet.at_level(l)``.
 
         New LOD1 gists come from the embeddings of each newly completed block (the
         old partial tail included); new LOD(l+1) gists from each newly completed
@@ -416,6 +430,9 @@ class MegaContextTree:
         """
         bs, d = self.block_size, self.dim
         below = self._levels[level - 1]
+        # a level-aware gistnet (mc.GistNet) serves each level with its own weights
+        at_level = getattr(gistnet, "at_level", None)
+        fn = at_level(level) if callable(at_level) else gistnet
         for b0 in range(start, end, self.gist_batch):
             b1 = min(b0 + self.gist_batch, end)
             nb = b1 - b0
@@ -433,7 +450,7 @@ class MegaContextTree:
                 x = _to_torch(np.ascontiguousarray(below.rows(b0 * bs, b1 * bs)), self.dtype)
             x = x.reshape(nb, bs, d)
             x = x.to(_gist_device(gistnet, x))
-            g = gistnet(x)
+            g = fn(x)
             if not isinstance(g, torch.Tensor) or tuple(g.shape) != (nb, d):
                 shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
                 raise ConfigError(

@@ -390,3 +390,31 @@ def test_range_errors():
 def test_storage_error_type_is_exported():
     # read-only refusal is tested in test_storage.py; the error type is the public one
     assert issubclass(StorageError, mc.MegaContextError)
+
+
+def test_level_aware_gistnet_uses_at_level():
+    dim, bs = 8, 4
+    _, embed = make_embed(dim)
+    seen = []
+
+    class Leveled:
+        def __call__(self, x):
+            raise AssertionError("the tree must call at_level(l), not the gistnet itself")
+
+        def at_level(self, level):
+            def fn(x):
+                seen.append((level, x.shape[0]))
+                return mean_pool(x) * level
+
+            return fn
+
+    tree = MegaContextTree(dim, block_size=bs, levels=2)
+    tree.append(torch.randint(0, VOCAB, (bs * bs * 2,)), embed, Leveled())
+    assert seen == [(1, 8), (2, 2)]
+    plain = MegaContextTree(dim, block_size=bs, levels=1)
+    plain.append(tree.tokens(0, 32), embed)
+    assert torch.equal(tree.gists(1), plain.gists(1))  # level 1 scale is 1
+    expect = (mean_pool(tree.gists(1).reshape(2, bs, dim)) * 2).half()
+    assert torch.equal(tree.gists(2), expect)
+    tree.refresh(2, 0, 2, Leveled())
+    assert seen[-1] == (2, 2)
