@@ -41,6 +41,7 @@ _LAZY: dict[str, str] = {
     "FocusAllocator": "allocator",
     "Action": "allocator",
     "Telemetry": "telemetry",
+    "Telemetry": "telemetry",
     "MegaContext": "runtime",
     "Session": "runtime",
     "MegaContextCache": "cache",
@@ -75,6 +76,7 @@ __all__ = [
     "FocusAllocator",
     "Action",
     "Telemetry",
+    "Telemetry",
     "MegaContext",
     "Session",
     "MegaContextCache",
@@ -93,6 +95,7 @@ if TYPE_CHECKING:
     from .hook import patch, patched, unpatch
     from .lensnet import LensNet, LensNetConfig
     from .nll import token_nll
+    from .telemetry import Telemetry
     from .runtime import MegaContext, Session
     from .telemetry import Telemetry
     from .tree import MegaContextTree, mean_pool

@@ -223,6 +223,52 @@ def nll(
         )
 
 
+@app.command()
+def telemetry(
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="a telemetry run directory", metavar="RUN_DIR", show_default=False),
+    ],
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="also plot the series to this PNG")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Summarise a run's per-iteration telemetry (and optionally plot it)."""
+    from .telemetry import plot_run, summarize
+
+    try:
+        summary = summarize(run_dir)
+        png = plot_run(run_dir, plot) if plot is not None else None
+    except MegaContextError as exc:
+        raise typer.BadParameter(str(exc), param_hint="RUN_DIR") from None
+    if as_json:
+        console.print_json(json.dumps(summary))
+        return
+    histogram = summary.pop("residency_histogram", None)
+    table = Table(title=f"telemetry: {run_dir}", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if value is None:
+            text = "-"
+        elif isinstance(value, float):
+            text = f"{value:,.1f}" if abs(value) >= 1000 else f"{value:.4g}"
+        else:
+            text = str(value)
+        table.add_row(key, text)
+    console.print(table)
+    if histogram:
+        hist = Table()
+        hist.add_column("residency (steps)", justify="right")
+        hist.add_column("actions", justify="right")
+        for steps, count in histogram.items():
+            hist.add_row(steps, str(count))
+        console.print(hist)
+    if png is not None:
+        console.print(f"plot written to {png}")
+
+
 def main() -> None:
     """Entry point: typed megacontext errors become one-line messages and exit code 2."""
     try:
