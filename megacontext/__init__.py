@@ -39,6 +39,7 @@ _LAZY: dict[str, str] = {
     "WorkingContext": "working_context",
     "FocusAllocator": "allocator",
     "Action": "allocator",
+    "Telemetry": "telemetry",
 }
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "WorkingContext",
     "FocusAllocator",
     "Action",
+    "Telemetry",
 ]
 
 if TYPE_CHECKING:
@@ -75,6 +77,7 @@ if TYPE_CHECKING:
     from .gistnet import GistNet, GistNetConfig
     from .lensnet import LensNet, LensNetConfig
     from .nll import token_nll
+    from .telemetry import Telemetry
     from .tree import MegaContextTree, mean_pool
     from .working_context import WorkingContext
 
