@@ -241,3 +241,22 @@ def test_torch_compile(force_triton):
     r = torch.autograd.grad(ref.sum(), (x, q, w))
     for a, e in zip(g, r, strict=True):
         assert_close(a, e, torch.float32, "compiled grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("D", [576, 2048, 4096])
+def test_kernel_matches_reference_at_bench_shapes(force_triton, D, dtype):
+    # the benchmark's shapes (4,096 blocks × 32 rows, 8 heads), compiled kernel on CUDA
+    x, q, w = _inputs(4096, 32, D, 8, dtype, d_out=512)
+    out = gist_pool(x, q, w)
+    ref = gist_pool_reference(x, q, w)
+    assert_close(out, ref, dtype, "forward")
+    g = torch.randn_like(out)
+    for name, a, e in zip(
+        ("dx", "dq", "dw_o"),
+        torch.autograd.grad(out, (x, q, w), g),
+        torch.autograd.grad(ref, (x, q, w), g),
+        strict=True,
+    ):
+        assert_close(a, e, dtype, name)
