@@ -24,10 +24,11 @@ Design (why it looks like this):
   materialise ``[B, N, D]`` temporaries (``p * dpooled``, ``ds * q``), several times
   the traffic of reading ``x``.
 - The output projection is *not* fused into the pooling kernel: ``pooled`` is 1/N
-  of ``x`` (N=32), so writing and re-reading it costs at most 2/N ≈ 6% extra
-  traffic, whereas a fused epilogue would turn a tensor-core GEMM ``[B, D] @ [D,
-  d_out]`` into per-block GEMVs that re-read ``w_o`` from L2 for every block (or
-  recompute the pooling per output tile). ``gist_pool`` therefore calls the kernel
+  of ``x`` (N=32), so writing and re-reading it costs ``2·B·D`` elements (≤ 6% of
+  reading ``x``). A fused epilogue saves that but makes every program read all of
+  ``w_o``: ``(B/BLOCK_B)·D·d_out`` elements, more than it saves unless ``BLOCK_B >
+  d_out/2`` (288 blocks per program at d_out=576), far more than fits in registers;
+  tiling ``d_out`` over the grid instead re-reads ``x`` once per output tile. ``gist_pool`` therefore calls the kernel
   and then one cuBLAS matmul; autograd differentiates that matmul.
 
 Layout of this file: Triton kernels, launchers (shape/dtype/device checks), the
