@@ -477,6 +477,18 @@ CORRUPTIONS = {
         "block_size",
         "is not int",
     ),
+    "metadata dim out of range": (
+        lambda p: _edit_meta(p, dim=0),
+        "metadata.json",
+        "dim",
+        "outside [1, 65535]",
+    ),
+    "metadata counts negative": (
+        lambda p: _edit_meta(p, counts=[-1, 0, 0, 0]),
+        "metadata.json",
+        "counts",
+        "non-negative",
+    ),
     "metadata format": (
         lambda p: _edit_meta(p, format="zip"),
         "metadata.json",
