@@ -367,7 +367,7 @@ def test_summarize_against_hand_computation(tmp_path):
                 action(0, "expand", residency=0),
                 action(0, "expand", residency=1, cost_delta=31),
                 action(1, "collapse", residency=3),
-                action(2, "expand", residency=9, cost_delta=992),  # an L2 -> 32 L1 expand
+                action(2, "expand", residency=9, level=2),
                 action(3, "collapse", cost_delta=-31),  # no residency logged
             ]
         )
@@ -385,7 +385,7 @@ def test_summarize_against_hand_computation(tmp_path):
     assert s["token_budget_utilization_max"] == 1.0
     assert s["loss_at_h_mean"] == 2.5 and s["loss_at_h_count"] == 2
     assert (s["actions"], s["expand_count"], s["collapse_count"]) == (5, 3, 2)
-    assert (s["expand_cost"], s["collapse_cost"]) == (31 + 31 + 992, 31 + 31)
+    assert (s["expand_cost"], s["collapse_cost"]) == (3 * 31, 2 * 31)
     assert s["residency_histogram"] == {"0": 1, "1": 1, "2-3": 1, "4-7": 0, "8-15": 1}
     json.dumps(s)  # JSON-ready
 
