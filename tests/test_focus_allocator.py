@@ -641,3 +641,36 @@ def test_cuda_backend_matches_cpp(T, steps, seed):
         assert torch.equal(wc_gpu.levels.cpu(), wc.levels)
         assert torch.equal(wc_gpu.nodes.cpu(), wc.nodes)
     assert torch.equal(gpu._state.cpu(), cpu._state)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_op_in_a_cuda_graph_and_auto_picks_cuda():
+    cfg = config(w_max=40)
+    wc = make_wc([(1, b) for b in range(4)] + tokens(16, 40), cfg)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6] + [-0.9] * 16 + [0.0] * 8)
+    assert FocusAllocator(cfg).resolve_backend(wc.to("cuda")) == "cuda"
+    alloc = FocusAllocator(cfg, "cpp")
+    alloc._ensure_state(wc.num_tokens, wc.device)
+    p = alloc._params(wc)
+    args = (list(p.st_off), list(p.st_size), p.block_size, p.top, p.num_tokens, p.w_max)
+    args += (p.p0, p.n_diff, p.cooldown, p.min_residency, p.tau_expand, p.tau_collapse)
+    lv, nd, sc = wc.levels.cuda(), wc.nodes.cuda(), scores.cuda()
+    state = alloc._state.cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture
+        focus_step(lv, nd, sc, state.clone(), *args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_levels, out_nodes, actions, counts = focus_step(lv, nd, sc, state, *args)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = wc.clone()
+    want = alloc.step(ref, scores)
+    n, a = counts.tolist()
+    assert actions_from_tensor(actions[:a]) == want
+    assert torch.equal(out_levels[:n].cpu(), ref.levels)
+    assert torch.equal(out_nodes[:n].cpu(), ref.nodes)
+    assert int(state[0]) == 1
