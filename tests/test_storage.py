@@ -4,6 +4,7 @@ every corruption case raising StorageError that names the file and the field."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import megacontext as mc
 from megacontext.errors import ConfigError, StorageError
@@ -178,6 +181,35 @@ def test_append_after_open_then_reopen(tmp_path):
     with MegaContextTree.open(tmp_path / "t", "r") as tree:
         assert_same_tree(tree, reference(ids[:pos], levels=3))
     assert read_metadata(str(tmp_path / "t"))["counts"] == [pos, pos // 4, pos // 16, pos // 64]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(0, 200),
+    cuts=st.lists(st.integers(0, 200), max_size=6),
+    reopen=st.booleans(),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+)
+def test_random_chunkings_on_disk(tmp_path_factory, n, cuts, reopen, dtype):
+    ids = stream(n, n)
+    path = tmp_path_factory.mktemp("prop") / "t"
+    MegaContextTree(DIM, block_size=3, levels=3, dtype=dtype).save(path)
+    bounds = sorted({min(c, n) for c in cuts} | {0, n})
+    tree = MegaContextTree.open(path)
+    for a, b in itertools.pairwise(bounds):
+        tree.append(ids[a:b], embed)
+        if reopen:
+            tree.close()
+            tree = MegaContextTree.open(path)
+    tree.close()
+    expect = MegaContextTree(DIM, block_size=3, levels=3, dtype=dtype)
+    expect.append(ids, embed)
+    with MegaContextTree.open(path, "r") as opened:
+        assert_same_tree(opened, expect)
+    meta = read_metadata(str(path))
+    for level in range(4):
+        size = (path / f"LOD{level}.ctx").stat().st_size
+        assert size == HEADER_SIZE + meta["counts"][level] * (4 if level == 0 else DIM * 2)
 
 
 def test_append_from_an_empty_saved_tree(tmp_path):
