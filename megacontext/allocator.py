@@ -444,15 +444,21 @@ class FocusAllocator:
                 field="scores",
             )
         backend = self.resolve_backend(wc)
-        self._ensure_state(wc.num_tokens, wc.device)
+        # The host backends run on CPU copies of a WC that lives on an accelerator
+        # (the new WC is moved back); only the cuda backend works in place.
+        device = wc.device if backend == "cuda" else torch.device("cpu")
+        self._ensure_state(wc.num_tokens, device)
         p = self._params(wc)
-        scores = scores.detach().to(device=wc.device, dtype=torch.float32).contiguous()
+        scores = scores.detach().to(device=device, dtype=torch.float32).contiguous()
+        work = wc if wc.device == device else wc.to(device)
         if backend == "python":
-            rows = self._step_python(wc, scores, p)
+            rows = self._step_python(work, scores, p)
         elif backend == "cpp":
-            rows = self._step_cpp(wc, scores, p)
+            rows = self._step_cpp(work, scores, p)
         else:
-            rows = self._step_cuda(wc, scores, p)
+            rows = self._step_cuda(work, scores, p)
+        if work is not wc:
+            wc.levels, wc.nodes = work.levels.to(wc.device), work.nodes.to(wc.device)
         return actions_from_tensor(rows)
 
     def _step_python(self, wc: WorkingContext, scores: torch.Tensor, p: StepParams):
@@ -521,11 +527,12 @@ class FocusAllocator:
             p.tau_collapse,
         )
         # The op itself never synchronises; returning Python actions needs the
-        # counts, so this is the step's single device->host copy.
-        new_n, n_actions = counts.tolist()
+        # counts and the rows, fetched together: the step's single device->host copy.
+        packed = torch.cat([counts.to(torch.float64), actions.reshape(-1)]).cpu()
+        new_n, n_actions = int(packed[0]), int(packed[1])
         wc.levels = out_levels[:new_n]
         wc.nodes = out_nodes[:new_n]
-        return actions[:n_actions]
+        return packed[2:].reshape(-1, ACTION_COLS)[:n_actions]
 
 
 # ------------------------------------------------------------- the custom op

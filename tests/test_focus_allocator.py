@@ -674,3 +674,16 @@ def test_cuda_op_in_a_cuda_graph_and_auto_picks_cuda():
     assert torch.equal(out_levels[:n].cpu(), ref.levels)
     assert torch.equal(out_nodes[:n].cpu(), ref.nodes)
     assert int(state[0]) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_host_backends_accept_a_wc_on_the_gpu(backend):
+    cfg = config(w_max=40)
+    wc = make_wc([(1, b) for b in range(4)] + tokens(16, 40), cfg)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6] + [-0.9] * 16 + [0.0] * 8)
+    on_gpu = wc.to("cuda")
+    want = FocusAllocator(cfg, backend).step(wc, scores)
+    assert FocusAllocator(cfg, backend).step(on_gpu, scores.cuda()) == want
+    assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.nodes.cpu(), wc.nodes)
