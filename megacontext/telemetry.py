@@ -318,6 +318,9 @@ class Telemetry:
                 path=str(self.run_dir),
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for entry in self.run_dir.glob(f".{META}.*.tmp"):  # a crash while writing meta.json
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
         self._next_part: dict[str, int] = {}
         for name in _TABLES:
             sub = self.run_dir / name

@@ -228,11 +228,16 @@ def test_reopen_appends_and_keeps_meta(tmp_path):
     assert meta["created"] == created and len(meta["reopened"]) == 1
 
 
-def test_atomic_parts_leave_no_temp_files(tmp_path):
+def test_atomic_parts_leave_no_temp_files(tmp_path, monkeypatch):
     run = tmp_path / "r"
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(tm.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
     with Telemetry(run, flush_every=1) as tel:
+        assert len(synced) == 2  # meta.json and the run directory
         for i in range(3):
             tel.log_iteration(iteration=i)
+            assert len(synced) == 2 + 2 * (i + 1)  # each part: the file, then its directory
     for sub in (run, run / "iterations", run / "actions"):
         assert not [n for n in os.listdir(sub) if n.startswith(".")], sub
 
@@ -266,9 +271,12 @@ def test_stale_temp_files_are_ignored_and_cleaned(tmp_path):
         tel.log_iteration(iteration=0)
     junk = run / "iterations" / ".part-00001.parquet.abc123.tmp"
     junk.write_bytes(b"half a parquet file")  # a writer killed mid-flush
+    meta_junk = run / ".meta.json.x1y2.tmp"
+    meta_junk.write_bytes(b"{")
     assert read_run(run)[0].num_rows == 1
     Telemetry(run).close()
-    assert not junk.exists()
+    assert not junk.exists() and not meta_junk.exists()
+    assert read_run(run)[0].num_rows == 1
 
 
 def test_corrupt_part_is_a_storage_error_naming_it(tmp_path):
