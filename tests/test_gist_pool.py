@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from megacontext.errors import BackendUnavailableError, ConfigError
 from megacontext.kernels import _dispatch
@@ -93,6 +95,31 @@ def test_kernel_matches_reference(force_triton, shape, dtype):
     grads = torch.autograd.grad(out, params, g)
     ref_grads = torch.autograd.grad(ref, params, g)
     for name, a, e in zip(("dx", "dq", "dw_o")[: len(grads)], grads, ref_grads, strict=True):
+        assert_close(a, e, dtype, name)
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    B=st.integers(1, 9),
+    N=st.sampled_from([1, 2, 5, 31, 32, 33, 64]),
+    H=st.integers(1, 7),
+    dh=st.sampled_from([1, 2, 3, 16, 17, 64]),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_random_shapes(force_triton, B, N, H, dh, dtype):
+    # shapes off the grid above: single rows, non-power-of-two rows and head widths
+    x, q, _ = _inputs(B, N, H * dh, H, dtype)
+    out, ref = gist_pool(x, q), gist_pool_reference(x, q)
+    assert_close(out, ref, dtype, "forward")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, q), g)
+    ref_grads = torch.autograd.grad(ref, (x, q), g)
+    for name, a, e in zip(("dx", "dq"), grads, ref_grads, strict=True):
         assert_close(a, e, dtype, name)
 
 
