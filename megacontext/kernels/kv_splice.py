@@ -1,0 +1,534 @@
+"""Fused RoPE-preserving KV splice: rebuild a whole multi-layer KV cache in one launch.
+
+The cache of every layer lives in one preallocated tensor per buffer,
+``kv [L, 2, B, H, C, D]`` (layers, K/V, batch, kv-heads, capacity slots, head dim),
+keys stored *after* RoPE. When the working context changes (a gist expanded into 32
+tokens, 32 entries collapsed into one gist) every unchanged entry keeps its K/V but
+may move to another slot. Its key was rotated for its *global* position, which does
+not change, so the row is moved bit for bit, not recomputed. The runtime keeps two
+buffers (ping-pong) and writes the new cache into the other one::
+
+    for every l, kv, b, h and slot j < C:
+        if index[b, j] >= 0:
+            dst[l, kv, b, h, j, :] = src[l, kv, b, h, index[b, j], :]          # kept row moved
+    for every f < F with fresh_slots[b, f] >= 0:
+        dst[l, kv, b, h, fresh_slots[b, f], :] = fresh[l, kv, b, h, f, :]      # fresh row scattered
+    every other slot of dst is left untouched.
+
+Shapes: ``src, dst [L, 2, B, H, C, D]``, ``index [B, C]`` (int32/int64),
+``fresh [L, 2, B, H, F, D]``, ``fresh_slots [B, F]`` (int32/int64). fp32, fp16 and
+bf16; rows are copied, never converted (exact equality). Only NaN payloads are not
+promised: Triton's CPU interpreter and some PyTorch CPU gathers canonicalise NaNs (the
+compiled kernel's loads and stores are plain bit moves).
+
+Contract (what makes one launch correct without ordering between programs): every
+destination slot has at most one writer, i.e. a slot named in ``fresh_slots[b]`` has
+``index[b, slot] < 0`` and ``fresh_slots[b]`` has no repeated non-negative value.
+``src`` and ``fresh`` must not overlap ``dst`` in memory (ping-pong buffers). Views of
+one larger allocation are accepted when their byte *ranges* are disjoint, e.g.
+``buffers[0]`` and ``buffers[1]`` of a ``[2, L, 2, B, H, C, D]`` tensor; interleaved
+views (say two halves of the C axis) are refused even if no element is shared, since
+the launcher compares address ranges rather than solving the strided-overlap problem. ``index`` may repeat a
+source row. ``kv_splice(..., check=True)`` verifies the contract and the value ranges
+on the host (one device->host synchronisation; a debugging aid, not for the hot path).
+
+Without ``check`` nothing is synchronised: the kernel masks every load and store, so
+an out-of-range value (``index >= C`` or ``fresh_slots >= C``) never touches memory
+outside the tensors; that slot is simply left untouched instead of raising.
+
+Design (why it looks like this):
+
+- The op moves memory and computes nothing, so the only goal is to read and write
+  each live row exactly once with wide, coalesced accesses. One Triton program copies
+  a ``[BLOCK_C, BLOCK_D]`` tile: ``BLOCK_C`` consecutive destination slots of one
+  ``(l, kv, b, h)`` plane, with ``BLOCK_C * BLOCK_D = 4096`` elements (32 per thread at
+  4 warps, i.e. 16-byte vector accesses for a contiguous head dim). Destination
+  writes are contiguous; source reads are a row gather whose rows are mostly
+  consecutive (an expand or collapse shifts a run of rows), so they coalesce too.
+- Grid ``(kept blocks + fresh blocks, L*2*H, B)``: the first ``cdiv(C, BLOCK_C)``
+  programs along axis 0 move kept rows, the remaining ``cdiv(F, BLOCK_C)`` scatter
+  fresh rows. Both phases share one launch; they never write the same slot (contract
+  above), so no ordering between programs is needed.
+- Slots with ``index < 0`` (free capacity past the live length, or slots waiting for
+  a fresh row) are masked out of both the load and the store: the traffic is
+  proportional to the live rows, not to the capacity.
+- Every stride is passed, so ``src``/``dst``/``fresh`` may be arbitrary views (e.g.
+  ``buffers[0]`` and ``buffers[1]`` of one ``[2, L, 2, B, H, C, D]`` allocation, or a
+  slice of the head dim). Triton specialises a stride equal to 1, so a contiguous
+  head dim gets vectorised accesses without a separate code path. Offsets are
+  computed in int64 (a Llama-8B cache at 128k slots exceeds 2^31 elements).
+
+Layout of this file: the Triton kernel, the launcher (shape/dtype/device checks),
+the ``torch.library`` custom op ``megacontext::kv_splice`` (mutates ``dst``) with its
+fake implementation, the public ``kv_splice`` entry point that dispatches, and
+``kv_splice_reference`` (plain PyTorch gathers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..errors import BackendUnavailableError, ConfigError
+from ._dispatch import use_triton
+
+try:  # Triton is optional: importing this module must not need it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is installed wherever tests run
+    triton = None
+    tl = None
+
+__all__ = ["kv_splice", "kv_splice_reference"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+# elements per program tile: 32 per thread at 4 warps
+_TILE = 4096
+_MAX_GRID_YZ = 65535
+
+if triton is not None:
+
+    @triton.jit
+    def _kv_splice_kernel(
+        SRC,  # [L, 2, B, H, C, D]
+        DST,  # [L, 2, B, H, C, D]
+        INDEX,  # [B, C] int32/int64
+        FRESH,  # [L, 2, B, H, F, D] (unused when HAS_FRESH is False)
+        SLOTS,  # [B, F] int32/int64 (unused when HAS_FRESH is False)
+        C,
+        F,
+        H,
+        D,
+        n_kept_blocks,
+        s_l,
+        s_kv,
+        s_b,
+        s_h,
+        s_c,
+        s_d,
+        d_l,
+        d_kv,
+        d_b,
+        d_h,
+        d_c,
+        d_d,
+        f_l,
+        f_kv,
+        f_b,
+        f_h,
+        f_f,
+        f_d,
+        i_b,
+        i_c,
+        sl_b,
+        sl_f,
+        BLOCK_C: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        HAS_FRESH: tl.constexpr,
+    ):
+        pid_r = tl.program_id(0)
+        plane = tl.program_id(1).to(tl.int64)  # (l * 2 + kv) * H + h
+        b = tl.program_id(2).to(tl.int64)
+        h = plane % H
+        kv = (plane // H) % 2
+        layer = plane // (2 * H)
+
+        rd = tl.arange(0, BLOCK_D).to(tl.int64)
+        mask_d = rd < D
+        dst_plane = DST + layer * d_l + kv * d_kv + b * d_b + h * d_h
+
+        if pid_r < n_kept_blocks:
+            rj = (pid_r * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+            in_c = rj < C
+            idx = tl.load(INDEX + b * i_b + rj * i_c, mask=in_c, other=-1).to(tl.int64)
+            # idx >= C is out of contract (check=True reports it); masking keeps it in bounds
+            keep = in_c & (idx >= 0) & (idx < C)
+            mask = keep[:, None] & mask_d[None, :]
+            src_plane = SRC + layer * s_l + kv * s_kv + b * s_b + h * s_h
+            rows = tl.load(src_plane + idx[:, None] * s_c + rd[None, :] * s_d, mask=mask)
+            tl.store(dst_plane + rj[:, None] * d_c + rd[None, :] * d_d, rows, mask=mask)
+        elif HAS_FRESH:
+            rf = ((pid_r - n_kept_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+            in_f = rf < F
+            slot = tl.load(SLOTS + b * sl_b + rf * sl_f, mask=in_f, other=-1).to(tl.int64)
+            ok = in_f & (slot >= 0) & (slot < C)
+            mask = ok[:, None] & mask_d[None, :]
+            fresh_plane = FRESH + layer * f_l + kv * f_kv + b * f_b + h * f_h
+            rows = tl.load(fresh_plane + rf[:, None] * f_f + rd[None, :] * f_d, mask=mask)
+            tl.store(dst_plane + slot[:, None] * d_c + rd[None, :] * d_d, rows, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# checks and launcher
+
+
+def _shape(t: object) -> object:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_inputs(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    index: torch.Tensor,
+    fresh: torch.Tensor | None,
+    fresh_slots: torch.Tensor | None,
+) -> tuple[int, int, int, int, int, int]:
+    """Shape/dtype/device checks (metadata only, no synchronisation). Returns L, B, H, C, D, F."""
+    if not isinstance(src, torch.Tensor) or src.dim() != 6 or src.shape[1] != 2:
+        raise ConfigError(
+            f"kv_splice: src must be a [L, 2, B, H, C, D] tensor, got shape {_shape(src)}",
+            field="src",
+            value=_shape(src),
+        )
+    L, _, B, H, C, D = src.shape
+    if not isinstance(dst, torch.Tensor) or tuple(dst.shape) != tuple(src.shape):
+        raise ConfigError(
+            f"kv_splice: dst must have src's shape [L, 2, B, H, C, D] = {tuple(src.shape)}, "
+            f"got {_shape(dst)}",
+            field="dst",
+            value=_shape(dst),
+        )
+    if src.dtype not in _DTYPES:
+        raise ConfigError(
+            f"kv_splice: src must be float32, float16 or bfloat16, got {src.dtype}",
+            field="src",
+            value=str(src.dtype),
+        )
+    if dst.dtype != src.dtype:
+        raise ConfigError(
+            f"kv_splice: dst must have src's dtype {src.dtype}, got {dst.dtype}",
+            field="dst",
+            value=str(dst.dtype),
+        )
+    if dst.device != src.device:
+        raise ConfigError(
+            f"kv_splice: dst is on {dst.device} but src is on {src.device}",
+            field="dst",
+            value=str(dst.device),
+        )
+    _check_int(index, "index", (B, C), "[B, C]", src.device)
+    if (fresh is None) != (fresh_slots is None):
+        missing = "fresh_slots" if fresh_slots is None else "fresh"
+        raise ConfigError(
+            "kv_splice: fresh and fresh_slots must be given together "
+            f"({'fresh' if missing == 'fresh_slots' else 'fresh_slots'} given, {missing} is None)",
+            field=missing,
+            value=None,
+        )
+    F = 0
+    if fresh is not None:
+        if (
+            not isinstance(fresh, torch.Tensor)
+            or fresh.dim() != 6
+            or tuple(fresh.shape[:4]) != (L, 2, B, H)
+            or fresh.shape[5] != D
+        ):
+            raise ConfigError(
+                f"kv_splice: fresh must be [L, 2, B, H, F, D] = [{L}, 2, {B}, {H}, F, {D}], "
+                f"got {_shape(fresh)}",
+                field="fresh",
+                value=_shape(fresh),
+            )
+        if fresh.dtype != src.dtype:
+            raise ConfigError(
+                f"kv_splice: fresh must have src's dtype {src.dtype}, got {fresh.dtype}",
+                field="fresh",
+                value=str(fresh.dtype),
+            )
+        if fresh.device != src.device:
+            raise ConfigError(
+                f"kv_splice: fresh is on {fresh.device} but src is on {src.device}",
+                field="fresh",
+                value=str(fresh.device),
+            )
+        F = fresh.shape[4]
+        _check_int(fresh_slots, "fresh_slots", (B, F), "[B, F]", src.device)
+    return L, B, H, C, D, F
+
+
+def _check_int(
+    t: object, name: str, shape: tuple[int, int], dims: str, device: torch.device
+) -> None:
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+        raise ConfigError(
+            f"kv_splice: {name} must be a {dims} = {list(shape)} integer tensor, got {_shape(t)}",
+            field=name,
+            value=_shape(t),
+        )
+    if t.dtype not in _INDEX_DTYPES:
+        raise ConfigError(
+            f"kv_splice: {name} must be int32 or int64, got {t.dtype}",
+            field=name,
+            value=str(t.dtype),
+        )
+    if t.device != device:
+        raise ConfigError(
+            f"kv_splice: {name} is on {t.device} but src is on {device}",
+            field=name,
+            value=str(t.device),
+        )
+
+
+def _check_values(C: int, index: torch.Tensor, fresh_slots: torch.Tensor | None) -> None:
+    """Value checks (index < C, fresh_slots < C, one writer per slot). Synchronises on CUDA."""
+    bad = index >= C
+    if bool(bad.any()):
+        b, j = (int(v) for v in bad.nonzero()[0])
+        raise ConfigError(
+            f"kv_splice: index[{b}, {j}] = {int(index[b, j])} is out of range: source slots "
+            f"must be < C = {C} (negative means 'not a kept row')",
+            field="index",
+            value=int(index[b, j]),
+        )
+    if fresh_slots is None or fresh_slots.numel() == 0:
+        return
+    bad = fresh_slots >= C
+    if bool(bad.any()):
+        b, f = (int(v) for v in bad.nonzero()[0])
+        raise ConfigError(
+            f"kv_splice: fresh_slots[{b}, {f}] = {int(fresh_slots[b, f])} is out of range: "
+            f"destination slots must be < C = {C} (negative means 'skip this fresh row')",
+            field="fresh_slots",
+            value=int(fresh_slots[b, f]),
+        )
+    B = index.shape[0]
+    live = fresh_slots >= 0
+    slot = torch.where(live, fresh_slots, 0).long()
+    # writers per destination slot: fresh rows (a dump column C takes the skipped ones)
+    count = torch.zeros(B, C + 1, dtype=torch.int64, device=index.device)
+    count.scatter_add_(1, torch.where(live, slot, C), torch.ones_like(slot))
+    count = count[:, :C]
+    if bool((count > 1).any()):
+        b, j = (int(v) for v in (count > 1).nonzero()[0])
+        raise ConfigError(
+            f"kv_splice: fresh_slots[{b}] names destination slot {j} {int(count[b, j])} times; "
+            "each slot may receive at most one fresh row",
+            field="fresh_slots",
+            value=j,
+        )
+    clash = (count > 0) & (index >= 0)
+    if bool(clash.any()):
+        b, j = (int(v) for v in clash.nonzero()[0])
+        raise ConfigError(
+            f"kv_splice: slot {j} of batch row {b} is both a fresh slot and a kept row "
+            f"(index[{b}, {j}] = {int(index[b, j])}); fresh slots must have index < 0",
+            field="fresh_slots",
+            value=j,
+        )
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int] | None:
+    if t.numel() == 0:
+        return None
+    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    start = t.data_ptr()
+    return start, start + (span + 1) * t.element_size()
+
+
+def _check_memory(
+    src: torch.Tensor, dst: torch.Tensor, fresh: torch.Tensor | None
+) -> None:  # host metadata only: data_ptr, shapes and strides
+    if any(s == 0 and n > 1 for n, s in zip(dst.shape, dst.stride(), strict=True)):
+        raise ConfigError(
+            f"kv_splice: dst has a zero stride (an expanded view, strides {dst.stride()}); "
+            "several slots would alias one memory location",
+            field="dst",
+            value=tuple(dst.stride()),
+        )
+    d = _byte_range(dst)
+    for name, t in (("src", src), ("fresh", fresh)):
+        r = None if t is None else _byte_range(t)
+        if d is not None and r is not None and r[0] < d[1] and d[0] < r[1]:
+            raise ConfigError(
+                f"kv_splice: {name} and dst overlap in memory; the splice reads {name} while "
+                "writing dst, so they must be disjoint (use two ping-pong buffers)",
+                field=name,
+                value=(r, d),
+            )
+
+
+def _interpreted_type() -> type:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction
+
+
+def _require_runnable(src: torch.Tensor) -> None:
+    if triton is None:
+        raise BackendUnavailableError("kv_splice: the Triton kernel needs triton installed")
+    if src.device.type not in ("cuda", "cpu"):
+        raise BackendUnavailableError(
+            f"kv_splice: src is on {src.device}; the Triton kernel runs on cuda (or cpu under "
+            "TRITON_INTERPRET=1) tensors"
+        )
+    if not src.is_cuda and not isinstance(_kv_splice_kernel, _interpreted_type()):
+        raise BackendUnavailableError(
+            f"kv_splice: src is on {src.device}; the Triton kernel runs on CPU tensors only when "
+            "TRITON_INTERPRET=1 was set before megacontext.kernels.kv_splice was imported"
+        )
+
+
+def _block_sizes(D: int) -> tuple[int, int]:
+    block_d = triton.next_power_of_2(D)
+    return max(1, _TILE // block_d), block_d
+
+
+def _kv_splice_launch(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    index: torch.Tensor,
+    fresh: torch.Tensor | None,
+    fresh_slots: torch.Tensor | None,
+    block_c: int | None = None,
+) -> None:
+    """Launch the kernel (one launch for all layers, K and V, kept and fresh rows)."""
+    L, B, H, C, D, F = _check_inputs(src, dst, index, fresh, fresh_slots)
+    _require_runnable(src)
+    _check_memory(src, dst, fresh)
+    if dst.numel() == 0:
+        return
+    planes = L * 2 * H
+    if planes > _MAX_GRID_YZ or B > _MAX_GRID_YZ:
+        raise ConfigError(
+            f"kv_splice: L*2*H = {planes} and B = {B} must each be <= {_MAX_GRID_YZ} "
+            "(CUDA grid limit)",
+            field="src",
+            value=tuple(src.shape),
+        )
+    default_c, block_d = _block_sizes(D)
+    block_c = block_c or default_c
+    n_kept = triton.cdiv(C, block_c)
+    has_fresh = fresh is not None and F > 0
+    n_fresh = triton.cdiv(F, block_c) if has_fresh else 0
+    f, sl = (fresh, fresh_slots) if has_fresh else (dst, index)  # placeholders, never read
+    fs = f.stride() if has_fresh else (0,) * 6
+    ss = sl.stride() if has_fresh else (0, 0)
+    with torch.cuda.device(src.device) if src.is_cuda else contextlib.nullcontext():
+        _kv_splice_kernel[(n_kept + n_fresh, planes, B)](
+            src,
+            dst,
+            index,
+            f,
+            sl,
+            C,
+            F,
+            H,
+            D,
+            n_kept,
+            *src.stride(),
+            *dst.stride(),
+            *fs,
+            *index.stride(),
+            *ss,
+            BLOCK_C=block_c,
+            BLOCK_D=block_d,
+            HAS_FRESH=has_fresh,
+            num_warps=4,
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library custom op (opaque to torch.compile, which functionalises the mutation)
+
+
+@torch.library.custom_op("megacontext::kv_splice", mutates_args=("dst",))
+def _kv_splice_op(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    index: torch.Tensor,
+    fresh: torch.Tensor | None,
+    fresh_slots: torch.Tensor | None,
+) -> None:
+    """Write the splice of ``src`` (and ``fresh``) into ``dst`` by the Triton kernel."""
+    _kv_splice_launch(src, dst, index, fresh, fresh_slots)
+
+
+@_kv_splice_op.register_fake
+def _(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    index: torch.Tensor,
+    fresh: torch.Tensor | None,
+    fresh_slots: torch.Tensor | None,
+) -> None:
+    _check_inputs(src, dst, index, fresh, fresh_slots)
+
+
+# ----------------------------------------------------------------------------------------
+# public entry point and PyTorch reference
+
+
+def kv_splice(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    index: torch.Tensor,
+    fresh: torch.Tensor | None = None,
+    fresh_slots: torch.Tensor | None = None,
+    *,
+    check: bool = False,
+) -> None:
+    """Write the new cache into ``dst`` in place (see the module docstring for the formula).
+
+    Args:
+        src: ``[L, 2, B, H, C, D]`` old cache (fp32/fp16/bf16; any strides).
+        dst: ``[L, 2, B, H, C, D]`` buffer receiving the new cache; must not overlap
+            ``src``. Slots that receive no row keep their contents.
+        index: ``[B, C]`` int32/int64; ``index[b, j] >= 0`` moves source slot
+            ``index[b, j]`` to destination slot ``j``; negative means no kept row.
+        fresh: optional ``[L, 2, B, H, F, D]`` newly computed K/V rows.
+        fresh_slots: ``[B, F]`` int32/int64 destination slot of each fresh row
+            (negative: skip it); required with ``fresh``. Fresh slots must have
+            ``index < 0`` and must not repeat.
+        check: verify value ranges and the one-writer-per-slot contract on the host
+            (a device->host synchronisation on CUDA; for debugging). Without it the
+            CUDA path never synchronises.
+
+    Runs the Triton kernel on CUDA tensors and :func:`kv_splice_reference` on the
+    CPU, unless ``MEGACONTEXT_KERNELS`` forces one path (``megacontext.kernels._dispatch``).
+    """
+    _, _, _, C, _, _ = _check_inputs(src, dst, index, fresh, fresh_slots)
+    if not use_triton(src, dst, index, op="kv_splice"):
+        kv_splice_reference(src, dst, index, fresh, fresh_slots, check=check or not src.is_cuda)
+        return
+    if check:
+        _check_values(C, index, fresh_slots)
+    _kv_splice_op(src, dst, index, fresh, fresh_slots)
+
+
+def kv_splice_reference(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    index: torch.Tensor,
+    fresh: torch.Tensor | None = None,
+    fresh_slots: torch.Tensor | None = None,
+    *,
+    check: bool = True,
+) -> None:
+    """Plain PyTorch ``kv_splice`` (gather kept rows, then place fresh rows), in place.
+
+    Same contract as :func:`kv_splice`; where fresh slots collide with kept rows the
+    fresh row wins (the formula's order). ``check`` (default on) validates the values
+    first; it synchronises on CUDA and is a graph break under ``torch.compile``, so a
+    compiled caller passes ``check=False``.
+    """
+    L, B, H, C, D, F = _check_inputs(src, dst, index, fresh, fresh_slots)
+    if check:
+        _check_values(C, index, fresh_slots)
+    full = (L, 2, B, H, C, D)
+    keep = (index >= 0).view(1, 1, B, 1, C, 1)
+    rows = index.clamp(min=0).long().view(1, 1, B, 1, C, 1).expand(full)
+    # torch.where reads src and dst whole: a reference, not a bandwidth-optimal copy
+    dst.copy_(torch.where(keep, src.gather(4, rows), dst))
+    if fresh is None or F == 0:
+        return
+    # inverse map slot -> fresh row (-1: none); skipped rows land in a dump column C
+    live = fresh_slots >= 0
+    slot = torch.where(live, fresh_slots, C).long()
+    rows_f = torch.arange(F, device=src.device).expand(B, F)
+    owner = torch.full((B, C + 1), -1, dtype=torch.int64, device=src.device)
+    owner = owner.scatter(1, slot, rows_f)[:, :C]
+    placed = (owner >= 0).view(1, 1, B, 1, C, 1)
+    frows = owner.clamp(min=0).view(1, 1, B, 1, C, 1).expand(full)
+    dst.copy_(torch.where(placed, fresh.gather(4, frows), dst))

@@ -1,0 +1,514 @@
+"""The fused KV splice kernel against its PyTorch reference (and the reference against a loop).
+
+Without CUDA the Triton kernel runs on the CPU through Triton's interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py before this module imports the kernel;
+set here too in case this file is run on its own). With CUDA it runs on the GPU.
+
+The op copies rows, so every comparison is exact: ``torch.equal`` on the raw bits
+(tensors viewed as integers). Inputs are random bit patterns with NaNs replaced,
+because Triton's interpreter and some PyTorch CPU gathers canonicalise NaN payloads
+(every other value, -0.0, infinities and subnormals included, must survive).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+from megacontext.errors import BackendUnavailableError, ConfigError
+from megacontext.kernels import kv_splice as ks
+from megacontext.kernels.kv_splice import kv_splice, kv_splice_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+@pytest.fixture
+def force_triton(monkeypatch):
+    monkeypatch.setenv("MEGACONTEXT_KERNELS", "triton")
+
+
+def rand_bits(shape, dtype, g: torch.Generator) -> torch.Tensor:
+    """Random bit patterns of ``dtype`` (every exponent, sign and subnormal), NaNs zeroed."""
+    ib = _BITS[dtype]
+    info = torch.iinfo(ib)
+    x = torch.randint(info.min, info.max, shape, dtype=ib, generator=g).view(dtype)
+    return torch.where(torch.isnan(x), torch.zeros((), dtype=dtype), x).to(DEVICE)
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    a, e = actual.contiguous().view(_BITS[actual.dtype]), expected.contiguous().view(
+        _BITS[expected.dtype]
+    )
+    n = int((a != e).sum())
+    assert n == 0, f"{what}: {n} of {a.numel()} elements differ"
+
+
+def loop_oracle(src, dst, index, fresh=None, fresh_slots=None) -> torch.Tensor:
+    """The formula, literally: one row at a time."""
+    out = dst.clone()
+    B, C = index.shape
+    for b in range(B):
+        for j in range(C):
+            if index[b, j] >= 0:
+                out[:, :, b, :, j] = src[:, :, b, :, int(index[b, j])]
+        if fresh is not None:
+            for f in range(fresh_slots.shape[1]):
+                if fresh_slots[b, f] >= 0:
+                    out[:, :, b, :, int(fresh_slots[b, f])] = fresh[:, :, b, :, f]
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# splice plans
+
+
+def plan_from_entries(
+    olds: list[list[int]], news: list[list[int]], C: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``index [B, C]`` and ``fresh_slots [B, F]`` turning each old entry list into the new one.
+
+    An entry id present in both keeps its row (moved to its new position); an id only
+    in the new list is fresh. Rows are padded with -1 to a common F.
+    """
+    B = len(olds)
+    index = torch.full((B, C), -1, dtype=torch.int64)
+    fresh = []
+    for b, (old, new) in enumerate(zip(olds, news, strict=True)):
+        assert len(old) <= C and len(new) <= C
+        where = {e: i for i, e in enumerate(old)}
+        fresh.append([j for j, e in enumerate(new) if e not in where])
+        for j, e in enumerate(new):
+            if e in where:
+                index[b, j] = where[e]
+    F = max(len(f) for f in fresh)
+    slots = torch.full((B, F), -1, dtype=torch.int64)
+    for b, f in enumerate(fresh):
+        slots[b, : len(f)] = torch.tensor(f, dtype=torch.int64)
+    return index, slots
+
+
+class _Ids:
+    def __init__(self, start: int):
+        self.next = start
+
+    def take(self, n: int) -> list[int]:
+        self.next += n
+        return list(range(self.next - n, self.next))
+
+
+def expand(entries: list[int], p: int, ids: _Ids) -> list[int]:
+    """Entry ``p`` (a gist) becomes 32 new token entries: later rows shift right by 31."""
+    return entries[:p] + ids.take(32) + entries[p + 1 :]
+
+
+def collapse(entries: list[int], p: int, ids: _Ids) -> list[int]:
+    """Entries ``p .. p+31`` become one new gist: later rows shift left by 31."""
+    return entries[:p] + ids.take(1) + entries[p + 32 :]
+
+
+def random_plan(B: int, C: int, g: torch.Generator, with_fresh: bool):
+    """Permutation-like index with about a quarter -1 holes; fresh rows fill some holes."""
+    index = torch.empty(B, C, dtype=torch.int64)
+    rows = []
+    for b in range(B):
+        index[b] = torch.randperm(C, generator=g)
+        holes = torch.rand(C, generator=g) < 0.25
+        index[b, holes] = -1
+        rows.append(holes.nonzero().flatten())
+    if not with_fresh:
+        return index, None
+    F = max(1, min(len(r) for r in rows) + 1)  # +1: at least one -1 (skipped) fresh row
+    slots = torch.full((B, F), -1, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        take = r[torch.randperm(len(r), generator=g)][: F - 1]
+        slots[b, : len(take)] = take
+        slots[b] = slots[b, torch.randperm(F, generator=g)]
+    return index, slots
+
+
+def make_case(L, B, H, C, D, dtype, index, slots, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = rand_bits((L, 2, B, H, C, D), dtype, g)
+    dst = rand_bits((L, 2, B, H, C, D), dtype, g)
+    fresh = None
+    if slots is not None:
+        fresh = rand_bits((L, 2, B, H, slots.shape[1], D), dtype, g)
+        slots = slots.to(DEVICE)
+    return src, dst, index.to(DEVICE), fresh, slots
+
+
+def run_both(src, dst, index, fresh, slots, what):
+    out = dst.clone()
+    kv_splice(src, out, index, fresh, slots)
+    ref = dst.clone()
+    kv_splice_reference(src, ref, index, fresh, slots)
+    assert_bits_equal(out, ref, what)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# kernel vs reference
+
+
+# A covering grid rather than the full product (432 cases at ~0.3 s each in the
+# interpreter): every C x D pair with every dtype (27 cases), and L, B, H, fresh on/off
+# and the index dtype drawn from a seeded RNG; test_grid_covers_all_pairs checks that
+# every value of every factor meets every value of every other factor.
+def _grid() -> list[tuple]:
+    rng = random.Random(0)
+    rows = []
+    for C, D in itertools.product((5, 33, 70), (8, 24, 64)):
+        for dtype in DTYPES:
+            L, B, H = rng.choice((1, 3)), rng.choice((1, 2)), rng.choice((1, 3))
+            fresh, idx = rng.choice((False, True)), rng.choice((torch.int64, torch.int32))
+            rows.append((L, B, H, C, D, dtype, fresh, idx))
+    return rows
+
+
+_GRID = _grid()
+
+
+def _grid_id(row: tuple) -> str:
+    L, B, H, C, D, dtype, fresh, idx = row
+    name = f"L{L}-B{B}-H{H}-C{C}-D{D}-{str(dtype).split('.')[-1]}-{str(idx).split('.')[-1]}"
+    return name + ("-fresh" if fresh else "")
+
+
+def test_grid_covers_all_pairs():
+    for a, b in itertools.combinations(range(8), 2):
+        seen = {(row[a], row[b]) for row in _GRID}
+        va, vb = {row[a] for row in _GRID}, {row[b] for row in _GRID}
+        assert seen == set(itertools.product(va, vb)), (a, b)
+    assert {row[0] for row in _GRID} == {1, 3} and {row[6] for row in _GRID} == {False, True}
+
+
+@pytest.mark.parametrize(
+    "L, B, H, C, D, dtype, with_fresh, index_dtype", _GRID, ids=[_grid_id(r) for r in _GRID]
+)
+def test_kernel_matches_reference(force_triton, L, B, H, C, D, dtype, with_fresh, index_dtype):
+    g = torch.Generator().manual_seed(C * 1000 + D)
+    index, slots = random_plan(B, C, g, with_fresh)
+    index = index.to(index_dtype)
+    slots = None if slots is None else slots.to(index_dtype)
+    src, dst, index, fresh, slots = make_case(L, B, H, C, D, dtype, index, slots)
+    out = run_both(src, dst, index, fresh, slots, "splice")
+    untouched = index < 0
+    if slots is not None:
+        for b in range(B):
+            s = slots[b][slots[b] >= 0]
+            untouched[b, s.long()] = False
+    keep = untouched.view(1, 1, B, 1, C, 1).expand_as(dst)
+    assert_bits_equal(out[keep], dst[keep], "holes without a fresh row are untouched")
+
+
+def test_reference_matches_loop():
+    g = torch.Generator().manual_seed(3)
+    for with_fresh in (False, True):
+        for dtype in DTYPES:
+            index, slots = random_plan(2, 33, g, with_fresh)
+            src, dst, index, fresh, slots = make_case(3, 2, 3, 33, 24, dtype, index, slots)
+            ref = dst.clone()
+            kv_splice_reference(src, ref, index, fresh, slots)
+            assert_bits_equal(ref, loop_oracle(src, dst, index, fresh, slots), "reference")
+
+
+def _patterns():
+    ids = _Ids(1000)
+    base = list(range(60))
+    # expand: entry 10 (a gist) -> 32 tokens; rows 11.. shift right by 31
+    yield "expand", [list(range(30))], [expand(list(range(30)), 10, ids)]
+    # collapse: entries 20..51 -> one gist; rows 52.. shift left by 31
+    yield "collapse", [list(range(65))], [collapse(list(range(65)), 20, ids)]
+    # several at once, different per batch row (and a row whose WC is unchanged)
+    both = expand(collapse(base, 0, ids), 20, ids)
+    two = expand(expand(list(range(8)), 5, ids), 1, ids)
+    yield "several", [base, list(range(8)), base], [both, two, base]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_realistic_patterns(force_triton, dtype):
+    C = 70
+    for name, olds, news in _patterns():
+        index, slots = plan_from_entries(olds, news, C)
+        B = len(olds)
+        src, dst, index, fresh, slots = make_case(2, B, 3, C, 64, dtype, index, slots)
+        out = run_both(src, dst, index, fresh, slots, name)
+        assert_bits_equal(out, loop_oracle(src, dst, index, fresh, slots), name)
+        if name == "expand":
+            # the shift itself: old row 11 is now at slot 42, the 32 fresh rows at 10..41
+            assert_bits_equal(out[..., 42, :], src[..., 11, :], "expand shift")
+            assert_bits_equal(out[..., 10:42, :], fresh[..., :32, :], "expand fresh")
+            assert index[0, 61:].lt(0).all()
+        if name == "collapse":
+            assert_bits_equal(out[..., 21, :], src[..., 52, :], "collapse shift")
+            assert_bits_equal(out[..., 20, :], fresh[..., 0, :], "collapse gist")
+
+
+def test_several_blocks_per_plane(force_triton):
+    # block_c=16 splits each plane into several kept and fresh programs, so the row
+    # masks at block edges (C=70 -> 5 blocks, F=33 -> 3 blocks) are exercised
+    g = torch.Generator().manual_seed(5)
+    index, _ = random_plan(2, 70, g, False)
+    index[:, 30:63] = -1
+    slots = torch.arange(30, 63).expand(2, 33).clone()
+    slots[1, 5] = -1
+    src, dst, index, fresh, slots = make_case(1, 2, 3, 70, 24, torch.float16, index, slots)
+    out = dst.clone()
+    ks._kv_splice_launch(src, out, index, fresh, slots, block_c=16)
+    assert_bits_equal(out, loop_oracle(src, dst, index, fresh, slots), "block_c=16")
+
+
+def test_empty_fresh_and_all_holes(force_triton):
+    index = torch.full((1, 33), -1)
+    src, dst, index, _, _ = make_case(1, 1, 1, 33, 8, torch.float32, index, None, seed=6)
+    fresh = torch.empty(1, 2, 1, 1, 0, 8, device=DEVICE)
+    out = dst.clone()
+    kv_splice(src, out, index, fresh, torch.empty(1, 0, dtype=torch.long, device=DEVICE))
+    assert_bits_equal(out, dst, "nothing moved")
+    index = torch.arange(33, device=DEVICE).view(1, 33)
+    out = run_both(src, dst, index, None, None, "identity")
+    assert_bits_equal(out, src, "identity")
+
+
+def test_strided_views(force_triton):
+    # ping-pong halves of one allocation, padded in C and D: only the views change
+    L, B, H, C, D = 2, 2, 3, 33, 24
+    g = torch.Generator().manual_seed(7)
+    big = rand_bits((2, L, 2, B, H, C + 3, D + 8), torch.bfloat16, g)
+    before = big.clone()
+    src, dst = big[0, ..., :C, :D], big[1, ..., 1 : C + 1, 8:]
+    index, slots = random_plan(B, C, g, True)
+    index, slots = index.to(DEVICE), slots.to(DEVICE)
+    fresh_big = rand_bits((L, 2, B, H, slots.shape[1], 2 * D), torch.bfloat16, g)
+    fresh = fresh_big[..., ::2]  # head-dim stride 2
+    expected = loop_oracle(src, dst, index, fresh, slots)
+    kv_splice(src, dst, index, fresh, slots)
+    assert_bits_equal(dst, expected, "strided dst")
+    outside = torch.ones_like(big, dtype=torch.bool)
+    outside[1, ..., 1 : C + 1, 8:] = False
+    assert_bits_equal(big[outside], before[outside], "bytes outside dst")
+    # a transposed index (column stride != 1) and a src with head-dim stride 2
+    src2 = rand_bits((L, 2, B, H, C, 2 * D), torch.bfloat16, g)[..., 1::2]
+    idx_t = index.t().contiguous().t()
+    out = torch.zeros_like(src)
+    kv_splice(src2, out, idx_t)
+    assert_bits_equal(out, loop_oracle(src2, torch.zeros_like(src), index), "strided src")
+
+
+def test_kernel_is_really_used(force_triton, monkeypatch):
+    # guard against a dispatch bug silently comparing the reference with itself
+    calls = []
+    real = ks._kv_splice_launch
+    monkeypatch.setattr(ks, "_kv_splice_launch", lambda *a: calls.append(1) or real(*a))
+    src, dst, index, _, _ = make_case(1, 1, 1, 5, 8, torch.float32, torch.arange(5)[None], None)
+    kv_splice(src, dst, index)
+    assert calls == [1]
+    assert_bits_equal(dst, src, "identity")
+
+
+def test_reference_on_cpu_by_default(monkeypatch):
+    monkeypatch.delenv("MEGACONTEXT_KERNELS", raising=False)
+    monkeypatch.setattr(ks, "_kv_splice_launch", lambda *a: pytest.fail("kernel called on CPU"))
+    g = torch.Generator().manual_seed(8)
+    src = rand_bits((1, 2, 1, 1, 5, 8), torch.float32, g).cpu()
+    dst = torch.zeros_like(src)
+    kv_splice(src, dst, torch.tensor([[4, 3, -1, 1, 0]]))
+    assert torch.equal(dst[..., 0, :], src[..., 4, :]) and (dst[..., 2, :] == 0).all()
+    # the CPU reference path always checks values (free on the CPU): typed error
+    with pytest.raises(ConfigError, match=r"index\[0, 1\] = 5"):
+        kv_splice(src, dst, torch.tensor([[4, 5, -1, 1, 0]]))
+
+
+# ----------------------------------------------------------------------------------------
+# bad inputs
+
+
+def _ok(L=1, B=2, H=1, C=5, D=8, F=2):
+    src = torch.zeros(L, 2, B, H, C, D, device=DEVICE)
+    index = torch.full((B, C), -1, dtype=torch.long, device=DEVICE)
+    fresh = torch.zeros(L, 2, B, H, F, D, device=DEVICE)
+    slots = torch.full((B, F), -1, dtype=torch.long, device=DEVICE)
+    return dict(src=src, dst=torch.zeros_like(src), index=index, fresh=fresh, fresh_slots=slots)
+
+
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        (dict(src=torch.zeros(1, 2, 2, 1, 5)), "src", r"src must be a \[L, 2, B, H, C, D\]"),
+        (dict(src=torch.zeros(1, 3, 2, 1, 5, 8)), "src", "got shape \\(1, 3, 2, 1, 5, 8\\)"),
+        (dict(dst=torch.zeros(1, 2, 2, 1, 6, 8)), "dst", r"dst must have src's shape"),
+        (dict(dst=torch.zeros(1, 2, 2, 1, 5, 8).half()), "dst", "dst must have src's dtype"),
+        (dict(dst=torch.zeros(1, 2, 2, 1, 5, 8, device="meta")), "dst", "dst is on meta"),
+        (dict(index=torch.zeros(2, 4, dtype=torch.long)), "index", r"\[B, C\] = \[2, 5\]"),
+        (dict(index=torch.zeros(2, 5)), "index", "index must be int32 or int64"),
+        (dict(fresh=None), "fresh", "fresh and fresh_slots must be given together"),
+        (dict(fresh_slots=None), "fresh_slots", "fresh and fresh_slots must be given"),
+        (dict(fresh=torch.zeros(1, 2, 2, 1, 2, 9)), "fresh", r"\[1, 2, 2, 1, F, 8\]"),
+        (dict(fresh=torch.zeros(1, 2, 2, 1, 2, 8).half()), "fresh", "fresh must have src's"),
+        (dict(fresh_slots=torch.zeros(2, 3, dtype=torch.long)), "fresh_slots", r"\[2, 2\]"),
+        (dict(fresh_slots=torch.zeros(2, 2, dtype=torch.int16)), "fresh_slots", "int32 or"),
+    ],
+)
+def test_bad_inputs(force_triton, change, field, message):
+    args = _ok()
+    args.update({k: v if v is None or v.is_meta else v.to(DEVICE) for k, v in change.items()})
+    with pytest.raises(ConfigError, match=message) as info:
+        kv_splice(**args)
+    assert info.value.field == field
+
+
+def test_bad_dtype():
+    args = _ok()
+    args["src"], args["dst"] = args["src"].double(), args["dst"].double()
+    with pytest.raises(ConfigError, match=r"float32, float16 or bfloat16, got torch\.float64"):
+        kv_splice(**args)
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_value_checks(monkeypatch, path):
+    monkeypatch.setenv("MEGACONTEXT_KERNELS", path)
+    args = _ok()
+    args["index"][1, 3] = 5
+    with pytest.raises(ConfigError, match=r"index\[1, 3\] = 5 is out of range.*C = 5"):
+        kv_splice(**args, check=True)
+    args = _ok()
+    args["fresh_slots"][0, 1] = 7
+    with pytest.raises(ConfigError, match=r"fresh_slots\[0, 1\] = 7 is out of range"):
+        kv_splice(**args, check=True)
+    args = _ok()
+    args["fresh_slots"][1] = torch.tensor([2, 2])
+    with pytest.raises(ConfigError, match=r"fresh_slots\[1\] names destination slot 2 2 times"):
+        kv_splice(**args, check=True)
+    args = _ok()
+    args["fresh_slots"][0, 0] = 3
+    args["index"][0, 3] = 1
+    with pytest.raises(ConfigError, match=r"slot 3 of batch row 0 is both a fresh slot"):
+        kv_splice(**args, check=True)
+
+
+def test_out_of_range_without_check_stays_in_bounds(force_triton):
+    # without check=True nothing synchronises; the kernel's masks skip the bad slots
+    src = torch.arange(2 * 5 * 8, dtype=torch.float32, device=DEVICE).view(1, 2, 1, 1, 5, 8)
+    dst = torch.full_like(src, -1.0)
+    index = torch.tensor([[0, 99, 2, -1, 4]], device=DEVICE)
+    fresh = torch.zeros(1, 2, 1, 1, 1, 8, device=DEVICE)
+    kv_splice(src, dst, index, fresh, torch.tensor([[1000]], device=DEVICE))
+    assert torch.equal(dst[..., [0, 2, 4], :], src[..., [0, 2, 4], :])
+    assert (dst[..., [1, 3], :] == -1).all()
+
+
+def test_overlapping_memory_is_refused(force_triton):
+    buf = torch.zeros(1, 2, 1, 1, 9, 8, device=DEVICE)
+    index = torch.full((1, 5), -1, device=DEVICE)
+    with pytest.raises(ConfigError, match="src and dst overlap in memory"):
+        kv_splice(buf[..., :5, :], buf[..., 4:, :], index)
+    with pytest.raises(ConfigError, match="src and dst overlap"):
+        kv_splice(buf, buf, torch.full((1, 9), -1, device=DEVICE))
+    fresh = buf[..., 4:6, :]
+    with pytest.raises(ConfigError, match="fresh and dst overlap"):
+        kv_splice(
+            torch.zeros(1, 2, 1, 1, 5, 8, device=DEVICE),
+            buf[..., :5, :],
+            index,
+            fresh,
+            torch.full((1, 2), -1, device=DEVICE),
+        )
+    with pytest.raises(ConfigError, match="zero stride"):
+        kv_splice(
+            torch.zeros(1, 2, 1, 1, 5, 8, device=DEVICE),
+            torch.zeros(1, 2, 1, 1, 1, 8, device=DEVICE).expand(1, 2, 1, 1, 5, 8),
+            index,
+        )
+    # interleaved views are refused even when their elements are disjoint (the check
+    # compares byte ranges, it does not solve the general strided-overlap problem) ...
+    with pytest.raises(ConfigError, match="src and dst overlap"):
+        kv_splice(buf[..., :4, :], buf[..., 4:8, :], torch.arange(4, device=DEVICE).view(1, 4))
+    # ... while the ping-pong halves of one allocation are fine
+    pair = torch.arange(2 * 2 * 5 * 8, dtype=torch.float32, device=DEVICE).view(2, 1, 2, 1, 1, 5, 8)
+    kv_splice(pair[0], pair[1], torch.arange(5, device=DEVICE).view(1, 5))
+    assert torch.equal(pair[1], pair[0])
+
+
+def test_launcher_refuses_unrunnable_devices(force_triton):
+    args = _ok()
+    meta = {k: v.to("meta") for k, v in args.items()}
+    # meta tensors go through the op's fake implementation (checks only) ...
+    kv_splice(**meta)
+    # ... but the launcher itself refuses devices Triton cannot run on
+    with pytest.raises(BackendUnavailableError, match="meta"):
+        ks._kv_splice_launch(*meta.values())
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library / torch.compile
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(9)
+    index, slots = random_plan(2, 5, g, True)
+    src, dst, index, fresh, slots = make_case(1, 2, 1, 5, 8, torch.bfloat16, index, slots)
+    torch.library.opcheck(torch.ops.megacontext.kv_splice.default, (src, dst, index, fresh, slots))
+    torch.library.opcheck(torch.ops.megacontext.kv_splice.default, (src, dst, index, None, None))
+
+
+def test_torch_compile(force_triton):
+    g = torch.Generator().manual_seed(10)
+    index, slots = random_plan(2, 33, g, True)
+    src, dst, index, fresh, slots = make_case(2, 2, 1, 33, 8, torch.float32, index, slots)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def refocus(src, dst, index, fresh, slots):
+        kv_splice(src, dst, index, fresh * 2, slots)
+        return dst[0, 0].sum()
+
+    out = dst.clone()
+    total = refocus(src, out, index, fresh, slots)
+    expected = loop_oracle(src, dst, index, fresh * 2, slots)
+    assert_bits_equal(out, expected, "compiled splice mutates dst")
+    torch.testing.assert_close(total, expected[0, 0].sum())
+
+
+# ----------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("L, H, D", [(30, 3, 64), (32, 8, 128), (2, 3, 200)])
+def test_gpu_compiled_kernel(monkeypatch, L, H, D):
+    monkeypatch.delenv("MEGACONTEXT_KERNELS", raising=False)
+    assert not isinstance(ks._kv_splice_kernel, ks._interpreted_type()), "compiled, not interpreted"
+    C, B = 8192 + 32, 2
+    ids = _Ids(100_000)
+    old = list(range(8068))
+    new = old
+    for p in (100, 2000, 5000, 7000):
+        new = expand(new, p, ids)
+    old2 = list(range(8192))
+    new2 = collapse(collapse(old2, 64, ids), 4000, ids)
+    index, slots = plan_from_entries([old, old2], [new, new2], C)
+    src, dst, index, fresh, slots = make_case(L, B, H, C, D, torch.bfloat16, index, slots)
+    out = dst.clone()
+    kv_splice(src, out, index.int(), fresh, slots.int(), check=True)
+    torch.cuda.synchronize()
+    ref = dst.clone()
+    kv_splice_reference(src, ref, index, fresh, slots)
+    assert_bits_equal(out, ref, "cuda kernel")
+    # views of one ping-pong allocation, the way the cache holds them
+    buf = torch.zeros(2, L, 2, B, H, C, D, device="cuda", dtype=torch.bfloat16)
+    buf[0] = src
+    kv_splice(buf[0], buf[1], index, fresh, slots)
+    ref0 = torch.zeros_like(src)
+    kv_splice_reference(src, ref0, index, fresh, slots)
+    assert_bits_equal(buf[1], ref0, "ping-pong views")
