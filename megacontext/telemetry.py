@@ -128,19 +128,37 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def _coerce(table: str, name: str, value: Any, dtype: pa.DataType, nullable: bool) -> Any:
+def _kind(dtype: pa.DataType) -> str:
+    if pa.types.is_integer(dtype):
+        return "int"
+    if pa.types.is_floating(dtype):
+        return "float"
+    return "str"
+
+
+# (name, kind, nullable) per fixed column, resolved once: log_iteration is on the hot path
+_ITERATION_SPEC = [(f.name, _kind(f.type), f.nullable) for f in ITERATION_SCHEMA]
+_ACTION_SPEC = [(f.name, _kind(f.type), f.nullable) for f in ACTION_SCHEMA]
+_EXPECTS = {"int": "an integer", "float": "a float", "str": "a string"}
+
+
+def _coerce(table: str, name: str, value: Any, kind: str, nullable: bool) -> Any:
     """Validate one value of a fixed column; returns the Python value to store."""
+    cls = type(value)
+    if (cls is float and kind == "float") or (cls is str and kind == "str"):
+        return value  # the common case, checked first
+    if cls is int and kind == "int" and -(2**63) <= value < 2**63:
+        return value
     value = _scalar(value)
     if value is None:
         if nullable:
             return None
         raise ConfigError(f"telemetry {table}: field {name!r} is required", field=name)
-    is_int = pa.types.is_integer(dtype)
     # a bool in a numeric column is almost always a bug at the call site: rejected
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if pa.types.is_string(dtype) and isinstance(value, str):
+    if kind == "str" and isinstance(value, str):
         return value
-    if is_int and (
+    if kind == "int" and (
         (number and isinstance(value, numbers.Integral))
         or (isinstance(value, float) and value.is_integer())
     ):
@@ -152,11 +170,10 @@ def _coerce(table: str, name: str, value: Any, dtype: pa.DataType, nullable: boo
             field=name,
             value=value,
         )
-    if pa.types.is_floating(dtype) and number:
+    if kind == "float" and number:
         return float(value)
-    kind = "an integer" if is_int else str(dtype)
     raise ConfigError(
-        f"telemetry {table}: field {name!r} expects {kind}, got {value!r} "
+        f"telemetry {table}: field {name!r} expects {_EXPECTS[kind]}, got {value!r} "
         f"({type(value).__name__})",
         field=name,
         value=value,
@@ -186,13 +203,13 @@ def _validate_action(row: Mapping[str, Any], defaults: Mapping[str, Any]) -> dic
             field=name,
         )
     out = {}
-    for field in ACTION_SCHEMA:
-        value = row.get(field.name)
+    for name, kind, nullable in _ACTION_SPEC:
+        value = row.get(name)
         if value is None:
-            value = defaults.get(field.name)
+            value = defaults.get(name)
         if value is None:
-            value = _DEFAULTS.get(field.name)
-        out[field.name] = _coerce("actions", field.name, value, field.type, field.nullable)
+            value = _DEFAULTS.get(name)
+        out[name] = _coerce("actions", name, value, kind, nullable)
     if out["kind"] not in ACTION_KINDS:
         raise ConfigError(
             f"telemetry actions: field 'kind' must be 'expand' or 'collapse', got {out['kind']!r}",
@@ -372,13 +389,13 @@ class Telemetry:
         optional (null), unknown keywords become float64 extra columns."""
         self._check_open()
         row: dict[str, Any] = {}
-        for field in ITERATION_SCHEMA:
-            value = fields.get(field.name)
+        for name, kind, nullable in _ITERATION_SPEC:
+            value = fields.get(name)
             if value is None:
-                value = _DEFAULTS.get(field.name)
-            if field.name == "wall_time" and value is None:
-                value = time.time()
-            row[field.name] = _coerce("iterations", field.name, value, field.type, field.nullable)
+                value = _DEFAULTS.get(name)
+                if name == "wall_time":
+                    value = time.time()
+            row[name] = _coerce("iterations", name, value, kind, nullable)
         new_extras = []
         for name, value in fields.items():
             if name in row:

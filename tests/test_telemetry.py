@@ -297,7 +297,7 @@ def test_corrupt_part_is_a_storage_error_naming_it(tmp_path):
         ({"latency_ms": 1.0}, "iteration", "'iteration' is required"),
         ({"iteration": 1.5}, "iteration", "expects an integer"),
         ({"iteration": "3"}, "iteration", "expects an integer"),
-        ({"iteration": 0, "latency_ms": "fast"}, "latency_ms", "expects double"),
+        ({"iteration": 0, "latency_ms": "fast"}, "latency_ms", "expects a float"),
         ({"iteration": 0, "wc_cost": True}, "wc_cost", "expects an integer"),
         ({"iteration": 0, "wc_cost": 2**63}, "wc_cost", "does not fit in int64"),
         ({"iteration": 0, "note": "hello"}, "note", "extra field 'note' must be a number"),
@@ -323,7 +323,7 @@ def test_iteration_validation(tmp_path, fields, name, match):
         ({**action(0), "kind": "swap"}, "kind", "'expand' or 'collapse'"),
         ({k: v for k, v in action(0).items() if k != "node"}, "node", "'node' is required"),
         ({**action(0), "colour": 3}, "colour", "unknown field 'colour'"),
-        ({**action(0), "score": "high"}, "score", "expects double"),
+        ({**action(0), "score": "high"}, "score", "expects a float"),
     ],
 )
 def test_action_validation_is_all_or_nothing(tmp_path, row, name, match):
