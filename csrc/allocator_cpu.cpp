@@ -14,33 +14,38 @@ namespace {
 
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument(what); }
 
-// Queues as index arrays sorted by the shared order; a cursor skips candidates
-// that an applied action removed (their flag was cleared).
+// Queues as binary heaps under the shared order (best on top): building one is
+// O(n) and a step pops only a few candidates, so no full sort is needed. A
+// candidate that an applied action removed (its flag cleared) is discarded when
+// it reaches the top. The order is strict and total, so this finds exactly the
+// candidate a full sort (or the device's arg-best) would.
 struct HostSelect {
   const Params& p;
   const Arrays& a;
-  std::vector<int64_t> order[2];
-  size_t cursor[2] = {0, 0};
+  std::vector<Cand> heap[2];
+
+  static bool worse_expand(const Cand& x, const Cand& y) { return better(kExpand, y, x); }
+  static bool worse_collapse(const Cand& x, const Cand& y) { return better(kCollapse, y, x); }
 
   HostSelect(const Params& params, const Arrays& arrays) : p(params), a(arrays) {
     for (int64_t i = 0; i < a.n; ++i) {
-      if (a.eflag[i]) order[kExpand].push_back(i);
-      if (a.cflag[i]) order[kCollapse].push_back(i);
+      if (a.eflag[i]) heap[kExpand].push_back(make_cand(p, a, i, kExpand));
+      if (a.cflag[i]) heap[kCollapse].push_back(make_cand(p, a, i, kCollapse));
     }
-    for (int kind = 0; kind < 2; ++kind) {
-      std::sort(order[kind].begin(), order[kind].end(), [&](int64_t x, int64_t y) {
-        return better(kind, make_cand(p, a, x, kind), make_cand(p, a, y, kind));
-      });
-    }
+    std::make_heap(heap[kExpand].begin(), heap[kExpand].end(), worse_expand);
+    std::make_heap(heap[kCollapse].begin(), heap[kCollapse].end(), worse_collapse);
   }
 
   bool best(int kind, Cand* out) {
     const uint8_t* flag = kind == kExpand ? a.eflag : a.cflag;
-    auto& ord = order[kind];
-    size_t& k = cursor[kind];
-    while (k < ord.size() && !flag[ord[k]]) ++k;
-    if (k == ord.size()) return false;
-    *out = make_cand(p, a, ord[k], kind);
+    auto& h = heap[kind];
+    auto worse = kind == kExpand ? worse_expand : worse_collapse;
+    while (!h.empty() && !flag[h.front().entry]) {
+      std::pop_heap(h.begin(), h.end(), worse);
+      h.pop_back();
+    }
+    if (h.empty()) return false;
+    *out = h.front();
     return true;
   }
 
