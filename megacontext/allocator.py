@@ -26,7 +26,7 @@ import torch
 
 from . import native
 from .config import MegaContextConfig
-from .errors import BackendUnavailableError, ConfigError
+from .errors import BackendUnavailableError, ConfigError, InvariantError
 from .working_context import LEVEL_DTYPE, NODE_DTYPE, WorkingContext, protected_start
 
 __all__ = [
@@ -451,6 +451,15 @@ class FocusAllocator:
         p = self._params(wc)
         scores = scores.detach().to(device=device, dtype=torch.float32).contiguous()
         work = wc if wc.device == device else wc.to(device)
+        if backend != "cuda" and len(work):
+            # The device kernel only guards memory; on the host an impossible level
+            # is reported (the same error from both host backends).
+            lo, hi = torch.aminmax(work.levels)
+            if int(lo) < 0 or int(hi) > p.top:
+                i = int(torch.nonzero((work.levels < 0) | (work.levels > p.top))[0])
+                raise InvariantError(
+                    f"entry {i}: level {int(work.levels[i])} outside [0, {p.top}]", entry=i
+                )
         if backend == "python":
             rows = self._step_python(work, scores, p)
         elif backend == "cpp":

@@ -687,3 +687,12 @@ def test_host_backends_accept_a_wc_on_the_gpu(backend):
     want = FocusAllocator(cfg, backend).step(wc, scores)
     assert FocusAllocator(cfg, backend).step(on_gpu, scores.cuda()) == want
     assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.nodes.cpu(), wc.nodes)
+
+
+def test_impossible_level_is_an_invariant_error(backend):
+    cfg = config()
+    wc = make_wc([(3, 0), *tokens(64, 72)], cfg)  # level 3 > top 2
+    alloc = FocusAllocator(cfg, backend)
+    with pytest.raises(mc.InvariantError, match="entry 0") as err:
+        alloc.step(wc, torch.zeros(len(wc)))
+    assert err.value.entry == 0 and alloc.step_count == 0
