@@ -696,3 +696,31 @@ def test_impossible_level_is_an_invariant_error(backend):
     with pytest.raises(mc.InvariantError, match="entry 0") as err:
         alloc.step(wc, torch.zeros(len(wc)))
     assert err.value.entry == 0 and alloc.step_count == 0
+
+
+@needs_ext
+def test_growing_history_extend_then_step_stays_legal():
+    # The runtime loop: append a block to the tree, extend the WC (now over budget),
+    # step (forced collapses bring it back), with the real tree checking existence.
+    bs, top = 4, 2
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(50, 4, generator=g)
+    tree = MegaContextTree(4, block_size=bs, levels=top, dtype=torch.float32)
+    tree.append(torch.randint(0, 50, (200,), generator=g), lambda ids: table[ids])
+    cfg = mc.MegaContextConfig(block_size=bs, levels=top, w_max=60, recent_tokens=8)
+    wc = WorkingContext.from_tree(tree, cfg.w_max, cfg.recent_tokens)
+    wc_cpp = wc.clone()
+    py, cpp = FocusAllocator(cfg, "python"), FocusAllocator(cfg, "cpp")
+    forced = 0
+    for _ in range(60):
+        tree.append(torch.randint(0, 50, (5,), generator=g), lambda ids: table[ids])
+        wc.extend(tree.num_tokens)
+        wc_cpp.extend(tree.num_tokens)
+        over = len(wc) > cfg.w_max
+        scores = torch.rand(len(wc), generator=g) * 2 - 1
+        acts = py.step(wc, scores)
+        assert cpp.step(wc_cpp, scores) == acts
+        assert torch.equal(wc.nodes, wc_cpp.nodes) and torch.equal(wc.levels, wc_cpp.levels)
+        wc.check(tree)
+        forced += over
+    assert forced > 0  # the scenario does exercise the over-budget phase
