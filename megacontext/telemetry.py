@@ -662,6 +662,7 @@ def plot_run(run_dir: str | os.PathLike[str], out_png: str | os.PathLike[str]) -
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     iterations, _ = read_run(run_dir)
     if iterations.num_rows == 0:
@@ -690,7 +691,7 @@ def plot_run(run_dir: str | os.PathLike[str], out_png: str | os.PathLike[str]) -
                 transform=ax.transAxes,
                 color="0.5",
             )
-        if guide is not None:
+        if guide is not None and x.size:
             ax.axhline(guide, color="C3", ls="--", lw=0.8, label=guide_label)
             ax.legend(loc="upper right", fontsize=8, frameon=False)
         ax.set_ylabel(label)
@@ -714,10 +715,17 @@ def plot_run(run_dir: str | os.PathLike[str], out_png: str | os.PathLike[str]) -
             full = np.zeros(grid.size)
             full[np.searchsorted(grid, x)] = y
             stack.append(full)
-        ax.stackplot(grid, stack, labels=[p for p, _, _ in series], alpha=0.85)
+        labels = [p for p, _, _ in series]
+        if grid.size > 1:
+            ax.stackplot(grid, stack, labels=labels, alpha=0.85)
+        else:  # one iteration: an area plot has no width, stack bars instead
+            bottom = np.zeros(1)
+            for label, height in zip(labels, stack, strict=True):
+                ax.bar(grid, height, bottom=bottom, width=0.6, label=label, alpha=0.85)
+                bottom = bottom + height
     x, y = _by_iteration(iterations, "latency_ms")
     if x.size:
-        ax.plot(x, y, color="k", lw=1.0, label="total")
+        ax.plot(x, y, color="k", lw=1.0, marker="o" if x.size == 1 else None, ms=4, label="total")
     if series or x.size:
         ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # headroom for the legend row
         ax.legend(loc="upper left", fontsize=8, ncol=6, frameon=False)
@@ -736,6 +744,10 @@ def plot_run(run_dir: str | os.PathLike[str], out_png: str | os.PathLike[str]) -
 
     line(axes[4], "token_budget_utilization", "utilisation\n(cost / W_max)", 1.0, "budget")
     axes[4].set_xlabel("iteration")
+    axes[4].xaxis.set_major_locator(MaxNLocator(integer=True))
+    steps = iterations.column("iteration").to_numpy()
+    if steps.min() == steps.max():  # one iteration: give the lone points some room
+        axes[4].set_xlim(int(steps.min()) - 1, int(steps.max()) + 1)
 
     def save(f: Any) -> None:
         fig.savefig(f, format="png", dpi=100)
