@@ -245,6 +245,7 @@ class _FileLevel:
         self._extent = count  # rows known to be present in the file
         self._mm: np.ndarray | None = None
         self._mapped = 0
+        self._floor = 0  # rows reachable through views handed out
         self.dirty = False
         if mode == "r+":
             self.fd = os.open(path, os.O_RDWR)
@@ -269,6 +270,8 @@ class _FileLevel:
         if self._mapped < self.count:
             self._remap(self.count)
         assert self._mm is not None
+        # views handed out may be read later: the file is never cut below them
+        self._floor = max(self._floor, self.count)
         return self._mm[: self.count]
 
     def rows(self, start: int, end: int) -> np.ndarray:
@@ -290,11 +293,19 @@ class _FileLevel:
             self._extent = start + len(data)
 
     def prepare(self, count: int) -> None:
-        """Before a commit: cut the file to exactly ``count`` rows and fsync it."""
-        assert self.fd is not None
-        os.ftruncate(self.fd, HEADER_SIZE + count * self.rowbytes)
-        if self._mapped > count:
-            self._remap(count)  # never keep a mapping past the end of the file
+        """Before committing ``count`` >= ``self.count`` rows: cut the file to ``count``
+        rows (dropping any longer stale tail) and fsync it.
+
+        The cut never goes below the committed count (a crash before the commit
+        must find the old payload whole) nor below a view handed out earlier
+        (reading a mapped page past the end of a file is SIGBUS); rows past
+        ``count`` left by that rule are an ignored tail like a crashed append's.
+        """
+        assert self.fd is not None and count >= self.count
+        rows = max(count, self._floor)
+        os.ftruncate(self.fd, HEADER_SIZE + rows * self.rowbytes)
+        if self._mapped > rows:
+            self._remap(rows)  # never keep a mapping past the end of the file
         os.fsync(self.fd)
 
     def commit(self, count: int) -> None:
@@ -322,9 +333,14 @@ class TreeFiles:
         return self.mode == "r+" and self.levels[0].fd is not None
 
     def commit(self, counts: list[int]) -> None:
-        """Make the rows written past the old counts durable, then publish ``counts``."""
+        """Make the rows written past the old counts durable, then publish ``counts``.
+
+        A level that shrinks (``truncate``) only changes ``metadata.json``: its file
+        keeps the old rows as an ignored tail, so a crash on either side of the
+        commit finds every committed row on disk.
+        """
         for lvl, count in zip(self.levels, counts, strict=True):
-            if lvl.dirty or count != lvl.count:
+            if count >= lvl.count and (lvl.dirty or count > lvl.count):
                 lvl.prepare(count)
         meta = dict(self.meta, counts=list(counts))
         _write_metadata(self.path, meta)

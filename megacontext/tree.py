@@ -375,6 +375,26 @@ class MegaContextTree:
         self._commit(new)
         self._embed = embed
 
+    def truncate(self, num_tokens: int) -> None:
+        """Keep the first ``num_tokens`` tokens: drop the rest and every node that
+        covers any of them (``num_nodes(l)`` becomes ``num_tokens // bs**l``).
+
+        Cheap (no gist is recomputed) and, on disk, one atomic ``metadata.json``
+        commit: the dropped rows stay in the files as an ignored tail until the next
+        append overwrites them. Views taken before may show new data past the
+        truncation point after a later append.
+        """
+        self._check_writable("truncate")
+        if isinstance(num_tokens, bool) or not 0 <= num_tokens <= self.num_tokens:
+            raise ConfigError(
+                f"truncate({num_tokens!r}): must be in [0, {self.num_tokens}]",
+                field="num_tokens",
+                value=num_tokens,
+            )
+        counts = [int(num_tokens) // self.block_size**lvl for lvl in range(self.levels + 1)]
+        if counts != [lvl.count for lvl in self._levels]:
+            self._commit(counts)
+
     @torch.no_grad()
     def refresh(
         self,

@@ -269,6 +269,28 @@ def test_crashed_tail_is_ignored_then_overwritten(saved):
     assert (path / "LOD1.ctx").stat().st_size == sizes["LOD1.ctx"] + DIM * 2
 
 
+def test_truncate_on_disk(saved):
+    path, tree = saved
+    ids = stream(0, 333)
+    with MegaContextTree.open(path) as opened:
+        held = opened.gists(1)  # 83 rows mapped before the file could shrink
+        last = held[82].clone()
+        opened.truncate(70)
+        assert read_metadata(str(path))["counts"] == [70, 17, 4, 1]
+        assert (path / "LOD1.ctx").stat().st_size == HEADER_SIZE + 83 * DIM * 2  # a tail
+        assert_same_tree(opened, reference(ids[:70], levels=3))
+        opened.append(ids[70:75], embed)  # the commit must not cut LOD1 below `held`
+        assert torch.equal(held[82], last)  # still mapped, no SIGBUS
+    with MegaContextTree.open(path, "r") as opened:
+        assert_same_tree(opened, reference(ids[:75], levels=3))
+        with pytest.raises(StorageError, match="read-only"):
+            opened.truncate(0)
+    with MegaContextTree.open(path) as opened:
+        opened.append(ids[75:], embed)
+    with MegaContextTree.open(path, "r") as opened:
+        assert_same_tree(opened, tree)
+
+
 def test_refresh_on_disk_persists(saved):
     path, tree = saved
     with MegaContextTree.open(path) as opened:

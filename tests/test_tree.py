@@ -418,3 +418,19 @@ def test_level_aware_gistnet_uses_at_level():
     assert torch.equal(tree.gists(2), expect)
     tree.refresh(2, 0, 2, Leveled())
     assert seen[-1] == (2, 2)
+
+
+def test_truncate_then_append_equals_a_fresh_tree():
+    dim, bs, levels = 8, 4, 3
+    _, embed = make_embed(dim)
+    ids = torch.randint(0, VOCAB, (700,), generator=torch.Generator().manual_seed(9))
+    tree = build(ids, embed, [], dim=dim, bs=bs, levels=levels)
+    for keep in (517, 517, 64, 63, 0):
+        tree.truncate(keep)
+        assert_same_tree(tree, build(ids[:keep], embed, [], dim=dim, bs=bs, levels=levels))
+    tree.append(ids, embed)
+    assert_same_tree(tree, build(ids, embed, [], dim=dim, bs=bs, levels=levels))
+    for bad in (-1, 701, True):
+        with pytest.raises(ConfigError, match="truncate") as err:
+            tree.truncate(bad)
+        assert err.value.field == "num_tokens"
