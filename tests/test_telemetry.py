@@ -571,3 +571,41 @@ def test_wandb_not_installed_says_how_to_install(tmp_path, monkeypatch):
 def test_public_names():
     assert mc.Telemetry is Telemetry
     assert set(tm.__all__) >= {"Telemetry", "read_run", "summarize", "plot_run"}
+
+
+def test_allocator_trace_round_trips_and_matches_the_wc(tmp_path):
+    """Real FocusAllocator actions: the trace reads back as the same Actions, and its
+    net cost equals the working context's change in length."""
+    from megacontext.allocator import Action, FocusAllocator
+    from megacontext.working_context import WorkingContext
+
+    cfg = mc.MegaContextConfig(block_size=4, levels=2, w_max=1000, recent_tokens=8, n_diff=4)
+    # LOD1 gists 0..3, blocks 4..7 as tokens, the protected tail 32..39 (tokens)
+    entries = [(1, b) for b in range(4)] + [(0, t) for t in range(16, 40)]
+    wc = WorkingContext(
+        torch.tensor([e[0] for e in entries], dtype=torch.int32),
+        torch.tensor([e[1] for e in entries], dtype=torch.int64),
+        block_size=4,
+        max_level=2,
+        w_max=1000,
+        recent_tokens=cfg.protected_tokens,
+        num_tokens=40,
+    )
+    alloc = FocusAllocator(cfg, "python")
+    start = len(wc)
+    taken = []
+    with Telemetry(tmp_path / "r") as tel:
+        blocks = [-0.9, -0.8, -0.7, -0.6]
+        scores = [0.9, 0.8, 0.7, 0.6] + [s for s in blocks for _ in range(4)] + [0.0] * 8
+        acts = alloc.step(wc, torch.tensor(scores, dtype=torch.float32))
+        assert acts, "the hand-built case must take actions"
+        tel.log_actions(acts, iteration=0)
+        tel.log_iteration(iteration=0, n_expand=sum(a.kind == "expand" for a in acts))
+        taken += acts
+    _, table = read_run(tmp_path / "r")
+    back = [Action(r["step"], r["kind"], r["level"], r["node"], r["score"], r["cost_delta"])
+            for r in table.to_pylist()]  # fmt: skip
+    assert back == taken
+    s = summarize(tmp_path / "r")
+    assert s["expand_count"] + s["collapse_count"] == len(taken)
+    assert s["expand_cost"] - s["collapse_cost"] == len(wc) - start
