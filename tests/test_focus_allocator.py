@@ -724,3 +724,15 @@ def test_growing_history_extend_then_step_stays_legal():
         wc.check(tree)
         forced += over
     assert forced > 0  # the scenario does exercise the over-budget phase
+
+
+@pytest.mark.parametrize("T", [0, 3, 7])
+def test_step_on_empty_and_sub_block_histories(backend, T):
+    cfg = config()
+    tree = make_tree(T, 4, 2)
+    wc = WorkingContext.from_tree(tree, cfg.w_max, cfg.recent_tokens)
+    alloc = FocusAllocator(cfg, backend)
+    assert alloc.step(wc, torch.ones(len(wc))) == []
+    assert alloc.step(wc, -torch.ones(len(wc))) == []
+    assert alloc.step_count == 2 and len(wc) == T
+    wc.check(tree)
