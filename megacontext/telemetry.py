@@ -542,11 +542,14 @@ def read_run(run_dir: str | os.PathLike[str]) -> tuple[pa.Table, pa.Table]:
 
 
 def _values(table: pa.Table, name: str) -> np.ndarray:
-    """Non-null values of a column as float64 (empty when the column is absent)."""
+    """Non-null, non-NaN values of a column as float64 (empty when the column is absent).
+
+    NaN counts as missing so that one undefined value (e.g. a mean over no entries)
+    does not turn a whole aggregate into NaN, and summaries stay valid JSON."""
     if name not in table.column_names:
         return np.empty(0)
-    column = table.column(name).drop_null()
-    return np.asarray(column.to_numpy(), dtype=np.float64)
+    values = np.asarray(table.column(name).drop_null().to_numpy(), dtype=np.float64)
+    return values[~np.isnan(values)]
 
 
 def _stat(values: np.ndarray, how: str) -> float | None:
@@ -577,7 +580,8 @@ def residency_histogram(residency: Iterable[int]) -> dict[str, int]:
 
 
 def summarize(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Aggregate numbers of a run (nulls ignored; ``None`` where a metric has no values).
+    """Aggregate numbers of a run (nulls and NaNs ignored; ``None`` where a metric has
+    no values).
 
     Keys: ``iterations`` (rows), ``sessions``, ``duration_s``; ``latency_ms_{mean,p50,
     p95}`` and the same for each phase ``latency_<phase>_ms_*`` (p50/p95: linear
@@ -638,13 +642,15 @@ def summarize(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _by_iteration(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(iterations, mean over sessions of ``name``) for the rows where it is not null."""
+    """(iterations, mean over sessions of ``name``) over the rows where it is not
+    null or NaN."""
     it = np.asarray(table.column("iteration").to_numpy(), dtype=np.int64)
     col = table.column(name)
     valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    vals = np.asarray(col.fill_null(0).to_numpy(), dtype=np.float64)
+    valid &= ~np.isnan(vals)
     if not valid.any():
         return np.empty(0, dtype=np.int64), np.empty(0)
-    vals = np.asarray(col.fill_null(0).to_numpy(), dtype=np.float64)
     it, vals = it[valid], vals[valid]
     keys, inverse = np.unique(it, return_inverse=True)
     sums = np.bincount(inverse, weights=vals)

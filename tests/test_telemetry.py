@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import types
@@ -367,7 +368,7 @@ def test_summarize_against_hand_computation(tmp_path):
                 latency_decode_ms=5.0 if i < 3 else None,
                 loss_at_h=loss,
                 swap_rate=[0.0, 0.5, 0.25, 0.25][i],
-                mean_residency=[1.0, 2.0, 3.0, 6.0][i],
+                mean_residency=[1.0, 2.0, math.nan, 6.0][i],  # NaN: no entries to average
                 token_budget_utilization=[0.5, 1.0, 0.75, 0.75][i],
             )
         tel.log_actions(
@@ -388,14 +389,15 @@ def test_summarize_against_hand_computation(tmp_path):
     assert s["latency_gist_ms_mean"] == 1.5 and s["latency_gist_ms_p50"] == 1.5
     assert s["latency_decode_ms_mean"] == 5.0  # the null row is ignored
     assert s["latency_lens_ms_mean"] is None  # never logged
-    assert s["swap_rate_mean"] == 0.25 and s["mean_residency_mean"] == 3.0
+    assert s["swap_rate_mean"] == 0.25 and s["mean_residency_mean"] == 3.0  # NaN skipped
     assert s["token_budget_utilization_mean"] == 0.75
     assert s["token_budget_utilization_max"] == 1.0
     assert s["loss_at_h_mean"] == 2.5 and s["loss_at_h_count"] == 2
     assert (s["actions"], s["expand_count"], s["collapse_count"]) == (5, 3, 2)
     assert (s["expand_cost"], s["collapse_cost"]) == (3 * 31, 2 * 31)
     assert s["residency_histogram"] == {"0": 1, "1": 1, "2-3": 1, "4-7": 0, "8-15": 1}
-    json.dumps(s)  # JSON-ready
+    json.dumps(s, allow_nan=False)  # strict JSON: the NaN did not leak into the summary
+    assert math.isnan(read_run(run)[0].column("mean_residency")[2].as_py())  # stored as given
 
 
 def test_summarize_counts_sessions_and_omits_histogram_without_residency(tmp_path):
@@ -437,6 +439,8 @@ def test_plot_run_writes_a_png(tmp_path):
                 row = full_row(i, session=b)
                 if i == 5:
                     row["latency_lens_ms"] = None  # a gap in one phase
+                if i == 6:
+                    row["mean_residency"] = math.nan
                 tel.log_iteration(**row)
     out = tm.plot_run(run, tmp_path / "plots" / "run.png")
     assert out == tmp_path / "plots" / "run.png"
