@@ -23,10 +23,10 @@ Header (little-endian, 64 bytes)::
 Row ``i`` of level ``l`` lies at ``64 + i * rowbytes``. The committed count of every
 level lives in ``metadata.json`` only; bytes past it (a crashed append) are ignored
 and overwritten by the next append. Appends write rows past the committed end
-(``pwrite``), truncate each written file to its new committed length, ``fsync`` it,
-then commit the counts by replacing ``metadata.json`` atomically (temp file, fsync,
-``os.replace``, fsync of the directory). A crash at any point leaves either the old
-or the new counts, and the payload for the committed counts is on disk.
+(``pwrite``), ``fsync`` each written file, then commit the counts by replacing
+``metadata.json`` atomically (temp file, fsync, ``os.replace``, fsync of the
+directory). A crash at any point leaves either the old or the new counts, and the
+payload for the committed counts is on disk. Files never shrink.
 """
 
 from __future__ import annotations
@@ -242,10 +242,8 @@ class _FileLevel:
         self.count = count
         self.mode = mode
         self.fd: int | None = None
-        self._extent = count  # rows known to be present in the file
         self._mm: np.ndarray | None = None
         self._mapped = 0
-        self._floor = 0  # rows reachable through views handed out
         self.dirty = False
         if mode == "r+":
             self.fd = os.open(path, os.O_RDWR)
@@ -270,8 +268,6 @@ class _FileLevel:
         if self._mapped < self.count:
             self._remap(self.count)
         assert self._mm is not None
-        # views handed out may be read later: the file is never cut below them
-        self._floor = max(self._floor, self.count)
         return self._mm[: self.count]
 
     def rows(self, start: int, end: int) -> np.ndarray:
@@ -290,27 +286,21 @@ class _FileLevel:
             done += os.pwrite(self.fd, buf[done:], offset + done)
         if start + len(data) > self.count:
             self.dirty = True
-            self._extent = start + len(data)
 
     def prepare(self, count: int) -> None:
-        """Before committing ``count`` >= ``self.count`` rows: cut the file to ``count``
-        rows (dropping any longer stale tail) and fsync it.
+        """Before committing ``count`` rows: make the rows written so far durable.
 
-        The cut never goes below the committed count (a crash before the commit
-        must find the old payload whole) nor below a view handed out earlier
-        (reading a mapped page past the end of a file is SIGBUS); rows past
-        ``count`` left by that rule are an ignored tail like a crashed append's.
+        Files never shrink: a stale tail (a crashed or failed append, rows dropped by
+        ``truncate``) stays past the committed count, ignored, until an append
+        overwrites it. Never cutting a file keeps every page that any process has
+        mapped (a reader, a view handed out earlier) backed by the file: reading a
+        mapped page past the end of a file is SIGBUS.
         """
-        assert self.fd is not None and count >= self.count
-        rows = max(count, self._floor)
-        os.ftruncate(self.fd, HEADER_SIZE + rows * self.rowbytes)
-        if self._mapped > rows:
-            self._remap(rows)  # never keep a mapping past the end of the file
+        assert self.fd is not None
         os.fsync(self.fd)
 
     def commit(self, count: int) -> None:
         self.count = count
-        self._extent = count
         self.dirty = False
 
     def close(self) -> None:
@@ -340,7 +330,7 @@ class TreeFiles:
         commit finds every committed row on disk.
         """
         for lvl, count in zip(self.levels, counts, strict=True):
-            if count >= lvl.count and (lvl.dirty or count > lvl.count):
+            if lvl.dirty and count > lvl.count:
                 lvl.prepare(count)
         meta = dict(self.meta, counts=list(counts))
         _write_metadata(self.path, meta)
