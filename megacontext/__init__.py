@@ -16,6 +16,7 @@ from ._version import __version__
 from .errors import (
     BackendUnavailableError,
     ConfigError,
+    InputError,
     InvariantError,
     MegaContextError,
     ModelNotAvailableError,
@@ -40,11 +41,18 @@ _LAZY: dict[str, str] = {
     "FocusAllocator": "allocator",
     "Action": "allocator",
     "Telemetry": "telemetry",
+    "MegaContext": "runtime",
+    "Session": "runtime",
+    "MegaContextCache": "cache",
+    "patch": "hook",
+    "unpatch": "hook",
+    "patched": "hook",
 }
 
 __all__ = [
     "BackendUnavailableError",
     "ConfigError",
+    "InputError",
     "InvariantError",
     "MegaContextError",
     "ModelNotAvailableError",
@@ -67,16 +75,25 @@ __all__ = [
     "FocusAllocator",
     "Action",
     "Telemetry",
+    "MegaContext",
+    "Session",
+    "MegaContextCache",
+    "patch",
+    "unpatch",
+    "patched",
 ]
 
 if TYPE_CHECKING:
     from . import profiling
     from .allocator import Action, FocusAllocator
     from .base import Base, load_base
+    from .cache import MegaContextCache
     from .config import MegaContextConfig
     from .gistnet import GistNet, GistNetConfig
+    from .hook import patch, patched, unpatch
     from .lensnet import LensNet, LensNetConfig
     from .nll import token_nll
+    from .runtime import MegaContext, Session
     from .telemetry import Telemetry
     from .tree import MegaContextTree, mean_pool
     from .working_context import WorkingContext

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BackendUnavailableError",
     "ConfigError",
+    "InputError",
     "InvariantError",
     "MegaContextError",
     "ModelNotAvailableError",
@@ -53,3 +54,7 @@ class BackendUnavailableError(MegaContextError, RuntimeError):
 
 class UnsupportedModelError(ModelNotAvailableError):
     """The model loads, but it is not a Llama-family decoder megacontext can drive."""
+
+
+class InputError(MegaContextError, ValueError):
+    """A call got unusable input (empty text, token ids outside the vocabulary, ...)."""

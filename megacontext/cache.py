@@ -1,0 +1,246 @@
+"""``MegaContextCache``: a preallocated, RoPE-preserving KV cache for the hook.
+
+All layers' keys and values live in one tensor ``kv[L, 2, B, Hkv, C, D]`` of fixed
+capacity ``C = W_max + K`` (no growth, no reallocation during a session). Keys are
+stored after RoPE: an entry's key was rotated for its global position, which never
+changes, so when the working context (WC) is refocused a kept entry's K/V row is
+*moved* to its new slot, never recomputed.
+
+Slot ``j`` of batch row ``b`` holds WC entry ``j``; causal order is slot order. The
+runtime drives writes explicitly: :meth:`plan` says at which slots the next
+forward's rows go and how long each row's context is; without a plan the cache
+appends, like transformers' own caches (so a patched model can use it directly).
+
+Refocus (see ``docs/runtime.md``):
+
+- :meth:`truncate` keeps a prefix (``exact`` mode recomputes the rest);
+- :meth:`splice` moves every kept row to its new slot for all layers in one fused
+  gather (``megacontext.kernels.kv_splice``) into the second buffer and swaps
+  buffers (``splice`` mode then computes only the inserted rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .errors import InvariantError
+
+__all__ = ["MegaContextCache"]
+
+
+class _Layer(CacheLayerMixin):
+    """One layer's view of the shared buffer (transformers calls ``update`` per layer)."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, owner: MegaContextCache, index: int):
+        super().__init__()
+        self.owner = owner
+        self.index = index
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        return None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ):
+        return self.owner._write(self.index, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner._kv_length(self.index, query_length), 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.layer_lengths[self.index]
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+    def reset(self) -> None:
+        self.owner.layer_lengths[self.index] = 0
+
+
+class MegaContextCache(Cache):
+    """Preallocated K/V of capacity ``capacity`` slots for ``batch_size`` sequences.
+
+    Args:
+        num_layers, num_kv_heads, head_dim: the base model's attention shape.
+        batch_size: sequences decoded together.
+        capacity: slots per sequence (``W_max + K``).
+        dtype, device: of the buffers (the model's).
+        double_buffer: allocate the second buffer that :meth:`splice` gathers into.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        batch_size: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        double_buffer: bool = True,
+    ):
+        if min(num_layers, num_kv_heads, head_dim, batch_size, capacity) <= 0:
+            raise ValueError(
+                "MegaContextCache needs positive sizes, got num_layers="
+                f"{num_layers}, num_kv_heads={num_kv_heads}, head_dim={head_dim}, "
+                f"batch_size={batch_size}, capacity={capacity}"
+            )
+        shape = (num_layers, 2, batch_size, num_kv_heads, capacity, head_dim)
+        self.buffers = [torch.zeros(shape, dtype=dtype, device=device)]
+        if double_buffer:
+            self.buffers.append(torch.zeros(shape, dtype=dtype, device=device))
+        self.active = 0
+        self.capacity = capacity
+        self.num_rows = batch_size
+        # Per batch row: entries held (slots [0, lengths[b]) are valid).
+        self.lengths = [0] * batch_size
+        # Per layer, for transformers' bookkeeping (append mode writes layer by layer).
+        self.layer_lengths = [0] * num_layers
+        self._slots: torch.Tensor | None = None
+        self._plan_len = 0
+        super().__init__(layers=[_Layer(self, i) for i in range(num_layers)])
+
+    @classmethod
+    def for_model(
+        cls, model: Any, batch_size: int, capacity: int, double_buffer: bool = True
+    ) -> MegaContextCache:
+        """A cache shaped for ``model`` (a transformers causal LM), on its device and dtype."""
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        weight = model.get_input_embeddings().weight
+        return cls(
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=head_dim,
+            batch_size=batch_size,
+            capacity=capacity,
+            dtype=weight.dtype,
+            device=weight.device,
+            double_buffer=double_buffer,
+        )
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def kv(self) -> torch.Tensor:
+        """The active buffer ``[L, 2, B, Hkv, C, D]``."""
+        return self.buffers[self.active]
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_rows
+
+    @property
+    def num_layers(self) -> int:
+        return self.kv.shape[0]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layer_lengths[layer_idx]
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.capacity
+
+    def reset(self) -> None:
+        self.lengths = [0] * self.num_rows
+        self.layer_lengths = [0] * self.num_layers
+        self._slots = None
+
+    # ----------------------------------------------------------------- writes
+
+    def plan(self, slots: torch.Tensor, lengths: list[int]) -> None:
+        """Make the next forward write its ``q`` rows of batch row ``b`` at
+        ``slots[b, :]`` (int64 ``[B, q]``) and leave row ``b`` holding ``lengths[b]``
+        entries. Attention then reads slots ``[0, max(lengths))``; the caller's mask
+        says which of them each query sees."""
+        if slots.ndim != 2 or slots.shape[0] != self.num_rows:
+            raise ValueError(
+                f"slots must be [batch_size={self.num_rows}, q], got {tuple(slots.shape)}"
+            )
+        if len(lengths) != self.num_rows:
+            raise ValueError(f"lengths must have {self.num_rows} entries, got {len(lengths)}")
+        top = max(lengths)
+        if top > self.capacity:
+            raise InvariantError(
+                f"the working context needs {top} cache slots but the cache holds "
+                f"{self.capacity} (W_max + K)"
+            )
+        self._slots = slots.to(device=self.kv.device, dtype=torch.long)
+        self._plan_len = top
+        self.lengths = list(lengths)
+        self.layer_lengths = [top] * self.num_layers
+
+    def _kv_length(self, layer: int, query_length: int) -> int:
+        if self._slots is not None:
+            return self._plan_len
+        return self.layer_lengths[layer] + query_length
+
+    def _write(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        kv = self.kv
+        if self._slots is not None:
+            index = self._slots[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
+            kv[layer, 0].scatter_(2, index, key.to(kv.dtype))
+            kv[layer, 1].scatter_(2, index, value.to(kv.dtype))
+            length = self._plan_len
+            if layer == self.num_layers - 1:
+                self._slots = None  # the plan covers exactly one forward
+        else:
+            start = self.layer_lengths[layer]
+            length = start + key.shape[2]
+            if length > self.capacity:
+                raise InvariantError(
+                    f"cache overflow at layer {layer}: {length} rows > capacity {self.capacity}"
+                )
+            kv[layer, 0, :, :, start:length] = key
+            kv[layer, 1, :, :, start:length] = value
+            self.layer_lengths[layer] = length
+            if layer == self.num_layers - 1:
+                self.lengths = [length] * self.num_rows
+        return kv[layer, 0, :, :, :length], kv[layer, 1, :, :, :length]
+
+    # ----------------------------------------------------------------- refocus
+
+    def truncate(self, lengths: list[int]) -> None:
+        """Keep the first ``lengths[b]`` rows of each batch row (``exact`` refocus)."""
+        if len(lengths) != self.num_rows or any(
+            not 0 <= n <= old for n, old in zip(lengths, self.lengths, strict=True)
+        ):
+            raise ValueError(f"cannot truncate rows holding {self.lengths} to {lengths}")
+        self.lengths = list(lengths)
+        self.layer_lengths = [max(lengths)] * self.num_layers
+
+    def splice(self, index: torch.Tensor, lengths: list[int]) -> None:
+        """Move kept rows to their new slots, all layers in one gather.
+
+        ``index`` is int ``[B, C']`` (``C' <= capacity``): new slot ``j`` of row ``b``
+        takes old slot ``index[b, j]``, or stays to be written (``-1``, an inserted
+        entry). Afterwards row ``b`` holds ``lengths[b]`` entries.
+        """
+        from .kernels.kv_splice import kv_splice
+
+        if len(self.buffers) < 2:
+            raise InvariantError("splice needs the second buffer (double_buffer=True)")
+        if index.ndim != 2 or index.shape[0] != self.num_rows or index.shape[1] > self.capacity:
+            raise ValueError(
+                f"index must be [batch_size={self.num_rows}, <= {self.capacity}], "
+                f"got {tuple(index.shape)}"
+            )
+        if max(lengths) > self.capacity:
+            raise InvariantError(
+                f"the working context needs {max(lengths)} slots but the cache holds {self.capacity}"
+            )
+        full = torch.full(
+            (self.num_rows, self.capacity), -1, dtype=torch.long, device=self.kv.device
+        )
+        full[:, : index.shape[1]] = index.to(full.device)
+        src, dst = self.buffers[self.active], self.buffers[1 - self.active]
+        kv_splice(src, dst, full)
+        self.active = 1 - self.active
+        self.lengths = list(lengths)
+        self.layer_lengths = [max(lengths)] * self.num_layers

@@ -1,0 +1,738 @@
+"""Sessions: a frozen base model reads an unbounded history through ``W_max`` entries.
+
+``mc.MegaContext(base, gistnet, lensnet, config).session()`` returns a
+:class:`Session` that runs the design's loop::
+
+    ingest -> gist completed blocks -> LensNet -> allocator -> update the KV cache
+           -> decode K tokens -> append them to the tree -> repeat
+
+with telemetry every refocus iteration. The base model is patched with the
+drop-in hook (:func:`megacontext.patch`) and reads the working context (WC)
+through ``inputs_embeds`` with each entry's global position as ``position_ids``
+and an explicit mask in WC order; keys live after RoPE in a preallocated
+:class:`~megacontext.cache.MegaContextCache` of ``W_max + K`` slots.
+
+KV refocus modes (``config.kv_mode``):
+
+- ``exact``: keep the cache before the first changed entry, recompute the rest;
+  equals a fresh forward over the new WC.
+- ``splice``: keep every unchanged entry's K/V (moved, not recomputed), compute
+  only the inserted entries (and the decode cursor's entry, so the next-token
+  logits see the new context), each attending to the entries before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import profiling
+from .allocator import Action, FocusAllocator
+from .base import Base, load_base
+from .cache import MegaContextCache
+from .config import MegaContextConfig
+from .errors import ConfigError, InputError, StorageError
+from .hook import patch
+from .tree import MegaContextTree, mean_pool
+from .working_context import WorkingContext
+
+__all__ = ["PHASES", "MegaContext", "Session"]
+
+PHASES = ("gist", "lens", "allocator", "cache", "decode")
+TAIL_GISTS = 6  # LensNet's tail: the root gist plus the 5 newest LOD1 gists
+_SESSION_FORMAT = 1
+
+
+class _Phases:
+    """Wall-clock milliseconds per phase since the last :meth:`take`."""
+
+    def __init__(self) -> None:
+        self.ms = dict.fromkeys(PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        with profiling.range(phase):
+            try:
+                yield
+            finally:
+                self.ms[phase] += (time.perf_counter() - t0) * 1e3
+
+    def take(self) -> dict[str, float]:
+        out, self.ms = self.ms, dict.fromkeys(PHASES, 0.0)
+        return out
+
+
+def _cache_kwarg(model: Any) -> str:
+    # transformers 5 renamed the forward's `past_key_values` to `cache`.
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class MegaContext:
+    """The system: a base model, a gist compressor, a focus scorer and a config.
+
+    Args:
+        base: the frozen base model (:func:`megacontext.load_base`).
+        gistnet: ``[B, bs, d] -> [B, d]`` compressor (a :class:`megacontext.GistNet`
+            or any callable); ``None`` = mean pooling (the untrained start).
+        lensnet: a :class:`megacontext.LensNet`; ``None`` = recency-only focus (the
+            allocator then only collapses what the budget forces, oldest first).
+        config: :class:`megacontext.MegaContextConfig` (default: the design defaults).
+        allocator_backend: ``auto``, ``python``, ``cpp`` or ``cuda``.
+    """
+
+    def __init__(
+        self,
+        base: Base,
+        gistnet: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        lensnet: torch.nn.Module | None = None,
+        config: MegaContextConfig | None = None,
+        *,
+        allocator_backend: str = "auto",
+    ):
+        self.base = base
+        self.gistnet = gistnet
+        self.lensnet = lensnet
+        self.config = config if config is not None else MegaContextConfig(model=base.name)
+        self.allocator_backend = allocator_backend
+        gdim = getattr(getattr(gistnet, "config", None), "dim", None)
+        if gdim is not None and gdim != base.dim:
+            raise ConfigError(
+                f"GistNet width {gdim} does not match the base model's {base.dim}",
+                field="gistnet.dim",
+                value=gdim,
+            )
+        ldim = getattr(getattr(lensnet, "config", None), "dim", None)
+        if ldim is not None and ldim != base.dim:
+            raise ConfigError(
+                f"LensNet width {ldim} does not match the base model's {base.dim}",
+                field="lensnet.dim",
+                value=ldim,
+            )
+        patch(base.model)
+
+    def session(self, telemetry: Any | None = None) -> Session:
+        """A new, empty session (``telemetry``: an optional sink with ``log_iteration``
+        and ``log_actions``, e.g. :class:`megacontext.telemetry.Telemetry`)."""
+        return Session(self, telemetry=telemetry)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        base: Base | None = None,
+        gistnet: Any | None = None,
+        lensnet: Any | None = None,
+        telemetry: Any | None = None,
+    ) -> Session:
+        """Resume a session saved with :meth:`Session.save` (any process).
+
+        The base model is loaded by name unless given; GistNet and LensNet weights
+        saved with the session are loaded unless given.
+        """
+        path = Path(path)
+        meta_path = path / "session.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise StorageError(f"{meta_path}: not a saved session", path=str(meta_path)) from None
+        except json.JSONDecodeError as exc:
+            raise StorageError(
+                f"{meta_path}: invalid JSON ({exc})", path=str(meta_path), field="session.json"
+            ) from None
+        if meta.get("format") != _SESSION_FORMAT:
+            raise StorageError(
+                f"{meta_path}: unknown session format {meta.get('format')!r}",
+                path=str(meta_path),
+                field="format",
+            )
+        config = MegaContextConfig(**meta["config"])
+        if base is None:
+            base = load_base(meta["base"])
+        if gistnet is None and (path / "gistnet.safetensors").is_file():
+            from .gistnet import GistNet
+
+            gistnet = GistNet.load(path / "gistnet.safetensors")
+        if lensnet is None and (path / "lensnet.safetensors").is_file():
+            from .lensnet import LensNet
+
+            lensnet = LensNet.load(path / "lensnet.safetensors")
+        system = cls(base, gistnet, lensnet, config, allocator_backend=meta["allocator_backend"])
+        session = Session(system, telemetry=telemetry)
+        session._restore(path, meta)
+        return session
+
+
+class Session:
+    """One history read through the budget. Create with :meth:`MegaContext.session`.
+
+    Attributes:
+        tree: the :class:`~megacontext.tree.MegaContextTree` of the whole history.
+        wc: the current :class:`~megacontext.working_context.WorkingContext`
+            (``None`` before the first ingest).
+        allocator: the :class:`~megacontext.allocator.FocusAllocator` (hysteresis state).
+        cache: the :class:`~megacontext.cache.MegaContextCache` (``W_max + K`` slots).
+        history: one telemetry dict per refocus iteration (also sent to ``telemetry``).
+        actions: every allocator action taken, in order.
+    """
+
+    def __init__(self, system: MegaContext, telemetry: Any | None = None):
+        self.system = system
+        self.base = system.base
+        self.config = system.config
+        cfg = self.config
+        self.tree = MegaContextTree(
+            self.base.dim,
+            block_size=cfg.block_size,
+            levels=cfg.levels,
+            dtype=torch.bfloat16 if self.base.dtype == torch.bfloat16 else torch.float16,
+            model_name=self.base.name,
+        )
+        self.wc: WorkingContext | None = None
+        self.allocator = FocusAllocator(cfg, backend=system.allocator_backend)
+        self.capacity = cfg.w_max + cfg.block_size
+        self.cache = MegaContextCache.for_model(
+            self.base.model, batch_size=1, capacity=self.capacity, double_buffer=True
+        )
+        self.telemetry = telemetry
+        self.history: list[dict[str, Any]] = []
+        self.actions: list[Action] = []
+        self.residencies: list[int] = []
+        self.iteration = 0
+        self._blocks_since_refocus = 0
+        self._next_logits: torch.Tensor | None = None
+        self._phases = _Phases()
+        self._cache_kw = _cache_kwarg(self.base.model)
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tree.num_tokens
+
+    def _gist_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        gistnet = self.system.gistnet
+        if gistnet is None:
+            return mean_pool
+        params = getattr(gistnet, "parameters", None)
+        first = next(params(), None) if params is not None else None
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if first is not None:
+                x = x.to(device=first.device, dtype=first.dtype)
+            return gistnet(x)
+
+        return run
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embed(ids.cpu())
+
+    def _validate_ids(self, ids: Any) -> torch.Tensor:
+        if isinstance(ids, str):
+            if not ids:
+                raise InputError("cannot ingest empty text")
+            ids = self.base.encode(ids)
+            if ids.numel() == 0:
+                raise InputError("the text encodes to no tokens")
+        ids = torch.as_tensor(ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
+        ids = ids.to(torch.long).flatten().cpu()
+        if ids.numel() == 0:
+            raise InputError("cannot ingest an empty sequence of token ids")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.base.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(
+                f"token id {bad} is outside the vocabulary of {self.base.name} "
+                f"(0..{self.base.vocab_size - 1})"
+            )
+        return ids
+
+    def _forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        length: int,
+        logits_to_keep: int = 1,
+    ) -> torch.Tensor:
+        """Run ``embeds [q, d]`` at ``slots [q]`` of the cache (keys written there),
+        each attending to cache slots ``<=`` its own; the cache then holds ``length``
+        rows. Returns the logits of the last ``logits_to_keep`` rows, float32."""
+        dev = self.base.device
+        slots = slots.to(device=dev, dtype=torch.long)
+        self.cache.plan(slots[None], [length])
+        mask = torch.arange(length, device=dev)[None, :] <= slots[:, None]
+        out = self.base.model(
+            inputs_embeds=embeds[None].to(device=dev, dtype=self.base.dtype),
+            position_ids=positions[None].to(device=dev),
+            attention_mask=mask[None, None],
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **{self._cache_kw: self.cache},
+        )
+        return out.logits[0].float()
+
+    def _prefill(self, start: int, chunk: int = 256) -> None:
+        """Recompute the cache for WC entries ``[start, N)`` (exact)."""
+        assert self.wc is not None
+        n = len(self.wc)
+        self.cache.truncate([start])
+        if start >= n:
+            return
+        embeds = self.wc.embeddings(self.base, self.tree)
+        positions = self.wc.positions()
+        for s in range(start, n, chunk):
+            e = min(n, s + chunk)
+            logits = self._forward(embeds[s:e], positions[s:e], torch.arange(s, e), e)
+        self._next_logits = logits[-1]
+
+    @staticmethod
+    def _first_difference(a_levels, a_nodes, b_levels, b_nodes) -> int:
+        n = min(len(a_levels), len(b_levels))
+        same = (a_levels[:n] == b_levels[:n]) & (a_nodes[:n] == b_nodes[:n])
+        diff = torch.nonzero(~same)
+        return int(diff[0, 0]) if diff.numel() else n
+
+    def _kept_index(self, old_levels, old_nodes) -> torch.Tensor:
+        """For each new WC entry, its slot in the old WC, or -1 when it is new."""
+        assert self.wc is not None
+        top = self.config.levels + 1
+
+        def keys(levels: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+            starts = nodes.cpu() * torch.pow(
+                torch.tensor(self.config.block_size), levels.cpu().to(torch.int64)
+            )
+            return starts * top + levels.cpu().to(torch.int64)
+
+        old, new = keys(old_levels, old_nodes), keys(self.wc.levels, self.wc.nodes)
+        idx = torch.searchsorted(old, new).clamp(max=max(len(old) - 1, 0))
+        hit = old[idx] == new if len(old) else torch.zeros_like(new, dtype=torch.bool)
+        return torch.where(hit, idx, torch.full_like(idx, -1))
+
+    # ------------------------------------------------------------------ focus
+
+    def _tail(self) -> torch.Tensor:
+        """LensNet's tail ``[6, d]``: the newest top-level gist, then the 5 newest LOD1
+        gists (oldest first); missing ones are zeros."""
+        d, dev = self.base.dim, self.base.device
+        tail = torch.zeros(TAIL_GISTS, d, dtype=self.base.dtype, device=dev)
+        for level in range(self.config.levels, 0, -1):
+            n = self.tree.num_nodes(level)
+            if n:
+                tail[0] = self.tree.gists(level)[n - 1].to(device=dev, dtype=tail.dtype)
+                break
+        n1 = self.tree.num_nodes(1)
+        k = min(TAIL_GISTS - 1, n1)
+        if k:
+            rows = self.tree.gists(1)[n1 - k : n1].to(device=dev, dtype=tail.dtype)
+            tail[TAIL_GISTS - k :] = rows
+        return tail
+
+    @torch.no_grad()
+    def scores(self) -> torch.Tensor:
+        """LensNet's scores ``[N]`` for the current WC (zeros with no LensNet)."""
+        assert self.wc is not None
+        lensnet = self.system.lensnet
+        if lensnet is None:
+            return torch.zeros(len(self.wc), dtype=torch.float32)
+        p = next(lensnet.parameters())
+        wc = self.wc
+        entries = wc.embeddings(self.base, self.tree).to(device=p.device, dtype=p.dtype)
+        spans = wc.spans.cpu()
+        ends = wc.starts.cpu() + spans
+        distance = (self.num_tokens - ends).clamp(min=0)
+        out = lensnet(
+            entries[None],
+            self._tail().to(device=p.device, dtype=p.dtype)[None],
+            wc.levels.cpu().to(torch.long)[None].to(p.device),
+            spans[None].to(p.device),
+            distance[None].to(p.device),
+        )
+        return out[0].float().cpu()
+
+    def refocus(self) -> list[Action]:
+        """One refocus iteration: LensNet scores, allocator step, KV update, telemetry."""
+        if self.wc is None:
+            raise InputError("nothing to refocus: ingest some history first")
+        t_start = time.perf_counter()
+        ph = self._phases
+        with ph("lens"):
+            scores = self.scores()
+        old_levels, old_nodes = self.wc.levels.clone(), self.wc.nodes.clone()
+        before = {
+            lv: self.allocator.last_changed(lv).clone() for lv in range(1, self.config.levels + 1)
+        }
+        step = self.allocator.step_count
+        with ph("allocator"):
+            actions = self.allocator.step(self.wc, scores)
+        forced = False
+        if self.wc.cost > self.config.w_max:
+            # Every legal collapse was held back by hysteresis: rebuild by recency so
+            # the cache never exceeds its capacity (reported as forced_rebuild).
+            forced = True
+            self.wc = WorkingContext.from_tree(
+                self.tree, self.config.w_max, self.config.protected_tokens
+            )
+        with ph("cache"):
+            if actions or forced:
+                self._update_cache(old_levels, old_nodes, force_exact=forced)
+        self.wc.check(self.tree)
+        for a in actions:
+            states = before.get(a.level)
+            last = int(states[a.node]) if states is not None and a.node < len(states) else -1
+            self.residencies.append(step - max(last, 0))
+        self.actions.extend(actions)
+        self._log(actions, forced, (time.perf_counter() - t_start) * 1e3)
+        return actions
+
+    def _update_cache(self, old_levels, old_nodes, force_exact: bool = False) -> None:
+        assert self.wc is not None
+        n = len(self.wc)
+        if self.config.kv_mode == "exact" or force_exact:
+            first = self._first_difference(old_levels, old_nodes, self.wc.levels, self.wc.nodes)
+            # The cursor's entry is always recomputed so the next-token logits read
+            # the new context.
+            self._prefill(min(first, n - 1))
+            return
+        index = self._kept_index(old_levels, old_nodes)
+        index[-1] = -1
+        self.cache.splice(index[None], [n])
+        fresh = torch.nonzero(index < 0).squeeze(1)
+        embeds = self.wc.embeddings(self.base, self.tree)
+        positions = self.wc.positions()
+        logits = self._forward(embeds[fresh], positions[fresh], fresh, n)
+        self._next_logits = logits[-1]
+
+    def _log(self, actions: list[Action], forced: bool, total_ms: float) -> None:
+        assert self.wc is not None
+        phases = self._phases.take()
+        blocks = max(self._blocks_since_refocus, 1)
+        n_exp = sum(a.kind == "expand" for a in actions)
+        row: dict[str, Any] = {
+            "iteration": self.iteration,
+            "step": self.allocator.step_count - 1,
+            "session": 0,
+            "loss_at_h": None,
+            "swap_rate": len(actions) / blocks,
+            "mean_residency": (
+                sum(self.residencies) / len(self.residencies) if self.residencies else math.nan
+            ),
+            "latency_ms": total_ms + phases["gist"] + phases["decode"],
+            **{f"latency_{k}_ms": v for k, v in phases.items()},
+            "token_budget_utilization": self.wc.cost / self.config.w_max,
+            "wc_cost": self.wc.cost,
+            "w_max": self.config.w_max,
+            "num_tokens": self.num_tokens,
+            "n_expand": n_exp,
+            "n_collapse": len(actions) - n_exp,
+            "forced_rebuild": int(forced),
+        }
+        self.history.append(row)
+        trace = [
+            {
+                "iteration": self.iteration,
+                "session": 0,
+                "step": a.step,
+                "kind": a.kind,
+                "level": a.level,
+                "node": a.node,
+                "score": a.score,
+                "cost_delta": a.cost_delta,
+            }
+            for a in actions
+        ]
+        if self.telemetry is not None:
+            self.telemetry.log_iteration(**row)
+            if trace:
+                self.telemetry.log_actions(trace)
+        self.iteration += 1
+        self._blocks_since_refocus = 0
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def ingest(
+        self,
+        text_or_ids: str | Sequence[int] | torch.Tensor,
+        chunk_tokens: int = 8192,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Append a history of any length. Tokens stream into the tree in chunks
+        (completed blocks gisted in batches), then the WC is rebuilt to fit the budget
+        (recency-based), the cache is recomputed from the first changed entry and, with
+        a LensNet, one refocus runs so the new tail can pull detail in.
+
+        Returns the number of tokens ingested. On an error the session is unchanged.
+        """
+        ids = self._validate_ids(text_or_ids)
+        ph = self._phases
+        gist = self._gist_fn()
+        snapshot = self._snapshot()
+        try:
+            with ph("gist"):
+                for s in range(0, ids.numel(), chunk_tokens):
+                    self.tree.append(ids[s : s + chunk_tokens], self._embed, gist)
+                    if progress is not None:
+                        progress(min(ids.numel(), s + chunk_tokens), ids.numel())
+            old = self.wc
+            self.wc = WorkingContext.from_tree(
+                self.tree, self.config.w_max, self.config.protected_tokens
+            )
+            with ph("cache"):
+                first = (
+                    0
+                    if old is None
+                    else self._first_difference(
+                        old.levels, old.nodes, self.wc.levels, self.wc.nodes
+                    )
+                )
+                self._prefill(min(first, len(self.wc) - 1))
+            self.wc.check(self.tree)
+            self._blocks_since_refocus += ids.numel() // self.config.block_size
+            if self.system.lensnet is not None:
+                self.refocus()
+        except BaseException:
+            self._rollback(snapshot)
+            raise
+        return int(ids.numel())
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "num_tokens": self.tree.num_tokens,
+            "wc": None if self.wc is None else self.wc.clone(),
+            "logits": self._next_logits,
+            "cache_lengths": list(self.cache.lengths),
+        }
+
+    def _rollback(self, snap: dict[str, Any]) -> None:
+        if self.tree.num_tokens != snap["num_tokens"]:
+            # The tree only grows by committed appends; rebuild it up to the old count.
+            keep = self.tree.tokens(0, snap["num_tokens"])
+            tree = MegaContextTree(
+                self.tree.dim,
+                block_size=self.tree.block_size,
+                levels=self.tree.levels,
+                dtype=self.tree.dtype,
+                model_name=self.tree.model_name,
+            )
+            if keep.numel():
+                tree.append(keep, self._embed, self._gist_fn())
+            self.tree = tree
+        self.wc = snap["wc"]
+        self._next_logits = snap["logits"]
+        if self.wc is not None:
+            # Cache contents past the first changed entry may be overwritten: recompute.
+            self._prefill(0)
+
+    def _append_token(self, token: int) -> torch.Tensor:
+        assert self.wc is not None
+        ph = self._phases
+        t = self.num_tokens
+        with ph("gist"):
+            self.tree.append(torch.tensor([token]), self._embed, self._gist_fn())
+        self.wc.extend(t + 1)
+        n = len(self.wc)
+        with ph("decode"):
+            logits = self._forward(
+                self._embed(torch.tensor([token])), torch.tensor([t]), torch.tensor([n - 1]), n
+            )
+        self._next_logits = logits[-1]
+        if self.num_tokens % self.config.block_size == 0:
+            self._blocks_since_refocus += 1
+            self.refocus()
+        return self._next_logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> str:
+        """Decode up to ``max_new_tokens`` tokens after the history; every K tokens the
+        block is gisted, scored, refocused. ``temperature=0`` is greedy; ``top_p``
+        nucleus-samples; generation stops at the EOS token or any ``stop`` string
+        (which is kept in the returned text). Returns the generated text."""
+        if self.wc is None or self._next_logits is None:
+            raise InputError("generate() needs a history: call ingest() first")
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise InputError(
+                f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}"
+            )
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        eos = self.base.tokenizer.eos_token_id
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = _sample(self._next_logits, temperature, top_p, gen)
+            out.append(token)
+            self._append_token(token)
+            if stop_at_eos and eos is not None and token == eos:
+                break
+            if stops:
+                text = self.base.decode(out)
+                if any(s in text for s in stops):
+                    break
+        return self.base.decode(out)
+
+    def next_token_logits(self) -> torch.Tensor:
+        """float32 ``[V]``: the base model's logits for the token after the history."""
+        if self._next_logits is None:
+            raise InputError("no history yet: call ingest() first")
+        return self._next_logits.clone()
+
+    @torch.no_grad()
+    def loss_at_h(self, ids: Sequence[int] | torch.Tensor, horizon: int | None = None) -> float:
+        """The seed's Loss@H: mean NLL (nats) of the next ``H`` tokens ``ids[:H]`` given
+        the current WC (one fresh forward over the WC plus those tokens; the session
+        is not changed)."""
+        if self.wc is None:
+            raise InputError("loss_at_h() needs a history: call ingest() first")
+        targets = self._validate_ids(ids)
+        h = self.config.horizon if horizon is None else horizon
+        if h <= 0:
+            raise InputError(f"horizon must be > 0, got {h}")
+        targets = targets[:h]
+        return float(
+            wc_nll(self.base, self.wc, self.tree, targets, self.num_tokens, self._cache_kw).mean()
+        )
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Persist the session (tree, WC, allocator state, KV cache rows, modules'
+        weights, config) atomically into directory ``path``."""
+        from safetensors.torch import save_file
+
+        if self.wc is None:
+            raise InputError("nothing to save: the session has no history")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.tree.save(tmp / "tree")
+            n = len(self.wc)
+            tensors = {
+                "wc_levels": self.wc.levels.cpu().contiguous(),
+                "wc_nodes": self.wc.nodes.cpu().contiguous(),
+                "allocator_state": self.allocator._state.cpu().contiguous(),
+                "kv": self.cache.kv[:, :, :, :, :n].cpu().contiguous(),
+                "next_logits": self._next_logits.cpu().contiguous(),
+            }
+            save_file(tensors, str(tmp / "state.safetensors"))
+            for name in ("gistnet", "lensnet"):
+                module = getattr(self.system, name)
+                if module is not None and hasattr(module, "save"):
+                    module.save(tmp / f"{name}.safetensors")
+            meta = {
+                "format": _SESSION_FORMAT,
+                "base": self.base.name,
+                "config": self.config.model_dump(),
+                "allocator_backend": self.system.allocator_backend,
+                "allocator_caps": list(self.allocator._caps),
+                "iteration": self.iteration,
+                "blocks_since_refocus": self._blocks_since_refocus,
+                "residencies": self.residencies,
+                "num_tokens": self.num_tokens,
+            }
+            (tmp / "session.json").write_text(json.dumps(meta, indent=1))
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def _restore(self, path: Path, meta: dict[str, Any]) -> None:
+        from safetensors.torch import load_file
+
+        with MegaContextTree.open(path / "tree", mode="r") as disk:
+            self.tree = disk.to_ram()
+        st = load_file(str(path / "state.safetensors"))
+        cfg = self.config
+        self.wc = WorkingContext(
+            st["wc_levels"],
+            st["wc_nodes"],
+            block_size=cfg.block_size,
+            max_level=cfg.levels,
+            w_max=cfg.w_max,
+            recent_tokens=cfg.protected_tokens,
+            num_tokens=self.tree.num_tokens,
+        )
+        self.wc.check(self.tree)
+        self.allocator._state = st["allocator_state"].clone()
+        self.allocator._caps = list(meta["allocator_caps"])
+        kv = st["kv"]
+        n = kv.shape[4]
+        if n != len(self.wc):
+            raise StorageError(
+                f"{path}: cache rows ({n}) disagree with the working context ({len(self.wc)})",
+                path=str(path),
+                field="kv",
+            )
+        self.cache.kv[:, :, :, :, :n] = kv.to(self.cache.kv.device, self.cache.kv.dtype)
+        self.cache.lengths = [n]
+        self.cache.layer_lengths = [n] * self.cache.num_layers
+        self._next_logits = st["next_logits"].to(self.base.device)
+        self.iteration = int(meta["iteration"])
+        self._blocks_since_refocus = int(meta["blocks_since_refocus"])
+        self.residencies = list(meta["residencies"])
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> int:
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+def wc_nll(
+    base: Base,
+    wc: WorkingContext,
+    tree: MegaContextTree,
+    targets: torch.Tensor,
+    cursor: int,
+    cache_kwarg: str | None = None,
+) -> torch.Tensor:
+    """NLL ``[H]`` of ``targets`` (the tokens right after the history) given ``wc``:
+    one forward over the WC's embeddings followed by the targets' embeddings, each
+    at its global position (gists at their span centres)."""
+    entries = wc.embeddings(base, tree)
+    tok = base.embed(targets[:-1].cpu()) if targets.numel() > 1 else entries[:0]
+    x = torch.cat([entries, tok.to(entries.dtype)])[None]
+    pos = torch.cat([wc.positions().cpu(), torch.arange(cursor, cursor + targets.numel() - 1)])
+    out = base.model(
+        inputs_embeds=x, position_ids=pos[None].to(base.device), logits_to_keep=targets.numel()
+    )
+    logp = out.logits[0].float().log_softmax(-1)
+    return -logp.gather(1, targets.to(logp.device)[:, None])[:, 0]
