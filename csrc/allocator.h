@@ -30,10 +30,12 @@ struct StepResult {
 
 // One step on the host. Reads levels/nodes/scores, updates state in place (the
 // hysteresis slots and the step counter state[0]), writes the new WC into
-// out_levels/out_nodes and the action rows into actions.
+// out_levels/out_nodes and the action rows into actions. emulate_threads = 0 uses
+// heap queues; a power of two runs the CUDA kernel's block-wide selection
+// sequentially with that many threads (for tests).
 StepResult focus_step_host(const Params& p, const int32_t* levels, const int64_t* nodes,
                            const float* scores, int64_t n, int64_t* state, int32_t* out_levels,
-                           int64_t* out_nodes, double* actions);
+                           int64_t* out_nodes, double* actions, int64_t emulate_threads = 0);
 
 #if defined(MC_WITH_CUDA)
 // One step on the device, enqueued on ``stream`` (a cudaStream_t as an integer);

@@ -187,6 +187,29 @@ MC_HD inline bool better(int kind, const Cand& x, const Cand& y) {
   return x.start < y.start;
 }
 
+// The device's arg-best, in two shared pieces. Thread ``tid`` of ``nthreads`` scans
+// entries tid, tid + nthreads, ... for the best live candidate of a queue (-1: none);
+// a tree reduction then combines the threads' winners pairwise with pick_better.
+// The host can run the same two functions sequentially (BlockEmulationSelect in
+// allocator_cpu.cpp) so the CPU tests cover them too.
+MC_HD inline int64_t thread_best(const Params& p, const Arrays& a, int kind, int64_t tid,
+                                 int64_t nthreads) {
+  const uint8_t* flag = kind == kExpand ? a.eflag : a.cflag;
+  int64_t mine = -1;
+  for (int64_t i = tid; i < a.n; i += nthreads) {
+    if (!flag[i]) continue;
+    if (mine < 0 || better(kind, make_cand(p, a, i, kind), make_cand(p, a, mine, kind))) mine = i;
+  }
+  return mine;
+}
+
+MC_HD inline int64_t pick_better(const Params& p, const Arrays& a, int kind, int64_t x,
+                                 int64_t y) {
+  if (y < 0) return x;
+  if (x < 0) return y;
+  return better(kind, make_cand(p, a, y, kind), make_cand(p, a, x, kind)) ? y : x;
+}
+
 // Apply one action (on the device: by one thread). Marks the entries for the
 // rewrite, removes the candidates whose spans overlap it, records the hysteresis
 // state and appends the action row.

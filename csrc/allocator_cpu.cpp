@@ -54,6 +54,33 @@ struct HostSelect {
   }
 };
 
+// The device's selection (allocator_cuda.cu) run sequentially: ``nthreads``
+// strided thread scans, then the pairwise tree reduction. Slow (O(n) per pop);
+// used by the tests to exercise thread_best/pick_better on the CPU.
+struct BlockEmulationSelect {
+  const Params& p;
+  const Arrays& a;
+  int64_t nthreads;
+  std::vector<int64_t> slot;
+
+  BlockEmulationSelect(const Params& params, const Arrays& arrays, int64_t threads)
+      : p(params), a(arrays), nthreads(threads), slot(threads) {}
+
+  bool best(int kind, Cand* out) {
+    for (int64_t tid = 0; tid < nthreads; ++tid) slot[tid] = thread_best(p, a, kind, tid, nthreads);
+    for (int64_t s = nthreads / 2; s > 0; s >>= 1)
+      for (int64_t tid = 0; tid < s; ++tid)
+        slot[tid] = pick_better(p, a, kind, slot[tid], slot[tid + s]);
+    if (slot[0] < 0) return false;
+    *out = make_cand(p, a, slot[0], kind);
+    return true;
+  }
+
+  void apply(const Cand& c, int kind, int64_t t, int64_t index) {
+    apply_action(p, a, c, kind, t, index);
+  }
+};
+
 }  // namespace
 
 Params make_params(int64_t bs, int32_t top, int64_t num_tokens, int64_t w_max, int64_t p0,
@@ -98,7 +125,9 @@ Params make_params(int64_t bs, int32_t top, int64_t num_tokens, int64_t w_max, i
 
 StepResult focus_step_host(const Params& p, const int32_t* levels, const int64_t* nodes,
                            const float* scores, int64_t n, int64_t* state, int32_t* out_levels,
-                           int64_t* out_nodes, double* actions) {
+                           int64_t* out_nodes, double* actions, int64_t emulate_threads) {
+  if (emulate_threads < 0 || (emulate_threads & (emulate_threads - 1)) != 0)
+    bad("emulate_threads must be 0 or a power of two");
   std::vector<double> escore(n), cscore(n);
   std::vector<uint8_t> eflag(n), cflag(n), mark(n);
   Arrays a{levels, nodes, scores, n, state, escore.data(), cscore.data(), eflag.data(),
@@ -110,8 +139,14 @@ StepResult focus_step_host(const Params& p, const int32_t* levels, const int64_t
           " outside [0, top]");
     eval_entry(p, a, i, t);
   }
-  HostSelect sel(p, a);
-  const int64_t n_actions = run_policy(p, n, t, sel);
+  int64_t n_actions;
+  if (emulate_threads > 0) {
+    BlockEmulationSelect sel(p, a, emulate_threads);
+    n_actions = run_policy(p, n, t, sel);
+  } else {
+    HostSelect sel(p, a);
+    n_actions = run_policy(p, n, t, sel);
+  }
   int64_t off = 0;
   for (int64_t i = 0; i < n; ++i) {
     write_out(p, a, i, off, out_levels, out_nodes);

@@ -28,22 +28,11 @@ struct DeviceSelect {
   int64_t* slot;  // shared memory, kThreads entries
 
   __device__ bool best(int kind, Cand* out) {
-    const uint8_t* flag = kind == kExpand ? a.eflag : a.cflag;
     const int tid = threadIdx.x;
-    int64_t mine = -1;
-    for (int64_t i = tid; i < a.n; i += blockDim.x) {
-      if (!flag[i]) continue;
-      if (mine < 0 || better(kind, make_cand(p, a, i, kind), make_cand(p, a, mine, kind)))
-        mine = i;
-    }
-    slot[tid] = mine;
+    slot[tid] = thread_best(p, a, kind, tid, blockDim.x);
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-      if (tid < s) {
-        const int64_t x = slot[tid], y = slot[tid + s];
-        if (y >= 0 && (x < 0 || better(kind, make_cand(p, a, y, kind), make_cand(p, a, x, kind))))
-          slot[tid] = y;
-      }
+      if (tid < s) slot[tid] = pick_better(p, a, kind, slot[tid], slot[tid + s]);
       __syncthreads();
     }
     const int64_t winner = slot[0];

@@ -72,7 +72,7 @@ PYBIND11_MODULE(_C, m) {
          int64_t num_tokens, int64_t w_max, int64_t p0, int64_t n_diff, int64_t cooldown,
          int64_t min_residency, double tau_expand, double tau_collapse,
          std::uintptr_t out_levels, int64_t out_cap, std::uintptr_t out_nodes,
-         std::uintptr_t actions, int64_t actions_cap) {
+         std::uintptr_t actions, int64_t actions_cap, int64_t emulate_threads) {
         const auto p = params_from(block_size, top, num_tokens, w_max, p0, n_diff, cooldown,
                                    min_residency, tau_expand, tau_collapse, st_off, st_size);
         if (n < 0) throw std::invalid_argument("n must be >= 0");
@@ -86,13 +86,21 @@ PYBIND11_MODULE(_C, m) {
           r = mc::alloc::focus_step_host(p, ptr<const int32_t>(levels), ptr<const int64_t>(nodes),
                                          ptr<const float>(scores), n, ptr<int64_t>(state),
                                          ptr<int32_t>(out_levels), ptr<int64_t>(out_nodes),
-                                         ptr<double>(actions));
+                                         ptr<double>(actions), emulate_threads);
         }
         return py::make_tuple(r.new_n, r.n_actions);
       },
+      py::arg("levels"), py::arg("nodes"), py::arg("scores"), py::arg("n"), py::arg("state"),
+      py::arg("st_off"), py::arg("st_size"), py::arg("block_size"), py::arg("top"),
+      py::arg("num_tokens"), py::arg("w_max"), py::arg("p0"), py::arg("n_diff"),
+      py::arg("cooldown"), py::arg("min_residency"), py::arg("tau_expand"),
+      py::arg("tau_collapse"), py::arg("out_levels"), py::arg("out_cap"), py::arg("out_nodes"),
+      py::arg("actions"), py::arg("actions_cap"), py::arg("emulate_threads") = 0,
       "One focus-allocator step on the host over raw buffers (levels int32 [n], nodes "
       "int64 [n], scores float32 [n], state int64, out_levels int32 [out_cap], out_nodes "
-      "int64 [out_cap], actions float64 [actions_cap, 6]). Returns (new_n, n_actions).");
+      "int64 [out_cap], actions float64 [actions_cap, 6]). Returns (new_n, n_actions). "
+      "emulate_threads > 0 (a power of two) selects candidates the way the CUDA kernel "
+      "does, sequentially (tests).");
 
 #if defined(MC_WITH_CUDA)
   m.def(

@@ -324,6 +324,9 @@ class FocusAllocator:
             )
         self.config = config
         self.backend = backend
+        # > 0 (a power of two): the cpp backend selects candidates the way the CUDA
+        # kernel does, run sequentially with that many "threads" (tests only).
+        self._emulate_threads = 0
         self.reset()
 
     def reset(self) -> None:
@@ -511,6 +514,7 @@ class FocusAllocator:
             out_nodes.data_ptr(),
             actions.data_ptr(),
             act_cap,
+            self._emulate_threads,
         )
         wc.levels = out_levels[:new_n]
         wc.nodes = out_nodes[:new_n]

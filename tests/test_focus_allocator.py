@@ -390,9 +390,11 @@ class HysteresisChecker:
     steps=st.integers(1, 8),
     style=st.sampled_from(["uniform", "ties", "nan"]),
     start=st.sampled_from(["from_tree", "random"]),
+    threads=st.sampled_from([1, 4, 32, 1024]),
     seed=st.integers(0, 2**31),
 )
 def test_random_backends_agree_and_invariants_hold(
+    threads,
     T,
     bs,
     top,
@@ -435,15 +437,21 @@ def test_random_backends_agree_and_invariants_hold(
             return  # history too long for this budget: covered in test_working_context
     wc.check(tree)
     py, cpp = FocusAllocator(cfg, "python"), FocusAllocator(cfg, "cpp")
-    wc_cpp = wc.clone()
+    # The CUDA kernel's selection (strided thread scans + tree reduction), run on
+    # the host: the same shared code the device runs.
+    emu = FocusAllocator(cfg, "cpp")
+    emu._emulate_threads = threads
+    wc_cpp, wc_emu = wc.clone(), wc.clone()
     checker = HysteresisChecker(cfg)
     taken = 0
     for t in range(steps):
         scores = random_scores(rng, len(wc), style)
         acts = py.step(wc, scores)
         assert cpp.step(wc_cpp, scores) == acts
+        assert emu.step(wc_emu, scores) == acts
         assert torch.equal(wc.levels, wc_cpp.levels) and torch.equal(wc.nodes, wc_cpp.nodes)
-        assert torch.equal(py._state, cpp._state)
+        assert torch.equal(wc.levels, wc_emu.levels) and torch.equal(wc.nodes, wc_emu.nodes)
+        assert torch.equal(py._state, cpp._state) and torch.equal(py._state, emu._state)
         wc.check(tree)
         assert len(wc) <= w_max
         assert len(acts) <= n_diff  # a legal start never needs forced collapses
