@@ -339,5 +339,28 @@ MC_HD inline void write_out(const Params& p, const Arrays& a, int64_t i, int64_t
   }
 }
 
+// Phase C on the device: thread ``tid`` rewrites the contiguous chunk [lo, hi) of
+// the input; a block scan of the chunks' out_count totals gives its offset.
+MC_HD inline void chunk_bounds(int64_t n, int64_t tid, int64_t nthreads, int64_t* lo,
+                               int64_t* hi) {
+  const int64_t chunk = (n + nthreads - 1) / nthreads;
+  *lo = tid * chunk < n ? tid * chunk : n;
+  *hi = *lo + chunk < n ? *lo + chunk : n;
+}
+
+MC_HD inline int64_t chunk_count(const Params& p, const Arrays& a, int64_t lo, int64_t hi) {
+  int64_t total = 0;
+  for (int64_t i = lo; i < hi; ++i) total += out_count(p, a, i);
+  return total;
+}
+
+MC_HD inline void write_chunk(const Params& p, const Arrays& a, int64_t lo, int64_t hi,
+                              int64_t off, int32_t* out_levels, int64_t* out_nodes) {
+  for (int64_t i = lo; i < hi; ++i) {
+    write_out(p, a, i, off, out_levels, out_nodes);
+    off += out_count(p, a, i);
+  }
+}
+
 }  // namespace alloc
 }  // namespace mc

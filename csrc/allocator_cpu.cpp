@@ -148,9 +148,19 @@ StepResult focus_step_host(const Params& p, const int32_t* levels, const int64_t
     n_actions = run_policy(p, n, t, sel);
   }
   int64_t off = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    write_out(p, a, i, off, out_levels, out_nodes);
-    off += out_count(p, a, i);
+  if (emulate_threads > 0) {
+    // The kernel's chunked rewrite: per-thread totals, exclusive offsets, writes.
+    for (int64_t tid = 0; tid < emulate_threads; ++tid) {
+      int64_t lo, hi;
+      chunk_bounds(n, tid, emulate_threads, &lo, &hi);
+      write_chunk(p, a, lo, hi, off, out_levels, out_nodes);
+      off += chunk_count(p, a, lo, hi);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      write_out(p, a, i, off, out_levels, out_nodes);
+      off += out_count(p, a, i);
+    }
   }
   state[0] = t + 1;
   return {off, n_actions};

@@ -62,11 +62,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n_actions = run_policy(p, a.n, t, sel);
 
   // Phase C: chunked counts, inclusive Hillis-Steele scan over the threads.
-  const int64_t chunk = (a.n + blockDim.x - 1) / blockDim.x;
-  const int64_t lo = tid * chunk < a.n ? tid * chunk : a.n;
-  const int64_t hi = lo + chunk < a.n ? lo + chunk : a.n;
-  int64_t total = 0;
-  for (int64_t i = lo; i < hi; ++i) total += out_count(p, a, i);
+  int64_t lo, hi;
+  chunk_bounds(a.n, tid, blockDim.x, &lo, &hi);
+  const int64_t total = chunk_count(p, a, lo, hi);
   slot[tid] = total;
   __syncthreads();
   for (int s = 1; s < blockDim.x; s <<= 1) {
@@ -75,11 +73,7 @@ __global__ void __launch_bounds__(kThreads)
     slot[tid] += add;
     __syncthreads();
   }
-  int64_t off = slot[tid] - total;
-  for (int64_t i = lo; i < hi; ++i) {
-    write_out(p, a, i, off, out_levels, out_nodes);
-    off += out_count(p, a, i);
-  }
+  write_chunk(p, a, lo, hi, slot[tid] - total, out_levels, out_nodes);
   if (tid == blockDim.x - 1) {
     counts[0] = slot[tid];
     counts[1] = n_actions;
