@@ -317,17 +317,60 @@ def test_kernel_is_really_used(force_triton, monkeypatch):
     assert_bits_equal(dst, src, "identity")
 
 
-def test_reference_on_cpu_by_default(monkeypatch):
-    monkeypatch.delenv("MEGACONTEXT_KERNELS", raising=False)
+@pytest.mark.parametrize("mode", ["", "reference"])
+def test_cpu_paths_by_default(monkeypatch, mode):
+    # CPU tensors: the run-copy path by default, the reference when forced; never the kernel
+    monkeypatch.setenv("MEGACONTEXT_KERNELS", mode)
     monkeypatch.setattr(ks, "_kv_splice_launch", lambda *a: pytest.fail("kernel called on CPU"))
+    used = []
+    for name in ("_kv_splice_runs", "kv_splice_reference"):
+        real = getattr(ks, name)
+        monkeypatch.setattr(
+            ks, name, lambda *a, _r=real, _n=name, **k: used.append(_n) or _r(*a, **k)
+        )
     g = torch.Generator().manual_seed(8)
     src = rand_bits((1, 2, 1, 1, 5, 8), torch.float32, g).cpu()
     dst = torch.zeros_like(src)
     kv_splice(src, dst, torch.tensor([[4, 3, -1, 1, 0]]))
+    assert used == ["kv_splice_reference" if mode else "_kv_splice_runs"]
     assert torch.equal(dst[..., 0, :], src[..., 4, :]) and (dst[..., 2, :] == 0).all()
-    # the CPU reference path always checks values (free on the CPU): typed error
+    # the CPU paths always check values (free on the CPU): typed error
     with pytest.raises(ConfigError, match=r"index\[0, 1\] = 5"):
         kv_splice(src, dst, torch.tensor([[4, 5, -1, 1, 0]]))
+
+
+def test_runs():
+    starts, targets, lengths = ks._runs(torch.tensor([-1, 3, 4, 5, 9, -1, 10, 11, 0, 0, 1]))
+    assert (starts, targets, lengths) == ([1, 4, 6, 8, 9], [3, 9, 10, 0, 0], [3, 1, 2, 1, 2])
+    assert ks._runs(torch.full((4,), -1)) == ([], [], [])
+    assert ks._runs(torch.arange(6, dtype=torch.int32)) == ([0], [0], [6])
+
+
+@pytest.mark.parametrize("max_runs", [256, 2], ids=["runs", "index-fallback"])
+def test_cpu_runs_path_matches_reference(monkeypatch, max_runs):
+    # the CPU path over the whole grid and the realistic patterns; max_runs=2 sends
+    # every batch row with more than two runs to the index_select/index_copy_ fallback
+    monkeypatch.setattr(ks, "_MAX_RUNS", max_runs)
+    for L, B, H, C, D, dtype, with_fresh, index_dtype in _GRID:
+        g = torch.Generator().manual_seed(C * 1000 + D)
+        index, slots = random_plan(B, C, g, with_fresh)
+        index = index.to(index_dtype)
+        slots = None if slots is None else slots.to(index_dtype)
+        src, dst, index, fresh, slots = (
+            t if t is None else t.cpu() for t in make_case(L, B, H, C, D, dtype, index, slots)
+        )
+        out, ref = dst.clone(), dst.clone()
+        ks._kv_splice_runs(src, out, index, fresh, slots)
+        kv_splice_reference(src, ref, index, fresh, slots)
+        assert_bits_equal(out, ref, f"runs L{L} B{B} H{H} C{C} D{D} {dtype}")
+    for name, olds, news in _patterns():
+        index, slots = plan_from_entries(olds, news, 70)
+        src, dst, index, fresh, slots = (
+            t.cpu() for t in make_case(2, len(olds), 3, 70, 24, torch.bfloat16, index, slots)
+        )
+        out = dst.clone()
+        ks._kv_splice_runs(src, out, index, fresh, slots)
+        assert_bits_equal(out, loop_oracle(src, dst, index, fresh, slots), f"runs {name}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -498,7 +541,13 @@ def test_gpu_compiled_kernel(monkeypatch, L, H, D):
     old2 = list(range(8192))
     new2 = collapse(collapse(old2, 64, ids), 4000, ids)
     index, slots = plan_from_entries([old, old2], [new, new2], C)
-    src, dst, index, fresh, slots = make_case(L, B, H, C, D, torch.bfloat16, index, slots)
+    index, slots = index.cuda(), slots.cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    src, dst = (
+        torch.randn(L, 2, B, H, C, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        for _ in range(2)
+    )
+    fresh = torch.randn(L, 2, B, H, slots.shape[1], D, device="cuda", generator=g).bfloat16()
     out = dst.clone()
     kv_splice(src, out, index.int(), fresh, slots.int(), check=True)
     torch.cuda.synchronize()

@@ -58,10 +58,15 @@ Design (why it looks like this):
   head dim gets vectorised accesses without a separate code path. Offsets are
   computed in int64 (a Llama-8B cache at 128k slots exceeds 2^31 elements).
 
+- On the CPU (no Triton kernel) the splice is a few strided ``copy_`` calls, one per
+  run of consecutive rows: a refocus shifts runs of rows, so this moves memory at copy
+  speed, where PyTorch's CPU gather/index kernels pay a per-element indexing cost
+  (``bench/bench_kv_splice.py`` measures both).
+
 Layout of this file: the Triton kernel, the launcher (shape/dtype/device checks),
 the ``torch.library`` custom op ``megacontext::kv_splice`` (mutates ``dst``) with its
-fake implementation, the public ``kv_splice`` entry point that dispatches, and
-``kv_splice_reference`` (plain PyTorch gathers).
+fake implementation, the CPU run-copy path, the public ``kv_splice`` entry point that
+dispatches, and ``kv_splice_reference`` (plain PyTorch gathers).
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ import contextlib
 import torch
 
 from ..errors import BackendUnavailableError, ConfigError
-from ._dispatch import use_triton
+from ._dispatch import kernel_mode, use_triton
 
 try:  # Triton is optional: importing this module must not need it.
     import triton
@@ -457,6 +462,71 @@ def _(
 
 
 # ----------------------------------------------------------------------------------------
+# CPU path: strided copies of runs of consecutive rows
+
+# above this many runs in a batch row, one index_select/index_copy_ beats per-run copies
+_MAX_RUNS = 256
+
+
+def _runs(m: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+    """Maximal runs of a 1-D map ``i -> m[i]`` with ``m[i + k] = m[i] + k`` (negatives skipped).
+
+    Returns ``(starts, targets, lengths)``: ``m[starts[r] + k] = targets[r] + k`` for
+    ``k < lengths[r]``.
+    """
+    m = m.long()
+    valid = m >= 0
+    cont = torch.zeros_like(valid)  # i continues the run through i - 1
+    cont[1:] = valid[1:] & valid[:-1] & (m[1:] == m[:-1] + 1)
+    last = torch.ones_like(valid)  # no run continues past i
+    last[:-1] = ~cont[1:]
+    starts = (valid & ~cont).nonzero().flatten()
+    ends = (valid & last).nonzero().flatten()
+    return starts.tolist(), m[starts].tolist(), (ends - starts + 1).tolist()
+
+
+def _kv_splice_runs(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    index: torch.Tensor,
+    fresh: torch.Tensor | None,
+    fresh_slots: torch.Tensor | None,
+) -> None:
+    """``kv_splice`` on the CPU: one strided ``copy_`` per run of consecutive rows.
+
+    A refocus shifts runs of rows (an expand moves everything after the gist right by
+    31), so a realistic index is a handful of runs and the splice is a handful of
+    memcpy-like copies over all layers at once; PyTorch's CPU gathers instead pay a
+    per-element indexing cost. A batch row with more than ``_MAX_RUNS`` runs (an
+    arbitrary permutation) falls back to ``index_select`` + ``index_copy_``. Reads the
+    index on the host, so on CUDA it would synchronise: used for CPU tensors only.
+    """
+    _, B, _, _, _, F = _check_inputs(src, dst, index, fresh, fresh_slots)
+    _check_memory(src, dst, fresh)
+    planes = [(index, src)]
+    if fresh is not None and F > 0:
+        planes.append((fresh_slots, fresh))
+    for b in range(B):
+        out = dst[:, :, b]
+        for which, (m, rows) in enumerate(planes):
+            starts, targets, lengths = _runs(m[b])
+            rows_b = rows[:, :, b]
+            if len(starts) > _MAX_RUNS:
+                at = (m[b] >= 0).nonzero().flatten()
+                to = m[b, at].long()
+                if which == 0:  # kept: dst[at] = src[index[at]]
+                    out.index_copy_(3, at, rows_b.index_select(3, to))
+                else:  # fresh: dst[slots[at]] = fresh[at]
+                    out.index_copy_(3, to, rows_b.index_select(3, at))
+                continue
+            for i, t, n in zip(starts, targets, lengths, strict=True):
+                if which == 0:
+                    out[:, :, :, i : i + n].copy_(rows_b[:, :, :, t : t + n])
+                else:
+                    out[:, :, :, t : t + n].copy_(rows_b[:, :, :, i : i + n])
+
+
+# ----------------------------------------------------------------------------------------
 # public entry point and PyTorch reference
 
 
@@ -485,12 +555,19 @@ def kv_splice(
             (a device->host synchronisation on CUDA; for debugging). Without it the
             CUDA path never synchronises.
 
-    Runs the Triton kernel on CUDA tensors and :func:`kv_splice_reference` on the
-    CPU, unless ``MEGACONTEXT_KERNELS`` forces one path (``megacontext.kernels._dispatch``).
+    Runs the Triton kernel on CUDA tensors; on CPU tensors, strided copies of runs of
+    consecutive rows (``_kv_splice_runs``, always value-checked: the check is free
+    there). ``MEGACONTEXT_KERNELS=reference`` forces :func:`kv_splice_reference`,
+    ``=triton`` the kernel (see ``megacontext.kernels._dispatch``).
     """
     _, _, _, C, _, _ = _check_inputs(src, dst, index, fresh, fresh_slots)
     if not use_triton(src, dst, index, op="kv_splice"):
-        kv_splice_reference(src, dst, index, fresh, fresh_slots, check=check or not src.is_cuda)
+        on_cpu = src.device.type == "cpu"
+        if on_cpu and kernel_mode() == "auto":
+            _check_values(C, index, fresh_slots)
+            _kv_splice_runs(src, dst, index, fresh, fresh_slots)
+        else:
+            kv_splice_reference(src, dst, index, fresh, fresh_slots, check=check or on_cpu)
         return
     if check:
         _check_values(C, index, fresh_slots)
