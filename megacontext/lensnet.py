@@ -370,16 +370,20 @@ class LensNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embedding indices ``[B, N]`` (int64) of level, span width and distance.
 
-        level: clamped to ``[0, n_levels)``; span: ``floor(log2 span)`` (spans below
+        level: clamped to ``[0, n_levels)``; span: exact ``floor(log2 span)`` (spans below
         1 count as 1), clamped to ``n_span_buckets``; distance: ``floor(2 log2(1 +
         distance))`` (two buckets per octave; 0 -> 0, 1 -> 2, 2 -> 3, 3..4 -> 4, 5..6 -> 5,
         7..10 -> 6; negative distances count as 0), clamped to ``n_distance_buckets``.
         """
         c = self.config
         lv = levels.long().clamp(0, c.n_levels - 1)
-        # exact floor(log2 span): frexp gives span = m * 2^e with m in [0.5, 1)
-        sb = (torch.frexp(span.double().clamp(min=1.0))[1] - 1).long()
-        sb = sb.clamp(0, c.n_span_buckets - 1)
+        # exact floor(log2 span): the float64 log2 can round up just below a power of
+        # two, so correct it against exact powers (frexp would do, but inductor's CPU
+        # code generation mis-compiles its integer exponent)
+        s = span.double().clamp(min=1.0)
+        e = torch.floor(torch.log2(s))
+        e = e - (torch.exp2(e) > s).double() + (torch.exp2(e + 1.0) <= s).double()
+        sb = e.long().clamp(0, c.n_span_buckets - 1)
         db = torch.floor(2.0 * torch.log2(distance.double().clamp(min=0.0) + 1.0)).long()
         db = db.clamp(0, c.n_distance_buckets - 1)
         return lv, sb, db

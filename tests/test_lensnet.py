@@ -253,6 +253,11 @@ def test_buckets():
     assert lv.tolist() == [[0, 1, 2, 3, 7, 7, 7, 0]]
     assert sb.tolist() == [[0, 1, 4, 5, 5, 10, 31, 0]]
     assert db.tolist() == [[0, 2, 3, 4, 4, 6, 63, 0]]
+    # floor(log2 span) is exact next to powers of two, up to 2^53
+    wide = LensNet(8, d_lens=16, heads=2, n_span_buckets=64)
+    spans = [v for k in range(1, 54) for v in (2**k - 1, 2**k, 2**k + 1) if v < 2**53]
+    _, sb, _ = wide.buckets(torch.zeros(1, len(spans)), torch.tensor([spans]), torch.zeros(1, 1))
+    assert sb.tolist() == [[v.bit_length() - 1 for v in spans]]
 
 
 def test_save_load_roundtrip(tmp_path, reference):
@@ -407,3 +412,15 @@ def test_forward_65536_entries_fits_in_memory():
         f"{base_gb:.2f} GiB), {seconds:.1f} s"
     )
     assert peak_gb < 8.0, f"peak RSS {peak_gb:.2f} GiB"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_torch_compile_matches_eager(monkeypatch, kernels):
+    # the custom ops are opaque to torch.compile (fake implementations give the shapes)
+    monkeypatch.setenv("MEGACONTEXT_KERNELS", kernels)
+    lens = make_lens(n_blocks=2)
+    inputs = make_inputs(N=40, mask=True)
+    want = lens(*inputs)
+    got = torch.compile(lens, dynamic=False)(*inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
