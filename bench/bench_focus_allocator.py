@@ -117,7 +117,7 @@ def _bench_cuda(benchmark, alloc, wc0, scores, state0):
     """Device time of one step, with CUDA events around CUDA-graph replays of
     (restore the state, run the op): replays keep the host's launch overhead out
     of the measurement, so the events see the device work (the op's output
-    zero-fills, the kernel and the 1-row state restore)."""
+    zero-fills, the kernel and the copy that restores the state)."""
     from megacontext.allocator import focus_step
 
     p = alloc._params(wc0)
