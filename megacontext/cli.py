@@ -223,6 +223,184 @@ def nll(
         )
 
 
+def _build_session(
+    model: str,
+    config_path: Path | None,
+    w_max: int | None,
+    kv_mode: str | None,
+    gistnet_path: Path | None,
+    lensnet_path: Path | None,
+    device: str | None,
+    run_dir: Path | None,
+):
+    from .base import load_base
+    from .config import MegaContextConfig
+    from .runtime import MegaContext
+
+    cfg = MegaContextConfig.from_yaml(config_path) if config_path else MegaContextConfig()
+    changes: dict[str, object] = {"model": model}
+    if w_max is not None:
+        changes["w_max"] = w_max
+    if kv_mode is not None:
+        changes["kv_mode"] = kv_mode
+    cfg = cfg.replace(**changes)
+    base = load_base(cfg.model, device=device)
+    gistnet = lensnet = None
+    if gistnet_path is not None:
+        from .gistnet import GistNet
+
+        gistnet = GistNet.load(gistnet_path)
+    if lensnet_path is not None:
+        from .lensnet import LensNet
+
+        lensnet = LensNet.load(lensnet_path)
+    telemetry = None
+    if run_dir is not None:
+        from .telemetry import Telemetry
+
+        telemetry = Telemetry(run_dir, config=cfg.model_dump(), tags=[cfg.model, cfg.kv_mode])
+    return MegaContext(base, gistnet, lensnet, cfg).session(telemetry=telemetry), telemetry
+
+
+def _chat_turn(session, text: str) -> str:
+    """The user turn in the model's chat format (plain text when it has none)."""
+    tok = session.base.tokenizer
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return f"\n\n{text}\n"
+
+
+def _ingest_with_progress(session, text: str, label: str) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    ids = session.base.encode(text)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"ingesting {label}", total=ids.numel())
+        session.ingest(ids, progress=lambda d, _t: bar.update(task, completed=d))
+    return int(ids.numel())
+
+
+def _summary_line(session) -> str:
+    hist = session.history
+    if not hist:
+        return "no refocus iterations"
+    n = len(hist)
+    acts = len(session.actions)
+    lat = sum(r["latency_ms"] for r in hist) / n
+    util = hist[-1]["token_budget_utilization"]
+    res = session.residencies
+    mean_res = f"{sum(res) / len(res):.1f}" if res else "n/a"
+    return (
+        f"tokens {session.num_tokens:,} | WC {session.wc.cost}/{session.config.w_max} "
+        f"({util:.0%}) | {n} refocus iterations, {acts} actions | mean residency {mean_res} "
+        f"steps | {lat:.1f} ms/iteration"
+    )
+
+
+_MODEL_OPT = typer.Option(help="base model name, HF id or path")
+_CONFIG_OPT = typer.Option("--config", help="run config YAML (configs/*.yaml)")
+_WMAX_OPT = typer.Option(help="working-context budget W_max (overrides the config)", min=1)
+_KV_OPT = typer.Option(help="KV refocus mode: splice or exact (overrides the config)")
+_GIST_OPT = typer.Option("--gistnet", help="GistNet weights (safetensors); default mean pooling")
+_LENS_OPT = typer.Option("--lensnet", help="LensNet weights (safetensors); default recency-only")
+_RUN_DIR_OPT = typer.Option("--run-dir", help="write telemetry (Parquet) to this directory")
+
+
+@app.command()
+def run(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="files to ingest as history", show_default=False)
+    ] = None,
+    module: Annotated[
+        list[str] | None,
+        typer.Option("--module", "-m", help="ingest a Python module's source (repeatable)"),
+    ] = None,
+    prompt: Annotated[str, typer.Option(help="the question or instruction after the history")] = (
+        "Summarize what this code does."
+    ),
+    max_new_tokens: Annotated[int, typer.Option(min=0)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    model: Annotated[str, _MODEL_OPT] = "smollm2-135m",
+    config: Annotated[Path | None, _CONFIG_OPT] = None,
+    w_max: Annotated[int | None, _WMAX_OPT] = None,
+    kv_mode: Annotated[str | None, _KV_OPT] = None,
+    gistnet: Annotated[Path | None, _GIST_OPT] = None,
+    lensnet: Annotated[Path | None, _LENS_OPT] = None,
+    run_dir: Annotated[Path | None, _RUN_DIR_OPT] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+) -> None:
+    """Ingest long files into MegaContext, then answer or continue under the budget."""
+    sources = [_resolve_text_source(p, None) for p in paths or []]
+    sources += [_resolve_text_source(None, m) for m in module or []]
+    if not sources:
+        raise typer.BadParameter("give at least one file or --module")
+    session, telemetry = _build_session(
+        model, config, w_max, kv_mode, gistnet, lensnet, device, run_dir
+    )
+    try:
+        for src in sources:
+            text = src.read_text(encoding="utf-8", errors="replace")
+            if not text.strip():
+                raise typer.BadParameter(f"{src} is empty")
+            _ingest_with_progress(session, text, src.name)
+        session.ingest(_chat_turn(session, prompt))
+        answer = session.generate(max_new_tokens, temperature=temperature)
+    finally:
+        if telemetry is not None:
+            telemetry.close()
+    console.print(answer, markup=False, highlight=False)
+    err_console.print(_summary_line(session))
+
+
+@app.command()
+def chat(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="files to ingest first", show_default=False)
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    model: Annotated[str, _MODEL_OPT] = "smollm2-135m",
+    config: Annotated[Path | None, _CONFIG_OPT] = None,
+    w_max: Annotated[int | None, _WMAX_OPT] = None,
+    kv_mode: Annotated[str | None, _KV_OPT] = None,
+    gistnet: Annotated[Path | None, _GIST_OPT] = None,
+    lensnet: Annotated[Path | None, _LENS_OPT] = None,
+    run_dir: Annotated[Path | None, _RUN_DIR_OPT] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+) -> None:
+    """Interactive chat over an unbounded history (one turn per line; Ctrl-D ends)."""
+    session, telemetry = _build_session(
+        model, config, w_max, kv_mode, gistnet, lensnet, device, run_dir
+    )
+    try:
+        for src in [_resolve_text_source(p, None) for p in paths or []]:
+            _ingest_with_progress(
+                session, src.read_text(encoding="utf-8", errors="replace"), src.name
+            )
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                continue
+            session.ingest(_chat_turn(session, line))
+            console.print(session.generate(max_new_tokens, temperature=temperature), markup=False)
+            err_console.print(_summary_line(session))
+    finally:
+        if telemetry is not None:
+            telemetry.close()
+
+
 @app.command()
 def telemetry(
     run_dir: Annotated[

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -368,7 +367,6 @@ class Session:
         """One refocus iteration: LensNet scores, allocator step, KV update, telemetry."""
         if self.wc is None:
             raise InputError("nothing to refocus: ingest some history first")
-        t_start = time.perf_counter()
         ph = self._phases
         with ph("lens"):
             scores = self.scores()
@@ -391,12 +389,16 @@ class Session:
             if actions or forced:
                 self._update_cache(old_levels, old_nodes, force_exact=forced)
         self.wc.check(self.tree)
+        residency = []
         for a in actions:
             states = before.get(a.level)
             last = int(states[a.node]) if states is not None and a.node < len(states) else -1
-            self.residencies.append(step - max(last, 0))
+            # steps the node spent at its previous LOD (since the session start if it
+            # never changed before)
+            residency.append(step - max(last, 0))
+        self.residencies.extend(residency)
         self.actions.extend(actions)
-        self._log(actions, forced, (time.perf_counter() - t_start) * 1e3)
+        self._log(actions, residency, forced)
         return actions
 
     def _update_cache(self, old_levels, old_nodes, force_exact: bool = False) -> None:
@@ -417,7 +419,7 @@ class Session:
         logits = self._forward(embeds[fresh], positions[fresh], fresh, n)
         self._next_logits = logits[-1]
 
-    def _log(self, actions: list[Action], forced: bool, total_ms: float) -> None:
+    def _log(self, actions: list[Action], residency: list[int], forced: bool) -> None:
         assert self.wc is not None
         phases = self._phases.take()
         blocks = max(self._blocks_since_refocus, 1)
@@ -429,9 +431,11 @@ class Session:
             "loss_at_h": None,
             "swap_rate": len(actions) / blocks,
             "mean_residency": (
-                sum(self.residencies) / len(self.residencies) if self.residencies else math.nan
+                sum(self.residencies) / len(self.residencies) if self.residencies else None
             ),
-            "latency_ms": total_ms + phases["gist"] + phases["decode"],
+            # everything since the previous iteration: the decode of the block, its
+            # gisting, and this refocus
+            "latency_ms": sum(phases.values()),
             **{f"latency_{k}_ms": v for k, v in phases.items()},
             "token_budget_utilization": self.wc.cost / self.config.w_max,
             "wc_cost": self.wc.cost,
@@ -452,8 +456,9 @@ class Session:
                 "node": a.node,
                 "score": a.score,
                 "cost_delta": a.cost_delta,
+                "residency": r,
             }
-            for a in actions
+            for a, r in zip(actions, residency, strict=True)
         ]
         if self.telemetry is not None:
             self.telemetry.log_iteration(**row)
@@ -520,18 +525,7 @@ class Session:
 
     def _rollback(self, snap: dict[str, Any]) -> None:
         if self.tree.num_tokens != snap["num_tokens"]:
-            # The tree only grows by committed appends; rebuild it up to the old count.
-            keep = self.tree.tokens(0, snap["num_tokens"])
-            tree = MegaContextTree(
-                self.tree.dim,
-                block_size=self.tree.block_size,
-                levels=self.tree.levels,
-                dtype=self.tree.dtype,
-                model_name=self.tree.model_name,
-            )
-            if keep.numel():
-                tree.append(keep, self._embed, self._gist_fn())
-            self.tree = tree
+            self.tree.truncate(snap["num_tokens"])
         self.wc = snap["wc"]
         self._next_logits = snap["logits"]
         if self.wc is not None:

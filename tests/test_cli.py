@@ -66,3 +66,48 @@ def test_typed_errors_become_one_line_messages(tmp_path):
     )
     assert proc.returncode == 2
     assert "ModelNotAvailableError" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_ingests_answers_and_writes_telemetry(tmp_path):
+    from megacontext.telemetry import read_run
+
+    src = tmp_path / "history.py"
+    src.write_text("def helper(x):\n    return x * 2\n" * 150)
+    run_dir = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            str(src),
+            "--prompt",
+            "What does helper return?",
+            "--model",
+            "tiny-llama",
+            "--w-max",
+            "256",
+            "--max-new-tokens",
+            "40",
+            "--run-dir",
+            str(run_dir),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "refocus iterations" in result.output and "WC " in result.output
+    iterations, _ = read_run(run_dir)
+    assert iterations.num_rows >= 1  # one refocus per 32 decoded tokens
+    assert max(iterations.column("wc_cost").to_pylist()) <= 256
+
+
+def test_run_needs_a_source():
+    result = runner.invoke(app, ["run", "--model", "tiny-llama"])
+    assert result.exit_code == 2 and "at least one file" in result.output
+
+
+def test_chat_reads_turns_until_eof():
+    result = runner.invoke(
+        app,
+        ["chat", "--model", "tiny-llama", "--w-max", "256", "--max-new-tokens", "4"],
+        input="hello there\n\nsecond turn\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("refocus iterations") == 2
