@@ -359,15 +359,13 @@ class WorkingContext:
         ends = starts + spans
 
         # 2. existence.
-        limit = torch.full_like(nodes, T)
+        bad = ends > T
         if tree is not None:
             have = torch.tensor(
                 [T] + [int(tree.num_nodes(lv)) for lv in range(1, self.max_level + 1)],
                 dtype=torch.int64,
             )
-            bad = (ends > T) | (nodes >= have[levels])
-        else:
-            bad = ends > limit
+            bad |= nodes >= have[levels]
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0])
             kind = "token" if int(levels[i]) == 0 else f"LOD{int(levels[i])} gist"
