@@ -298,3 +298,16 @@ def test_random_tilings_pass_and_mutations_fail(T, bs, top, recent, seed, mutati
     with pytest.raises(mc.InvariantError) as err:
         make_wc(bad, bs=bs, top=top, recent=recent, T=T).check()
     assert err.value.entry is not None
+
+
+def test_embeddings_from_an_on_disk_tree(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(VOCAB, 8, generator=g)
+    tree = MegaContextTree(8, block_size=4, levels=2, dtype=torch.float16)
+    tree.append(torch.randint(0, VOCAB, (150,), generator=g), lambda ids: table[ids])
+    tree.save(tmp_path / "t")
+    disk = MegaContextTree.open(tmp_path / "t", mode="r")
+    wc = WorkingContext.from_tree(disk, w_max=40, recent_tokens=6)
+    wc.check(disk)
+    base = TinyBase(8)
+    torch.testing.assert_close(wc.embeddings(base, disk), wc.embeddings(base, tree), rtol=0, atol=0)
