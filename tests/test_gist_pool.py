@@ -66,7 +66,7 @@ def _inputs(B, N, D, H, dtype, d_out=None, seed=0):
 
 
 # (B, N, D, H, d_out): odd batch sizes, head widths that are not powers of two
-# (dh = 8, 24, 9, 72, 5), block sizes 32 (the default), 16 and 8.
+# (dh = 8, 8, 24, 9, 72, 24, 5, 300), block sizes 32 (the default), 16 and 8.
 SHAPES = [
     (1, 32, 24, 3, None),
     (3, 32, 40, 5, 24),
@@ -75,6 +75,7 @@ SHAPES = [
     (1, 32, 576, 8, 72),
     (3, 16, 24, 1, None),
     (7, 8, 40, 8, 16),
+    (3, 32, 600, 2, 40),  # dh = 300 > 128: the chunked (two-pass) path, ragged last chunk
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -108,7 +109,7 @@ def test_kernel_matches_reference(force_triton, shape, dtype):
     B=st.integers(1, 9),
     N=st.sampled_from([1, 2, 5, 31, 32, 33, 64]),
     H=st.integers(1, 7),
-    dh=st.sampled_from([1, 2, 3, 16, 17, 64]),
+    dh=st.sampled_from([1, 2, 3, 16, 17, 64, 129, 200]),
     dtype=st.sampled_from(DTYPES),
 )
 def test_random_shapes(force_triton, B, N, H, dh, dtype):
@@ -287,3 +288,91 @@ def test_kernel_matches_reference_at_bench_shapes(force_triton, D, dtype):
         strict=True,
     ):
         assert_close(a, e, dtype, name)
+
+
+# Ahead-of-time compilation for sm_90 runs in a subprocess: under TRITON_INTERPRET=1
+# Triton's code generator is patched by the interpreter and fails, and a warm Triton
+# cache would hide that, so the child gets no TRITON_INTERPRET and a fresh cache.
+_AOT_SCRIPT = r"""
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+from triton.compiler import ASTSource
+import megacontext.kernels.gist_pool as gp
+
+PTRS = ("X", "Q", "POOLED", "DPOOLED", "DX")
+results = {}
+for kernel, dtype, dh in json.loads(sys.argv[1]):
+    fn = getattr(gp, kernel)
+    signature = {}
+    for n in fn.arg_names:
+        if n in ("BLOCK_N", "BLOCK_DH", "ONE_CHUNK"):
+            signature[n] = "constexpr"
+        elif n in ("LSE", "DQ_PARTIAL"):
+            signature[n] = "*fp32"
+        elif n in PTRS:
+            signature[n] = "*" + dtype
+        else:
+            signature[n] = "fp32" if n == "scale" else "i32"
+    block_n, block_dh, one_chunk, num_warps = gp._meta(32, dh, backward="bwd" in kernel)
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={"BLOCK_N": block_n, "BLOCK_DH": block_dh,
+                                "ONE_CHUNK": one_chunk})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    # ptxas -v reports registers and spills (not visible in the PTX itself)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as fh:
+            fh.write(k.asm["ptx"])
+        log = subprocess.run(
+            [get_ptxas(90).path, "-v", "--gpu-name=" + sm_arch_from_capability(90), ptx,
+             "-o", ptx + ".o"], capture_output=True, text=True, check=True).stderr
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    regs = [int(n) for n in re.findall(r"Used (\d+) registers", log)]
+    results[f"{kernel}-{dtype}-{dh}"] = {
+        "cubin": len(k.asm["cubin"]), "spill_bytes": sum(spills), "registers": regs,
+    }
+print(json.dumps(results))
+"""
+
+
+def _compile_for_sm90(cases, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _AOT_SCRIPT, json.dumps(cases)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(cases)
+    for name, r in results.items():
+        assert r["cubin"] > 0, name
+        assert r["registers"], f"{name}: ptxas -v reported no register count"
+        assert r["spill_bytes"] == 0, f"{name} spills registers: {r}"
+    return results
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    # the interpreter does not type-check like the compiler does: compile the real
+    # kernels (PTX and cubin through Triton's bundled ptxas; no GPU needed) for an
+    # H100/H200 at d=576 with 8 heads, bf16
+    kernels = ["_gist_pool_fwd_kernel", "_gist_pool_bwd_kernel"]
+    _compile_for_sm90([[k, "bf16", 72] for k in kernels], tmp_path)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_all(tmp_path):
+    # every dtype at the benchmark's head widths (d = 576, 2048, 4096 with 8 heads)
+    kernels = ["_gist_pool_fwd_kernel", "_gist_pool_bwd_kernel"]
+    cases = [[k, t, dh] for k in kernels for t in ("fp32", "fp16", "bf16") for dh in (72, 256, 512)]
+    _compile_for_sm90(cases, tmp_path)

@@ -13,9 +13,11 @@ inputs; every reduction accumulates in fp32; outputs are in ``x.dtype``.
 
 Design (why it looks like this):
 
-- One Triton program per (block, head) reads its ``[N, dh]`` tile exactly once,
-  keeps it in registers, and does scores, softmax and weighted sum there: the op
-  reads ``x`` once and writes ``B*D`` values, so it is bound by memory bandwidth.
+- One Triton program per (block, head) reads its ``[N, dh]`` tile once, keeps it
+  in registers, and does scores, softmax and weighted sum there: the op reads ``x``
+  once and writes ``B*D`` values, so it is bound by memory bandwidth. Heads wider
+  than 128 are processed in chunks, in two passes (scores; then outputs), the second
+  re-reading the program's own tile, which is still in L1/L2.
 - The forward saves only ``x``, ``q`` and the log-sum-exp ``lse [B, H]`` (fp32);
   the backward is a second Triton kernel (same grid) that recomputes the
   probabilities from ``lse`` and writes ``dx`` in one pass, plus per-block partials
@@ -75,26 +77,49 @@ if triton is not None:
         scale,
         BLOCK_N: tl.constexpr,
         BLOCK_DH: tl.constexpr,
+        ONE_CHUNK: tl.constexpr,  # DH <= BLOCK_DH: keep the whole [N, dh] tile in registers
     ):
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         rn = tl.arange(0, BLOCK_N)
         rd = tl.arange(0, BLOCK_DH)
         mask_n = rn < N
-        mask_d = rd < DH
-        x_ptrs = X + b * stride_xb + rn[:, None] * stride_xn + h * DH + rd[None, :]
-        x = tl.load(x_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        q = tl.load(Q + h * DH + rd, mask=mask_d, other=0.0).to(tl.float32)
+        x_row = X + b * stride_xb + rn[:, None] * stride_xn + h * DH
 
-        s = tl.sum(x * q[None, :], axis=1) * scale
-        s = tl.where(mask_n, s, float("-inf"))
+        if ONE_CHUNK:
+            mask_d = rd < DH
+            x = tl.load(x_row + rd[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            x = x.to(tl.float32)
+            q = tl.load(Q + h * DH + rd, mask=mask_d, other=0.0).to(tl.float32)
+            s = tl.sum(x * q[None, :], axis=1)
+        else:
+            # wide heads: scores accumulated over dh chunks (bounded registers)
+            s = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for d0 in range(0, DH, BLOCK_DH):
+                cd = d0 + rd
+                mask_d = cd < DH
+                x = tl.load(x_row + cd[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                q = tl.load(Q + h * DH + cd, mask=mask_d, other=0.0).to(tl.float32)
+                s += tl.sum(x.to(tl.float32) * q[None, :], axis=1)
+
+        s = tl.where(mask_n, s * scale, float("-inf"))
         m = tl.max(s, axis=0)
         e = tl.exp(s - m)
         l_sum = tl.sum(e, axis=0)
         p = e / l_sum
-        pooled = tl.sum(p[:, None] * x, axis=0)
 
-        tl.store(POOLED + b * D + h * DH + rd, pooled.to(POOLED.dtype.element_ty), mask=mask_d)
+        out_row = POOLED + b * D + h * DH
+        if ONE_CHUNK:
+            pooled = tl.sum(p[:, None] * x, axis=0)
+            tl.store(out_row + rd, pooled.to(POOLED.dtype.element_ty), mask=mask_d)
+        else:
+            # second pass over the chunks (this program's tile is still in L1/L2)
+            for d0 in range(0, DH, BLOCK_DH):
+                cd = d0 + rd
+                mask_d = cd < DH
+                x = tl.load(x_row + cd[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                pooled = tl.sum(p[:, None] * x.to(tl.float32), axis=0)
+                tl.store(out_row + cd, pooled.to(POOLED.dtype.element_ty), mask=mask_d)
         tl.store(LSE + b * H + h, m + tl.log(l_sum))
 
     @triton.jit
@@ -114,34 +139,62 @@ if triton is not None:
         scale,
         BLOCK_N: tl.constexpr,
         BLOCK_DH: tl.constexpr,
+        ONE_CHUNK: tl.constexpr,  # DH <= BLOCK_DH: keep the whole [N, dh] tile in registers
     ):
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         rn = tl.arange(0, BLOCK_N)
         rd = tl.arange(0, BLOCK_DH)
         mask_n = rn < N
-        mask_d = rd < DH
-        mask = mask_n[:, None] & mask_d[None, :]
-        x_ptrs = X + b * stride_xb + rn[:, None] * stride_xn + h * DH + rd[None, :]
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        q = tl.load(Q + h * DH + rd, mask=mask_d, other=0.0).to(tl.float32)
-        dpo = tl.load(DPOOLED + b * D + h * DH + rd, mask=mask_d, other=0.0).to(tl.float32)
+        x_row = X + b * stride_xb + rn[:, None] * stride_xn + h * DH
+        dx_row = DX + b * N * D + rn[:, None] * D + h * DH
+        dpo_row = DPOOLED + b * D + h * DH
+        dq_row = DQ_PARTIAL + (b * H + h) * DH
         lse = tl.load(LSE + b * H + h)
 
-        # p recomputed from the saved log-sum-exp (as in FlashAttention's backward)
-        s = tl.sum(x * q[None, :], axis=1) * scale
-        p = tl.where(mask_n, tl.exp(s - lse), 0.0)
         # pooled = sum_j p_j x_j  =>  dp_j = <dpooled, x_j>,  ds_j = p_j (dp_j - <p, dp>)
-        dp = tl.sum(x * dpo[None, :], axis=1)
+        if ONE_CHUNK:
+            mask_d = rd < DH
+            mask = mask_n[:, None] & mask_d[None, :]
+            x = tl.load(x_row + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+            q = tl.load(Q + h * DH + rd, mask=mask_d, other=0.0).to(tl.float32)
+            dpo = tl.load(dpo_row + rd, mask=mask_d, other=0.0).to(tl.float32)
+            s = tl.sum(x * q[None, :], axis=1)
+            dp = tl.sum(x * dpo[None, :], axis=1)
+        else:
+            s = tl.zeros([BLOCK_N], dtype=tl.float32)
+            dp = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for d0 in range(0, DH, BLOCK_DH):
+                cd = d0 + rd
+                mask_d = cd < DH
+                mask = mask_n[:, None] & mask_d[None, :]
+                x = tl.load(x_row + cd[None, :], mask=mask, other=0.0).to(tl.float32)
+                q = tl.load(Q + h * DH + cd, mask=mask_d, other=0.0).to(tl.float32)
+                dpo = tl.load(dpo_row + cd, mask=mask_d, other=0.0).to(tl.float32)
+                s += tl.sum(x * q[None, :], axis=1)
+                dp += tl.sum(x * dpo[None, :], axis=1)
+
+        # p recomputed from the saved log-sum-exp (as in FlashAttention's backward)
+        p = tl.where(mask_n, tl.exp(s * scale - lse), 0.0)
         delta = tl.sum(p * dp, axis=0)
         ds = p * (dp - delta) * scale
-        # x_j is both value (weight p_j) and key (score gradient ds_j against q)
-        dx = p[:, None] * dpo[None, :] + ds[:, None] * q[None, :]
-        dq = tl.sum(ds[:, None] * x, axis=0)
 
-        dx_ptrs = DX + b * N * D + rn[:, None] * D + h * DH + rd[None, :]
-        tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DQ_PARTIAL + (b * H + h) * DH + rd, dq, mask=mask_d)
+        # x_j is both a value (weight p_j) and a key (score gradient ds_j against q)
+        if ONE_CHUNK:
+            dx = p[:, None] * dpo[None, :] + ds[:, None] * q[None, :]
+            tl.store(dx_row + rd[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(dq_row + rd, tl.sum(ds[:, None] * x, axis=0), mask=mask_d)
+        else:
+            for d0 in range(0, DH, BLOCK_DH):
+                cd = d0 + rd
+                mask_d = cd < DH
+                mask = mask_n[:, None] & mask_d[None, :]
+                x = tl.load(x_row + cd[None, :], mask=mask, other=0.0).to(tl.float32)
+                q = tl.load(Q + h * DH + cd, mask=mask_d, other=0.0).to(tl.float32)
+                dpo = tl.load(dpo_row + cd, mask=mask_d, other=0.0).to(tl.float32)
+                dx = p[:, None] * dpo[None, :] + ds[:, None] * q[None, :]
+                tl.store(dx_row + cd[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+                tl.store(dq_row + cd, tl.sum(ds[:, None] * x, axis=0), mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------
@@ -196,12 +249,27 @@ def _check_inputs(x: torch.Tensor, q: torch.Tensor) -> tuple[int, int, int, int,
     return B, N, D, H, dh
 
 
-def _meta(N: int, dh: int) -> tuple[int, int, int]:
+# Widest head chunk one program holds in registers. Heads up to 128 wide are one tile
+# kept in registers; wider heads loop over chunks in two passes (scores, then
+# outputs; the second pass re-reads the program's tile from L1/L2), in chunks of 128
+# (forward) or 64 (backward, which holds more per row). Chosen from ptxas register
+# and spill counts for sm_90 (no spills; test_gist_pool.py checks), not from timings.
+_MAX_BLOCK_DH = 128
+_BWD_CHUNK_DH = 64
+
+
+def _meta(N: int, dh: int, backward: bool = False) -> tuple[int, int, bool, int]:
+    """``(BLOCK_N, BLOCK_DH, ONE_CHUNK, num_warps)`` for a launch."""
     block_n = triton.next_power_of_2(N)
     block_dh = triton.next_power_of_2(dh)
-    # a [BLOCK_N, BLOCK_DH] fp32 tile lives in registers: ~32 values per thread
-    num_warps = max(1, min(8, (block_n * block_dh) // (32 * 32)))
-    return block_n, block_dh, num_warps
+    one_chunk = block_dh <= _MAX_BLOCK_DH
+    if not one_chunk:
+        block_dh = _BWD_CHUNK_DH if backward else _MAX_BLOCK_DH
+    # the fp32 [BLOCK_N, BLOCK_DH] tile lives in registers: ~32 of its values per thread
+    # in the forward; the backward holds x and dx tiles together, so ~16 per thread
+    per_thread = 16 if backward else 32
+    num_warps = max(1, min(8, (block_n * block_dh) // (32 * per_thread)))
+    return block_n, block_dh, one_chunk, num_warps
 
 
 def _require_runnable(x: torch.Tensor) -> None:
@@ -236,7 +304,7 @@ def _gist_pool_fwd(x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torc
     lse = torch.empty(B, H, device=x.device, dtype=torch.float32)
     if B == 0:
         return pooled, lse
-    block_n, block_dh, num_warps = _meta(N, dh)
+    block_n, block_dh, one_chunk, num_warps = _meta(N, dh)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _gist_pool_fwd_kernel[(B, H)](
             x,
@@ -252,6 +320,7 @@ def _gist_pool_fwd(x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torc
             1.0 / math.sqrt(dh),
             BLOCK_N=block_n,
             BLOCK_DH=block_dh,
+            ONE_CHUNK=one_chunk,
             num_warps=num_warps,
         )
     return pooled, lse
@@ -278,7 +347,7 @@ def _gist_pool_bwd(
     dq_partial = torch.empty(B, H, dh, device=x.device, dtype=torch.float32)
     if B == 0:
         return dx, torch.zeros_like(q)
-    block_n, block_dh, num_warps = _meta(N, dh)
+    block_n, block_dh, one_chunk, num_warps = _meta(N, dh, backward=True)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _gist_pool_bwd_kernel[(B, H)](
             x,
@@ -296,6 +365,7 @@ def _gist_pool_bwd(
             1.0 / math.sqrt(dh),
             BLOCK_N=block_n,
             BLOCK_DH=block_dh,
+            ONE_CHUNK=one_chunk,
             num_warps=num_warps,
         )
     return dx, dq_partial.sum(0).to(q.dtype)
