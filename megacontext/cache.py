@@ -105,6 +105,8 @@ class MegaContextCache(Cache):
         self.layer_lengths = [0] * num_layers
         self._slots: torch.Tensor | None = None
         self._plan_len = 0
+        # A pinned cache is a row view of a batch's shared buffers (see stack()).
+        self.pinned = False
         super().__init__(layers=[_Layer(self, i) for i in range(num_layers)])
 
     @classmethod
@@ -125,6 +127,34 @@ class MegaContextCache(Cache):
             device=weight.device,
             double_buffer=double_buffer,
         )
+
+    @classmethod
+    def stack(cls, caches: list[MegaContextCache]) -> MegaContextCache:
+        """One cache whose row ``b`` holds the rows of ``caches[b]`` (same shapes): the
+        shared buffers of a batch. Each input cache is re-pointed at its row of the new
+        buffers (a view, no copy) and pinned: its splices copy back instead of swapping,
+        so every row keeps living in the shared active buffer."""
+        if not caches:
+            raise ValueError("stack() needs at least one cache")
+        first = caches[0]
+        for c in caches:
+            if (
+                c.num_rows != 1
+                or c.kv.shape[:2] != first.kv.shape[:2]
+                or c.capacity != first.capacity
+            ):
+                raise ValueError("stack() needs single-row caches of one model and capacity")
+        L, _, _, H, C, D = first.kv.shape
+        out = cls(L, H, D, len(caches), C, first.kv.dtype, first.kv.device, double_buffer=True)
+        for b, c in enumerate(caches):
+            n = c.lengths[0]
+            out.buffers[0][:, :, b : b + 1, :, :n] = c.kv[:, :, :, :, :n]
+            c.buffers = [buf[:, :, b : b + 1] for buf in out.buffers]
+            c.active = 0
+            c.pinned = True
+        out.lengths = [c.lengths[0] for c in caches]
+        out.layer_lengths = [max(out.lengths)] * L
+        return out
 
     # ----------------------------------------------------------------- state
 
@@ -241,6 +271,11 @@ class MegaContextCache(Cache):
         full[:, : index.shape[1]] = index.to(full.device)
         src, dst = self.buffers[self.active], self.buffers[1 - self.active]
         kv_splice(src, dst, full)
-        self.active = 1 - self.active
+        if self.pinned:
+            # A row of a batch: the other rows read the active buffer, so copy back.
+            n = max(lengths)
+            src[:, :, :, :, :n] = dst[:, :, :, :, :n]
+        else:
+            self.active = 1 - self.active
         self.lengths = list(lengths)
         self.layer_lengths = [max(lengths)] * self.num_layers

@@ -46,7 +46,7 @@ from .hook import patch
 from .tree import MegaContextTree, mean_pool
 from .working_context import WorkingContext
 
-__all__ = ["PHASES", "MegaContext", "Session"]
+__all__ = ["PHASES", "MegaContext", "Session", "SessionBatch"]
 
 PHASES = ("gist", "lens", "allocator", "cache", "decode")
 TAIL_GISTS = 6  # LensNet's tail: the root gist plus the 5 newest LOD1 gists
@@ -126,6 +126,10 @@ class MegaContext:
         """A new, empty session (``telemetry``: an optional sink with ``log_iteration``
         and ``log_actions``, e.g. :class:`megacontext.telemetry.Telemetry`)."""
         return Session(self, telemetry=telemetry)
+
+    def batch(self, sessions: Sequence[Session]) -> SessionBatch:
+        """Decode ``sessions`` together (one forward per step); see :class:`SessionBatch`."""
+        return SessionBatch(sessions)
 
     @classmethod
     def open(
@@ -730,3 +734,91 @@ def wc_nll(
     )
     logp = out.logits[0].float().log_softmax(-1)
     return -logp.gather(1, targets.to(logp.device)[:, None])[:, 0]
+
+
+class SessionBatch:
+    """Sessions that decode together: one forward per step for all of them.
+
+    Each session keeps its own tree, WC, allocator and telemetry; their caches become
+    rows of one shared :class:`MegaContextCache` (different WC lengths, padded and
+    masked per row). Refocus and ingest stay per session (they touch one row).
+    Create with :meth:`MegaContext.batch`.
+    """
+
+    def __init__(self, sessions: Sequence[Session]):
+        if not sessions:
+            raise InputError("a batch needs at least one session")
+        system = sessions[0].system
+        if any(s.system.base is not system.base for s in sessions):
+            raise InputError("sessions in a batch must share one base model")
+        if any(s.wc is None for s in sessions):
+            raise InputError("every session in a batch needs a history: ingest() first")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise InputError("a session appears twice in the batch")
+        self.sessions = list(sessions)
+        self.base = system.base
+        self.cache = MegaContextCache.stack([s.cache for s in sessions])
+        self._cache_kw = sessions[0]._cache_kw
+
+    def _step(self, tokens: list[int]) -> None:
+        """Append one token to every session with one batched forward."""
+        dev = self.base.device
+        rows = []
+        for s, tok in zip(self.sessions, tokens, strict=True):
+            assert s.wc is not None
+            t = s.num_tokens
+            with s._phases("gist"):
+                s.tree.append(torch.tensor([tok]), s._embed, s._gist_fn())
+            s.wc.extend(t + 1)
+            rows.append((len(s.wc) - 1, t))
+        slots = torch.tensor([[r[0]] for r in rows], device=dev)
+        lengths = [r[0] + 1 for r in rows]
+        width = max(lengths)
+        embeds = self.base.embed(torch.tensor(tokens)[:, None])
+        positions = torch.tensor([[r[1]] for r in rows], device=dev)
+        self.cache.plan(slots, lengths)
+        mask = torch.arange(width, device=dev)[None, None, None, :] <= slots[:, None, :, None]
+        t0 = time.perf_counter()
+        out = self.base.model(
+            inputs_embeds=embeds.to(dtype=self.base.dtype),
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: self.cache},
+        )
+        ms = (time.perf_counter() - t0) * 1e3
+        logits = out.logits[:, -1].float()
+        for b, s in enumerate(self.sessions):
+            s.cache.lengths = [lengths[b]]
+            s.cache.layer_lengths = [lengths[b]] * s.cache.num_layers
+            s._phases.ms["decode"] += ms / len(self.sessions)
+            s._next_logits = logits[b]
+            if s.num_tokens % s.config.block_size == 0:
+                s._blocks_since_refocus += 1
+                s.refocus()
+                self.cache.lengths[b] = s.cache.lengths[0]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Decode ``max_new_tokens`` tokens for every session (no early stop, so the
+        rows stay in step); returns each session's generated text."""
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        outs: list[list[int]] = [[] for _ in self.sessions]
+        for _ in range(max_new_tokens):
+            tokens = []
+            for s in self.sessions:
+                assert s._next_logits is not None
+                tokens.append(_sample(s._next_logits, temperature, top_p, gen))
+            self._step(tokens)
+            for o, tok in zip(outs, tokens, strict=True):
+                o.append(tok)
+        return [self.base.decode(o) for o in outs]

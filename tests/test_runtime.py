@@ -187,3 +187,33 @@ def test_saved_session_resumes_with_identical_logits(tiny_base, tmp_path, mode):
     torch.testing.assert_close(r.next_token_logits(), s.next_token_logits(), rtol=0, atol=1e-5)
     with pytest.raises(mc.StorageError, match="session.json"):
         mc.MegaContext.open(tmp_path, base=tiny_base)
+
+
+@pytest.mark.parametrize("mode", ["exact", "splice"])
+def test_batched_decode_equals_per_session_decode(tiny_base, mode):
+    lengths = [700, 1013, 1500]  # different histories and WC lengths
+    solo, batch = [], []
+    for i, n in enumerate(lengths):
+        for group in (solo, batch):
+            s = _session(tiny_base, mode)
+            s.ingest(_ids(n, seed=i))
+            group.append(s)
+    expected = [s.generate(70) for s in solo]
+    got = batch[0].system.batch(batch).generate(70)
+    assert got == expected
+    for a, b in zip(solo, batch, strict=True):
+        torch.testing.assert_close(b.next_token_logits(), a.next_token_logits(), rtol=0, atol=1e-5)
+        assert [x[:4] for x in a.actions] == [x[:4] for x in b.actions]
+        assert torch.equal(a.wc.nodes, b.wc.nodes)
+    assert sum(len(s.actions) for s in batch) > 0
+
+
+def test_batch_input_errors(tiny_base):
+    s = _session(tiny_base)
+    with pytest.raises(mc.InputError, match="history"):
+        s.system.batch([s])
+    s.ingest(_ids(100))
+    with pytest.raises(mc.InputError, match="twice"):
+        s.system.batch([s, s])
+    with pytest.raises(mc.InputError, match="at least one"):
+        s.system.batch([])
