@@ -95,8 +95,9 @@ def test_query_readout_is_attention_pooling():
 def test_query_readout_through_the_triton_kernel(monkeypatch):
     # the module's query read-out runs the Triton kernel (interpreter on CPU) and matches
     # the reference path, forward and gradients
-    g = perturb(small(readout="query"))
-    x = torch.randn(3, 32, 24, requires_grad=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = perturb(small(readout="query")).to(device)
+    x = torch.randn(3, 32, 24, device=device, requires_grad=True)
     monkeypatch.setenv("MEGACONTEXT_KERNELS", "reference")
     ref = g(x)
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, *g.parameters()])
