@@ -3,8 +3,11 @@
 d = 576 (SmolLM2-135M), fp16 gists, block size 32, two gist levels, the mean-pool
 gistnet, and a random fp16 embedding table of 49,152 rows (the SmolLM2 vocabulary).
 
-* ``append_ram[chunk]``: 262,144 tokens appended to a RAM tree ``chunk`` tokens per
-  call (32: the runtime loop's K decoded tokens; 4,096; 65,536: bulk ingest).
+* ``append_ram[chunk-threads]``: tokens appended to a RAM tree ``chunk`` tokens per
+  call (32: the runtime loop's K decoded tokens, 32,768 tokens; 4,096 and 65,536:
+  bulk ingest, 131,072 tokens), with 1 torch thread and with torch's default.
+* ``append_gist_batch[gb]``: 131,072 tokens in one call with ``tree.gist_batch = gb``
+  nodes per gistnet call (the default is 256).
 * ``append_disk[chunk]``: the same on an opened on-disk tree, every call a crash-safe
   commit (pwrite, ftruncate, fsync of each written file, metadata.json replaced and
   the directory fsynced); 8,192 tokens for chunk 32, 65,536 for chunk 4,096.
@@ -24,6 +27,7 @@ The second command prints the Markdown table (median time, tokens/s, ratios).
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -36,7 +40,7 @@ from megacontext.storage import FORMAT_NAME, FORMAT_VERSION, Header
 from megacontext.tree import MegaContextTree, mean_pool
 
 DIM, VOCAB, BS, LEVELS = 576, 49152, 32, 2
-APPEND_TOKENS = 262_144
+APPEND_TOKENS = {32: 32_768, 4096: 131_072, 65536: 131_072}
 DISK_TOKENS = {32: 8_192, 4096: 65_536}
 OPEN_TOKENS = 10_000_000
 
@@ -103,23 +107,51 @@ def big_tree(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture
+def threads(request):
+    """Run the case with ``request.param`` torch intra-op threads (0: torch's default)."""
+    old = torch.get_num_threads()
+    if request.param:
+        torch.set_num_threads(request.param)
+    yield torch.get_num_threads()
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 0], ids=["1thread", "default-threads"], indirect=True)
 @pytest.mark.parametrize("chunk", [32, 4096, 65536])
-def test_append_ram(benchmark, chunk):
-    ids = _ids(APPEND_TOKENS)
+def test_append_ram(benchmark, chunk, threads):
+    n = APPEND_TOKENS[chunk]
+    ids = _ids(n)
     trees: list[MegaContextTree] = []
 
     def setup():
         trees.append(MegaContextTree(DIM, BS, LEVELS, torch.float16))
         return (trees[-1], ids, chunk), {}
 
-    benchmark.extra_info.update(tokens=APPEND_TOKENS, chunk=chunk)
-    benchmark.pedantic(_append_all, setup=setup, rounds=3, iterations=1)
-    ref = trees[-1]
-    assert ref.num_tokens == APPEND_TOKENS and ref.num_nodes(2) == APPEND_TOKENS // BS**2
+    benchmark.extra_info.update(tokens=n, chunk=chunk, threads=threads)
+    benchmark.pedantic(_append_all, setup=setup, rounds=5, iterations=1)
+    last = trees[-1]
+    assert last.num_tokens == n and last.num_nodes(2) == n // BS**2
 
 
+@pytest.mark.parametrize("threads", [1], ids=["1thread"], indirect=True)
+@pytest.mark.parametrize("gist_batch", [64, 256, 1024])
+def test_append_gist_batch(benchmark, gist_batch, threads):
+    n = APPEND_TOKENS[65536]
+    ids = _ids(n)
+
+    def setup():
+        tree = MegaContextTree(DIM, BS, LEVELS, torch.float16)
+        tree.gist_batch = gist_batch
+        return (tree, ids, n), {}
+
+    benchmark.extra_info.update(tokens=n, chunk=n, gist_batch=gist_batch, threads=threads)
+    benchmark.pedantic(_append_all, setup=setup, rounds=5, iterations=1)
+
+
+@pytest.mark.parametrize("threads", [1], ids=["1thread"], indirect=True)
 @pytest.mark.parametrize("chunk", [32, 4096])
-def test_append_disk(benchmark, tmp_path, chunk):
+def test_append_disk(benchmark, tmp_path, chunk, threads):
     n = DISK_TOKENS[chunk]
     ids = _ids(n)
     rounds = iter(range(1000))
@@ -131,8 +163,8 @@ def test_append_disk(benchmark, tmp_path, chunk):
         trees.append(MegaContextTree.open(path))
         return (trees[-1], ids, chunk), {}
 
-    benchmark.extra_info.update(tokens=n, chunk=chunk)
-    benchmark.pedantic(_append_all, setup=setup, rounds=3, iterations=1)
+    benchmark.extra_info.update(tokens=n, chunk=chunk, threads=threads)
+    benchmark.pedantic(_append_all, setup=setup, rounds=5, iterations=1)
     for tree in trees:
         assert tree.num_tokens == n
         tree.close()
@@ -152,18 +184,22 @@ def test_open_10m(benchmark, big_tree, mode):
         tokens=OPEN_TOKENS,
         lod1_bytes=(big_tree / "LOD1.ctx").stat().st_size,
     )
-    # residency of LOD1.ctx after one open + one gist read, in a fresh mapping
+    # residency of LOD1.ctx that one open + one gist read adds (earlier rounds'
+    # mappings may still be alive until collected: measure the difference)
+    lod1 = big_tree / "LOD1.ctx"
+    gc.collect()
+    before = _mapped_rss_kib(lod1)
     fresh = MegaContextTree.open(big_tree, mode="r")
     fresh.gists(1)[7_654].float()
-    benchmark.extra_info["lod1_resident_kib"] = _mapped_rss_kib(big_tree / "LOD1.ctx")
+    benchmark.extra_info["lod1_resident_kib"] = _mapped_rss_kib(lod1) - before
     fresh.close()
 
 
-@pytest.mark.parametrize("where", ["disk-10M", "ram-262K"])
+@pytest.mark.parametrize("where", ["disk-10M", "ram-131K"])
 def test_read_gist(benchmark, big_tree, where):
-    if where == "ram-262K":
+    if where == "ram-131K":
         tree = MegaContextTree(DIM, BS, LEVELS, torch.float16)
-        tree.append(_ids(APPEND_TOKENS), embed)
+        tree.append(_ids(APPEND_TOKENS[4096]), embed)
     else:
         tree = MegaContextTree.open(big_tree, mode="r")
     n = tree.num_nodes(1)
@@ -194,18 +230,24 @@ def _table_md(path: str) -> str:
         unit = (m * 1e3, "ms") if m >= 1e-3 else (m * 1e6, "µs")
         rows.append(f"| {b['name']} | {unit[0]:.3g} {unit[1]} | {tput} |")
     ratios = []
-    for a, b in (
-        ("test_append_ram[4096]", "test_append_ram[32]"),
-        ("test_append_ram[65536]", "test_append_ram[4096]"),
-    ):
-        if a in med and b in med:
-            ratios.append(f"- {a} vs {b}: {med[b] / med[a]:.2f}× the tokens/s")
-    disk = ("test_append_disk[4096]", "test_append_ram[4096]")
-    if all(k in med for k in disk):
-        ram_tps = APPEND_TOKENS / med[disk[1]]
-        disk_tps = DISK_TOKENS[4096] / med[disk[0]]
-        ratios.append(f"- append chunk 4096, disk vs RAM: {disk_tps / ram_tps:.2f}× the tokens/s")
-    reads = ("test_read_gist[disk-10M]", "test_read_gist[ram-262K]")
+    for t in ("1thread", "default-threads"):
+        for a, b in ((4096, 32), (65536, 4096)):
+            ka, kb = f"test_append_ram[{a}-{t}]", f"test_append_ram[{b}-{t}]"
+            if ka in med and kb in med:
+                tps = APPEND_TOKENS[a] / med[ka] / (APPEND_TOKENS[b] / med[kb])
+                ratios.append(f"- append, chunk {a} vs chunk {b} ({t}): {tps:.2f}× the tokens/s")
+    for c in (32, 4096):
+        ka, kb = f"test_append_ram[{c}-default-threads]", f"test_append_ram[{c}-1thread]"
+        if ka in med and kb in med:
+            tps = med[kb] / med[ka]
+            ratios.append(
+                f"- append chunk {c}, default threads vs 1 thread: {tps:.2f}× the tokens/s"
+            )
+        kd = f"test_append_disk[{c}-1thread]"
+        if kd in med and kb in med:
+            tps = DISK_TOKENS[c] / med[kd] / (APPEND_TOKENS[c] / med[kb])
+            ratios.append(f"- append chunk {c}, disk vs RAM (1 thread): {tps:.3f}× the tokens/s")
+    reads = ("test_read_gist[disk-10M]", "test_read_gist[ram-131K]")
     if all(k in med for k in reads):
         ratios.append(f"- one gist read, 10M memmap vs RAM: {med[reads[0]] / med[reads[1]]:.2f}×")
     return "\n".join([*rows, "", *ratios])

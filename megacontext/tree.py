@@ -43,9 +43,11 @@ __all__ = ["MegaContextTree", "mean_pool"]
 Embed = Callable[[torch.Tensor], torch.Tensor]
 GistFn = Callable[[torch.Tensor], torch.Tensor]
 
-# Blocks per gistnet call: 1024 blocks of 32 tokens at d=576 are a 75 MB fp32 batch,
-# large enough to amortise the call, small enough to bound memory on huge appends.
-DEFAULT_GIST_BATCH = 1024
+# Nodes per gistnet call (``tree.gist_batch``): 256 blocks of 32 tokens at d=576 are
+# 4.7 MB of fp16 embeddings. Enough to amortise the call; on the CPU, much larger
+# batches run slower per token (fresh large temporaries cost page faults: see
+# bench/bench_tree.py::test_append_gist_batch). A GPU gistnet may want more.
+DEFAULT_GIST_BATCH = 256
 
 _NP_DTYPE: dict[torch.dtype, type] = {
     torch.float16: np.float16,
