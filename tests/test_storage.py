@@ -696,6 +696,8 @@ def test_open_and_one_gist_read_map_pages_not_the_file(tmp_path):
         one = _mapped_rss_kib(lod1)
         tree.gists(1).float().sum()
         whole = _mapped_rss_kib(lod1)
-    # one read maps at most the kernel's fault-around window (64 KiB by default)
-    assert 0 < one <= 256, f"one gist read made {one} KiB of LOD1.ctx resident"
+    # one read maps the kernel's fault-around window (64 KiB by default) or, where the
+    # page cache holds the file in large folios, one folio (up to 2 MiB; two if the row
+    # straddles): pages, not the 57 MB file
+    assert 0 < one <= 4096, f"one gist read made {one} KiB of LOD1.ctx resident"
     assert whole > payload_kib // 2  # the measurement does see pages when they are read
