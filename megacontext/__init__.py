@@ -43,6 +43,7 @@ _LAZY: dict[str, str] = {
     "Telemetry": "telemetry",
     "MegaContext": "runtime",
     "Session": "runtime",
+    "SessionBatch": "runtime",
     "MegaContextCache": "cache",
     "patch": "hook",
     "unpatch": "hook",
@@ -77,6 +78,7 @@ __all__ = [
     "Telemetry",
     "MegaContext",
     "Session",
+    "SessionBatch",
     "MegaContextCache",
     "patch",
     "unpatch",
@@ -93,7 +95,7 @@ if TYPE_CHECKING:
     from .hook import patch, patched, unpatch
     from .lensnet import LensNet, LensNetConfig
     from .nll import token_nll
-    from .runtime import MegaContext, Session
+    from .runtime import MegaContext, Session, SessionBatch
     from .telemetry import Telemetry
     from .tree import MegaContextTree, mean_pool
     from .working_context import WorkingContext

@@ -592,6 +592,20 @@ class Session:
                     break
         return self.base.decode(out)
 
+    @torch.no_grad()
+    def feed(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decode: append ``ids`` one token at a time exactly as
+        :meth:`generate` would (refocus every K tokens) and return each token's NLL
+        (float32 ``[n]``, nats) under the logits the session held before it."""
+        if self.wc is None or self._next_logits is None:
+            raise InputError("feed() needs a history: call ingest() first")
+        ids = self._validate_ids(ids)
+        nll = torch.empty(ids.numel(), dtype=torch.float32)
+        for i, tok in enumerate(ids.tolist()):
+            nll[i] = -torch.log_softmax(self._next_logits, -1)[tok]
+            self._append_token(tok)
+        return nll
+
     def next_token_logits(self) -> torch.Tensor:
         """float32 ``[V]``: the base model's logits for the token after the history."""
         if self._next_logits is None:

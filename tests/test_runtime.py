@@ -217,3 +217,16 @@ def test_batch_input_errors(tiny_base):
         s.system.batch([s, s])
     with pytest.raises(mc.InputError, match="at least one"):
         s.system.batch([])
+
+
+def test_feed_scores_tokens_like_generate(tiny_base):
+    a, b = _session(tiny_base, "exact"), _session(tiny_base, "exact")
+    a.ingest(_ids(900))
+    b.ingest(_ids(900))
+    text = a.generate(40)
+    ids = tiny_base.tokenizer.encode(text, add_special_tokens=False)
+    first = -torch.log_softmax(b.next_token_logits(), -1)[ids[0]]
+    nll = b.feed(ids)
+    assert nll.shape == (len(ids),) and float(nll[0]) == pytest.approx(float(first))
+    assert b.num_tokens == a.num_tokens and torch.equal(a.wc.nodes, b.wc.nodes)
+    torch.testing.assert_close(b.next_token_logits(), a.next_token_logits())

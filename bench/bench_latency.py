@@ -1,0 +1,165 @@
+"""Latency gate: MegaContext decode vs the frozen base model at the same budget.
+
+Per generated token, side by side in one run:
+
+* ``baseline[W]``: the unpatched base model decoding with its own KV cache after a
+  prompt of ``W`` plain tokens (the cost of reading ``W`` active tokens);
+* ``megacontext[W]``: a MegaContext session with ``w_max = W`` over a history of
+  ``2 W`` tokens (so the working context is full and mixes gists and tokens),
+  decoding with everything on: per-token cache append plus, every K = 32 tokens,
+  gisting the block, a LensNet pass over the whole WC, the allocator, and the KV
+  refocus (``splice``), i.e. the refocus cost amortised over its block.
+
+The ratio ``megacontext / baseline`` is the design card's latency budget
+(<= 1.10 at 8k on a GPU, aim <= 1.03). ``MEGACONTEXT_BENCH_MODEL`` picks the model:
+``smollm2-135m`` (default; the embedded model, run on the CPU) or ``llama-8b-random``
+(a randomly initialised Llama-3.1-8B-shaped model in bf16 for a GPU, no weights
+needed). ``MEGACONTEXT_BENCH_BUDGETS`` overrides the budgets (default 2048,4096,8192).
+
+    .venv/bin/python -m pytest bench/bench_latency.py --benchmark-enable \
+        --benchmark-json=bench/results/latency-cpu-<date>.json
+    .venv/bin/python bench/bench_latency.py bench/results/latency-cpu-<date>.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import megacontext as mc
+
+NEW_TOKENS = 64  # two refocus blocks per measured round
+MODEL = os.environ.get("MEGACONTEXT_BENCH_MODEL", "smollm2-135m")
+BUDGETS = [int(x) for x in os.environ.get("MEGACONTEXT_BENCH_BUDGETS", "2048,4096,8192").split(",")]
+
+
+def _base() -> mc.Base:
+    if MODEL != "llama-8b-random":
+        return mc.load_base(MODEL)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = mc.load_base("tiny-llama", device="cpu")
+    cfg = LlamaConfig(
+        vocab_size=tiny.vocab_size,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+    )
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.requires_grad_(False)
+    return mc.Base(model=model, tokenizer=tiny.tokenizer, name="llama-8b-random")
+
+
+@pytest.fixture(scope="module")
+def base():
+    return _base()
+
+
+def _history(base: mc.Base, n: int) -> torch.Tensor:
+    """Real text (standard-library source) tokenized, repeated to ``n`` tokens."""
+    import inspect
+    import json as json_mod
+    import typing
+
+    text = "".join(inspect.getsource(m) for m in (typing, json_mod.decoder, inspect))
+    ids = base.encode(text)
+    reps = -(-n // ids.numel())
+    return ids.repeat(reps)[:n]
+
+
+def _sync(base: mc.Base) -> None:
+    if base.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_baseline(benchmark, base, budget):
+    from transformers import DynamicCache
+
+    mc.unpatch(base.model)
+    prompt = _history(base, budget)[None].to(base.device)
+    state = {}
+
+    def setup():
+        cache = DynamicCache(config=base.model.config)
+        with torch.no_grad():
+            out = base.model(input_ids=prompt, use_cache=True, past_key_values=cache)
+        state["cache"], state["next"] = cache, out.logits[:, -1:].argmax(-1)
+        _sync(base)
+
+    def decode():
+        cache, tok = state["cache"], state["next"]
+        with torch.no_grad():
+            for _ in range(NEW_TOKENS):
+                out = base.model(input_ids=tok, use_cache=True, past_key_values=cache)
+                tok = out.logits[:, -1:].argmax(-1)
+        _sync(base)
+
+    benchmark.pedantic(decode, setup=setup, rounds=2, iterations=1)
+    benchmark.extra_info.update(budget=budget, model=base.name, new_tokens=NEW_TOKENS)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_megacontext(benchmark, base, budget):
+    cfg = mc.MegaContextConfig(model=base.name, w_max=budget, kv_mode="splice")
+    lens = mc.LensNet(base.dim).to(device=base.device, dtype=base.dtype).eval()
+    gist = mc.GistNet(base.dim).to(device=base.device, dtype=base.dtype).eval()
+    system = mc.MegaContext(base, gist, lens, cfg)
+    history = _history(base, 2 * budget)
+    state = {}
+
+    def setup():
+        session = system.session()
+        session.ingest(history)
+        state["s"] = session
+        _sync(base)
+
+    def decode():
+        state["s"].generate(NEW_TOKENS)
+        _sync(base)
+
+    benchmark.pedantic(decode, setup=setup, rounds=2, iterations=1)
+    s = state["s"]
+    benchmark.extra_info.update(
+        budget=budget,
+        model=base.name,
+        new_tokens=NEW_TOKENS,
+        wc_cost=s.wc.cost,
+        actions=len(s.actions),
+        refocus_iterations=len(s.history),
+    )
+
+
+def report(path: str) -> str:
+    """Markdown table of a --benchmark-json file: ms/token and the ratio per budget."""
+    data = json.loads(Path(path).read_text())
+    rows: dict[int, dict[str, float]] = {}
+    for b in data["benchmarks"]:
+        kind = b["name"].split("[")[0].removeprefix("test_")
+        rows.setdefault(b["extra_info"]["budget"], {})[kind] = (
+            b["stats"]["median"] * 1e3 / b["extra_info"]["new_tokens"]
+        )
+    lines = [
+        "| W_max | baseline ms/token | megacontext ms/token | ratio |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for w in sorted(rows):
+        r = rows[w]
+        if "baseline" in r and "megacontext" in r:
+            ratio = r["megacontext"] / r["baseline"]
+            lines.append(f"| {w} | {r['baseline']:.2f} | {r['megacontext']:.2f} | {ratio:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report(sys.argv[1]))
