@@ -180,9 +180,11 @@ def test_dtype_and_mask_errors():
         lens_stage1(q, x, torch.ones(1, 10))
 
 
-def test_kernel_rejects_too_wide_rows(force_triton):
-    q, x = torch.zeros(1, 2, mod.MAX_D + 1), torch.zeros(1, 3, mod.MAX_D + 1)
-    with pytest.raises(ConfigError, match=f"D <= {mod.MAX_D}"):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_rejects_too_wide_rows(force_triton, dtype):
+    wide = mod.MAX_D[dtype] + 1
+    q, x = torch.zeros(1, 2, wide, dtype=dtype), torch.zeros(1, 3, wide, dtype=dtype)
+    with pytest.raises(ConfigError, match=f"D <= {mod.MAX_D[dtype]}"):
         lens_stage1(q.to(DEVICE), x.to(DEVICE))
 
 

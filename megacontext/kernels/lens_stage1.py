@@ -55,7 +55,11 @@ except ImportError:  # pragma: no cover - triton is installed wherever tests run
 __all__ = ["lens_stage1", "lens_stage1_reference"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_D = 1024  # the kernel keeps a [BLOCK_M, next_pow2(D)] fp32 accumulator per program
+# Widest rows the kernel takes: a program holds a [BLOCK_M, next_pow2(D)] fp32
+# accumulator and stages [BLOCK_N, D] tiles in shared memory. Compiled for sm_80/sm_90
+# (tests/test_lens_aot.py) it needs 160 KiB of shared memory at fp32 D = 512 and 112 KiB
+# at 16-bit D = 1024, within the A100's 163 KiB per block; fp32 D = 1024 would not fit.
+MAX_D = {torch.float32: 512, torch.float16: 1024, torch.bfloat16: 1024}
 
 if triton is not None:
 
@@ -268,6 +272,17 @@ def _tl_dtype(dtype: torch.dtype):
     ]
 
 
+def launch_meta(D: int) -> dict[str, int]:
+    """Tile sizes and warps of the split kernel for rows of width ``D``."""
+    block_d = max(16, triton.next_power_of_2(D))
+    return {
+        "BLOCK_M": 16,
+        "BLOCK_N": 32,
+        "BLOCK_D": block_d,
+        "num_warps": 4 if block_d <= 256 else 8,
+    }
+
+
 def _default_split(N: int, block_n: int) -> int:
     # ~256 entries per program at long N (128 splits at N = 32k: enough programs for
     # 132 SMs x 3 row blocks); short N still gets >= 8 splits when it has the rows.
@@ -282,9 +297,11 @@ def _lens_stage1_fwd(
     B, M, N, D = _check_inputs(q, x, mask)
     if triton is None:
         raise BackendUnavailableError("lens_stage1: the Triton kernel needs triton installed")
-    if D > MAX_D:
+    max_d = MAX_D[x.dtype]
+    if x.shape[2] > max_d:
         raise ConfigError(
-            f"lens_stage1: the Triton kernel supports D <= {MAX_D}, got x {tuple(x.shape)}",
+            f"lens_stage1: the Triton kernel supports D <= {max_d} for {x.dtype}, "
+            f"got x {tuple(x.shape)}",
             field="x",
             value=tuple(x.shape),
         )
@@ -298,8 +315,8 @@ def _lens_stage1_fwd(
         x = x.contiguous()
     if q.stride(2) != 1:
         q = q.contiguous()
-    block_m, block_n = 16, 32
-    block_d = max(16, triton.next_power_of_2(D))
+    meta = launch_meta(D)
+    block_m, block_n, block_d = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"]
     split = _default_split(N, block_n) if split_size <= 0 else split_size
     split = -(-split // block_n) * block_n
     S = -(-N // split)
@@ -316,7 +333,7 @@ def _lens_stage1_fwd(
         mask_u8, stride_mb = x, 0  # never read
     in_dtype = _tl_dtype(x.dtype)
     dot_dtype = tl.float32 if (x.dtype == torch.bfloat16 and not x.is_cuda) else in_dtype
-    num_warps = 4 if block_d <= 256 else 8
+    num_warps = meta["num_warps"]
     with torch.cuda.device(dev) if x.is_cuda else contextlib.nullcontext():
         _lens_stage1_split_kernel[(S, triton.cdiv(M, block_m), B)](
             q,

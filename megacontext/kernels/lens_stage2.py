@@ -325,6 +325,22 @@ def _tl_dtype(dtype: torch.dtype):
     ]
 
 
+def launch_meta(D: int, H: int, T: int, hh: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tile sizes and warps of the kernel (``hh`` 0: no head)."""
+    t_pad = triton.next_power_of_2(T)
+    # tl.dot needs every dimension >= 16: pad the head axis until H_PAD * T_PAD >= 16
+    h_pad = max(triton.next_power_of_2(H), -(-16 // t_pad))
+    return {
+        "BLOCK_N": 32,
+        "BLOCK_D": min(64, max(16, triton.next_power_of_2(D))),
+        "T_PAD": t_pad,
+        "H_PAD": h_pad,
+        "BLOCK_HH": max(16, triton.next_power_of_2(hh)) if hh else 16,
+        # fp32 tiles need twice the registers: with 4 warps ptxas spills (sm_80), with 8 not
+        "num_warps": 8 if dtype == torch.float32 else 4,
+    }
+
+
 def _lens_stage2_fwd(
     x: torch.Tensor,
     a: torch.Tensor,
@@ -367,17 +383,11 @@ def _lens_stage2_fwd(
         out = torch.empty(B, N, D, device=x.device, dtype=x.dtype)
         stride_ob, stride_on = out.stride(0), out.stride(1)
         w1 = b1 = w2 = b2 = x  # never read
-    T = G // n_heads
-    t_pad = triton.next_power_of_2(T)
-    # tl.dot needs every dimension >= 16: pad the head axis until H_PAD * T_PAD >= 16
-    h_pad = max(triton.next_power_of_2(n_heads), -(-16 // t_pad))
-    block_n = 32
-    block_d = min(64, max(16, triton.next_power_of_2(D)))
-    block_hh = max(16, triton.next_power_of_2(hh)) if head else 16
+    meta = launch_meta(D, n_heads, G // n_heads, hh, x.dtype)
     in_dtype = _tl_dtype(x.dtype)
     dot_dtype = tl.float32 if (x.dtype == torch.bfloat16 and not x.is_cuda) else in_dtype
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _lens_stage2_kernel[(triton.cdiv(N, block_n), B)](
+        _lens_stage2_kernel[(triton.cdiv(N, meta["BLOCK_N"]), B)](
             x,
             a,
             a0,
@@ -389,7 +399,7 @@ def _lens_stage2_fwd(
             out,
             N,
             D,
-            T,
+            G // n_heads,
             n_heads,
             hh,
             float(eps),
@@ -406,12 +416,7 @@ def _lens_stage2_fwd(
             HEAD=head,
             IN_DTYPE=in_dtype,
             DOT_DTYPE=dot_dtype,
-            BLOCK_N=block_n,
-            BLOCK_D=block_d,
-            T_PAD=t_pad,
-            H_PAD=h_pad,
-            BLOCK_HH=block_hh,
-            num_warps=4,
+            **meta,
         )
     return out
 
