@@ -197,3 +197,10 @@ def test_gpu_realistic_shape(force_triton, dtype):
     ref_out, ref_lse = lens_stage1_reference(q, x, mask)
     assert_close(out, ref_out, TOL[dtype], "out")
     torch.testing.assert_close(lse, ref_lse, rtol=LSE_TOL, atol=LSE_TOL)
+
+
+def test_empty_batch(force_triton):
+    out, lse = lens_stage1(
+        torch.zeros(0, 4, 8, device=DEVICE), torch.zeros(0, 10, 8, device=DEVICE)
+    )
+    assert out.shape == (0, 4, 8) and lse.shape == (0, 4)

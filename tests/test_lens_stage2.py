@@ -183,3 +183,10 @@ def test_gpu_realistic_shape(force_triton, dtype):
     out = lens_stage2(*inputs, n_heads=8)
     ref = lens_stage2_reference(*inputs, n_heads=8)
     assert_close(out, ref, TOL[dtype], "scores", relative=False)
+
+
+def test_empty_batch(force_triton):
+    x, a, a0, c, w1, b1, w2, b2 = (t.detach() for t in _inputs(1, 5, 8, 2, 6, 4, torch.float32))
+    empty = [t[:0] for t in (x, a, a0, c)]
+    assert lens_stage2(*empty, w1, b1, w2, b2, n_heads=2).shape == (0, 5)
+    assert lens_stage2(*empty, n_heads=2).shape == (0, 5, 8)

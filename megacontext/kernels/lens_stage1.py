@@ -326,6 +326,8 @@ def _lens_stage1_fwd(
     part_acc = torch.empty(B, S, M, D, device=dev, dtype=torch.float32)
     out = torch.empty(B, M, D, device=dev, dtype=x.dtype)
     lse = torch.empty(B, M, device=dev, dtype=torch.float32)
+    if B == 0:  # an empty grid: nothing to launch
+        return out, lse
     if mask is not None:
         mask_u8 = mask.to(torch.uint8)
         stride_mb = mask_u8.stride(0)
