@@ -234,7 +234,16 @@ class _FileLevel:
     the level above can read them back.
     """
 
-    def __init__(self, path: str, level: int, dim: int, np_dtype: type, count: int, mode: str):
+    def __init__(
+        self,
+        path: str,
+        level: int,
+        dim: int,
+        np_dtype: type,
+        count: int,
+        mode: str,
+        fd: int | None = None,
+    ):
         self.path = path
         self.row_shape: tuple[int, ...] = () if level == 0 else (dim,)
         self.np_dtype = np.dtype(np_dtype)
@@ -246,7 +255,7 @@ class _FileLevel:
         self._mapped = 0
         self.dirty = False
         if mode == "r+":
-            self.fd = os.open(path, os.O_RDWR)
+            self.fd = fd if fd is not None else os.open(path, os.O_RDWR)
         self._remap(count)
 
     def _remap(self, rows: int) -> None:
@@ -361,12 +370,14 @@ def open_tree(path: str | os.PathLike[str], mode: str = "r+") -> TreeFiles:
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise _err(directory, "path", "not a tree directory (no such directory)")
-    meta = read_metadata(directory)
-    meta_path = os.path.join(directory, METADATA)
-    levels, counts = meta["levels"], meta["counts"]
-    gist_code = _CODE_OF_NAME[meta["dtype"]]
+    # lock before reading metadata.json, so no other writer commits after we read it
+    lock_fd = _lock_writer(directory) if mode == "r+" else None
     opened: list[_FileLevel] = []
     try:
+        meta = read_metadata(directory)
+        meta_path = os.path.join(directory, METADATA)
+        levels, counts = meta["levels"], meta["counts"]
+        gist_code = _CODE_OF_NAME[meta["dtype"]]
         for level in range(levels + 1):
             file = os.path.join(directory, level_file(level))
             try:
@@ -400,17 +411,13 @@ def open_tree(path: str | os.PathLike[str], mode: str = "r+") -> TreeFiles:
                     f"truncated: holds {held} complete {name} rows of {rowbytes} bytes, "
                     f"{meta_path} commits {counts[level]}",
                 )
-            opened.append(_FileLevel(file, level, meta["dim"], np_dtype, counts[level], mode))
+            fd_in = lock_fd if level == 0 else None
+            opened.append(
+                _FileLevel(file, level, meta["dim"], np_dtype, counts[level], mode, fd_in)
+            )
+            if level == 0:
+                lock_fd = None  # closed (and the lock released) by the level from now on
         if mode == "r+":
-            assert opened[0].fd is not None
-            try:
-                fcntl.flock(opened[0].fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                raise _err(
-                    opened[0].path, "lock", "another process has this tree open for writing"
-                ) from None
             # metadata temp files of commits killed before their rename: never data
             for name in os.listdir(directory):
                 if name.startswith(".metadata.") and name.endswith(".tmp"):
@@ -419,8 +426,36 @@ def open_tree(path: str | os.PathLike[str], mode: str = "r+") -> TreeFiles:
     except BaseException:
         for lvl in opened:
             lvl.close()
+        if lock_fd is not None:
+            os.close(lock_fd)
         raise
     return TreeFiles(directory, meta, opened, mode)
+
+
+def _lock_writer(directory: str) -> int | None:
+    """Open ``LOD0.ctx`` read-write and take the exclusive writer ``flock`` on it.
+
+    Returns the descriptor (``None`` when the file is missing: the checks that
+    follow report that). The lock lives as long as the descriptor (``close()`` or
+    process exit, a SIGKILL included).
+    """
+    file = os.path.join(directory, level_file(0))
+    try:
+        fd = os.open(file, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise _err(
+            file,
+            "lock",
+            "another writer (a process or tree object) holds this tree open in mode r+",
+        ) from None
+    return fd
 
 
 def _metadata_of(tree: MegaContextTree) -> dict[str, Any]:

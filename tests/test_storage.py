@@ -312,7 +312,7 @@ def test_read_only_and_writer_lock(saved):
         ro.gists(1)[0, 0] = 1.0  # a private copy-on-write page: no fault, file unchanged
     assert digest(path) == digest(path)
     writer = MegaContextTree.open(path)
-    with pytest.raises(StorageError, match="another process") as err:
+    with pytest.raises(StorageError, match="another writer") as err:
         MegaContextTree.open(path)
     assert err.value.field == "lock" and err.value.path.endswith("LOD0.ctx")
     MegaContextTree.open(path, mode="r").close()  # readers take no lock
