@@ -291,6 +291,20 @@ def test_truncate_on_disk(saved):
         assert_same_tree(opened, tree)
 
 
+def test_to_ram_copies_committed_rows(saved):
+    path, tree = saved
+    before = digest(path)
+    with MegaContextTree.open(path, "r") as opened:
+        ram = opened.to_ram()
+    assert ram.path is None and ram.writable and ram.model_name == "tiny-llama"
+    assert_same_tree(ram, tree)
+    ram.append(stream(9, 100), embed)  # independent of the files
+    assert_same_tree(ram, reference(torch.cat([stream(0, 333), stream(9, 100)]), levels=3))
+    assert digest(path) == before
+    bf = reference(stream(1, 50), dtype=torch.bfloat16).to_ram()  # RAM -> RAM, bf16 bits
+    assert_same_tree(bf, reference(stream(1, 50), dtype=torch.bfloat16))
+
+
 def test_refresh_on_disk_persists(saved):
     path, tree = saved
     with MegaContextTree.open(path) as opened:
