@@ -338,6 +338,23 @@ def test_read_only_and_writer_lock(saved):
         MegaContextTree.open(path, mode="w")
 
 
+def test_reader_alongside_a_writer(saved):
+    path, _ = saved
+    ids = stream(0, 333)
+    reader = MegaContextTree.open(path, mode="r")
+    held = [reader.gists(level) for level in (1, 2, 3)]
+    with MegaContextTree.open(path) as writer:
+        writer.append(stream(8, 500), embed)
+        writer.truncate(10)  # files keep their length: the reader's pages stay backed
+        writer.append(stream(8, 3), embed)
+        assert reader.num_tokens == 333  # a reader keeps the counts it opened with
+        assert all(h.float().isfinite().all() for h in held)  # no SIGBUS, no NaN bits
+        assert torch.equal(reader.tokens(0, 10), ids[:10])
+    reader.close()
+    with MegaContextTree.open(path, mode="r") as fresh:
+        assert_same_tree(fresh, reference(torch.cat([ids[:10], stream(8, 3)]), levels=3))
+
+
 def test_read_only_open_does_not_modify_files(saved):
     path, _ = saved
     before = digest(path)
