@@ -28,7 +28,7 @@ import sysconfig
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -263,6 +263,15 @@ def _check_align(start: int, end: int, align: str | None, block: int) -> bool:
     return start % block > 0 and (end - 1) // block == start // block and end % block != 0
 
 
+class _Built(NamedTuple):
+    context: str
+    ids: list[int]
+    offsets: np.ndarray
+    base: int  # char offset of the statement
+    start: int  # needle token span
+    end: int
+
+
 def _assemble(
     tokenizer: Any,
     *,
@@ -306,41 +315,66 @@ def _assemble(
     if want - lead > budget:  # alignment pushed the needle past the end: step back a block
         want -= block_size
     usable = fill.line_starts[fill.line_starts < fill.num_tokens - length - 8]
-    t0, t1 = (int(x) for x in rng.choice(usable, size=2))
 
-    def build(k1: int, k2: int) -> tuple[str, list[int], np.ndarray, int]:
-        f1 = fill.piece(t0, max(k1, 0))
-        f2 = fill.piece(t1, max(k2, 0))
+    def build(t0: int, t1: int, k1: int, k2: int) -> _Built:
+        # Trailing blanks would merge with the statement's / query's newlines.
+        f1 = fill.piece(t0, max(k1, 0)).rstrip()
+        f2 = fill.piece(t1, max(k2, 0)).rstrip()
         context = f1 + statement + f2 + query
         ids, off = _encode(tokenizer, context, offsets=True)
-        return context, ids, off, len(f1)
+        start, end = _span(off, len(f1) + needle[0], len(f1) + needle[1])
+        return _Built(context, ids, off, len(f1), start, end)
 
-    k1 = want - lead
-    k2 = budget - k1
-    start = end = -1
-    context, ids, off, base = build(k1, k2)
-    # Token seams can merge or split by one: re-measure and correct, a few rounds.
-    for _ in range(12):
-        start, end = _span(off, base + needle[0], base + needle[1])
-        shift, grow = want - start, length - len(ids)
-        if shift == 0 and grow == 0:
+    def attempt(t0: int, t1: int) -> _Built | None:
+        k1 = want - lead
+        k2 = budget - k1
+        cur = build(t0, t1, k1, k2)
+        seen: set[tuple[int, int]] = set()
+        # Token seams can merge or split by one: re-measure and correct.
+        for _ in range(12):
+            shift, grow = want - cur.start, length - len(cur.ids)
+            if (shift == 0 and grow == 0) or (k1, k2) in seen:
+                break
+            seen.add((k1, k2))
+            k1, k2 = k1 + shift, k2 + grow - shift
+            if k1 < 0 or k2 < 0:
+                return None
+            cur = build(t0, t1, k1, k2)
+        if needle_align is not None and cur.start != want:
+            for d in (1, -1, 2, -2, 3, -3):
+                if k1 + d >= 0 and k2 - d >= 0:
+                    trial = build(t0, t1, k1 + d, k2 - d)
+                    if trial.start == want:
+                        cur, k1, k2 = trial, k1 + d, k2 - d
+                        break
+            else:
+                return None
+        for _ in range(4):  # the length, without moving the needle
+            grow = length - len(cur.ids)
+            if grow == 0 or k2 + grow < 0:
+                break
+            trial = build(t0, t1, k1, k2 + grow)
+            if trial.start != cur.start:
+                break
+            cur, k2 = trial, k2 + grow
+        if abs(len(cur.ids) - length) > tolerance:
+            return None
+        if not _check_align(cur.start, cur.end, needle_align, block_size):
+            return None
+        return cur
+
+    built = None
+    for _ in range(8):  # another filler start when a seam makes the position unreachable
+        t0, t1 = (int(x) for x in rng.choice(usable, size=2))
+        built = attempt(t0, t1)
+        if built is not None:
             break
-        k1, k2 = k1 + shift, k2 + grow - shift
-        if k1 < 0 or k2 < 0:
-            break
-        context, ids, off, base = build(k1, k2)
-    start, end = _span(off, base + needle[0], base + needle[1])
-    if not _check_align(start, end, needle_align, block_size) or (
-        needle_align is not None and start != want
-    ):
+    if built is None:
         raise InvariantError(
-            f"{task}: could not place the needle at token {want} with align={needle_align!r} "
-            f"(got [{start}, {end}))"
+            f"{task}: could not place the needle at token {want} (align={needle_align!r}) "
+            f"in a context of {length} +- {tolerance} tokens"
         )
-    if abs(len(ids) - length) > tolerance:
-        raise InvariantError(
-            f"{task}: context has {len(ids)} tokens, wanted {length} +- {tolerance}"
-        )
+    context, ids, off, base, start, end = built
     target_ids = _encode(tokenizer, target)
     if _encode(tokenizer, context + target) != ids + target_ids:
         raise InvariantError(
