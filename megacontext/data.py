@@ -593,12 +593,12 @@ def build_shards(
 ) -> dict[str, Any]:
     """Tokenize ``sources`` (plus ready ``documents``) into shards under ``out``.
 
-    Documents keep the order of ``sources`` (then ``documents``); ``max_docs`` keeps
+    Documents keep the order of ``sources`` (then ``documents``); a text seen before
+    is dropped (``manifest["duplicates"]``: [dropped id, kept id]); ``max_docs`` keeps
     the first N of that order. Each goes to ``split_of(doc_id, seed, val_fraction)``.
     Returns the manifest. When ``out/manifest.json`` already describes the same
     documents, options and tokenizer, and its shards are all there, nothing is
-    rewritten (``manifest["skipped_rebuild"]`` is not stored; the return value is the
-    existing manifest) unless ``force``. The output is built in a temporary folder
+    rewritten and the existing manifest is returned (unless ``force``). The output is built in a temporary folder
     beside ``out`` and renamed into place at the end: on any error ``out`` is as it was.
     """
     out = Path(out)
@@ -634,8 +634,6 @@ def build_shards(
     docs.extend(extra)
     if not docs:
         raise InputError("no documents: give at least one source or document")
-    if max_docs is not None:
-        docs = docs[:max_docs]
     where: dict[str, str] = {}
     for d in docs:
         if d.doc_id in where:
@@ -644,6 +642,21 @@ def build_shards(
                 f"{d.source!r}); give each source once"
             )
         where[d.doc_id] = d.source
+    # Identical texts (a file copied in two places, a corpus given twice under two
+    # names) are kept once, so the same text never sits in both splits.
+    first: dict[bytes, str] = {}
+    unique: list[Document] = []
+    duplicates: list[list[str]] = []
+    for d in docs:
+        key = hashlib.sha256(d.text.encode("utf-8", "surrogatepass")).digest()
+        if key in first:
+            duplicates.append([d.doc_id, first[key]])
+        else:
+            first[key] = d.doc_id
+            unique.append(d)
+    docs = unique
+    if max_docs is not None:
+        docs = docs[:max_docs]
 
     options = {
         "val_fraction": val_fraction,
@@ -695,6 +708,7 @@ def build_shards(
             "extra_documents": len(extra),
             "options": options,
             "skipped": skipped,
+            "duplicates": duplicates,
             **manifest,
         }
         text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"

@@ -210,6 +210,18 @@ def test_bad_and_empty_sources(tmp_path, tok):
         assert _tree_bytes(out) == before
     with pytest.raises(InputError, match="appears twice"):
         _build([src, src], out, tok)
+    assert _tree_bytes(out) == before
+
+
+def test_duplicate_texts_are_kept_once(tmp_path, tok):
+    src = _corpus(tmp_path)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "again.py").write_text((src / "pkg" / "a.py").read_text())
+    manifest = _build([src / "pkg", copy], tmp_path / "out", tok, val_fraction=0)
+    assert manifest["duplicates"] == [["copy/again.py", "pkg/a.py"]]
+    assert manifest["splits"]["train"]["documents"] == 2
+    assert _build([src / "pkg", copy], tmp_path / "max", tok, max_docs=1)["duplicates"]
     unrelated = tmp_path / "mine"
     unrelated.mkdir()
     (unrelated / "keep.txt").write_text("precious")
