@@ -22,6 +22,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from megacontext.errors import BackendUnavailableError, ConfigError
 from megacontext.kernels import kv_splice as ks
@@ -253,6 +255,43 @@ def test_realistic_patterns(force_triton, dtype):
         if name == "collapse":
             assert_bits_equal(out[..., 21, :], src[..., 52, :], "collapse shift")
             assert_bits_equal(out[..., 20, :], fresh[..., 0, :], "collapse gist")
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_random_refocus_sequences(force_triton, data):
+    # random WC lengths and up to three expands/collapses per batch row (including a
+    # row with no change and an empty WC), through all three implementations
+    C = data.draw(st.integers(33, 130), label="C")
+    B = data.draw(st.integers(1, 3), label="B")
+    ids = _Ids(10_000)
+    olds, news = [], []
+    for _ in range(B):
+        old = list(range(data.draw(st.integers(0, C), label="live")))
+        new = old
+        for kind in data.draw(st.lists(st.sampled_from(["expand", "collapse"]), max_size=3)):
+            if kind == "expand" and new and len(new) + 31 <= C:
+                new = expand(new, data.draw(st.integers(0, len(new) - 1)), ids)
+            elif kind == "collapse" and len(new) >= 32:
+                new = collapse(new, data.draw(st.integers(0, len(new) - 32)), ids)
+        olds.append(old)
+        news.append(new)
+    index, slots = plan_from_entries(olds, news, C)
+    D = data.draw(st.sampled_from([1, 3, 16, 40]), label="D")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    src, dst, index, fresh, slots = make_case(1, B, 2, C, D, dtype, index, slots)
+    expected = loop_oracle(src, dst, index, fresh, slots)
+    out = dst.clone()
+    kv_splice(src, out, index, fresh, slots)
+    assert_bits_equal(out, expected, "kernel")
+    out = dst.clone()
+    kv_splice_reference(src, out, index, fresh, slots)
+    assert_bits_equal(out, expected, "reference")
+    out, cpu = dst.cpu(), [t.cpu() for t in (src, index, fresh, slots)]
+    ks._kv_splice_runs(cpu[0], out, cpu[1], cpu[2], cpu[3])
+    assert_bits_equal(out.to(DEVICE), expected, "runs")
 
 
 def test_several_blocks_per_plane(force_triton):
