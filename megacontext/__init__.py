@@ -48,6 +48,9 @@ _LAZY: dict[str, str] = {
     "patch": "hook",
     "unpatch": "hook",
     "patched": "hook",
+    "ShardDataset": "data",
+    "build_shards": "data",
+    "synthetic": "synthetic",
 }
 
 __all__ = [
@@ -83,14 +86,18 @@ __all__ = [
     "patch",
     "unpatch",
     "patched",
+    "ShardDataset",
+    "build_shards",
+    "synthetic",
 ]
 
 if TYPE_CHECKING:
-    from . import profiling
+    from . import profiling, synthetic
     from .allocator import Action, FocusAllocator
     from .base import Base, load_base
     from .cache import MegaContextCache
     from .config import MegaContextConfig
+    from .data import ShardDataset, build_shards
     from .gistnet import GistNet, GistNetConfig
     from .hook import patch, patched, unpatch
     from .lensnet import LensNet, LensNetConfig
