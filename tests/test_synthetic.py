@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from megacontext import synthetic
@@ -136,3 +137,20 @@ def test_generate_and_write_shards(tmp_path, tok):
         assert tok.decode(ids[n:].tolist()) == task.target
         s, e = meta["needle_span"]
         assert tok.decode(ids[s:e].tolist()).strip() == meta["answer"]
+
+
+@pytest.mark.slow
+def test_placement_sweep(tok):
+    """600 random lengths, depths, alignments and block sizes all place exactly."""
+    rng = np.random.default_rng(0)
+    gens = list(GENS.values())
+    for i in range(600):
+        align = [None, "edge", "straddle", "mid"][int(rng.integers(4))]
+        block = int(rng.choice([16, 32, 64]))
+        length, depth = int(rng.integers(600, 6000)), float(rng.uniform(0, 1))
+        t = gens[i % 3](
+            tok, length=length, depth=depth, seed=i, needle_align=align, block_size=block
+        )
+        start, end = t.meta["needle_span"]
+        assert abs(t.meta["context_tokens"] - length) <= 4
+        assert synthetic._check_align(start, end, align, block)
