@@ -802,7 +802,8 @@ class ShardDataset:
         if split not in splits:
             raise InputError(f"{self.root}: no split {split!r} (splits: {sorted(splits)})")
         self.split = split
-        self._maps: list[np.memmap] = []
+        self._bins: list[Path] = []
+        self._maps: list[np.memmap] | None = None
         cols: dict[str, list] = {k: [] for k in ("shard", "offset", "length")}
         self._tag: list[str] = []
         self._source: list[str] = []
@@ -820,7 +821,7 @@ class ShardDataset:
                     path=str(bin_path),
                     field="tokens",
                 )
-            self._maps.append(np.memmap(bin_path, dtype="<u4", mode="r"))
+            self._bins.append(bin_path)
             index = pq.read_table(idx_path).to_pydict()
             offsets = np.asarray(index["offset"], dtype=np.int64)
             lengths = np.asarray(index["length"], dtype=np.int64)
@@ -887,7 +888,19 @@ class ShardDataset:
         n = int(self._length[r])
         lo, hi, _ = slice(start, stop).indices(n)
         base = int(self._offset[r])
-        return np.asarray(self._maps[self._shard[r]][base + lo : base + max(lo, hi)], np.int64)
+        return np.asarray(self._map(int(self._shard[r]))[base + lo : base + max(lo, hi)], np.int64)
+
+    def _map(self, k: int) -> np.memmap:
+        # Mapped on first use, per process: a pickled dataset (DataLoader workers,
+        # torch.multiprocessing) carries paths, never the mapped tokens.
+        if self._maps is None:
+            self._maps = [np.memmap(p, dtype="<u4", mode="r") for p in self._bins]
+        return self._maps[k]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_maps"] = None
+        return state
 
     def doc(self, i: int) -> tuple[Any, dict[str, Any]]:
         import torch

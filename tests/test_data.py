@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -278,7 +279,25 @@ def test_hugging_face_dataset_on_disk(tmp_path, tok):
         {"path": f"{root / 'test' / 'data-00000-of-00001.arrow'} row 1", "reason": "empty text"}
     ]
 
-    # A single saved Dataset (state.json at the top) and a folder of parquet files.
+    # A single saved Dataset: state.json at the top, two data files in its order.
+    single = tmp_path / "single"
+    single.mkdir()
+    names = ["data-00001-of-00002.arrow", "data-00000-of-00002.arrow"]
+    for i, name in enumerate(names):
+        _write_arrow_stream(single / name, pa.table({"content": [f"part {i}"]}))
+    (single / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": n} for n in names]})
+    )
+    docs, _ = read_source(single)
+    assert [(d.doc_id, d.text, d.tag) for d in docs] == [
+        ("single:0", "part 0", "doc"),
+        ("single:1", "part 1", "doc"),
+    ]
+    (single / "state.json").write_text(json.dumps({"_data_files": [{"filename": "gone.arrow"}]}))
+    with pytest.raises(InputError, match="gone.arrow: listed in state.json but missing"):
+        read_source(single)
+
+    # A folder of parquet files (a downloaded dataset).
     flat = tmp_path / "flat"
     flat.mkdir()
     pq.write_table(pa.table({"story": ["One.", "Two."]}), flat / "train-00000-of-00001.parquet")
@@ -315,6 +334,9 @@ def test_reader_windows(tmp_path, tok):
     with pytest.raises(IndexError):
         ds.doc(len(ds))
     assert torch.equal(ds[-1][0], ds.doc(len(ds) - 1)[0])
+    clone = pickle.loads(pickle.dumps(ds))  # DataLoader workers: paths travel, not tokens
+    assert len(pickle.dumps(ds)) < 20_000
+    assert torch.equal(clone.sample_windows(length, 50, seed=3), w1)
     with pytest.raises(InputError, match="no split 'test'"):
         ShardDataset(out, "test")
     # A truncated shard is reported, not read past its end.
