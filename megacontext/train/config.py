@@ -1,0 +1,226 @@
+"""The trainer's configuration (YAML), with the guide's names and defaults.
+
+One YAML file holds everything a run needs; ``--set key.sub=value`` overrides any
+field (the value is parsed as YAML). Every field is documented in docs/training.md.
+The guide's defaults (3-5 cycles, 2-4k steps per phase, r = 4-16, H = 64, K = 32)
+are the defaults here; ``configs/train-tiny.yaml`` shrinks them for CPU demos.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..config import MegaContextConfig
+from ..errors import ConfigError
+
+__all__ = ["PHASE_NAMES", "TrainConfig", "apply_overrides", "load_train_config"]
+
+PHASE_NAMES = ("warm-gist", "warm-lens", "b1", "b2", "b3")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OptimConfig(_Strict):
+    """AdamW + cosine schedule with linear warmup, per phase."""
+
+    steps: int = Field(2000, ge=0, description="optimizer steps in the phase")
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, fraction of lr")
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+class DataConfig(_Strict):
+    """Where token windows come from.
+
+    ``kind``: ``shards`` (a :class:`megacontext.data.ShardDataset` directory ``path``,
+    splits ``split``/``val_split``, optional curriculum ``tags``), ``text`` (UTF-8 files
+    in ``paths`` tokenized with the base tokenizer, the last ``val_fraction`` of the
+    tokens held out) or ``random`` (uniform token ids: smoke tests only).
+    A window holds ``history + blocks * block_size + horizon`` tokens.
+    """
+
+    kind: Literal["shards", "text", "random"] = "shards"
+    path: str | None = None
+    paths: list[str] = Field(default_factory=list)
+    split: str = "train"
+    val_split: str = "validation"
+    tags: list[str] | None = None
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    history: int = Field(2048, gt=0, description="tokens ingested before the first block")
+    blocks: int = Field(4, ge=1, description="blocks of K decoded (snapshots) per window")
+
+
+class GistLossConfig(_Strict):
+    loss: Literal["kl", "dnll"] = Field("kl", description="KL(full || replaced) or ΔNLL@H")
+    spans: Literal["wc", "inserted"] = Field(
+        "wc",
+        description="gists computed by GistNet with gradient: every gist of the on-policy WC "
+        "('wc') or only those the allocator inserted in this block ('inserted')",
+    )
+    stability_weight: float = Field(0.0, ge=0, description="L2 to the previous checkpoint's gists")
+    boundary_weight: float = Field(0.0, ge=0, description="extra weight of block-edge targets")
+    boundary_tokens: int = Field(2, ge=0, description="targets this close to a block edge")
+
+
+class LensLossConfig(_Strict):
+    regression_weight: float = Field(1.0, ge=0)
+    ranking_weight: float = Field(0.5, ge=0)
+    ranking_margin: float = Field(0.05, ge=0, description="utility gap for a ranked pair")
+    budget_weight: float = Field(0.1, ge=0, description="zero-sum (token-cost weighted)")
+    legality_weight: float = Field(0.1, ge=0)
+
+
+class LabelConfig(_Strict):
+    batch: int = Field(8, ge=1, description="candidate WCs per base forward")
+    max_candidates: int | None = Field(64, ge=1, description="per snapshot (random subset)")
+    temperature: float = Field(0.05, gt=0, description="utility scale (nats)")
+    token_cost: float = Field(0.0, ge=0, description="nats per WC entry the finer WC spends")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=4, le=16)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    lora_blocks: Literal["first", "last"] = "first"
+    embedding: bool = Field(True, description="LoRA on the input embedding too")
+    keepalive_weight: float = Field(0.1, ge=0, description="weak substitutability keep-alive")
+
+
+class EarlyStopConfig(_Strict):
+    enabled: bool = True
+    budgets: list[int] = Field(default_factory=lambda: [4096, 8192])
+    windows: int = Field(8, ge=1, description="validation windows")
+    every: Literal["phase", "cycle"] = "cycle"
+    patience: int = Field(2, ge=1, description="evaluations without improvement before stop")
+    min_delta: float = Field(0.0, ge=0, description="nats of mean Loss@H counted as better")
+
+
+class TrainConfig(_Strict):
+    """A training run (see docs/training.md for every field)."""
+
+    run: str = "run"
+    model: str = "smollm2-135m"
+    device: str | None = None
+    seed: int = 0
+    megacontext: dict[str, Any] = Field(default_factory=dict)
+    gistnet: dict[str, Any] = Field(default_factory=dict)
+    lensnet: dict[str, Any] = Field(default_factory=dict)
+    data: DataConfig = Field(default_factory=DataConfig)
+    cycles: int = Field(3, ge=0)
+    batch_size: int = Field(4, ge=1, description="windows per microbatch")
+    grad_accum: int = Field(2, ge=1, description="microbatches per optimizer step")
+    clip_norm: float = Field(1.0, gt=0)
+    snapshots_per_window: int | None = Field(
+        None, ge=1, description="snapshots used per window per step (None: all)"
+    )
+    warm_gist: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=500, lr=3e-4))
+    warm_lens: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=500, lr=3e-4))
+    b1: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=2000, lr=1e-4))
+    b2: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=2000, lr=1e-4))
+    b3: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=1000, lr=2e-5))
+    gist_loss: GistLossConfig = Field(default_factory=GistLossConfig)
+    lens_loss: LensLossConfig = Field(default_factory=LensLossConfig)
+    labels: LabelConfig = Field(default_factory=LabelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    label_windows: int = Field(4, ge=1, description="windows labelled after each B1 (and warm)")
+    artifacts: str = "artifacts"
+    runs_dir: str = "configs/runs"
+    allocator_backend: str = "python"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        mc = self.mc_config()
+        if self.data.history % mc.block_size:
+            raise ValueError(
+                f"data.history: {self.data.history} is not a multiple of block_size "
+                f"{mc.block_size}"
+            )
+        return self
+
+    def mc_config(self) -> MegaContextConfig:
+        """The runtime config (``megacontext:`` section, ``model`` filled in)."""
+        return MegaContextConfig(**{"model": self.model, **self.megacontext})
+
+    @property
+    def window_length(self) -> int:
+        mc = self.mc_config()
+        return self.data.history + self.data.blocks * mc.block_size + mc.horizon
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self, path: str | os.PathLike[str]) -> Path:
+        """Write the resolved config atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                yaml.safe_dump(self.dump(), fh, sort_keys=False)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (value parsed as YAML) to a nested mapping."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value", field="--set", value=item)
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section", field=key)
+            node = nxt
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _from_dict(raw: dict[str, Any], where: str) -> TrainConfig:
+    try:
+        cfg = TrainConfig(**raw)
+        cfg.mc_config()
+        return cfg
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err.get("loc", ())) or None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{where}: invalid field {field!r}: {msg}", field=field) from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}", field=exc.field, value=exc.value) from None
+
+
+def load_train_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """Load a YAML config (``None``: all defaults) and apply ``overrides``."""
+    raw: Any = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found", field="config") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})", field="config") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__}")
+    return _from_dict(apply_overrides(raw, list(overrides or [])), where)

@@ -1,0 +1,563 @@
+"""The EM-style trainer: warm start, then cycles B1 (GistNet) -> B2 (LensNet) -> B3 (LoRA).
+
+``Trainer(config).run()`` executes the plan::
+
+    warm-gist (GistNet on recency WCs) -> warm-lens (LensNet on labels from those gists)
+    -> cycle 1: b1 -> b2 -> b3 -> cycle 2: ... -> cycle N
+
+Every phase trains one module with the others frozen (``requires_grad=False`` on
+every parameter that is not the phase's): AdamW, cosine schedule with linear warmup,
+``grad_accum`` microbatches of ``batch_size`` windows, gradient clipping, bf16 autocast
+on CUDA (fp32 on the CPU). Data for B1/B3 and the warm GistNet phase comes from fresh
+on-policy rollouts (:func:`~megacontext.train.rollout.rollout`) of windows drawn with
+seeds derived from ``(seed, phase index, step, microbatch)``; B2 and the warm LensNet
+phase train on counterfactual labels regenerated at the phase start (so after every
+B1) and written to ``artifacts/deltas/<run>/``. After each phase: optional
+validation (Loss@H at several budgets, early stop), telemetry, and a checkpoint
+``artifacts/checkpoints/<run>/cycle<c>-<phase>/``; ``run(resume=True)`` continues
+after the newest complete checkpoint and reproduces the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..base import Base, load_base
+from ..errors import ConfigError, InputError
+from ..gistnet import GistNet
+from ..lensnet import LensNet
+from .checkpoint import (
+    latest_checkpoint,
+    read_trainer_state,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from .config import PHASE_NAMES, OptimConfig, TrainConfig
+from .forward import forward_rows, wc_embeddings, wc_positions
+from .labels import label_snapshot, module_hash, write_labels
+from .lora import has_lora, inject_lora, load_lora, lora_parameters, save_lora
+from .phases import gist_loss, lens_loss, lora_loss
+from .rollout import rollout
+
+__all__ = ["Trainer", "WindowSource", "cosine_lambda", "text_windows"]
+
+WindowSource = Callable[[int, int], torch.Tensor]  # (n, seed) -> int64 [n, L]
+
+
+def cosine_lambda(warmup: int, total: int, floor: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup over ``warmup`` steps, then cosine to ``floor``."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        span = max(total - warmup, 1)
+        t = min(max(step - warmup, 0) / span, 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def _seed(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def text_windows(tokens: torch.Tensor, length: int) -> WindowSource:
+    """Windows of ``length`` tokens at random starts of one token stream."""
+    tokens = torch.as_tensor(tokens).to(torch.int64)
+    if tokens.numel() < length:
+        raise InputError(f"text source has {tokens.numel()} tokens, a window needs {length}")
+
+    def draw(n: int, seed: int) -> torch.Tensor:
+        rng = np.random.default_rng(seed)
+        starts = rng.integers(0, tokens.numel() - length + 1, size=n)
+        return torch.stack([tokens[s : s + length] for s in starts.tolist()])
+
+    return draw
+
+
+def _iterable_source(it: Iterable[Any]) -> WindowSource:
+    iterator = iter(it)
+
+    def draw(n: int, seed: int) -> torch.Tensor:
+        rows = [torch.as_tensor(next(iterator)).to(torch.int64).flatten() for _ in range(n)]
+        return torch.stack(rows)
+
+    return draw
+
+
+class Trainer:
+    """Runs the plan of a :class:`TrainConfig`.
+
+    Args:
+        config: the run's config.
+        base: a loaded base model (default: ``load_base(config.model)``).
+        train_windows / val_windows: window sources, ``(n, seed) -> int64 [n, L]``, or
+            any iterable of token windows (drawn in order; resume then replays only if
+            the iterable does). Default: built from ``config.data``.
+        hooks: callables ``hook(trainer, phase, cycle)`` run after each phase's
+            checkpoint (tests use one to kill a run).
+        progress: ``progress(phase, cycle, step, total, loss)`` after each step.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        base: Base | None = None,
+        train_windows: WindowSource | Iterable[Any] | None = None,
+        val_windows: WindowSource | Iterable[Any] | None = None,
+        hooks: list[Callable[..., None]] | None = None,
+        progress: Callable[..., None] | None = None,
+    ):
+        self.cfg = config
+        self.mc = config.mc_config()
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % (1 << 32))
+        self.base = base if base is not None else load_base(config.model, device=config.device)
+        self.device = self.base.device
+        bs, levels = self.mc.block_size, self.mc.levels
+        self.gistnet = GistNet(
+            self.base.dim, block_size=bs, levels=levels, seed=config.seed, **config.gistnet
+        ).to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + 1)
+            self.lensnet = LensNet(self.base.dim, **config.lensnet).to(self.device)
+        if config.b3.steps > 0 and config.cycles > 0 and not has_lora(self.base.model):
+            inject_lora(self.base.model, config.lora, seed=config.seed + 2)
+        self.train_windows = self._source(train_windows, "train")
+        self.val_windows = self._source(val_windows, "val")
+        self.hooks = list(hooks or [])
+        self.progress = progress
+        self.plan = [("warm-gist", 0), ("warm-lens", 0)] + [
+            (p, c) for c in range(1, config.cycles + 1) for p in ("b1", "b2", "b3")
+        ]
+        self.done = 0
+        self.global_step = 0
+        self.early: dict[str, Any] = {"best": None, "bad": 0, "stopped": False, "history": []}
+        root = Path(config.artifacts)
+        self.ckpt_root = root / "checkpoints" / config.run
+        self.deltas_dir = root / "deltas" / config.run
+        self.telemetry_dir = root / "telemetry" / config.run
+        self.prev_gistnet: GistNet | None = None
+
+    # ------------------------------------------------------------------ data
+
+    def _source(self, given: Any, which: str) -> WindowSource:
+        if given is not None:
+            return given if callable(given) else _iterable_source(given)
+        d, length = self.cfg.data, self.cfg.window_length
+        if d.kind == "random":
+            vocab = self.base.vocab_size
+            offset = 0 if which == "train" else 1 << 40
+
+            def draw(n: int, seed: int) -> torch.Tensor:
+                g = torch.Generator().manual_seed(_seed(seed, offset) % (1 << 62))
+                return torch.randint(0, vocab, (n, length), generator=g)
+
+            return draw
+        if d.kind == "text":
+            if not d.paths:
+                raise ConfigError("data.kind=text needs data.paths", field="data.paths")
+            ids = []
+            for p in d.paths:
+                try:
+                    text = Path(p).read_text(encoding="utf-8")
+                except OSError as exc:
+                    raise ConfigError(
+                        f"data.paths: cannot read {p} ({exc})", field="data.paths"
+                    ) from None
+                ids.append(self.base.encode(text))
+            stream = torch.cat(ids)
+            cut = int(stream.numel() * (1 - d.val_fraction))
+            return text_windows(stream[:cut] if which == "train" else stream[cut:], length)
+        from ..data import ShardDataset
+
+        if d.path is None:
+            raise ConfigError("data.kind=shards needs data.path", field="data.path")
+        ds = ShardDataset(d.path, d.split if which == "train" else d.val_split, d.tags)
+        return lambda n, seed: ds.sample_windows(length, n, seed)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _freeze_all(self) -> None:
+        for m in (self.gistnet, self.lensnet, self.base.model):
+            m.requires_grad_(False)
+
+    def _trainable(self, phase: str) -> list[torch.nn.Parameter]:
+        self._freeze_all()
+        if phase in ("warm-gist", "b1"):
+            params = list(self.gistnet.parameters())
+        elif phase in ("warm-lens", "b2"):
+            params = list(self.lensnet.parameters())
+        else:
+            params = lora_parameters(self.base.model)
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def _rollouts(self, phase_idx: int, step: int, micro: int, with_lens: bool):
+        windows = self.train_windows(
+            self.cfg.batch_size, _seed(self.cfg.seed, phase_idx, step, micro)
+        )
+        out = []
+        d = self.cfg.data
+        for k, w in enumerate(windows):
+            tree, snaps = rollout(
+                self.base,
+                self.gistnet,
+                self.lensnet if with_lens else None,
+                self.mc,
+                w,
+                d.history,
+                d.blocks,
+                self.mc.horizon,
+                doc=k,
+                allocator_backend=self.cfg.allocator_backend,
+            )
+            if self.cfg.snapshots_per_window is not None:
+                snaps = snaps[-self.cfg.snapshots_per_window :]
+            out.append((w, tree, snaps))
+        return out
+
+    def make_labels(self, phase_idx: int, cycle: int, with_lens: bool, tag: str):
+        """Roll out ``label_windows`` windows and label every snapshot; writes
+        ``artifacts/deltas/<run>/cycle<c>-<tag>.parquet``. Returns the labelled items
+        ``(tokens, tree, snapshot, rows)``."""
+        cfg, lc = self.cfg, self.cfg.labels
+        windows = self.train_windows(cfg.label_windows, _seed(cfg.seed, phase_idx, 1 << 20))
+        items, table = [], []
+        hashes = {
+            "gistnet_hash": module_hash(self.gistnet),
+            "lensnet_hash": module_hash(self.lensnet),
+            "lora_hash": (
+                module_hash({n: p for n, p in self.base.model.named_parameters() if "lora_" in n})
+                if has_lora(self.base.model)
+                else ""
+            ),
+        }
+        for k, w in enumerate(windows):
+            tree, snaps = rollout(
+                self.base,
+                self.gistnet,
+                self.lensnet if with_lens else None,
+                self.mc,
+                w,
+                cfg.data.history,
+                cfg.data.blocks,
+                self.mc.horizon,
+                doc=k,
+                allocator_backend=cfg.allocator_backend,
+            )
+            for s in snaps:
+                with self._autocast():
+                    rows = label_snapshot(
+                        self.base,
+                        tree,
+                        w,
+                        s,
+                        self.mc,
+                        batch=lc.batch,
+                        max_candidates=lc.max_candidates,
+                        temperature=lc.temperature,
+                        token_cost=lc.token_cost,
+                        seed=_seed(cfg.seed, phase_idx) % (1 << 31),
+                    )
+                items.append((w, tree, s, rows))
+                table += [{"run": cfg.run, "cycle": cycle, **hashes, **r} for r in rows]
+        if table:
+            write_labels(table, self.deltas_dir / f"cycle{cycle}-{tag}.parquet")
+        return items
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(
+        self, budgets: list[int] | None = None, windows: int | None = None
+    ) -> dict[int, float]:
+        """Validation Loss@H (nats) at each budget: the last snapshot of each validation
+        window's on-policy rollout, gists from the tree (what the runtime reads)."""
+        es = self.cfg.early_stop
+        budgets = list(budgets or es.budgets)
+        n = windows or es.windows
+        ws = self.val_windows(n, _seed(self.cfg.seed, 7777))
+        out: dict[int, float] = {}
+        d = self.cfg.data
+        for b in budgets:
+            mc = self.mc.replace(w_max=b)
+            losses = []
+            for k, w in enumerate(ws):
+                tree, snaps = rollout(
+                    self.base,
+                    self.gistnet,
+                    self.lensnet,
+                    mc,
+                    w,
+                    d.history,
+                    d.blocks,
+                    mc.horizon,
+                    doc=k,
+                    allocator_backend=self.cfg.allocator_backend,
+                )
+                s = snaps[-1]
+                emb = wc_embeddings(self.base, w, s.levels, s.nodes, mc.block_size, "tree", tree)
+                with self._autocast():
+                    logp = forward_rows(
+                        self.base,
+                        [(emb, wc_positions(s.levels, s.nodes, mc.block_size))],
+                        [s.targets],
+                        [s.cursor],
+                    )[0]
+                losses.append(float(-logp.gather(-1, s.targets.to(logp.device)[:, None]).mean()))
+            out[b] = float(np.mean(losses))
+        return out
+
+    def _early_stop(self, tel: Any, phase: str, cycle: int) -> None:
+        es = self.cfg.early_stop
+        if not es.enabled:
+            return
+        last = self.done == len(self.plan)
+        if es.every == "cycle" and phase not in ("warm-lens", "b3") and not last:
+            return
+        res = self.evaluate()
+        score = float(np.mean(list(res.values())))
+        e = self.early
+        e["history"].append(
+            {"phase": phase, "cycle": cycle, "loss": score, **{str(k): v for k, v in res.items()}}
+        )
+        if e["best"] is None or score < e["best"] - es.min_delta:
+            e["best"], e["bad"] = score, 0
+        else:
+            e["bad"] += 1
+            if e["bad"] >= es.patience:
+                e["stopped"] = True
+        if tel is not None:
+            tel.log_iteration(
+                iteration=self.global_step,
+                step=self.global_step,
+                loss_at_h=score,
+                cycle=cycle,
+                phase_index=PHASE_NAMES.index(phase),
+                **{f"val_loss_at_h_{k}": v for k, v in res.items()},
+            )
+
+    # ------------------------------------------------------------------ phases
+
+    def _phase(self, idx: int, phase: str, cycle: int, tel: Any) -> None:
+        oc: OptimConfig = getattr(self.cfg, phase.replace("-", "_"))
+        if oc.steps == 0:
+            return
+        cfg = self.cfg
+        labelled = None
+        if phase in ("warm-lens", "b2"):
+            labelled = self.make_labels(idx, cycle, with_lens=phase == "b2", tag=phase)
+            if not labelled or not any(rows for *_, rows in labelled):
+                return
+        if phase == "b1":
+            # the previous checkpoint's GistNet, the anchor of the stability loss
+            self.prev_gistnet = GistNet(config=self.gistnet.config).to(self.device)
+            self.prev_gistnet.load_state_dict(self.gistnet.state_dict())
+            self.prev_gistnet.requires_grad_(False)
+        params = self._trainable(phase)
+        opt = torch.optim.AdamW(params, lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, cosine_lambda(oc.warmup_steps, oc.steps, oc.min_lr_ratio)
+        )
+        self.gistnet.train(phase in ("warm-gist", "b1"))
+        self.lensnet.train(phase in ("warm-lens", "b2"))
+        for step in range(oc.steps):
+            t0 = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            opt.zero_grad(set_to_none=True)
+            total, count, tokens, stats = 0.0, 0, 0, {}
+            runtime = {"swap": [], "util": [], "exp": 0, "col": 0}
+            for micro in range(cfg.grad_accum):
+                losses = []
+                if labelled is not None:
+                    g = torch.Generator().manual_seed(_seed(cfg.seed, idx, step, micro) % (1 << 62))
+                    pick = torch.randint(len(labelled), (cfg.batch_size,), generator=g).tolist()
+                    for j in pick:
+                        w, tree, s, rows = labelled[j]
+                        with self._autocast():
+                            loss, st = lens_loss(
+                                self.base, self.lensnet, tree, s, rows, self.mc, cfg.lens_loss
+                            )
+                        if loss is not None:
+                            losses.append((loss, st))
+                        tokens += s.cursor
+                else:
+                    batch = self._rollouts(idx, step, micro, with_lens=phase != "warm-gist")
+                    for w, tree, snaps in batch:
+                        for s in snaps:
+                            runtime["swap"].append(s.n_expand + s.n_collapse)
+                            runtime["util"].append(len(s.levels) / self.mc.w_max)
+                            runtime["exp"] += s.n_expand
+                            runtime["col"] += s.n_collapse
+                            with self._autocast():
+                                if phase == "b3":
+                                    loss, st = lora_loss(
+                                        self.base, tree, w, s, self.mc, cfg.lora.keepalive_weight
+                                    )
+                                else:
+                                    loss, st = gist_loss(
+                                        self.base,
+                                        self.gistnet,
+                                        tree,
+                                        w,
+                                        s,
+                                        self.mc,
+                                        cfg.gist_loss,
+                                        self.prev_gistnet if phase == "b1" else None,
+                                    )
+                            if loss is not None:
+                                losses.append((loss, st))
+                            tokens += s.cursor + s.targets.numel()
+                if not losses:
+                    continue
+                loss = torch.stack([x for x, _ in losses]).mean()
+                (loss / cfg.grad_accum).backward()
+                total += float(loss.detach())
+                count += 1
+                for _, st in losses:
+                    for k, v in st.items():
+                        stats[k] = stats.get(k, 0.0) + v / len(losses) / cfg.grad_accum
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
+            if count:
+                opt.step()
+            lr = float(sched.get_last_lr()[0])
+            sched.step()
+            dt = time.perf_counter() - t0
+            mean_loss = total / max(count, 1)
+            if self.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated() / 2**20
+            else:
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            row: dict[str, Any] = {
+                "iteration": self.global_step,
+                "step": step,
+                "cycle": cycle,
+                "phase_index": PHASE_NAMES.index(phase),
+                "loss": mean_loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens / dt,
+                "peak_mem_mb": peak,
+                "latency_ms": dt * 1e3,
+                "w_max": self.mc.w_max,
+                **{f"loss_{k}": v for k, v in stats.items()},
+            }
+            if runtime["swap"]:
+                row["swap_rate"] = float(np.mean(runtime["swap"]))
+                row["token_budget_utilization"] = float(np.mean(runtime["util"]))
+                row["n_expand"] = runtime["exp"]
+                row["n_collapse"] = runtime["col"]
+            if tel is not None:
+                tel.log_iteration(**row)
+            self.global_step += 1
+            if self.progress is not None:
+                self.progress(phase, cycle, step + 1, oc.steps, mean_loss)
+        self._last_opt = (opt, sched)
+        self._freeze_all()
+        self.gistnet.eval()
+        self.lensnet.eval()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "done": self.done,
+            "global_step": self.global_step,
+            "early": self.early,
+            "plan": self.plan,
+            "gistnet_hash": module_hash(self.gistnet),
+            "lensnet_hash": module_hash(self.lensnet),
+        }
+
+    def save_checkpoint(self, phase: str, cycle: int) -> Path:
+        final = self.ckpt_root / f"cycle{cycle}-{phase}"
+
+        def write(tmp: Path) -> None:
+            self.gistnet.save(tmp / "gistnet.safetensors")
+            self.lensnet.save(tmp / "lensnet.safetensors")
+            if has_lora(self.base.model):
+                save_lora(self.base.model, self.cfg.lora, tmp / "lora")
+            opt = getattr(self, "_last_opt", None)
+            if opt is not None:
+                torch.save(
+                    {"optimizer": opt[0].state_dict(), "scheduler": opt[1].state_dict()},
+                    tmp / "optimizer.pt",
+                )
+            torch.save(rng_state(), tmp / "rng.pt")
+            (tmp / "trainer.json").write_text(json.dumps(self._state(), indent=1))
+            self.cfg.to_yaml(tmp / "config.yaml")
+
+        return write_checkpoint(final, write)
+
+    def load_state(self, path: str | Path) -> None:
+        """Restore weights, LoRA, RNG and progress from a checkpoint directory."""
+        path = Path(path)
+        state = read_trainer_state(path)
+        g = GistNet.load(path / "gistnet.safetensors")
+        self.gistnet.load_state_dict(g.state_dict())
+        lens = LensNet.load(path / "lensnet.safetensors")
+        self.lensnet.load_state_dict(lens.state_dict())
+        if (path / "lora").is_dir():
+            load_lora(self.base.model, path / "lora", inject=not has_lora(self.base.model))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        self.done = int(state["done"])
+        self.global_step = int(state["global_step"])
+        self.early = state["early"]
+        self._freeze_all()
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Execute the plan (after the newest complete checkpoint when ``resume``);
+        returns ``{"done", "stopped", "checkpoint", "early"}``."""
+        from ..telemetry import Telemetry
+
+        if resume:
+            last = latest_checkpoint(self.ckpt_root)
+            if last is not None:
+                self.load_state(last)
+        self.cfg.to_yaml(Path(self.cfg.runs_dir) / f"{self.cfg.run}.yaml")
+        ckpt = None
+        tags = [
+            f"data:{self.cfg.data.kind}",
+            f"w_max:{self.mc.w_max}",
+            f"tau:{self.mc.tau_expand}/{self.mc.tau_collapse}",
+        ]
+        with Telemetry(self.telemetry_dir, config=self.cfg.dump(), tags=tags) as tel:
+            while self.done < len(self.plan) and not self.early["stopped"]:
+                idx = self.done
+                phase, cycle = self.plan[idx]
+                self._phase(idx, phase, cycle, tel)
+                self.done = idx + 1
+                self._early_stop(tel, phase, cycle)
+                ckpt = self.save_checkpoint(phase, cycle)
+                for hook in self.hooks:
+                    hook(self, phase, cycle)
+        return {
+            "done": self.done,
+            "stopped": self.early["stopped"],
+            "checkpoint": ckpt,
+            "early": self.early,
+        }

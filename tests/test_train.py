@@ -1,0 +1,324 @@
+"""The trainer: differentiable WC forward, on-policy rollouts, phases with frozen
+modules, checkpoints, resume = uninterrupted, telemetry, the tiny end-to-end run."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import megacontext as mc
+from megacontext.base import Base
+from megacontext.train import Trainer, load_train_config
+from megacontext.train.checkpoint import (
+    COMPLETE,
+    latest_checkpoint,
+    load_checkpoint,
+    write_checkpoint,
+)
+from megacontext.train.config import LoraConfig
+from megacontext.train.forward import forward_rows, full_context_logp, wc_embeddings, wc_positions
+from megacontext.train.labels import module_hash
+from megacontext.train.lora import inject_lora, lora_parameters, lora_targets
+from megacontext.train.phases import boundary_weights, lora_loss
+from megacontext.train.rollout import rollout
+from megacontext.train.trainer import cosine_lambda
+
+TINY = "configs/train-tiny.yaml"
+FAST = [
+    "batch_size=1",
+    "grad_accum=2",
+    "label_windows=1",
+    "early_stop.windows=1",
+    "labels.max_candidates=8",
+    "warm_gist.steps=1",
+    "warm_lens.steps=1",
+    "b1.steps=2",
+    "b2.steps=2",
+    "b3.steps=1",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # module scope: set before the module-scoped runs below (results depend on the
+    # thread count through summation order; tiny matmuls gain nothing from threads)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fresh_base(tiny_base) -> Base:
+    """A private copy: the trainer injects LoRA into its base in place."""
+    return Base(
+        model=copy.deepcopy(tiny_base.model), tokenizer=tiny_base.tokenizer, name="tiny-llama"
+    )
+
+
+def config(tmp_path, *extra):
+    return load_train_config(
+        TINY, [f"artifacts={tmp_path}/artifacts", f"runs_dir={tmp_path}/runs", *FAST, *extra]
+    )
+
+
+def state(trainer) -> dict[str, str]:
+    lora = {n: p for n, p in trainer.base.model.named_parameters() if "lora_" in n}
+    return {
+        "gistnet": module_hash(trainer.gistnet),
+        "lensnet": module_hash(trainer.lensnet),
+        "lora": module_hash(lora),
+        "base": module_hash(
+            {n: p for n, p in trainer.base.model.named_parameters() if "lora_" not in n}
+        ),
+    }
+
+
+# ------------------------------------------------------------------ forward
+
+
+def test_online_gists_get_gradients_at_both_levels(tiny_base):
+    bs = 8
+    g = mc.GistNet(tiny_base.dim, block_size=bs, width=32, depth=1, heads=2, seed=0)
+    tokens = torch.randint(0, 1000, (140,), generator=torch.Generator().manual_seed(0))
+    # untrained GistNet = mean pooling: the LOD1 entries equal the mean token embedding
+    with torch.no_grad():
+        emb0 = wc_embeddings(tiny_base, tokens, torch.tensor([1]), torch.tensor([8]), bs, gists=g)
+    torch.testing.assert_close(
+        emb0[0], tiny_base.embed(tokens[64:72]).mean(0), atol=1e-5, rtol=1e-5
+    )
+    with torch.no_grad():  # a non-zero read-out so gradients reach every weight
+        g.cores[0].out_proj.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    # LOD2 node 0 (tokens 0..63), LOD1 nodes 8..15 (64..127), tokens 128..131
+    levels = torch.tensor([2] + [1] * 8 + [0] * 4)
+    nodes = torch.tensor([0, *range(8, 16), *range(128, 132)])
+    emb = wc_embeddings(tiny_base, tokens, levels, nodes, bs, gists=g)
+    logp = forward_rows(
+        tiny_base, [(emb, wc_positions(levels, nodes, bs))], [tokens[132:140]], [132]
+    )
+    loss = -logp[0].gather(-1, tokens[132:140, None]).mean()
+    loss.backward()
+    core = g.cores[0]
+    assert core.in_proj.weight.grad is not None and core.in_proj.weight.grad.abs().sum() > 0
+    assert g.level_embed.grad[0].abs().sum() > 0
+    assert g.level_embed.grad[1].abs().sum() > 0  # the LOD2 entry reached level 2
+
+
+def test_forward_rows_padding_equals_single_rows(tiny_base):
+    tokens = torch.randint(0, 1000, (80,), generator=torch.Generator().manual_seed(1))
+    rows, tgts = [], []
+    for n in (20, 33, 50):
+        lv, nd = torch.zeros(n, dtype=torch.long), torch.arange(60 - n, 60)
+        rows.append((wc_embeddings(tiny_base, tokens, lv, nd, 8), wc_positions(lv, nd, 8)))
+        tgts.append(tokens[60:68])
+    with torch.no_grad():
+        batched = forward_rows(tiny_base, rows, tgts, [60] * 3)
+        for r in range(3):
+            single = forward_rows(tiny_base, [rows[r]], [tgts[r]], [60])[0]
+            torch.testing.assert_close(batched[r], single, atol=1e-5, rtol=1e-5)
+        # the WC holding every token is the full-context model
+        full = full_context_logp(tiny_base, tokens, 60, 8)
+        lv, nd = torch.zeros(60, dtype=torch.long), torch.arange(60)
+        row = (wc_embeddings(tiny_base, tokens, lv, nd, 8), wc_positions(lv, nd, 8))
+        torch.testing.assert_close(
+            forward_rows(tiny_base, [row], [tokens[60:68]], [60])[0], full, atol=1e-4, rtol=1e-4
+        )
+
+
+def test_rollout_is_on_policy(tiny_base):
+    """The rollout's WCs equal those of a real Session fed the same tokens."""
+    cfg = mc.MegaContextConfig(
+        model="tiny-llama",
+        block_size=8,
+        levels=2,
+        w_max=40,
+        horizon=8,
+        tau_expand=0.0,
+        tau_collapse=0.0,
+        cooldown_steps=0,
+        min_residency=0,
+    )
+    g = mc.GistNet(tiny_base.dim, block_size=8, width=32, depth=1, heads=2, seed=1)
+    torch.manual_seed(0)
+    lens = mc.LensNet(tiny_base.dim, d_lens=32, heads=2)
+    w = torch.randint(0, 1000, (160 + 3 * 8 + 8,), generator=torch.Generator().manual_seed(2))
+    _, snaps = rollout(tiny_base, g, lens, cfg, w, 160, 3, 8)
+    assert sum(s.n_collapse + s.n_expand for s in snaps) > 0
+    session = mc.MegaContext(tiny_base, g, lens, cfg, allocator_backend="python").session()
+    session.ingest(w[:160])
+    for i, s in enumerate(snaps):
+        session.feed(w[160 + 8 * i : 168 + 8 * i])
+        assert torch.equal(session.wc.levels.long(), s.levels.long())
+        assert torch.equal(session.wc.nodes.long(), s.nodes.long())
+        assert torch.equal(s.targets, w[s.cursor : s.cursor + 8])
+
+
+def test_lora_placement_and_gradients(tiny_base):
+    base = fresh_base(tiny_base)
+    names = lora_targets(base.model, "last", True)
+    assert names[0] == "model.embed_tokens" and all(
+        ".layers.1." in n or ".layers.0." in n for n in names[1:]
+    )
+    n = base.config.num_hidden_layers
+    assert {f"model.layers.{n - 1}.self_attn.q_proj"} <= set(names)
+    before = base.model(input_ids=torch.arange(10)[None]).logits
+    inject_lora(base.model, LoraConfig(r=4, lora_blocks="first"))
+    torch.testing.assert_close(base.model(input_ids=torch.arange(10)[None]).logits, before)  # B = 0
+    params = lora_parameters(base.model)
+    assert params and not any(p.requires_grad for p in base.model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    cfg = mc.MegaContextConfig(model="tiny-llama", block_size=8, levels=2, w_max=40, horizon=8)
+    w = torch.randint(0, 1000, (96 + 8 + 8,), generator=torch.Generator().manual_seed(3))
+    tree, snaps = rollout(base, None, None, cfg, w, 96, 1, 8)
+    loss, stats = lora_loss(base, tree, w, snaps[0], cfg, keepalive_weight=0.1)
+    loss.backward()
+    assert "keepalive" in stats
+    named = dict(base.model.named_parameters())
+    assert any(
+        named[k].grad is not None and named[k].grad.abs().sum() > 0 for k in named if "lora_B" in k
+    )
+    assert all(p.grad is None for k, p in named.items() if "lora_" not in k)
+
+
+def test_boundary_weights():
+    w = boundary_weights(cursor=6, horizon=6, bs=8, weight=2.0, width=1)
+    # positions 6..11: offsets 6,7,0,1,2,3 -> edges at 7 and 0
+    assert w.tolist() == [1.0, 3.0, 3.0, 1.0, 1.0, 1.0]
+
+
+def test_cosine_schedule():
+    f = cosine_lambda(warmup=2, total=10, floor=0.1)
+    assert [round(f(s), 4) for s in (0, 1)] == [0.5, 1.0]
+    assert (
+        f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)
+    )
+    assert f(6) == pytest.approx(0.55)
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = config(tmp_path, "lora.lora_blocks=first", "megacontext.w_max=48")
+    assert cfg.lora.lora_blocks == "first" and cfg.mc_config().w_max == 48
+    assert cfg.window_length == 192 + 2 * 8 + 8
+    with pytest.raises(mc.ConfigError, match="lora_blocks"):
+        config(tmp_path, "lora.lora_blocks=both")
+    with pytest.raises(mc.ConfigError, match="history"):
+        config(tmp_path, "data.history=100")
+    with pytest.raises(mc.ConfigError, match="not key=value"):
+        config(tmp_path, "cycles")
+    with pytest.raises(mc.ConfigError, match="w_max"):
+        config(tmp_path, "megacontext.w_max=3")
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    def bad(d):
+        (d / "x").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        write_checkpoint(tmp_path / "cycle1-b1", bad)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "cycle1-b2").mkdir()  # a directory without COMPLETE is ignored
+    assert latest_checkpoint(tmp_path) is None
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_base, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    states = []
+    trainer = Trainer(
+        config(tmp),
+        base=fresh_base(tiny_base),
+        hooks=[lambda t, phase, cycle: states.append((phase, state(t)))],
+    )
+    before = state(trainer)
+    result = trainer.run()
+    return tmp, trainer, result, before, states
+
+
+def test_tiny_end_to_end(uninterrupted):
+    tmp, _trainer, result, before, states = uninterrupted
+    assert result["done"] == 5 and not result["stopped"]
+    root = tmp / "artifacts"
+    for name in ("cycle0-warm-gist", "cycle0-warm-lens", "cycle1-b1", "cycle1-b2", "cycle1-b3"):
+        d = root / "checkpoints" / "tiny" / name
+        assert (d / COMPLETE).is_file() and (d / "gistnet.safetensors").is_file()
+        assert (d / "lora" / "adapter_model.safetensors").is_file()
+        assert (d / "lora" / "adapter_config.json").is_file()
+    labels = sorted(p.name for p in (root / "deltas" / "tiny").glob("*.parquet"))
+    assert labels == ["cycle0-warm-lens.parquet", "cycle1-b2.parquet"]
+    t = pq.read_table(root / "deltas" / "tiny" / "cycle1-b2.parquet")
+    assert set(t.column("kind").to_pylist()) <= {"expand", "collapse"} and t.num_rows > 0
+    assert (tmp / "runs" / "tiny.yaml").is_file()
+    iters = mc.telemetry.read_run(root / "telemetry" / "tiny")[0].to_pylist()
+    steps = [r for r in iters if r.get("grad_norm") is not None]
+    assert len(steps) == 1 + 1 + 2 + 2 + 1
+    assert all(r["lr"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in steps)
+    assert any(r.get("val_loss_at_h_40") is not None for r in iters)
+    # every trained module moved in its phase
+    assert states[-1][1]["gistnet"] != before["gistnet"]
+    assert states[-1][1]["lensnet"] != before["lensnet"]
+    assert states[-1][1]["lora"] != before["lora"]
+
+
+def test_frozen_modules_bit_identical(uninterrupted):
+    _, _, _, before, states = uninterrupted
+    prev = before
+    trained = {
+        "warm-gist": "gistnet",
+        "warm-lens": "lensnet",
+        "b1": "gistnet",
+        "b2": "lensnet",
+        "b3": "lora",
+    }
+    for phase, now in states:
+        for module in ("gistnet", "lensnet", "lora", "base"):
+            if module != trained[phase]:
+                assert now[module] == prev[module], f"{module} changed during {phase}"
+        prev = now
+
+
+def test_resume_equals_uninterrupted(uninterrupted, tiny_base, tmp_path):
+    _, _, _, _, states = uninterrupted
+
+    class Killed(Exception):
+        pass
+
+    def kill(t, phase, cycle):
+        if phase == "b1":
+            raise Killed
+
+    with pytest.raises(Killed):
+        Trainer(config(tmp_path), base=fresh_base(tiny_base), hooks=[kill]).run()
+    ckpts = tmp_path / "artifacts" / "checkpoints" / "tiny"
+    assert latest_checkpoint(ckpts).name == "cycle1-b1"
+    resumed = Trainer(config(tmp_path), base=fresh_base(tiny_base))
+    result = resumed.run(resume=True)
+    assert result["done"] == 5
+    assert state(resumed) == states[-1][1]
+    meta = json.loads((ckpts / "cycle1-b3" / "trainer.json").read_text())
+    assert meta["gistnet_hash"] == states[-1][1]["gistnet"]
+
+
+def test_load_checkpoint_for_inference(uninterrupted, tiny_base):
+    tmp, trainer, *_ = uninterrupted
+    path = tmp / "artifacts" / "checkpoints" / "tiny" / "cycle1-b3"
+    system = load_checkpoint(path, base=fresh_base(tiny_base))
+    assert module_hash(system.gistnet) == module_hash(trainer.gistnet)
+    assert module_hash(system.lensnet) == module_hash(trainer.lensnet)
+    lora = {n: p for n, p in system.base.model.named_parameters() if "lora_" in n}
+    assert module_hash(lora) == state(trainer)["lora"]
+    session = system.session()
+    session.ingest(torch.arange(100, 300))
+    assert session.wc.cost <= system.config.w_max
+    with pytest.raises(mc.StorageError, match="not a complete checkpoint"):
+        load_checkpoint(tmp, base=fresh_base(tiny_base))
