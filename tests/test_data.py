@@ -378,3 +378,18 @@ def test_cli(tmp_path, capsys):
     code = main([str(tmp_path / "nope"), "--out", str(out), "--model", "tiny-llama"])
     assert code == 2
     assert "nope' does not exist" in capsys.readouterr().err
+
+
+def test_cli_synthetic(tmp_path, capsys):
+    from tools.ingest_data import main
+
+    out = tmp_path / "syn"
+    args = ["--out", str(out), "--model", "tiny-llama", "--no-progress", "--val-fraction", "0"]
+    syn = ["--synthetic", "3", "--synthetic-length", "512", "--synthetic-align", "straddle"]
+    assert main([*args, *syn]) == 0
+    assert "train: 3 documents" in capsys.readouterr().out
+    ds = ShardDataset(out, tags=["synthetic"])
+    assert [info["meta"]["task"] for _, info in ds] == ["passkey", "kv", "code"]
+    for _, info in ds:
+        start, end = info["meta"]["needle_span"]
+        assert start < (start // 32 + 1) * 32 < end

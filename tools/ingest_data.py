@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--synthetic-tasks", default="passkey,kv,code", help="comma-separated task kinds"
     )
+    p.add_argument(
+        "--synthetic-align",
+        choices=["edge", "straddle", "mid"],
+        default=None,
+        help="place every needle at / across / inside a 32-token block boundary",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -62,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 length=args.synthetic_length,
                 tasks=tuple(t.strip() for t in args.synthetic_tasks.split(",") if t.strip()),
                 seed=args.seed,
+                needle_align=args.synthetic_align,
             )
             extra = task_documents(tasks)
         manifest = build_shards(
