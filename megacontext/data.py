@@ -341,9 +341,15 @@ def _text_file(path: Path, doc_id: str, tag: str) -> Document | str:
 def _folder(path: Path, label: str, exclude: Sequence[str], text_field: str | None) -> _ReadResult:
     docs: list[Document] = []
     skipped: list[dict[str, str]] = []
-    for file in sorted(path.rglob("*")):
+    files: list[Path] = []
+    for here, dirs, names in os.walk(path):
+        rel_here = Path(here).relative_to(path)
+        # Prune excluded folders (site-packages can be larger than the stdlib itself).
+        dirs[:] = [d for d in dirs if not _excluded(rel_here / d, exclude)]
+        files += [Path(here) / n for n in names if not _excluded(rel_here / n, exclude)]
+    for file in sorted(files, key=lambda f: f.relative_to(path).parts):
         rel = file.relative_to(path)
-        if not file.is_file() or _excluded(rel, exclude):
+        if not file.is_file():
             continue
         doc_id = f"{label}/{rel.as_posix()}"
         if _is_pydoc_topics(file):
@@ -394,7 +400,9 @@ def read_source(
         result = _ReadResult([], [])
         for i, row in enumerate(_read_arrow_table(path).to_pylist()):
             doc = _row_document(row, f"{label}:{i}", path, f"{path} row {i}", text_field)
-            if doc is not None:
+            if doc is None:
+                result.skipped.append({"path": f"{path} row {i}", "reason": "empty text"})
+            else:
                 result.documents.append(doc)
     elif path.suffix in SUFFIX_TAGS:
         doc = _text_file(path, label, SUFFIX_TAGS[path.suffix])
