@@ -322,3 +322,36 @@ def test_load_checkpoint_for_inference(uninterrupted, tiny_base):
     assert session.wc.cost <= system.config.w_max
     with pytest.raises(mc.StorageError, match="not a complete checkpoint"):
         load_checkpoint(tmp, base=fresh_base(tiny_base))
+
+
+# ------------------------------------------------------------------ CLI and tools
+
+
+def test_cli_train_and_label_tool(tmp_path, capsys):
+    """`megacontext train` and `python -m tools.label_dnll` end to end (in process)."""
+    from typer.testing import CliRunner
+
+    from megacontext.cli import app
+    from tools.label_dnll import main as label_main
+
+    sets = [f"artifacts={tmp_path}/a", f"runs_dir={tmp_path}/runs", *FAST, "cycles=0"]
+    args = ["train", TINY]
+    for s in sets:
+        args += ["--set", s]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "finished after 2 phases" in out.output
+    ckpt = tmp_path / "a" / "checkpoints" / "tiny" / "cycle0-warm-lens"
+    assert (ckpt / COMPLETE).is_file()
+    bad = CliRunner().invoke(app, [*args, "--set", "lora.lora_blocks=both"])
+    assert bad.exit_code != 0 and "lora_blocks" in str(bad.exception)
+    largs = [TINY, "--checkpoint", str(ckpt), "--cycle", "3"]
+    for s in sets:
+        largs += ["--set", s]
+    assert label_main(largs) == 0
+    assert "cycle3-label.parquet" in capsys.readouterr().out
+    table = pq.read_table(tmp_path / "a" / "deltas" / "tiny" / "cycle3-label.parquet")
+    assert set(table.column("cycle").to_pylist()) == {3}
+    want = json.loads((ckpt / "trainer.json").read_text())["lensnet_hash"]
+    assert table.column("lensnet_hash")[0].as_py() == want
+    assert label_main([TINY, "--set", "data.history=100"]) == 2
