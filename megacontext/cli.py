@@ -447,6 +447,45 @@ def telemetry(
         console.print(f"plot written to {png}")
 
 
+@app.command()
+def train(
+    config: Annotated[
+        Path, typer.Argument(help="training config YAML (configs/train-*.yaml)", show_default=False)
+    ],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a config field: key.sub=value (repeatable)"),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue after the newest complete checkpoint")
+    ] = False,
+) -> None:
+    """Train GistNet, LensNet and base LoRA: warm start, then B1 -> B2 -> B3 cycles."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .train import Trainer, load_train_config
+
+    cfg = load_train_config(config, list(overrides or []))
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        tasks: dict[tuple[str, int], object] = {}
+
+        def progress(phase: str, cycle: int, step: int, total: int, loss: float) -> None:
+            key = (phase, cycle)
+            if key not in tasks:
+                tasks[key] = bar.add_task(f"cycle {cycle} {phase}", total=total, loss=loss)
+            bar.update(tasks[key], completed=step, loss=loss)
+
+        result = Trainer(cfg, progress=progress).run(resume=resume)
+    state = "stopped early" if result["stopped"] else "finished"
+    console.print(f"{state} after {result['done']} phases; last checkpoint {result['checkpoint']}")
+
+
 def main() -> None:
     """Entry point: typed megacontext errors become one-line messages and exit code 2."""
     try:
