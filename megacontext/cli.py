@@ -447,6 +447,78 @@ def telemetry(
         console.print(f"plot written to {png}")
 
 
+@app.command("eval")
+def eval_(
+    suite: Annotated[
+        list[str],
+        typer.Argument(
+            help="suites: budget, needle, longbench, boundary, runtime, or all",
+            show_default=False,
+        ),
+    ],
+    size: Annotated[str, typer.Option("--size", help="tiny | small | medium")] = "small",
+    out: Annotated[
+        str | None, typer.Option("--out", help="run name under artifacts/reports/")
+    ] = None,
+    model: Annotated[str, typer.Option("--model", help="base model")] = "smollm2-135m",
+    gistnet: Annotated[
+        Path | None, typer.Option("--gistnet", help="trained GistNet .safetensors")
+    ] = None,
+    lensnet: Annotated[
+        Path | None, typer.Option("--lensnet", help="trained LensNet .safetensors")
+    ] = None,
+) -> None:
+    """Evaluate MegaContext against the peers at equal budget; write Parquet + a report."""
+    import shlex
+    import sys
+
+    from .base import load_base
+    from .eval.peers import untrained_system
+    from .eval.runner import default_out_dir, run_eval
+
+    base = load_base(model)
+    system = untrained_system(base)
+    if gistnet is not None or lensnet is not None:
+        from .gistnet import GistNet
+        from .lensnet import LensNet
+        from .runtime import MegaContext
+
+        system = MegaContext(
+            base,
+            GistNet.load(gistnet) if gistnet is not None else None,
+            LensNet.load(lensnet) if lensnet is not None else system.lensnet,
+            system.config,
+        )
+    out_dir = default_out_dir(out) if out is not None else None
+    run = run_eval(
+        suite,
+        size=size,
+        out_dir=out_dir,
+        base=base,
+        system=system,
+        command="megacontext " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "",
+        log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+    )
+    console.print(f"report written to {run / 'report.md'}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="an evaluation run directory", metavar="RUN", show_default=False),
+    ],
+) -> None:
+    """Rebuild an evaluation run's report.md and plots from its Parquet."""
+    from .eval.report import build_report
+
+    try:
+        path = build_report(run_dir)
+    except MegaContextError as exc:
+        raise typer.BadParameter(str(exc), param_hint="RUN") from None
+    console.print(f"report written to {path}")
+
+
 @app.command()
 def train(
     config: Annotated[

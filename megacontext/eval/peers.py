@@ -1,0 +1,319 @@
+"""Peers at equal budget: every method reads the same history through ``W`` entries.
+
+A method turns a history (token ids ``[T]``) and a budget ``W`` into a
+:class:`View`: the entries the frozen base model reads (embeddings ``[N, d]``) and
+their RoPE positions ``[N]``, plus the position of the first token after the
+history. The targets (``[H]`` token ids right after the history) are then scored
+by one forward over ``view + targets`` (:func:`view_nll`), or answered by greedy
+decoding from the view (:func:`view_generate`), identically for every method. A
+token, a gist, a sink or a retrieved token each counts as one entry.
+
+Methods (``W < T``; with ``T <= W`` every method reads the whole history):
+
+- ``full``: the base model reading all ``T`` tokens, positions ``0..T-1``; only
+  when ``T + H`` fits the model's context (else absent).
+- ``truncation``: the last ``W`` tokens at their original positions (RoPE is
+  relative, so this equals re-indexing them from 0).
+- ``streaming`` (StreamingLLM, Xiao et al. 2023): the first 4 tokens (attention
+  sinks) plus the last ``W − 4``, **re-indexed contiguously** ``0..W-1`` (the
+  paper assigns positions by place in the cache), targets from ``W``.
+- ``infllm`` (InfLLM-style block retrieval, Xiao et al. 2024, simplified): the 4
+  sinks, a recent window of the last ``W // 2`` tokens, and between them whole
+  32-token blocks of the middle history retrieved by relevance, as many as fit,
+  the remainder given to the recent window so exactly ``W`` entries are read.
+  Each block's representative key is the mean of its tokens' input embeddings
+  (centred by the history's mean embedding); the query is the centred embeddings
+  of the last 64 history tokens (the tail, e.g. the question); a block's score is
+  the mean over query tokens of the cosine similarity; the top-k blocks are kept in
+  history order. Positions are re-indexed contiguously (sinks, blocks, window).
+  Unlike InfLLM this uses input embeddings rather than attention keys of every
+  layer, and retrieves once per query instead of per decoding chunk.
+- ``mc_recency``: MegaContext with the system's gists and no LensNet (the
+  recency-based working context).
+- ``mc_meanpool``: MegaContext with mean-pool gists and the system's LensNet
+  (omitted when the system itself has no GistNet: it is then ``megacontext``).
+- ``megacontext``: the system as given (any :class:`megacontext.MegaContext`, e.g.
+  trained checkpoints). Its working context costs ``<= W`` (changes come in groups
+  of ``bs − 1``, so it may read up to 31 entries fewer); ``entries`` records it.
+
+The MegaContext methods run a real session (``ingest`` the history: gist, build the
+recency WC, one LensNet refocus) at ``w_max = W``; the view is its WC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+
+__all__ = [
+    "MC_METHODS",
+    "METHODS",
+    "PEER_METHODS",
+    "View",
+    "build_view",
+    "full_view",
+    "infllm_view",
+    "mc_view",
+    "streaming_view",
+    "truncation_view",
+    "untrained_system",
+    "view_generate",
+    "view_nll",
+]
+
+PEER_METHODS = ("full", "truncation", "streaming", "infllm")
+MC_METHODS = ("mc_recency", "mc_meanpool", "megacontext")
+METHODS = PEER_METHODS + MC_METHODS
+SINKS = 4
+BLOCK = 32
+QUERY_TOKENS = 64
+
+
+@dataclass
+class View:
+    """What the base model reads: ``embeds [N, d]`` at ``positions [N]``; the first
+    token after the history goes at ``next_position``."""
+
+    method: str
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    next_position: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    session: Any = None
+
+    @property
+    def entries(self) -> int:
+        return int(self.embeds.shape[0])
+
+
+def _ids(history: Any) -> torch.Tensor:
+    ids = torch.as_tensor(history, dtype=torch.long).flatten().cpu()
+    if ids.numel() == 0:
+        raise InputError("the history is empty")
+    return ids
+
+
+def _check_budget(budget: int, minimum: int = 1) -> None:
+    if budget < minimum:
+        raise InputError(f"budget W={budget} is below the minimum of {minimum} entries")
+
+
+def full_view(base: Any, history: Any) -> View:
+    ids = _ids(history)
+    return View("full", base.embed(ids), torch.arange(ids.numel()), ids.numel())
+
+
+def truncation_view(base: Any, history: Any, budget: int) -> View:
+    ids = _ids(history)
+    _check_budget(budget)
+    T = ids.numel()
+    s = max(0, T - budget)
+    return View("truncation", base.embed(ids[s:]), torch.arange(s, T), T)
+
+
+def streaming_view(base: Any, history: Any, budget: int, sinks: int = SINKS) -> View:
+    ids = _ids(history)
+    _check_budget(budget, sinks + 1)
+    T = ids.numel()
+    if budget >= T:
+        keep = ids
+    else:
+        keep = torch.cat([ids[:sinks], ids[T - (budget - sinks) :]])
+    n = keep.numel()
+    return View("streaming", base.embed(keep), torch.arange(n), n, {"sinks": sinks})
+
+
+def infllm_view(
+    base: Any,
+    history: Any,
+    budget: int,
+    *,
+    sinks: int = SINKS,
+    block: int = BLOCK,
+    window: int | None = None,
+    query_tokens: int = QUERY_TOKENS,
+) -> View:
+    ids = _ids(history)
+    window = budget // 2 if window is None else window
+    _check_budget(budget, sinks + window)
+    T = ids.numel()
+    if budget >= T:
+        return View("infllm", base.embed(ids), torch.arange(T), T, {"blocks": []})
+    k = (budget - sinks - window) // block
+    # candidate blocks: whole blocks of [sinks, T - window') where window' is the
+    # final window (the remainder of the budget goes to it)
+    final_window = budget - sinks - k * block
+    lo, hi = sinks, T - final_window
+    starts = list(range(lo, hi - block + 1, block))
+    chosen: list[int] = []
+    scores: list[float] = []
+    if starts and k > 0:
+        with torch.no_grad():
+            emb = base.embed(ids).float()
+            mu = emb.mean(0, keepdim=True)
+            emb = emb - mu
+            reps = torch.stack([emb[s : s + block].mean(0) for s in starts])
+            query = emb[T - min(query_tokens, T) :]
+            sim = (
+                torch.nn.functional.normalize(reps, dim=-1)
+                @ torch.nn.functional.normalize(query, dim=-1).T
+            )
+            block_scores = sim.mean(1)
+        top = torch.topk(block_scores, min(k, len(starts))).indices.tolist()
+        chosen = sorted(starts[i] for i in top)
+        scores = [float(block_scores[starts.index(s)]) for s in chosen]
+    # if fewer blocks exist than k, the window takes the rest of the budget
+    final_window = budget - sinks - len(chosen) * block
+    parts = [ids[:sinks], *[ids[s : s + block] for s in chosen], ids[T - final_window :]]
+    keep = torch.cat(parts)
+    n = keep.numel()
+    meta = {"blocks": chosen, "block_scores": scores, "window": final_window, "sinks": sinks}
+    return View("infllm", base.embed(keep), torch.arange(n), n, meta)
+
+
+def untrained_system(base: Any, config: Any = None, *, seed: int = 0, lens: bool = True) -> Any:
+    """The untrained MegaContext: mean-pool gists and (``lens``) a LensNet with its
+    seeded initial weights (no training)."""
+    from ..config import MegaContextConfig
+    from ..lensnet import LensNet
+    from ..runtime import MegaContext
+
+    config = config if config is not None else MegaContextConfig(model=base.name)
+    lensnet = None
+    if lens:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            lensnet = LensNet(base.dim).to(device=base.device).eval()
+    system = MegaContext(base, None, lensnet, config)
+    system._untrained = True
+    return system
+
+
+def _with_budget(system: Any, budget: int, gistnet: Any, lensnet: Any) -> Any:
+    from ..config import MegaContextConfig
+    from ..runtime import MegaContext
+
+    cfg = MegaContextConfig(**{**system.config.model_dump(), "w_max": int(budget)})
+    return MegaContext(
+        system.base, gistnet, lensnet, cfg, allocator_backend=system.allocator_backend
+    )
+
+
+def mc_view(system: Any, history: Any, budget: int, method: str = "megacontext") -> View:
+    """Run a session of ``system`` (with the gist/focus variant ``method``) at
+    ``w_max = budget`` over ``history``; the view is its working context."""
+    ids = _ids(history)
+    if method == "megacontext":
+        gistnet, lensnet = system.gistnet, system.lensnet
+    elif method == "mc_recency":
+        gistnet, lensnet = system.gistnet, None
+    elif method == "mc_meanpool":
+        gistnet, lensnet = None, system.lensnet
+    else:
+        raise InputError(f"unknown MegaContext variant {method!r}; expected one of {MC_METHODS}")
+    variant = _with_budget(system, budget, gistnet, lensnet)
+    session = variant.session()
+    session.ingest(ids)
+    wc = session.wc
+    embeds = wc.embeddings(session.base, session.tree)
+    levels = torch.bincount(wc.levels.cpu().long(), minlength=wc.max_level + 1).tolist()
+    meta = {"per_level": levels, "actions": len(session.actions)}
+    return View(method, embeds, wc.positions().cpu(), session.num_tokens, meta, session)
+
+
+def build_view(base: Any, history: Any, budget: int, method: str, system: Any = None) -> View:
+    """The view of ``method`` (one of :data:`METHODS`) at budget ``W = budget``."""
+    if method == "full":
+        return full_view(base, history)
+    if method == "truncation":
+        return truncation_view(base, history, budget)
+    if method == "streaming":
+        return streaming_view(base, history, budget)
+    if method == "infllm":
+        return infllm_view(base, history, budget)
+    if method in MC_METHODS:
+        if system is None:
+            raise InputError(f"method {method!r} needs a MegaContext system")
+        return mc_view(system, history, budget, method)
+    raise InputError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+@torch.no_grad()
+def view_nll(base: Any, view: View, targets: Any) -> torch.Tensor:
+    """NLL ``[H]`` (float32, nats) of ``targets`` read after ``view``: one forward
+    over the view's entries then the targets' embeddings at positions
+    ``next_position, next_position + 1, ...``."""
+    targets = torch.as_tensor(targets, dtype=torch.long).flatten().cpu()
+    if targets.numel() == 0:
+        raise InputError("no target tokens to score")
+    tok = base.embed(targets[:-1]).to(view.embeds.dtype)
+    x = torch.cat([view.embeds.to(tok.device), tok])[None]
+    h = targets.numel()
+    pos = torch.cat(
+        [view.positions.cpu(), torch.arange(view.next_position, view.next_position + h - 1)]
+    )
+    n = x.shape[1]
+    # An explicit causal mask: without one, transformers reads jumps in position_ids
+    # (gists at span centres, re-indexed sinks) as packed-sequence boundaries.
+    causal = torch.ones(n, n, dtype=torch.bool, device=base.device).tril()
+    out = base.model(
+        inputs_embeds=x.to(base.dtype),
+        position_ids=pos[None].to(base.device),
+        attention_mask=causal[None, None],
+        logits_to_keep=h,
+        use_cache=False,
+    )
+    logp = out.logits[0].float().log_softmax(-1)
+    return -logp.gather(1, targets.to(logp.device)[:, None])[:, 0].cpu()
+
+
+@torch.no_grad()
+def view_generate(base: Any, view: View, max_new_tokens: int, stop: Sequence[str] = ("\n",)) -> str:
+    """Greedy answer after ``view`` (KV cached), stopping at EOS or a ``stop`` string
+    (not returned). MegaContext views decode through their own session instead
+    (refocus every block), see :func:`megacontext.eval.suites.answer`."""
+    from transformers import DynamicCache
+
+    from ..runtime import _cache_kwarg
+
+    kw = _cache_kwarg(base.model)
+    cache = DynamicCache()
+    out = base.model(
+        inputs_embeds=view.embeds[None].to(device=base.device, dtype=base.dtype),
+        position_ids=view.positions[None].to(base.device),
+        **{kw: cache},
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    eos = base.tokenizer.eos_token_id
+    toks: list[int] = []
+    pos = view.next_position
+    for _ in range(max_new_tokens):
+        tok = int(out.logits[0, -1].argmax())
+        if tok == eos:
+            break
+        toks.append(tok)
+        text = base.decode(toks)
+        if any(s in text for s in stop):
+            break
+        out = base.model(
+            input_ids=torch.tensor([[tok]], device=base.device),
+            position_ids=torch.tensor([[pos]], device=base.device),
+            use_cache=True,
+            **{kw: cache},
+        )
+        pos += 1
+    return _cut(base.decode(toks), stop)
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    for s in stop:
+        i = text.find(s)
+        if i >= 0:
+            text = text[:i]
+    return text.strip()
