@@ -278,11 +278,16 @@ class Session:
         dev = self.base.device
         slots = slots.to(device=dev, dtype=torch.long)
         self.cache.plan(slots[None], [length])
-        mask = torch.arange(length, device=dev)[None, :] <= slots[:, None]
+        if slots.numel() == 1 and int(slots[0]) == length - 1:
+            # One new row at the end sees every slot: no mask (SDPA's fast path, or
+            # flash-attn on CUDA).
+            mask = None
+        else:
+            mask = (torch.arange(length, device=dev)[None, :] <= slots[:, None])[None, None]
         out = self.base.model(
             inputs_embeds=embeds[None].to(device=dev, dtype=self.base.dtype),
             position_ids=positions[None].to(device=dev),
-            attention_mask=mask[None, None],
+            attention_mask=mask,
             use_cache=True,
             logits_to_keep=logits_to_keep,
             **{self._cache_kw: self.cache},
