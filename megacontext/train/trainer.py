@@ -75,6 +75,27 @@ def _seed(*parts: int) -> int:
     return h
 
 
+def _init_distributed(device: str | None) -> tuple[int, int, str | None]:
+    """``(rank, world_size, device)``: join the process group that ``torchrun`` set up
+    (``RANK``/``WORLD_SIZE`` in the environment; NCCL on CUDA, gloo on the CPU), or use
+    an already initialised one; a single process is ``(0, 1, device)``."""
+    import os
+
+    dist = torch.distributed
+    if not dist.is_available():
+        return 0, 1, device
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():
+        return 0, 1, device
+    if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def text_windows(tokens: torch.Tensor, length: int) -> WindowSource:
     """Windows of ``length`` tokens at random starts of one token stream."""
     tokens = torch.as_tensor(tokens).to(torch.int64)
@@ -124,9 +145,10 @@ class Trainer:
     ):
         self.cfg = config
         self.mc = config.mc_config()
+        self.rank, self.world, device = _init_distributed(config.device)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % (1 << 32))
-        self.base = base if base is not None else load_base(config.model, device=config.device)
+        self.base = base if base is not None else load_base(config.model, device=device)
         self.device = self.base.device
         bs, levels = self.mc.block_size, self.mc.levels
         self.gistnet = GistNet(
@@ -192,6 +214,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
 
+    def _data_seed(self, *parts: int) -> int:
+        # ranks draw different data; a single process keeps the rank-free seeds
+        extra = (self.rank,) if self.world > 1 else ()
+        return _seed(self.cfg.seed, *parts, *extra)
+
+    def _all_reduce_grads(self, params: list[torch.nn.Parameter], count: int) -> int:
+        """Average gradients over ranks (data parallel); returns the number of
+        microbatches with a loss summed over ranks (all ranks step, or none)."""
+        dist = torch.distributed
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        n = torch.tensor([float(count)], device=flat.device)
+        dist.all_reduce(flat)
+        dist.all_reduce(n)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            k = g.numel()
+            p.grad = flat[offset : offset + k].view_as(p).to(p.dtype)
+            offset += k
+        return int(n.item())
+
     def _autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -214,9 +258,7 @@ class Trainer:
         return params
 
     def _rollouts(self, phase_idx: int, step: int, micro: int, with_lens: bool):
-        windows = self.train_windows(
-            self.cfg.batch_size, _seed(self.cfg.seed, phase_idx, step, micro)
-        )
+        windows = self.train_windows(self.cfg.batch_size, self._data_seed(phase_idx, step, micro))
         out = []
         d = self.cfg.data
         for k, w in enumerate(windows):
@@ -242,7 +284,7 @@ class Trainer:
         ``artifacts/deltas/<run>/cycle<c>-<tag>.parquet``. Returns the labelled items
         ``(tokens, tree, snapshot, rows)``."""
         cfg, lc = self.cfg, self.cfg.labels
-        windows = self.train_windows(cfg.label_windows, _seed(cfg.seed, phase_idx, 1 << 20))
+        windows = self.train_windows(cfg.label_windows, self._data_seed(phase_idx, 1 << 20))
         items, table = [], []
         hashes = {
             "gistnet_hash": module_hash(self.gistnet),
@@ -283,7 +325,8 @@ class Trainer:
                 items.append((w, tree, s, rows))
                 table += [{"run": cfg.run, "cycle": cycle, **hashes, **r} for r in rows]
         if table:
-            write_labels(table, self.deltas_dir / f"cycle{cycle}-{tag}.parquet")
+            suffix = f"-rank{self.rank}" if self.rank else ""
+            write_labels(table, self.deltas_dir / f"cycle{cycle}-{tag}{suffix}.parquet")
         return items
 
     # ------------------------------------------------------------------ evaluation
@@ -392,7 +435,7 @@ class Trainer:
             for micro in range(cfg.grad_accum):
                 losses = []
                 if labelled is not None:
-                    g = torch.Generator().manual_seed(_seed(cfg.seed, idx, step, micro) % (1 << 62))
+                    g = torch.Generator().manual_seed(self._data_seed(idx, step, micro) % (1 << 62))
                     pick = torch.randint(len(labelled), (cfg.batch_size,), generator=g).tolist()
                     for j in pick:
                         w, tree, s, rows = labelled[j]
@@ -439,6 +482,8 @@ class Trainer:
                 for _, st in losses:
                     for k, v in st.items():
                         stats[k] = stats.get(k, 0.0) + v / len(losses) / cfg.grad_accum
+            if self.world > 1:
+                count = self._all_reduce_grads(params, count)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
             if count:
                 opt.step()
@@ -538,21 +583,31 @@ class Trainer:
             last = latest_checkpoint(self.ckpt_root)
             if last is not None:
                 self.load_state(last)
-        self.cfg.to_yaml(Path(self.cfg.runs_dir) / f"{self.cfg.run}.yaml")
+        main = self.rank == 0
+        if main:
+            self.cfg.to_yaml(Path(self.cfg.runs_dir) / f"{self.cfg.run}.yaml")
         ckpt = None
         tags = [
             f"data:{self.cfg.data.kind}",
             f"w_max:{self.mc.w_max}",
             f"tau:{self.mc.tau_expand}/{self.mc.tau_collapse}",
         ]
-        with Telemetry(self.telemetry_dir, config=self.cfg.dump(), tags=tags) as tel:
+        telemetry = (
+            Telemetry(self.telemetry_dir, config=self.cfg.dump(), tags=tags)
+            if main
+            else contextlib.nullcontext()
+        )
+        with telemetry as tel:
             while self.done < len(self.plan) and not self.early["stopped"]:
                 idx = self.done
                 phase, cycle = self.plan[idx]
                 self._phase(idx, phase, cycle, tel)
                 self.done = idx + 1
                 self._early_stop(tel, phase, cycle)
-                ckpt = self.save_checkpoint(phase, cycle)
+                if main:
+                    ckpt = self.save_checkpoint(phase, cycle)
+                if self.world > 1:
+                    torch.distributed.barrier()
                 for hook in self.hooks:
                     hook(self, phase, cycle)
         return {
