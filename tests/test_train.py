@@ -355,3 +355,18 @@ def test_cli_train_and_label_tool(tmp_path, capsys):
     want = json.loads((ckpt / "trainer.json").read_text())["lensnet_hash"]
     assert table.column("lensnet_hash")[0].as_py() == want
     assert label_main([TINY, "--set", "data.history=100"]) == 2
+
+
+def test_early_stop_rule(tiny_base, tmp_path):
+    zero = [f"{p}.steps=0" for p in ("warm_gist", "warm_lens", "b1", "b2", "b3")]
+    cfg = config(tmp_path, *zero, "cycles=3", "early_stop.every=phase", "early_stop.patience=2")
+    trainer = Trainer(cfg, base=fresh_base(tiny_base))
+    losses = iter([3.0, 2.0, 2.5, 2.0, 1.0])  # best 2.0, then two evaluations without gain
+    trainer.evaluate = lambda: {40: next(losses)}
+    result = trainer.run()
+    assert result["stopped"] and result["done"] == 4
+    assert [h["loss"] for h in result["early"]["history"]] == [3.0, 2.0, 2.5, 2.0]
+    assert result["checkpoint"].name == "cycle1-b2"
+    # resuming a stopped run does nothing more
+    again = Trainer(cfg, base=fresh_base(tiny_base))
+    assert again.run(resume=True)["done"] == 4
