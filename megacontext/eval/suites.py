@@ -149,6 +149,8 @@ def compare_methods(
             row["score"] = _score(text, answer)
         row["seconds"] = time.perf_counter() - t0
         if view.session is not None:
+            row["wc_per_level"] = view.meta["per_level"]  # entries at LOD0, LOD1, ...
+            row["focus_actions"] = view.meta["actions"]  # allocator actions at ingest
             row["_session"] = view.session
         rows.append(row)
     return rows
