@@ -266,6 +266,15 @@ def _nll_section(rows: list[dict], suite: str, title: str, out: Path, lines: lis
                 row.append(_f(_mean(_vals(g, "score"))))
             body.append(row)
     lines += [*_table(header, body), ""]
+    for m in ("mc_recency", "mc_meanpool", "megacontext"):
+        acts = _vals(_by(sr, method=m), "focus_actions")
+        if acts:
+            lines.append(
+                f"- `{m}`: {int(sum(acts))} focus actions (expand/collapse) at ingest over "
+                f"{len(acts)} rows."
+            )
+    if any(r.get("focus_actions") is not None for r in sr):
+        lines.append("")
     png = f"{suite}_delta_nll.png"
     _plot_vs_budget(sr, "delta_nll", "ΔNLL@H vs full context (nats)", title, out / png)
     lines += [f"![ΔNLL vs budget, {suite}]({png})", ""]
