@@ -214,6 +214,8 @@ def test_config_overrides_and_errors(tmp_path):
         config(tmp_path, "cycles")
     with pytest.raises(mc.ConfigError, match="w_max"):
         config(tmp_path, "megacontext.w_max=3")
+    with pytest.raises(mc.ConfigError, match="budgets"):
+        config(tmp_path, "early_stop.budgets=[8, 40]")
 
 
 def test_checkpoint_write_is_atomic(tmp_path):

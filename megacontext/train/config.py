@@ -146,6 +146,12 @@ class TrainConfig(_Strict):
                 f"data.history: {self.data.history} is not a multiple of block_size "
                 f"{mc.block_size}"
             )
+        for b in self.early_stop.budgets:
+            if mc.protected_tokens + mc.block_size > b:
+                raise ValueError(
+                    f"early_stop.budgets: {b} cannot hold the protected tail "
+                    f"({mc.protected_tokens} tokens plus a partial block of {mc.block_size})"
+                )
         return self
 
     def mc_config(self) -> MegaContextConfig:
