@@ -33,7 +33,14 @@ import torch
 
 from .errors import ModelNotAvailableError, UnsupportedModelError
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "Base", "cache_dir", "load_base", "smollm2_gguf_path"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "Base",
+    "cache_dir",
+    "load_base",
+    "load_tokenizer",
+    "smollm2_gguf_path",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -317,3 +324,25 @@ def load_base(
         base = _load_pretrained(name_or_path, name_or_path, dev, dt)
     base.model.requires_grad_(False)
     return base
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
+    """Only the tokenizer of a base model (what data tools need): no weights are
+    loaded once the embedded model's cache exists. ``"tiny-llama"`` shares SmolLM2's."""
+    from transformers import AutoTokenizer
+
+    key = name_or_path.strip().lower()
+    if key in (DEFAULT_MODEL, "tiny-llama"):
+        source = str(_smollm2_cache())
+    else:
+        source = name_or_path
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip() in ("1", "true", "TRUE", "yes")
+    try:
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(
+                source, local_files_only=offline or Path(source).is_dir()
+            )
+    except (OSError, ValueError) as exc:
+        raise ModelNotAvailableError(
+            f"cannot load the tokenizer of {name_or_path!r} ({str(exc).strip().splitlines()[0]})"
+        ) from None

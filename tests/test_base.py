@@ -128,3 +128,12 @@ def test_local_directory_and_family_check(tmp_path, tiny_base):
     )
     with pytest.raises(mc.UnsupportedModelError, match="gpt2"):
         mc.load_base(str(gpt2_dir), device="cpu")
+
+
+def test_load_tokenizer_alone(tiny_base):
+    from megacontext.base import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    assert tok.encode("def f(): pass") == tiny_base.tokenizer.encode("def f(): pass")
+    with pytest.raises(mc.ModelNotAvailableError, match="tokenizer"):
+        load_tokenizer(str(Path("/nonexistent/model-dir")))

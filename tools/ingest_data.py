@@ -55,15 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
-        import megacontext as mc
 
-        base = mc.load_base(args.model, device="cpu")
+        from megacontext.base import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
         extra = []
         if args.synthetic:
             from megacontext.synthetic import generate_tasks, task_documents
 
             tasks = generate_tasks(
-                base.tokenizer,
+                tokenizer,
                 args.synthetic,
                 length=args.synthetic_length,
                 tasks=tuple(t.strip() for t in args.synthetic_tasks.split(",") if t.strip()),
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = build_shards(
             args.sources,
             args.out,
-            tokenizer=base.tokenizer,
+            tokenizer=tokenizer,
             model_name=args.model,
             documents=extra,
             val_fraction=args.val_fraction,
