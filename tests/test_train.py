@@ -261,7 +261,12 @@ def test_tiny_end_to_end(uninterrupted):
     t = pq.read_table(root / "deltas" / "tiny" / "cycle1-b2.parquet")
     assert set(t.column("kind").to_pylist()) <= {"expand", "collapse"} and t.num_rows > 0
     assert (tmp / "runs" / "tiny.yaml").is_file()
-    iters = mc.telemetry.read_run(root / "telemetry" / "tiny")[0].to_pylist()
+    iters, actions = (t.to_pylist() for t in mc.telemetry.read_run(root / "telemetry" / "tiny"))
+    assert actions and all(a["kind"] in ("expand", "collapse") for a in actions)
+    assert all(a["residency"] is not None and a["residency"] >= 0 for a in actions)
+    assert any(
+        r.get("swap_rate") is not None and r.get("mean_residency") is not None for r in iters
+    )
     steps = [r for r in iters if r.get("grad_norm") is not None]
     assert len(steps) == 1 + 1 + 2 + 2 + 1
     assert all(r["lr"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in steps)

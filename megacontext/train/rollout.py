@@ -35,7 +35,9 @@ class Snapshot:
     ``levels``/``nodes``: the WC entries; ``cursor``: tokens in the history;
     ``targets``: int64 ``[H]`` (the tokens after the cursor); ``inserted``: the
     ``(level, node)`` gists the allocator created in this block (collapse parents);
-    ``actions``: their count by kind; ``step``: block index within the window.
+    ``n_expand``/``n_collapse``: this block's actions by kind; ``actions``: their trace
+    rows (``step, kind, level, node, score, cost_delta, residency`` as the runtime's
+    telemetry); ``step``: block index within the window.
     """
 
     doc: int
@@ -48,6 +50,7 @@ class Snapshot:
     n_expand: int = 0
     n_collapse: int = 0
     forced: bool = False
+    actions: list[dict[str, Any]] = field(default_factory=list)
 
 
 def snapshot_wc(snap: Snapshot, cfg: MegaContextConfig) -> WorkingContext:
@@ -160,13 +163,21 @@ def rollout(
     def refocus() -> tuple[list, bool]:
         nonlocal wc
         scores = lens_scores(lensnet, base, tree, wc, cfg.levels)
+        step = allocator.step_count
+        before = {lv: allocator.last_changed(lv).clone() for lv in range(1, cfg.levels + 1)}
         actions = allocator.step(wc, scores)
+        for a in actions:
+            # steps the node spent at its previous LOD (as Session.refocus reports it)
+            states = before.get(a.level)
+            last = int(states[a.node]) if states is not None and a.node < len(states) else -1
+            trace.append({**a._asdict(), "residency": step - max(last, 0)})
         forced = False
         if wc.cost > cfg.w_max:
             forced = True
             wc = WorkingContext.from_tree(tree, cfg.w_max, cfg.protected_tokens)
         return actions, forced
 
+    trace: list[dict[str, Any]] = []
     if lensnet is not None:
         refocus()
     snaps: list[Snapshot] = []
@@ -175,6 +186,7 @@ def rollout(
         tree.append(window[t : t + bs], embed, gist)
         t += bs
         wc.extend(t)
+        trace.clear()
         actions, forced = refocus()
         wc.check(tree)
         snaps.append(
@@ -189,6 +201,7 @@ def rollout(
                 n_expand=sum(a.kind == "expand" for a in actions),
                 n_collapse=sum(a.kind == "collapse" for a in actions),
                 forced=forced,
+                actions=list(trace),
             )
         )
     return tree, snaps

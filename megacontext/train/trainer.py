@@ -431,7 +431,7 @@ class Trainer:
                 torch.cuda.reset_peak_memory_stats()
             opt.zero_grad(set_to_none=True)
             total, count, tokens, stats = 0.0, 0, 0, {}
-            runtime = {"swap": [], "util": [], "exp": 0, "col": 0}
+            runtime: dict[str, Any] = {"swap": [], "util": [], "exp": 0, "col": 0, "trace": []}
             for micro in range(cfg.grad_accum):
                 losses = []
                 if labelled is not None:
@@ -454,6 +454,14 @@ class Trainer:
                             runtime["util"].append(len(s.levels) / self.mc.w_max)
                             runtime["exp"] += s.n_expand
                             runtime["col"] += s.n_collapse
+                            runtime["trace"] += [
+                                {
+                                    **a,
+                                    "iteration": self.global_step,
+                                    "session": micro * 1000 + s.doc,
+                                }
+                                for a in s.actions
+                            ]
                             with self._autocast():
                                 if phase == "b3":
                                     loss, st = lora_loss(
@@ -511,11 +519,16 @@ class Trainer:
             }
             if runtime["swap"]:
                 row["swap_rate"] = float(np.mean(runtime["swap"]))
+                res = [a["residency"] for a in runtime["trace"]]
+                if res:
+                    row["mean_residency"] = float(np.mean(res))
                 row["token_budget_utilization"] = float(np.mean(runtime["util"]))
                 row["n_expand"] = runtime["exp"]
                 row["n_collapse"] = runtime["col"]
             if tel is not None:
                 tel.log_iteration(**row)
+                if runtime["trace"]:
+                    tel.log_actions(runtime["trace"])
             self.global_step += 1
             if self.progress is not None:
                 self.progress(phase, cycle, step + 1, oc.steps, mean_loss)
