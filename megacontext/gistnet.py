@@ -25,9 +25,7 @@ init) or separate per level (``shared_levels=False``). ``GistNet.save(path)`` /
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +34,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from .errors import ConfigError, StorageError
+from ._weights import load_weights, save_weights
+from .errors import ConfigError
 from .kernels.gist_pool import gist_pool
 
 __all__ = ["GistNet", "GistNetConfig"]
@@ -322,27 +321,7 @@ class GistNet(nn.Module):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write weights and config to one safetensors file, atomically (temp + rename)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        metadata = {
-            "format": _FORMAT,
-            "format_version": _FORMAT_VERSION,
-            "config": self.config.model_dump_json(),
-        }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_weights(self, path, _FORMAT, _FORMAT_VERSION, self.config.model_dump_json())
 
     @classmethod
     def load(
@@ -352,42 +331,9 @@ class GistNet(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> GistNet:
         """Read a file written by :meth:`save`. Raises StorageError naming the path."""
-        from safetensors import SafetensorError, safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise StorageError(f"{path}: GistNet checkpoint not found", path=str(path))
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                metadata = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise StorageError(f"{path}: not a safetensors file ({exc})", path=str(path)) from None
-        if metadata.get("format") != _FORMAT:
-            raise StorageError(
-                f"{path}: metadata 'format' is {metadata.get('format')!r}, expected {_FORMAT!r}",
-                path=str(path),
-                field="format",
-            )
-        if metadata.get("format_version") != _FORMAT_VERSION:
-            raise StorageError(
-                f"{path}: unsupported format_version {metadata.get('format_version')!r}",
-                path=str(path),
-                field="format_version",
-            )
-        try:
-            config = GistNetConfig(**json.loads(metadata["config"]))
-        except (KeyError, json.JSONDecodeError, ConfigError) as exc:
-            raise StorageError(
-                f"{path}: bad 'config' metadata ({exc})", path=str(path), field="config"
-            ) from None
-        model = cls(config=config)
-        try:
-            model.load_state_dict(tensors, strict=True)
-        except RuntimeError as exc:
-            raise StorageError(
-                f"{path}: weights do not match the config ({exc})", path=str(path)
-            ) from None
+        model = load_weights(
+            path, _FORMAT, _FORMAT_VERSION, "GistNet", lambda c: cls(config=GistNetConfig(**c))
+        )
         return model.to(device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
