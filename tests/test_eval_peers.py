@@ -138,3 +138,12 @@ def test_bad_inputs(base, data):
         streaming_view(base, hist, 3)
     with pytest.raises(InputError):
         view_nll(base, build_view(base, hist, W, "truncation"), [])
+
+
+def test_full_row_is_reused_across_budgets(base, data):
+    hist, tgt = data
+    reuse: dict = {}
+    a = compare_methods(base, hist, tgt, 64, methods=["full", "truncation"], reuse=reuse)
+    b = compare_methods(base, hist, tgt, 96, methods=["full", "truncation"], reuse=reuse)
+    assert a[0]["nll"] == b[0]["nll"] and b[0]["budget"] == 96 and a[0]["budget"] == 64
+    assert b[1]["entries"] == 96
