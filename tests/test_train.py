@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -377,3 +378,59 @@ def test_early_stop_rule(tiny_base, tmp_path):
     # resuming a stopped run does nothing more
     again = Trainer(cfg, base=fresh_base(tiny_base))
     assert again.run(resume=True)["done"] == 4
+
+
+def test_demo_reports_every_stage(tiny_base, tmp_path, capsys):
+    """The CPU demonstration's driver on tiny data: every stage is measured."""
+    import sysconfig
+
+    from megacontext import synthetic
+    from megacontext.data import build_shards
+    from megacontext.train.demo import main as demo_main
+
+    tok = tiny_base.tokenizer
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    topics = (stdlib / "pydoc_data" / "topics.py").read_text(encoding="utf-8")[:40000]
+    (tmp_path / "src").mkdir()
+    for i in range(10):  # ten documents of real prose, half of them held out
+        (tmp_path / "src" / f"d{i}.txt").write_text(topics[i * 4000 : (i + 1) * 4000])
+    build_shards(
+        [tmp_path / "src"],
+        tmp_path / "text",
+        tokenizer=tok,
+        model_name="tiny-llama",
+        val_fraction=0.5,
+        progress=False,
+    )
+    tasks = synthetic.generate_tasks(tok, 8, length=256, tasks=("passkey",), depths=[0.4], seed=1)
+    synthetic.write_synthetic_shards(
+        tmp_path / "synth", tasks, tokenizer=tok, model_name="tiny-llama", val_fraction=0.5
+    )
+    out = tmp_path / "demo.json"
+    sets = [
+        f"artifacts={tmp_path}/a",
+        f"runs_dir={tmp_path}/runs",
+        *FAST,
+        "early_stop.enabled=false",
+    ]
+    args = [
+        TINY,
+        "--text-shards",
+        str(tmp_path / "text"),
+        "--synthetic-shards",
+        str(tmp_path / "synth"),
+        "--windows",
+        "2",
+        "--budget",
+        "40",
+        "--out",
+        str(out),
+    ]
+    for s in sets:
+        args += ["--set", s]
+    assert demo_main(args) == 0
+    res = json.loads(out.read_text())
+    assert list(res["stages"]) == ["full", "truncation", "untrained", "warm start", "cycle 1"]
+    assert res["windows"]["ordinary"] == 2 and res["windows"]["long_range"] >= 1
+    assert all(v > 0 for row in res["stages"].values() for v in row.values())
+    assert "| cycle 1 |" in capsys.readouterr().out
