@@ -184,23 +184,37 @@ def _plot_vs_budget(
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     budgets = sorted({r["budget"] for r in rows})
-    for m in _methods(rows):
-        if m in skip:
-            continue
-        ys = [_mean(_vals(_by(rows, method=m, budget=b), key)) for b in budgets]
-        if all(not math.isfinite(y) for y in ys):
-            continue
-        ax.plot(budgets, ys, marker="o", label=m)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(budgets)
-    ax.set_xticklabels([str(b) for b in budgets])
-    ax.set_xlabel("budget W (entries)")
+    methods = [m for m in _methods(rows) if m not in skip]
+    series = {
+        m: [_mean(_vals(_by(rows, method=m, budget=b), key)) for b in budgets] for m in methods
+    }
+    series = {m: ys for m, ys in series.items() if any(math.isfinite(y) for y in ys)}
+    if len(budgets) == 1:
+        # one budget: bars per method (a line plot would be a column of dots)
+        names = list(series)
+        ax.bar(
+            range(len(names)),
+            [series[m][0] for m in names],
+            color=[f"C{i}" for i in range(len(names))],
+        )
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=20, fontsize=8)
+        ax.set_xlabel(f"method at budget W = {budgets[0]} entries")
+    else:
+        styles = ["-", "--", ":", "-."]
+        for i, (m, ys) in enumerate(series.items()):
+            # distinct markers and dashes so identical series stay visible
+            ax.plot(budgets, ys, marker="osD^vx*"[i % 7], ls=styles[i % 4], label=m, alpha=0.85)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets)
+        ax.set_xticklabels([str(b) for b in budgets])
+        ax.set_xlabel("budget W (entries)")
+        ax.legend(fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if key == "delta_nll":
         ax.axhline(0.0, color="k", lw=0.8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     _atomic_bytes(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
