@@ -401,6 +401,54 @@ def chat(
             telemetry.close()
 
 
+demo_app = typer.Typer(help="Replayable demonstrations.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.command("walkthrough")
+def demo_walkthrough(
+    model: Annotated[str, _MODEL_OPT] = "smollm2-135m",
+    w_max: Annotated[int, typer.Option(help="working-context budget", min=1)] = 1024,
+    max_new_tokens: Annotated[int, typer.Option(min=0)] = 96,
+    gistnet: Annotated[Path | None, _GIST_OPT] = None,
+    lensnet: Annotated[Path | None, typer.Option("--lensnet", help="LensNet weights")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the untrained LensNet")] = 0,
+    out: Annotated[Path | None, typer.Option(help="also write the Markdown here")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+) -> None:
+    """The guide's toy coding session: a ~4k-token TypeScript project, the user turn
+    "Add logging to the `fetchUser` helper.", LensNet scores, actions, decode, trace."""
+    import torch
+
+    from .base import load_base
+    from .config import MegaContextConfig
+    from .lensnet import LensNet
+    from .runtime import MegaContext
+    from .walkthrough import run_walkthrough
+
+    base = load_base(model, device=device)
+    cfg = MegaContextConfig(model=model, w_max=w_max)
+    gist = None
+    if gistnet is not None:
+        from .gistnet import GistNet
+
+        gist = GistNet.load(gistnet, device=base.device)
+    if lensnet is not None:
+        lens = LensNet.load(lensnet, device=base.device)
+    else:
+        torch.manual_seed(seed)
+        lens = LensNet(base.dim).to(device=base.device, dtype=base.dtype).eval()
+    session = MegaContext(base, gist, lens, cfg).session()
+    result = run_walkthrough(
+        session, max_new_tokens=max_new_tokens, lensnet_trained=lensnet is not None
+    )
+    text = result.markdown()
+    console.print(text, markup=False, highlight=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
 @app.command()
 def telemetry(
     run_dir: Annotated[

@@ -1,0 +1,1 @@
+"""Text assets shipped with the package (the walkthrough's project summary)."""
