@@ -748,8 +748,16 @@ def wc_nll(
     tok = base.embed(targets[:-1].cpu()) if targets.numel() > 1 else entries[:0]
     x = torch.cat([entries, tok.to(entries.dtype)])[None]
     pos = torch.cat([wc.positions().cpu(), torch.arange(cursor, cursor + targets.numel() - 1)])
+    n = x.shape[1]
+    # Explicit causal mask: with none, transformers may read jumps in position_ids
+    # (gists sit at span centres) as boundaries of packed sequences.
+    causal = torch.ones(n, n, dtype=torch.bool, device=base.device).tril()
     out = base.model(
-        inputs_embeds=x, position_ids=pos[None].to(base.device), logits_to_keep=targets.numel()
+        inputs_embeds=x.to(base.dtype),
+        position_ids=pos[None].to(base.device),
+        attention_mask=causal[None, None],
+        logits_to_keep=targets.numel(),
+        use_cache=False,
     )
     logp = out.logits[0].float().log_softmax(-1)
     return -logp.gather(1, targets.to(logp.device)[:, None])[:, 0]
