@@ -98,3 +98,14 @@ def test_exact_match_and_max_over_answers():
     assert max_over_answers(qa_f1, "red car", ["blue car"]) == pytest.approx(0.5)
     with pytest.raises(InputError):
         max_over_answers(qa_f1, "x", [])
+
+
+def test_retrieval_score_like_longbench():
+    from megacontext.eval.metrics import retrieval_score
+
+    assert retrieval_score("Paragraph 3", "Paragraph 3") == 1.0
+    assert retrieval_score("3", "Paragraph 3") == 1.0
+    assert retrieval_score("Paragraph 3 or Paragraph 30", "Paragraph 3") == 0.5
+    assert retrieval_score("no idea", "Paragraph 3") == 0.0
+    with pytest.raises(InputError):
+        retrieval_score("3", "three")

@@ -12,7 +12,8 @@ frozen base model reading the full history (``full``), on the same target tokens
   nothing to recover;
 - percentile bootstrap confidence intervals over documents (seeded, so reruns give
   the same interval);
-- LongBench's answer metrics: token-level F1 after LongBench's ``normalize_answer``
+- LongBench's answer metrics: ``retrieval_score`` for passage retrieval (share of
+  the numbers in the answer equal to the gold paragraph's), token-level F1 after LongBench's ``normalize_answer``
   (lower-case, drop punctuation and the articles a/an/the, collapse whitespace),
   maximised over the reference answers, and exact match after the same
   normalisation.
@@ -39,6 +40,7 @@ __all__ = [
     "normalize_answer",
     "qa_f1",
     "recovered_fraction",
+    "retrieval_score",
 ]
 
 RECOVERED_EPS = 1e-3  # nats: below this truncation loses nothing measurable
@@ -141,3 +143,16 @@ def max_over_answers(
     if not references:
         raise InputError("no reference answers to score against")
     return max(metric(prediction, r) for r in references)
+
+
+def retrieval_score(prediction: str, reference: str) -> float:
+    """LongBench's ``retrieval_score`` (passage retrieval): the reference names
+    ``Paragraph N``; the score is the share of the numbers in the prediction that
+    equal ``N`` (0 when the prediction has no number)."""
+    found = re.findall(r"Paragraph (\d+)", reference)
+    if not found:
+        raise InputError(f"reference {reference!r} names no 'Paragraph N'")
+    numbers = re.findall(r"\d+", prediction)
+    if not numbers:
+        return 0.0
+    return sum(n == found[0] for n in numbers) / len(numbers)

@@ -275,7 +275,7 @@ def view_nll(base: Any, view: View, targets: Any) -> torch.Tensor:
 @torch.no_grad()
 def view_generate(base: Any, view: View, max_new_tokens: int, stop: Sequence[str] = ("\n",)) -> str:
     """Greedy answer after ``view`` (KV cached), stopping at EOS or a ``stop`` string
-    (not returned). MegaContext views decode through their own session instead
+    (not returned; stops count only after the first non-blank text). MegaContext views decode through their own session instead
     (refocus every block), see :func:`megacontext.eval.suites.answer`."""
     from transformers import DynamicCache
 
@@ -298,8 +298,8 @@ def view_generate(base: Any, view: View, max_new_tokens: int, stop: Sequence[str
         if tok == eos:
             break
         toks.append(tok)
-        text = base.decode(toks)
-        if any(s in text for s in stop):
+        text = base.decode(toks).lstrip()
+        if text and any(s in text for s in stop):
             break
         out = base.model(
             input_ids=torch.tensor([[tok]], device=base.device),
@@ -312,6 +312,8 @@ def view_generate(base: Any, view: View, max_new_tokens: int, stop: Sequence[str
 
 
 def _cut(text: str, stop: Sequence[str]) -> str:
+    """``text`` without leading blanks, up to the first stop string, stripped."""
+    text = text.lstrip()
     for s in stop:
         i = text.find(s)
         if i >= 0:

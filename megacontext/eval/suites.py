@@ -33,8 +33,15 @@ from typing import Any
 import torch
 
 from ..errors import InputError, InvariantError
-from .metrics import delta_nll, exact_match, max_over_answers, qa_f1, recovered_fraction
-from .peers import MC_METHODS, METHODS, View, build_view, view_generate, view_nll
+from .metrics import (
+    delta_nll,
+    exact_match,
+    max_over_answers,
+    qa_f1,
+    recovered_fraction,
+    retrieval_score,
+)
+from .peers import MC_METHODS, METHODS, View, _cut, build_view, view_generate, view_nll
 
 __all__ = [
     "SIZES",
@@ -165,15 +172,25 @@ def compare_methods(
 
 
 def _answer(base: Any, view: View, answer: dict[str, Any]) -> str:
+    """Greedy answer; stop strings count only after the first non-blank text (the
+    model often opens with a newline)."""
     stop = tuple(answer.get("stop", ("\n",)))
-    if view.session is not None:
-        text = view.session.generate(answer["max_new"], stop=list(stop))
-        for s in stop:
-            i = text.find(s)
-            if i >= 0:
-                text = text[:i]
-        return text.strip()
-    return view_generate(base, view, answer["max_new"], stop)
+    if view.session is None:
+        return view_generate(base, view, answer["max_new"], stop)
+    # through the session: argmax of its next-token logits, then feed() the token
+    # (the same per-token path as generate(), refocus every block)
+    session, eos = view.session, base.tokenizer.eos_token_id
+    toks: list[int] = []
+    for _ in range(answer["max_new"]):
+        tok = int(session.next_token_logits().argmax())
+        if tok == eos:
+            break
+        toks.append(tok)
+        text = base.decode(toks).lstrip()
+        if text and any(s in text for s in stop):
+            break
+        session.feed([tok])
+    return _cut(base.decode(toks), stop)
 
 
 def _score(text: str, answer: dict[str, Any]) -> float:
@@ -183,6 +200,8 @@ def _score(text: str, answer: dict[str, Any]) -> float:
         return max_over_answers(qa_f1, text, refs)
     if metric == "em":
         return max_over_answers(exact_match, text, refs)
+    if metric == "retrieval":
+        return max_over_answers(retrieval_score, text, refs)
     if metric == "contains":
         return float(any(r.strip() and r.strip() in text for r in refs))
     raise InputError(f"unknown answer metric {metric!r}")
@@ -377,7 +396,7 @@ def longbench_suite(
         prefix, suffix = build_prompt(ex)
         hist = torch.cat([base.encode(prefix), ctx_ids, base.encode(suffix)])
         tgt = base.encode(" " + ex.answers[0])[:64]
-        metric = "f1" if ex.metric == "f1" else "em"
+        metric = {"f1": "f1", "accuracy": "retrieval"}.get(ex.metric, "em")
         reuse: dict[str, dict[str, Any]] = {}
         for w in cfg["budgets"]:
             log(f"longbench: {ex.task}/{ex.id} W={w}")
