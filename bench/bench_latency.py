@@ -87,13 +87,16 @@ def test_baseline(benchmark, base, budget):
     from transformers import DynamicCache
 
     mc.unpatch(base.model)
+    from megacontext.runtime import _cache_kwarg
+
+    kw = _cache_kwarg(base.model)
     prompt = _history(base, budget)[None].to(base.device)
     state = {}
 
     def setup():
         cache = DynamicCache(config=base.model.config)
         with torch.no_grad():
-            out = base.model(input_ids=prompt, use_cache=True, past_key_values=cache)
+            out = base.model(input_ids=prompt, use_cache=True, **{kw: cache})
         state["cache"], state["next"] = cache, out.logits[:, -1:].argmax(-1)
         _sync(base)
 
@@ -101,7 +104,7 @@ def test_baseline(benchmark, base, budget):
         cache, tok = state["cache"], state["next"]
         with torch.no_grad():
             for _ in range(NEW_TOKENS):
-                out = base.model(input_ids=tok, use_cache=True, past_key_values=cache)
+                out = base.model(input_ids=tok, use_cache=True, **{kw: cache})
                 tok = out.logits[:, -1:].argmax(-1)
         _sync(base)
 

@@ -450,6 +450,45 @@ def demo_walkthrough(
 
 
 @app.command()
+def accept(
+    model: Annotated[str, _MODEL_OPT] = "smollm2-135m",
+    w_max: Annotated[
+        int | None, typer.Option(help="budget (default: a quarter of the model's context)", min=1)
+    ] = None,
+    docs: Annotated[int, typer.Option(help="documents per benchmark", min=1)] = 2,
+    history: Annotated[int, typer.Option(help="history tokens per document", min=64)] = 4096,
+    new_tokens: Annotated[
+        int, typer.Option(help="tokens decoded for the latency test", min=1)
+    ] = 64,
+    gistnet: Annotated[Path | None, _GIST_OPT] = None,
+    lensnet: Annotated[Path | None, _LENS_OPT] = None,
+    out: Annotated[Path | None, typer.Option(help="write a Markdown report here")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+) -> None:
+    """The guide's POC acceptance criteria: PASS/FAIL each with its number; exit code 0
+    only when all pass."""
+    from .eval.accept import run_acceptance, write_report
+    from .eval.runner import machine_line
+
+    session, _ = _build_session(model, None, None, None, gistnet, lensnet, device, None)
+    criteria = run_acceptance(
+        session.system,
+        budget=w_max,
+        docs=docs,
+        history=history,
+        new_tokens=new_tokens,
+        log=lambda m: err_console.print(m, markup=False),
+    )
+    for c in criteria:
+        console.print(c.line(), markup=False, highlight=False)
+    if out is not None:
+        header = f"model {model}, {machine_line()}"
+        write_report(criteria, out, header)
+    if not all(c.passed for c in criteria):
+        raise typer.Exit(1)
+
+
+@app.command()
 def telemetry(
     run_dir: Annotated[
         Path,

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+import megacontext as mc
+from megacontext.cli import app
+from megacontext.eval import accept as acc
+
+
+def test_criterion_verdicts():
+    assert acc.Criterion("dnll_code", 0.05, 0.1).passed
+    assert not acc.Criterion("dnll_code", 0.15, 0.1).passed
+    assert acc.Criterion("mean_residency", 3.0, 3.0, higher_is_better=True).passed
+    assert not acc.Criterion("mean_residency", 2.9, 3.0, higher_is_better=True).passed
+    assert not acc.Criterion("swap_rate", math.nan, 0.25).passed  # undefined never passes
+    assert acc.Criterion("x", 0.2, 0.1).line().startswith("FAIL")
+
+
+def test_acceptance_measures_every_criterion(tiny_base):
+    system = mc.MegaContext(tiny_base, None, None, mc.MegaContextConfig(w_max=128))
+    crit = acc.run_acceptance(
+        system, budget=128, docs=1, history=320, new_tokens=4, log=lambda m: None
+    )
+    names = [c.name for c in crit]
+    assert names == [
+        "dnll_narrative",
+        "dnll_code",
+        "latency_overhead",
+        "swap_rate",
+        "mean_residency",
+    ]
+    dn = crit[0]
+    assert math.isfinite(dn.value) and "truncation" in dn.detail
+    assert crit[2].value > 0
+
+
+def test_history_must_fit_the_full_context_reference(tiny_base, monkeypatch):
+    system = mc.MegaContext(tiny_base, None, None, mc.MegaContextConfig(w_max=128))
+    monkeypatch.setattr(type(tiny_base), "max_positions", property(lambda self: 512))
+    with pytest.raises(mc.InputError, match="context"):
+        acc.run_acceptance(system, budget=128, history=500, log=lambda m: None)
+
+
+def test_accept_exits_nonzero_on_a_missed_bar(tmp_path, monkeypatch):
+    # an unreachable bar forces a miss: the command must report FAIL and exit 1
+    monkeypatch.setitem(acc.BARS, "dnll_code", -100.0)
+    out = tmp_path / "accept.md"
+    args = ["accept", "--model", "tiny-llama", "--w-max", "128", "--docs", "1"]
+    args += ["--history", "320", "--new-tokens", "4", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "FAIL  dnll_code" in result.output
+    assert "| dnll_code |" in out.read_text()
