@@ -42,6 +42,7 @@ def test_recovered_fraction_undefined_cases():
     # truncation loses nothing: nothing to recover -> NaN, never inf
     assert math.isnan(recovered_fraction(2.1, 2.0, 2.0))
     assert math.isnan(recovered_fraction(2.1, 2.0005, 2.0))
+    assert math.isnan(recovered_fraction(2.1, 2.009, 2.0))  # below 0.01 nats: noise
     assert math.isnan(recovered_fraction(2.1, 2.4, math.nan))
     assert math.isnan(recovered_fraction(math.nan, 2.4, 2.0))
     # truncation *better* than full by more than eps: defined (sign flips)

@@ -275,7 +275,7 @@ def _nll_section(rows: list[dict], suite: str, title: str, out: Path, lines: lis
         f"{n_docs} documents; ΔNLL@H = NLL(method) − NLL(full context) in nats, mean over "
         "documents with a 95% bootstrap interval (2,000 resamples, seed 0); `recovered` = "
         "(NLL_trunc − NLL_m)/(NLL_trunc − NLL_full) of the mean NLLs over documents, NaN "
-        "where truncation loses < 0.001 nats."
+        "where truncation loses < 0.01 nats."
     )
     lines.append("")
     header = ["method", "W", "entries", "NLL@H", "ΔNLL@H [95% CI]", "recovered"]
