@@ -416,7 +416,17 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
     run = Path(run_dir)
     rows, tel, meta = load_run(run)
     lines = [f"# Evaluation report: {meta.get('name', run.name)}", ""]
-    for key in ("command", "model", "system", "size", "machine", "date", "torch", "notes"):
+    for key in (
+        "command",
+        "model",
+        "system",
+        "size",
+        "machine",
+        "date",
+        "torch",
+        "memory",
+        "notes",
+    ):
         if key in meta:
             lines.append(f"- **{key}**: {meta[key]}")
     lines.append("")

@@ -33,6 +33,17 @@ def machine_line() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, {gpu}, torch threads {torch.get_num_threads()}"
 
 
+def _memory_line() -> str:
+    """Peak memory of this process: CPU max RSS, and CUDA peak allocation if used."""
+    import resource
+
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    line = f"peak CPU RSS {rss_mb:,.0f} MiB"
+    if torch.cuda.is_available():
+        line += f", peak CUDA allocated {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB"
+    return line
+
+
 def run_eval(
     suites: Sequence[str],
     *,
@@ -91,5 +102,6 @@ def run_eval(
         "machine": machine_line(),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
+        "memory": _memory_line(),
     }
     return write_run(out, rows, tel, meta)
