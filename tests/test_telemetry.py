@@ -480,7 +480,7 @@ def test_cli_table_json_and_plot(tmp_path):
     png = tmp_path / "out.png"
     result = runner.invoke(app, ["telemetry", str(run), "--plot", str(png)])
     assert result.exit_code == 0, result.output
-    assert _png_size(png)[0] > 0 and "out.png" in result.output
+    assert _png_size(png)[0] > 0 and "out.png" in "".join(result.output.split())
 
 
 def _flat(text: str) -> str:
