@@ -13,6 +13,7 @@ import torch
 
 import megacontext as mc
 from megacontext.base import Base
+from megacontext.telemetry import read_run
 from megacontext.train import Trainer, load_train_config
 from megacontext.train.checkpoint import (
     COMPLETE,
@@ -262,7 +263,7 @@ def test_tiny_end_to_end(uninterrupted):
     t = pq.read_table(root / "deltas" / "tiny" / "cycle1-b2.parquet")
     assert set(t.column("kind").to_pylist()) <= {"expand", "collapse"} and t.num_rows > 0
     assert (tmp / "runs" / "tiny.yaml").is_file()
-    iters, actions = (t.to_pylist() for t in mc.telemetry.read_run(root / "telemetry" / "tiny"))
+    iters, actions = (t.to_pylist() for t in read_run(root / "telemetry" / "tiny"))
     assert actions and all(a["kind"] in ("expand", "collapse") for a in actions)
     assert all(a["residency"] is not None and a["residency"] >= 0 for a in actions)
     assert any(
