@@ -44,6 +44,8 @@ _LAZY: dict[str, str] = {
     "MegaContext": "runtime",
     "Session": "runtime",
     "SessionBatch": "runtime",
+    "Trainer": "train",
+    "TrainConfig": "train",
     "MegaContextCache": "cache",
     "patch": "hook",
     "unpatch": "hook",
@@ -82,6 +84,8 @@ __all__ = [
     "MegaContext",
     "Session",
     "SessionBatch",
+    "Trainer",
+    "TrainConfig",
     "MegaContextCache",
     "patch",
     "unpatch",
@@ -104,6 +108,7 @@ if TYPE_CHECKING:
     from .nll import token_nll
     from .runtime import MegaContext, Session, SessionBatch
     from .telemetry import Telemetry
+    from .train import TrainConfig, Trainer
     from .tree import MegaContextTree, mean_pool
     from .working_context import WorkingContext
 

@@ -127,6 +127,16 @@ class MegaContext:
         and ``log_actions``, e.g. :class:`megacontext.telemetry.Telemetry`)."""
         return Session(self, telemetry=telemetry)
 
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike[str], base: Base | None = None, device: str | None = None
+    ) -> MegaContext:
+        """The system saved in a trainer checkpoint directory (GistNet, LensNet and the
+        base model's LoRA adapter); see :func:`megacontext.train.load_checkpoint`."""
+        from .train.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, base=base, device=device)
+
     def batch(self, sessions: Sequence[Session]) -> SessionBatch:
         """Decode ``sessions`` together (one forward per step); see :class:`SessionBatch`."""
         return SessionBatch(sessions)

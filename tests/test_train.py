@@ -331,6 +331,8 @@ def test_load_checkpoint_for_inference(uninterrupted, tiny_base):
     assert session.wc.cost <= system.config.w_max
     with pytest.raises(mc.StorageError, match="not a complete checkpoint"):
         load_checkpoint(tmp, base=fresh_base(tiny_base))
+    same = mc.MegaContext.from_checkpoint(path, base=fresh_base(tiny_base))
+    assert module_hash(same.lensnet) == module_hash(trainer.lensnet)
 
 
 # ------------------------------------------------------------------ CLI and tools
