@@ -74,7 +74,7 @@ class MegaContextConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> MegaContextConfig:
         if self.protected_tokens + self.block_size > self.w_max:
-            # "field: message" lets _config_error name the field of a cross-field check.
+            # "field: message" lets config_error name the field of a cross-field check.
             raise ValueError(
                 f"w_max: {self.w_max} cannot hold the protected tail "
                 f"(recent_tokens={self.protected_tokens} plus a partial block of "
@@ -93,13 +93,13 @@ class MegaContextConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise _config_error(exc, data) from None
+            raise config_error(exc, data) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         try:
             super().__setattr__(name, value)
         except ValidationError as exc:
-            raise _config_error(exc, {name: value}) from None
+            raise config_error(exc, {name: value}) from None
 
     def replace(self, **changes: Any) -> MegaContextConfig:
         """A validated copy with ``changes`` applied."""
@@ -144,19 +144,24 @@ class MegaContextConfig(BaseModel):
         return path
 
 
-def _config_error(exc: ValidationError, data: dict[str, Any]) -> ConfigError:
+def config_error(exc: ValidationError, data: dict[str, Any], owner: str = "") -> ConfigError:
+    """The :class:`ConfigError` for a pydantic ``ValidationError`` raised while building a
+    config from ``data``: it names the field and the value. A cross-field check names
+    its field by starting its message with ``"field: "``. ``owner`` prefixes the message
+    (e.g. ``"GistNetConfig"``)."""
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ())]
-    field = ".".join(loc) if loc else None
-    if field:
+    text = err["msg"].removeprefix("Value error, ")
+    if loc:
+        field = ".".join(loc)
         value = data.get(loc[0], err.get("input"))
-        reason = err["msg"].removeprefix("Value error, ")
-        msg = f"invalid value for field '{field}': {value!r} ({reason})"
     else:
-        text = err["msg"].removeprefix("Value error, ")
         m = re.match(r"^(\w+): (.*)$", text, re.S)
         field, text = (m.group(1), m.group(2)) if m else (None, text)
         value = data.get(field) if field else None
-        prefix = f"invalid value for field '{field}': {value!r} " if field else ""
-        msg = f"{prefix}({text})" if field else f"invalid configuration: {text}"
-    return ConfigError(msg, field=field, value=value)
+    msg = (
+        f"invalid value for field '{field}': {value!r} ({text})"
+        if field
+        else f"invalid configuration: {text}"
+    )
+    return ConfigError(f"{owner}: {msg}" if owner else msg, field=field, value=value)

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from ._weights import load_weights, save_weights
+from .config import config_error
 from .errors import ConfigError
 from .kernels.gist_pool import gist_pool
 
@@ -78,18 +79,7 @@ class GistNetConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = [str(p) for p in err.get("loc", ())]
-            msg = err["msg"].removeprefix("Value error, ")
-            field = loc[0] if loc else msg.split(":", 1)[0]
-            if not loc and ":" in msg:
-                msg = msg.split(":", 1)[1].strip()
-            value = data.get(field, err.get("input"))
-            raise ConfigError(
-                f"GistNetConfig: invalid value for field '{field}': {value!r} ({msg})",
-                field=field,
-                value=value,
-            ) from None
+            raise config_error(exc, data, "GistNetConfig") from None
 
     @property
     def mlp_hidden(self) -> int:

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from ._weights import load_weights, save_weights
+from .config import config_error
 from .errors import ConfigError
 from .kernels.lens_stage1 import lens_stage1
 from .kernels.lens_stage2 import lens_stage2
@@ -89,18 +90,7 @@ class LensNetConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = [str(p) for p in err.get("loc", ())]
-            msg = err["msg"].removeprefix("Value error, ")
-            field = loc[0] if loc else msg.split(":", 1)[0]
-            if not loc and ":" in msg:
-                msg = msg.split(":", 1)[1].strip()
-            value = data.get(field, err.get("input"))
-            raise ConfigError(
-                f"LensNetConfig: invalid value for field '{field}': {value!r} ({msg})",
-                field=field,
-                value=value,
-            ) from None
+            raise config_error(exc, data, "LensNetConfig") from None
 
     @property
     def head_dim(self) -> int:

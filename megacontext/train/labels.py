@@ -174,11 +174,11 @@ def label_snapshot(
         return emb, wc_positions(levels, nodes, bs)
 
     tgt = snap.targets
-    todo: list[Any] = [None, *cands]  # None = the snapshot itself, in the first chunk
+    pending: list[Any] = [None, *cands]  # None = the snapshot itself, in the first chunk
     nll_s = logp_s = None
     out: list[dict[str, Any]] = []
-    for c0 in range(0, len(todo), batch):
-        chunk = todo[c0 : c0 + batch]
+    for c0 in range(0, len(pending), batch):
+        chunk = pending[c0 : c0 + batch]
         rows = []
         for cand in chunk:
             lv, nd = (
