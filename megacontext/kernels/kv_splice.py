@@ -407,7 +407,9 @@ def _kv_splice_launch(
     n_kept = triton.cdiv(C, block_c)
     has_fresh = fresh is not None and F > 0
     n_fresh = triton.cdiv(F, block_c) if has_fresh else 0
-    f, sl = (fresh, fresh_slots) if has_fresh else (dst, index)  # unused by the kernel when there are no fresh rows
+    f, sl = (
+        (fresh, fresh_slots) if has_fresh else (dst, index)
+    )  # unused by the kernel when there are no fresh rows
     fs = f.stride() if has_fresh else (0,) * 6
     ss = sl.stride() if has_fresh else (0, 0)
     with torch.cuda.device(src.device) if src.is_cuda else contextlib.nullcontext():
