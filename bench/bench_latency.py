@@ -4,7 +4,9 @@ Per generated token, side by side: both run in one test per budget, alternating
 within every round (so load drifts on a shared machine hit both alike):
 
 * baseline: the unpatched base model decoding with its own KV cache after a
-  prompt of ``W`` plain tokens (the cost of reading ``W`` active tokens);
+  prompt of ``W`` plain tokens (the cost of reading ``W`` active tokens), once with
+  transformers' default ``DynamicCache`` (which re-concatenates K/V every step) and
+  once with a preallocated ``StaticCache``;
 * megacontext: a MegaContext session with ``w_max = W`` over a history of
   ``2 W`` tokens (so the working context is full and mixes gists and tokens),
   decoding with everything on: per-token cache append plus, every K = 32 tokens,
@@ -89,7 +91,7 @@ def _sync(base: mc.Base) -> None:
 def test_latency(benchmark, base, budget):
     """Baseline and MegaContext decode alternate within every round (A, B, A, B, ...),
     so machine load drifts hit both alike; the ratio is of the per-mode medians."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     from megacontext.runtime import _cache_kwarg
 
@@ -100,12 +102,16 @@ def test_latency(benchmark, base, budget):
     gist = mc.GistNet(base.dim).to(device=base.device, dtype=base.dtype).eval()
     system = mc.MegaContext(base, gist, lens, cfg)
     history = _history(base, 2 * budget)
-    times: dict[str, list[float]] = {"baseline": [], "megacontext": []}
+    times: dict[str, list[float]] = {"baseline": [], "baseline_static": [], "megacontext": []}
     last: dict[str, object] = {}
 
-    def baseline_round() -> float:
+    def baseline_round(static: bool = False) -> float:
         mc.unpatch(base.model)
-        cache = DynamicCache(config=base.model.config)
+        cache = (
+            StaticCache(config=base.model.config, max_cache_len=budget + NEW_TOKENS)
+            if static
+            else DynamicCache(config=base.model.config)
+        )
         with torch.no_grad():
             out = base.model(input_ids=prompt, use_cache=True, **{kw: cache})
             tok = out.logits[:, -1:].argmax(-1)
@@ -129,6 +135,7 @@ def test_latency(benchmark, base, budget):
 
     def pair() -> None:
         times["baseline"].append(baseline_round())
+        times["baseline_static"].append(baseline_round(static=True))
         times["megacontext"].append(megacontext_round())
 
     benchmark.pedantic(pair, rounds=3, iterations=1)
@@ -139,8 +146,10 @@ def test_latency(benchmark, base, budget):
         model=base.name,
         new_tokens=NEW_TOKENS,
         baseline_ms_per_token=med["baseline"],
+        baseline_static_ms_per_token=med["baseline_static"],
         megacontext_ms_per_token=med["megacontext"],
         ratio=med["megacontext"] / med["baseline"],
+        ratio_static=med["megacontext"] / med["baseline_static"],
         rounds={k: [round(x, 4) for x in v] for k, v in times.items()},
         wc_cost=s.wc.cost,
         actions=len(s.actions),
@@ -152,14 +161,17 @@ def report(path: str) -> str:
     """Markdown table of a --benchmark-json file: ms/token and the ratio per budget."""
     data = json.loads(Path(path).read_text())
     lines = [
-        "| W_max | baseline ms/token | megacontext ms/token | ratio |",
-        "| ---: | ---: | ---: | ---: |",
+        "| W_max | baseline (DynamicCache) ms/token | baseline (StaticCache) ms/token "
+        "| megacontext ms/token | ratio vs dynamic | ratio vs static |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for b in sorted(data["benchmarks"], key=lambda b: b["extra_info"]["budget"]):
         e = b["extra_info"]
+        static = e.get("baseline_static_ms_per_token", float("nan"))
         lines.append(
-            f"| {e['budget']} | {e['baseline_ms_per_token']:.2f} | "
-            f"{e['megacontext_ms_per_token']:.2f} | {e['ratio']:.3f} |"
+            f"| {e['budget']} | {e['baseline_ms_per_token']:.2f} | {static:.2f} | "
+            f"{e['megacontext_ms_per_token']:.2f} | {e['ratio']:.3f} | "
+            f"{e.get('ratio_static', float('nan')):.3f} |"
         )
     return "\n".join(lines)
 
