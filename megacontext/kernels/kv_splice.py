@@ -173,6 +173,22 @@ def _shape(t: object) -> object:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
+def _check_like_src(t: torch.Tensor, name: str, src: torch.Tensor) -> None:
+    """``t`` must share ``src``'s dtype and device (ConfigError naming ``name``)."""
+    if t.dtype != src.dtype:
+        raise ConfigError(
+            f"kv_splice: {name} must have src's dtype {src.dtype}, got {t.dtype}",
+            field=name,
+            value=str(t.dtype),
+        )
+    if t.device != src.device:
+        raise ConfigError(
+            f"kv_splice: {name} is on {t.device} but src is on {src.device}",
+            field=name,
+            value=str(t.device),
+        )
+
+
 def _check_inputs(
     src: torch.Tensor,
     dst: torch.Tensor,
@@ -201,18 +217,7 @@ def _check_inputs(
             field="src",
             value=str(src.dtype),
         )
-    if dst.dtype != src.dtype:
-        raise ConfigError(
-            f"kv_splice: dst must have src's dtype {src.dtype}, got {dst.dtype}",
-            field="dst",
-            value=str(dst.dtype),
-        )
-    if dst.device != src.device:
-        raise ConfigError(
-            f"kv_splice: dst is on {dst.device} but src is on {src.device}",
-            field="dst",
-            value=str(dst.device),
-        )
+    _check_like_src(dst, "dst", src)
     _check_int(index, "index", (B, C), "[B, C]", src.device)
     if (fresh is None) != (fresh_slots is None):
         missing = "fresh_slots" if fresh_slots is None else "fresh"
@@ -236,18 +241,7 @@ def _check_inputs(
                 field="fresh",
                 value=_shape(fresh),
             )
-        if fresh.dtype != src.dtype:
-            raise ConfigError(
-                f"kv_splice: fresh must have src's dtype {src.dtype}, got {fresh.dtype}",
-                field="fresh",
-                value=str(fresh.dtype),
-            )
-        if fresh.device != src.device:
-            raise ConfigError(
-                f"kv_splice: fresh is on {fresh.device} but src is on {src.device}",
-                field="fresh",
-                value=str(fresh.device),
-            )
+        _check_like_src(fresh, "fresh", src)
         F = fresh.shape[4]
         _check_int(fresh_slots, "fresh_slots", (B, F), "[B, F]", src.device)
     return L, B, H, C, D, F
