@@ -313,6 +313,32 @@ _KV_OPT = typer.Option(help="KV refocus mode: splice or exact (overrides the con
 _GIST_OPT = typer.Option("--gistnet", help="GistNet weights (safetensors); default mean pooling")
 _LENS_OPT = typer.Option("--lensnet", help="LensNet weights (safetensors); default recency-only")
 _RUN_DIR_OPT = typer.Option("--run-dir", help="write telemetry (Parquet) to this directory")
+_CKPT_OPT = typer.Option(
+    "--checkpoint",
+    help="trainer checkpoint directory (GistNet, LensNet and the LoRA adapter); "
+    "the peers still read through the frozen base",
+)
+
+
+def _checkpoint_system(checkpoint: Path, model: str, gistnet: Path | None, lensnet: Path | None):
+    """The trained system of a checkpoint on its own copy of the base model (the
+    LoRA adapter is injected there, never into the frozen reference)."""
+    from .runtime import MegaContext
+
+    if gistnet is not None or lensnet is not None:
+        raise typer.BadParameter(
+            "give either --checkpoint or --gistnet/--lensnet, not both", param_hint="--checkpoint"
+        )
+    try:
+        system = MegaContext.from_checkpoint(checkpoint)
+    except MegaContextError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--checkpoint") from None
+    if system.base.name != model:
+        raise typer.BadParameter(
+            f"{checkpoint} was trained on {system.base.name!r}, not --model {model!r}",
+            param_hint="--checkpoint",
+        )
+    return system
 
 
 @app.command()
@@ -462,6 +488,7 @@ def accept(
     ] = 64,
     gistnet: Annotated[Path | None, _GIST_OPT] = None,
     lensnet: Annotated[Path | None, _LENS_OPT] = None,
+    checkpoint: Annotated[Path | None, _CKPT_OPT] = None,
     out: Annotated[Path | None, typer.Option(help="write a Markdown report here")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
 ) -> None:
@@ -470,9 +497,13 @@ def accept(
     from .eval.accept import run_acceptance, write_report
     from .eval.runner import machine_line
 
-    session, _ = _build_session(model, None, None, None, gistnet, lensnet, device, None)
+    if checkpoint is not None:
+        system = _checkpoint_system(checkpoint, model, gistnet, lensnet)
+    else:
+        session, _ = _build_session(model, None, None, None, gistnet, lensnet, device, None)
+        system = session.system
     criteria = run_acceptance(
-        session.system,
+        system,
         budget=w_max,
         docs=docs,
         history=history,
@@ -554,6 +585,7 @@ def eval_(
     lensnet: Annotated[
         Path | None, typer.Option("--lensnet", help="trained LensNet .safetensors")
     ] = None,
+    checkpoint: Annotated[Path | None, _CKPT_OPT] = None,
 ) -> None:
     """Evaluate MegaContext against the peers at equal budget; write Parquet + a report."""
     import shlex
@@ -565,7 +597,9 @@ def eval_(
 
     base = load_base(model)
     system = untrained_system(base)
-    if gistnet is not None or lensnet is not None:
+    if checkpoint is not None:
+        system = _checkpoint_system(checkpoint, model, gistnet, lensnet)
+    elif gistnet is not None or lensnet is not None:
         from .gistnet import GistNet
         from .lensnet import LensNet
         from .runtime import MegaContext

@@ -103,10 +103,12 @@ def _code_docs(base: Any, n: int, min_tokens: int) -> list[torch.Tensor]:
     return docs
 
 
-def _dnll(system: Any, docs: list[torch.Tensor], history: int, budget: int) -> dict[str, Any]:
+def _dnll(
+    system: Any, frozen: Any, docs: list[torch.Tensor], history: int, budget: int
+) -> dict[str, Any]:
     from .peers import full_view, truncation_view, view_nll
 
-    base, h = system.base, system.config.horizon
+    base, h = frozen, system.config.horizon
     rows = []
     sessions = []
     for ids in docs:
@@ -132,7 +134,12 @@ def _decode_ms(fn: Callable[[], None], sync: Callable[[], None]) -> float:
 
 
 def _latency(
-    system: Any, doc: torch.Tensor, budget: int, new_tokens: int, rounds: int = 2
+    system: Any,
+    frozen: Any,
+    doc: torch.Tensor,
+    budget: int,
+    new_tokens: int,
+    rounds: int = 2,
 ) -> tuple[float, float]:
     """(megacontext ms/token, baseline ms/token) decoding ``new_tokens`` greedily; the
     two alternate for ``rounds`` rounds (load drifts hit both alike), medians reported."""
@@ -143,7 +150,7 @@ def _latency(
     from ..hook import unpatch
     from ..runtime import _cache_kwarg
 
-    base = system.base
+    base = frozen
     kw = _cache_kwarg(base.model)
 
     def sync() -> None:
@@ -187,14 +194,29 @@ def run_acceptance(
     history: int = 4096,
     new_tokens: int = 64,
     log: Callable[[str], None] = print,
+    frozen: Any = None,
 ) -> list[Criterion]:
     """Measure every criterion for ``system`` (a :class:`megacontext.MegaContext`).
+
+    ``frozen``: the base model as shipped, the reference of every criterion (full
+    context, truncation, the latency baseline). Default ``system.base``; when that
+    carries a trained LoRA adapter (a trainer checkpoint) a fresh copy is loaded by
+    name, so the reference is never the adapted model.
 
     ``budget`` defaults to a quarter of the base model's context; ``history`` is the
     tokens of each document read before its H targets (the full-context reference
     must fit the model's context).
     """
     base = system.base
+    if frozen is None:
+        from ..train.lora import has_lora
+
+        if has_lora(base.model):
+            from ..base import load_base
+
+            frozen = load_base(base.name, device=str(base.device))
+        else:
+            frozen = base
     ctx = base.max_positions or 8192
     budget = budget if budget is not None else ctx // 4
     if history + system.config.horizon > ctx:
@@ -217,7 +239,7 @@ def run_acceptance(
         if not found:
             raise InputError(f"no {kind} document with at least {need} tokens")
         log(f"{kind}: {len(found)} documents")
-        results[kind] = _dnll(system, found, history, budget)
+        results[kind] = _dnll(system, frozen, found, history, budget)
     criteria = []
     for kind in ("narrative", "code"):
         m = results[kind]["mean"]
@@ -235,7 +257,7 @@ def run_acceptance(
     code_doc = _code_docs(base, 1, 2 * budget + new_tokens)
     if not code_doc:
         raise InputError(f"no document with {2 * budget + new_tokens} tokens for the latency test")
-    mc_ms, base_ms = _latency(system, code_doc[0], budget, new_tokens)
+    mc_ms, base_ms = _latency(system, frozen, code_doc[0], budget, new_tokens)
     criteria.append(
         Criterion(
             "latency_overhead",

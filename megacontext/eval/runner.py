@@ -60,6 +60,7 @@ def run_eval(
     """Run ``suites`` (names of :data:`megacontext.eval.suites.SUITES`, or ``all``)
     at ``size`` with ``system`` (default: the untrained system, mean-pool gists and
     a seeded untrained LensNet) and write the run to ``out_dir``."""
+    from ..train.lora import has_lora
     from .peers import untrained_system
     from .report import write_run
     from .suites import SIZES, SUITES
@@ -95,7 +96,8 @@ def run_eval(
             f"gistnet={'mean-pool' if system.gistnet is None else type(system.gistnet).__name__}, "
             f"lensnet={'none' if system.lensnet is None else type(system.lensnet).__name__}"
             f" ({'untrained, seeded' if getattr(system, '_untrained', False) else 'as given'}), "
-            f"kv_mode={system.config.kv_mode}"
+            f"kv_mode={system.config.kv_mode}, "
+            f"LoRA adapter on the system's base: {'yes' if has_lora(system.base.model) else 'no'}"
         ),
         "size": size,
         "suites": names,

@@ -145,7 +145,9 @@ def compare_methods(
             continue
         t0 = time.perf_counter()
         view = build_view(base, history, budget, method, system)
-        nll = view_nll(base, view, targets)
+        # MegaContext views are read by the system's own base (a trained LoRA adapter
+        # is part of the system); every peer by the frozen base.
+        nll = view_nll(view.session.base if view.session is not None else base, view, targets)
         row: dict[str, Any] = {
             **(tags or {}),
             "method": method,
