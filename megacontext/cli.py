@@ -494,7 +494,7 @@ def accept(
 ) -> None:
     """The guide's POC acceptance criteria: PASS/FAIL each with its number; exit code 0
     only when all pass."""
-    from .eval.accept import run_acceptance, write_report
+    from .eval.accept import all_passed, run_acceptance, write_report
     from .eval.runner import machine_line
 
     if checkpoint is not None:
@@ -515,7 +515,7 @@ def accept(
     if out is not None:
         header = f"model {model}, {machine_line()}"
         write_report(criteria, out, header)
-    if not all(c.passed for c in criteria):
+    if not all_passed(criteria):
         raise typer.Exit(1)
 
 

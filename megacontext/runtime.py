@@ -394,6 +394,7 @@ class Session:
             lv: self.allocator.last_changed(lv).clone() for lv in range(1, self.config.levels + 1)
         }
         step = self.allocator.step_count
+        cost_before = self.wc.cost
         with ph("allocator"):
             actions = self.allocator.step(self.wc, scores)
         forced = False
@@ -417,7 +418,7 @@ class Session:
             residency.append(step - max(last, 0))
         self.residencies.extend(residency)
         self.actions.extend(actions)
-        self._log(actions, residency, forced)
+        self._log(actions, residency, forced, cost_before)
         return actions
 
     def _update_cache(self, old_levels, old_nodes, force_exact: bool = False) -> None:
@@ -438,11 +439,18 @@ class Session:
         logits = self._forward(embeds[fresh], positions[fresh], fresh, n)
         self._next_logits = logits[-1]
 
-    def _log(self, actions: list[Action], residency: list[int], forced: bool) -> None:
+    def _log(
+        self, actions: list[Action], residency: list[int], forced: bool, cost_before: int
+    ) -> None:
         assert self.wc is not None
         phases = self._phases.take()
         blocks = max(self._blocks_since_refocus, 1)
         n_exp = sum(a.kind == "expand" for a in actions)
+        # The budget floor: the fewest collapses (each frees block_size - 1 entries)
+        # that bring a WC grown past W_max by the decoded block back under it. No
+        # focus policy can take fewer, so ``focus_swap_rate`` counts only the rest.
+        over = max(cost_before - self.config.w_max, 0)
+        n_budget = min(-(-over // (self.config.block_size - 1)), len(actions) - n_exp)
         row: dict[str, Any] = {
             "iteration": self.iteration,
             "step": self.allocator.step_count - 1,
@@ -463,6 +471,8 @@ class Session:
             "n_expand": n_exp,
             "n_collapse": len(actions) - n_exp,
             "forced_rebuild": int(forced),
+            "n_budget_collapses": n_budget,
+            "focus_swap_rate": (len(actions) - n_budget) / blocks,
         }
         self.history.append(row)
         trace = [

@@ -30,11 +30,23 @@ def test_acceptance_measures_every_criterion(tiny_base):
         "dnll_code",
         "latency_overhead",
         "swap_rate",
+        "focus_swap_rate",
         "mean_residency",
     ]
+    swap, focus = crit[3], crit[4]
+    assert focus.informational and not swap.informational
+    assert 0 <= focus.value <= swap.value
     dn = crit[0]
     assert math.isfinite(dn.value) and "truncation" in dn.detail
     assert crit[2].value > 0
+
+
+def test_informational_rows_never_decide_the_exit_code():
+    bar = acc.Criterion("dnll_code", 0.05, 0.1)
+    info = acc.Criterion("focus_swap_rate", 9.0, 0.25, informational=True)
+    assert not info.passed and info.verdict == "info (fail)"
+    assert acc.all_passed([bar, info])
+    assert not acc.all_passed([acc.Criterion("dnll_code", 0.5, 0.1), info])
 
 
 def test_history_must_fit_the_full_context_reference(tiny_base, monkeypatch):

@@ -73,6 +73,12 @@ def test_recency_only_session_never_exceeds_the_cache(tiny_base):
         assert max(s.cache.lengths) <= s.capacity == 256 + 32
         s.wc.check(s.tree)
     assert all(r["wc_cost"] <= 256 for r in s.history)
+    # a full budget: each decoded block forces ceil(excess / 31) >= 1 collapses (the
+    # budget floor); recency-only focus takes no other action
+    decode = s.history[1:]
+    assert all(r["n_budget_collapses"] >= 1 for r in decode)
+    for r in decode:
+        assert r["n_budget_collapses"] == r["n_collapse"] and r["focus_swap_rate"] == 0.0
 
 
 def test_telemetry_rows_and_trace_match_the_wc(tiny_base):
