@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import StorageError
+from .compression import compression_section
 from .metrics import bootstrap_ci, recovered_fraction
 
 __all__ = ["BOUNDARY_BAR", "build_report", "load_run", "write_run"]
@@ -435,6 +436,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
     _nll_section(rows, "longbench", "LongBench (gold answer NLL, answer metric)", run, lines)
     _boundary_section(rows, run, lines)
     _runtime_section(rows, tel, run, lines)
+    compression_section(rows, run, lines)
     path = run / "report.md"
     text = "\n".join(lines)
     _atomic_bytes(path, lambda p: Path(p).write_text(text))

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, InvariantError
+from .compression import compression_suite
 from .metrics import (
     delta_nll,
     exact_match,
@@ -64,6 +65,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "longbench": {"rows": 1, "context": 320, "budgets": [128], "max_new": 4},
         "boundary": {"length": 320, "depth": 0.2, "budget": 128, "seeds": 1},
         "runtime": {"history": 320, "budget": 128, "decode": 64},
+        "compression": {"history": 2048, "horizon": 16, "narrative": 1, "code": 1, "passkey": 1},
     },
     "small": {
         "budget": {"history": 1024, "budgets": [256, 512], "docs": 2, "horizon": 64},
@@ -76,6 +78,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "longbench": {"rows": 1, "context": 1024, "budgets": [256], "max_new": 12},
         "boundary": {"length": 768, "depth": 0.3, "budget": 256, "seeds": 1},
         "runtime": {"history": 512, "budget": 256, "decode": 96},
+        "compression": {"history": 2048, "horizon": 64, "narrative": 2, "code": 2, "passkey": 2},
     },
     "medium": {
         "budget": {"history": 4096, "budgets": [512, 1024, 2048], "docs": 2, "horizon": 64},
@@ -88,6 +91,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "longbench": {"rows": 3, "context": 4096, "budgets": [512, 1024], "max_new": 32},
         "boundary": {"length": 2048, "depth": 0.3, "budget": 512, "seeds": 4},
         "runtime": {"history": 4096, "budget": 2048, "decode": 256},
+        "compression": {"history": 4096, "horizon": 64, "narrative": 4, "code": 4, "passkey": 4},
     },
 }
 
@@ -643,4 +647,5 @@ SUITES: dict[str, Callable[..., list[dict[str, Any]]]] = {
     "longbench": longbench_suite,
     "boundary": boundary_suite,
     "runtime": runtime_suite,
+    "compression": compression_suite,
 }
