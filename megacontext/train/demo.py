@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["main"]
+__all__ = ["baseline_nlls", "held_out_sets", "main", "system_nlls"]
 
 
 def _histories(cfg: Any, text_dir: str, synth_dir: str, n: int, budget: int, horizon: int):
@@ -57,6 +57,39 @@ def _nll(base: Any, view: Any, targets: torch.Tensor) -> float:
     return float(view_nll(base, view, targets).mean())
 
 
+def held_out_sets(
+    cfg: Any, text_dir: str, synth_dir: str, n: int, budget: int
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``{"ordinary": [(history, targets)], "long_range": [...]}``, ``n`` per set (see the
+    module doc); histories of ``cfg.data.history`` tokens, targets of up to ``H``."""
+    return _histories(cfg, text_dir, synth_dir, n, budget, cfg.mc_config().horizon)
+
+
+def baseline_nlls(base: Any, sets: dict[str, Any], budget: int) -> dict[str, dict[str, list]]:
+    """Per-item mean target NLL (nats) of the frozen ``base`` reading the full history
+    and its last ``budget`` tokens: ``{"full": {set: [..]}, "truncation": {set: [..]}}``."""
+    from ..eval.peers import full_view, truncation_view
+
+    out: dict[str, dict[str, list]] = {"full": {}, "truncation": {}}
+    for name, items in sets.items():
+        out["full"][name] = [_nll(base, full_view(base, h), t) for h, t in items]
+        out["truncation"][name] = [
+            _nll(base, truncation_view(base, h, budget), t) for h, t in items
+        ]
+    return out
+
+
+def system_nlls(system: Any, sets: dict[str, Any], budget: int) -> dict[str, list[float]]:
+    """Per-item mean target NLL (nats) after a real MegaContext session of ``system`` at
+    ``w_max = budget`` over each history: ``{set: [..]}``."""
+    from ..eval.peers import mc_view
+
+    return {
+        name: [_nll(system.base, mc_view(system, h, budget), tg) for h, tg in items]
+        for name, items in sets.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m megacontext.train.demo")
     p.add_argument("config")
@@ -69,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from ..base import load_base
-    from ..eval.peers import full_view, mc_view, truncation_view
     from ..runtime import MegaContext
     from .config import load_train_config
     from .trainer import Trainer
@@ -77,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_train_config(args.config, args.overrides)
     mc_cfg = cfg.mc_config().replace(w_max=args.budget)
     base = load_base(cfg.model, device=cfg.device)
-    sets = _histories(
-        cfg, args.text_shards, args.synthetic_shards, args.windows, args.budget, mc_cfg.horizon
-    )
+    sets = held_out_sets(cfg, args.text_shards, args.synthetic_shards, args.windows, args.budget)
     results: dict[str, Any] = {
         "config": cfg.dump(),
         "budget": args.budget,
@@ -89,21 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         "stages": {},
     }
     t0 = time.perf_counter()
-    for name, items in sets.items():
-        full = [_nll(base, full_view(base, h), t) for h, t in items]
-        trunc = [_nll(base, truncation_view(base, h, args.budget), t) for h, t in items]
-        results["stages"].setdefault("full", {})[name] = float(np.mean(full))
-        results["stages"].setdefault("truncation", {})[name] = float(np.mean(trunc))
+    for stage, row in baseline_nlls(base, sets, args.budget).items():
+        results["stages"][stage] = {name: float(np.mean(v)) for name, v in row.items()}
     eval_time = [time.perf_counter() - t0]
 
     def evaluate(stage: str, gistnet: Any, lensnet: Any) -> None:
         t = time.perf_counter()
         system = MegaContext(base, gistnet, lensnet, mc_cfg)
-        row = {}
-        for name, items in sets.items():
-            row[name] = float(
-                np.mean([_nll(base, mc_view(system, h, args.budget), tg) for h, tg in items])
-            )
+        row = {
+            name: float(np.mean(v)) for name, v in system_nlls(system, sets, args.budget).items()
+        }
         results["stages"][stage] = row
         eval_time[0] += time.perf_counter() - t
         print(f"{stage}: {row}", flush=True)
