@@ -570,7 +570,7 @@ def eval_(
     suite: Annotated[
         list[str],
         typer.Argument(
-            help="suites: budget, needle, longbench, boundary, runtime, or all",
+            help="suites: budget, needle, longbench, boundary, runtime, compression, or all",
             show_default=False,
         ),
     ],

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from ..errors import StorageError
 from .compression import compression_section
+from .external import fold_peers
 from .metrics import bootstrap_ci, recovered_fraction
 
 __all__ = ["BOUNDARY_BAR", "build_report", "load_run", "write_run"]
@@ -416,6 +417,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
     """(Re)build ``report.md`` and its PNGs from the run's Parquet files."""
     run = Path(run_dir)
     rows, tel, meta = load_run(run)
+    rows, peer_lines = fold_peers(run, rows, meta)  # RUN/peers/*.parquet (external peers)
     lines = [f"# Evaluation report: {meta.get('name', run.name)}", ""]
     for key in (
         "command",
@@ -431,6 +433,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
         if key in meta:
             lines.append(f"- **{key}**: {meta[key]}")
     lines.append("")
+    lines += peer_lines
     _nll_section(rows, "budget", "ΔNLL vs budget (held-out code and prose)", run, lines)
     _nll_section(rows, "needle", "Needle in a haystack (answer NLL, retrieval)", run, lines)
     _nll_section(rows, "longbench", "LongBench (gold answer NLL, answer metric)", run, lines)

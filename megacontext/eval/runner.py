@@ -61,6 +61,7 @@ def run_eval(
     at ``size`` with ``system`` (default: the untrained system, mean-pool gists and
     a seeded untrained LensNet) and write the run to ``out_dir``."""
     from ..train.lora import has_lora
+    from .external import base_model_source, recording_tasks, write_tasks
     from .peers import untrained_system
     from .report import write_run
     from .suites import SIZES, SUITES
@@ -84,10 +85,11 @@ def run_eval(
     kw: dict[str, Any] = {"telemetry": tel}
     if log is not None:
         kw["log"] = log
-    for s in names:
-        fn = SUITES[s]
-        extra = {"methods": methods} if methods is not None and s not in ("runtime",) else {}
-        rows += fn(base, system, size, **kw, **extra, **suite_kw.get(s, {}))
+    with recording_tasks() as tasks:  # every compare_methods task, for external peers
+        for s in names:
+            fn = SUITES[s]
+            extra = {"methods": methods} if methods is not None and s not in ("runtime",) else {}
+            rows += fn(base, system, size, **kw, **extra, **suite_kw.get(s, {}))
     meta = {
         "name": name,
         "command": command,
@@ -105,5 +107,7 @@ def run_eval(
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "memory": _memory_line(),
+        "tasks": write_tasks(out, tasks),  # tasks.parquet: what external peers read
+        "base_model": base_model_source(base),
     }
     return write_run(out, rows, tel, meta)
