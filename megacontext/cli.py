@@ -570,7 +570,7 @@ def eval_(
     suite: Annotated[
         list[str],
         typer.Argument(
-            help="suites: budget, needle, longbench, boundary, runtime, compression, or all",
+            help="suites: budget, needle, longbench, boundary, runtime, compression, ablation, or all",
             show_default=False,
         ),
     ],
@@ -586,6 +586,13 @@ def eval_(
         Path | None, typer.Option("--lensnet", help="trained LensNet .safetensors")
     ] = None,
     checkpoint: Annotated[Path | None, _CKPT_OPT] = None,
+    causal_lensnet: Annotated[
+        Path | None,
+        typer.Option(
+            "--causal-lensnet",
+            help="ablation suite: a LensNet trained with lensnet.causal=true (.safetensors)",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate MegaContext against the peers at equal budget; write Parquet + a report."""
     import shlex
@@ -611,6 +618,13 @@ def eval_(
             system.config,
         )
     out_dir = default_out_dir(out) if out is not None else None
+    suite_kw = {}
+    if causal_lensnet is not None:
+        if "ablation" not in suite and list(suite) != ["all"]:
+            raise typer.BadParameter(
+                "only the ablation suite reads it", param_hint="--causal-lensnet"
+            )
+        suite_kw["ablation"] = {"causal_lensnet": causal_lensnet}
     run = run_eval(
         suite,
         size=size,
@@ -619,6 +633,7 @@ def eval_(
         system=system,
         command="megacontext " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "",
         log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+        **suite_kw,
     )
     console.print(f"report written to {run / 'report.md'}")
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import StorageError
+from .ablations import report_section as ablation_section
 from .compression import compression_section
 from .external import fold_peers
 from .metrics import bootstrap_ci, recovered_fraction
@@ -440,6 +441,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
     _boundary_section(rows, run, lines)
     _runtime_section(rows, tel, run, lines)
     compression_section(rows, run, lines)
+    ablation_section(rows, tel, run, lines)
     path = run / "report.md"
     text = "\n".join(lines)
     _atomic_bytes(path, lambda p: Path(p).write_text(text))

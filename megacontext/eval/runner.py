@@ -88,7 +88,8 @@ def run_eval(
     with recording_tasks() as tasks:  # every compare_methods task, for external peers
         for s in names:
             fn = SUITES[s]
-            extra = {"methods": methods} if methods is not None and s not in ("runtime",) else {}
+            no_methods = ("runtime", "ablation")  # suites without peer methods
+            extra = {"methods": methods} if methods is not None and s not in no_methods else {}
             rows += fn(base, system, size, **kw, **extra, **suite_kw.get(s, {}))
     meta = {
         "name": name,

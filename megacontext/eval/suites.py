@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, InvariantError
+from .ablations import ablation_suite
 from .compression import compression_suite
 from .external import record_task
 from .metrics import (
@@ -67,6 +68,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "boundary": {"length": 320, "depth": 0.2, "budget": 128, "seeds": 1},
         "runtime": {"history": 320, "budget": 128, "decode": 64},
         "compression": {"history": 2048, "horizon": 16, "narrative": 1, "code": 1, "passkey": 1},
+        "ablation": {"docs": 2, "history": 640, "budget": 192, "feed": 128},
     },
     "small": {
         "budget": {"history": 1024, "budgets": [256, 512], "docs": 2, "horizon": 64},
@@ -80,6 +82,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "boundary": {"length": 768, "depth": 0.3, "budget": 256, "seeds": 1},
         "runtime": {"history": 512, "budget": 256, "decode": 96},
         "compression": {"history": 2048, "horizon": 64, "narrative": 2, "code": 2, "passkey": 2},
+        "ablation": {"docs": 2, "history": 2048, "budget": 512, "feed": 256},
     },
     "medium": {
         "budget": {"history": 4096, "budgets": [512, 1024, 2048], "docs": 2, "horizon": 64},
@@ -93,6 +96,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "boundary": {"length": 2048, "depth": 0.3, "budget": 512, "seeds": 4},
         "runtime": {"history": 4096, "budget": 2048, "decode": 256},
         "compression": {"history": 4096, "horizon": 64, "narrative": 4, "code": 4, "passkey": 4},
+        "ablation": {"docs": 4, "history": 4096, "budget": 1024, "feed": 512},
     },
 }
 
@@ -650,4 +654,5 @@ SUITES: dict[str, Callable[..., list[dict[str, Any]]]] = {
     "boundary": boundary_suite,
     "runtime": runtime_suite,
     "compression": compression_suite,
+    "ablation": ablation_suite,
 }
