@@ -182,3 +182,43 @@ def test_history_must_hold_two_aligned_nodes(base, monkeypatch):
     monkeypatch.setitem(suites.SIZES["tiny"], "compression", cfg)
     with pytest.raises(InputError, match="history=1500"):
         comp.compression_suite(base, None, "tiny", log=lambda m: None)
+
+
+def _fake_rows(kind: str, nll: dict[str, float]) -> list[dict]:
+    ratio = {"control": 1.0, "lod1": 32.0, "lod2": 1024.0, "dropped": math.inf}
+    entries = {"control": 2048, "lod1": 1056, "lod2": 1025, "dropped": 1024}
+    return [
+        {
+            "suite": "compression",
+            "kind": kind,
+            "doc": f"{kind}/d0",
+            "placement": "far",
+            "condition": c,
+            "ratio": ratio[c],
+            "entries": entries[c],
+            "nll": v,
+            "delta_control": v - nll["control"],
+            "history_tokens": 2048,
+            "horizon": 64,
+            "region_start": 0,
+            "region_end": 1024,
+            "gistnet": "mean-pool",
+            "reader": "frozen base",
+        }
+        for c, v in nll.items()
+    ]
+
+
+def test_section_verdicts(tmp_path):
+    # code: R matters (dropping it costs 1 nat): lod1 within the bar, lod2 not;
+    # narrative: dropping R costs 0.05 nats, so a pass there is trivial
+    rows = _fake_rows("code", {"control": 1.0, "lod1": 1.1, "lod2": 1.5, "dropped": 2.0})
+    rows += _fake_rows("narrative", {"control": 1.0, "lod1": 1.02, "lod2": 1.04, "dropped": 1.05})
+    lines: list[str] = []
+    comp.compression_section(rows, tmp_path, lines)
+    text = "\n".join(lines)
+    assert "| far | lod1 | 32× | 1056 | 1.100 | +0.100 | 0.900 | PASS |" in text
+    assert "| far | lod2 | 1024× | 1025 | 1.500 | +0.500 | 0.500 | FAIL |" in text
+    assert "| far | dropped | ∞ | 1024 | 2.000 | +1.000 | – | FAIL |" in text
+    assert "| far | lod1 | 32× | 1056 | 1.020 | +0.020 | 0.600 | PASS (trivial) |" in text
+    assert (tmp_path / "compression.png").is_file()

@@ -457,6 +457,8 @@ def compression_section(rows: list[dict], out: Path, lines: list[str]) -> None:
         what = "answer tokens" if kind == "passkey" else "next tokens"
         docs = f"{n_docs} document{'s' if n_docs != 1 else ''} per placement"
         lines += [f"### {kind} ({docs}, H = {h:.0f} {what})", ""]
+        names = ", ".join(f"`{d}`" for d in dict.fromkeys(r["doc"] for r in kr))
+        lines += [f"Documents: {names}.", ""]
         body = []
         for placement in PLACEMENTS:
             pr = _group(kr, placement=placement)
