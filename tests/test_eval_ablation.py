@@ -239,11 +239,35 @@ def test_causal_checkpoint_is_used(tmp_path, base, system):
     )
     causal = [r for r in rows if r["method"] == "causal"]
     assert len(causal) == SIZES["tiny"]["ablation"]["docs"]
-    assert all(r["causal_source"] == str(path) for r in causal)
+    assert all(r["causal_source"].startswith(f"{path} (LensNet only") for r in causal)
     # a non-causal file is refused, naming the field
     flat = system.lensnet.save(tmp_path / "flat.safetensors")
     with pytest.raises(InputError, match="lensnet.causal"):
         ablation_suite(base, system, "tiny", variants=["causal"], causal_lensnet=flat)
+
+
+def test_causal_checkpoint_directory_brings_its_whole_system(tmp_path, base, system):
+    """A trainer checkpoint directory: the causal variant reads through that system's
+    own base copy and GistNet; the other variants keep the system's."""
+    from megacontext.eval.ablations import load_causal
+    from megacontext.gistnet import GistNet
+    from megacontext.lensnet import LensNet
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "COMPLETE").write_text("ok\n")
+    (d / "trainer.json").write_text('{"done": 0}')
+    (d / "config.yaml").write_text("run: t\nmodel: tiny-llama\n")
+    torch.manual_seed(2)
+    GistNet(base.dim).save(d / "gistnet.safetensors")
+    LensNet(base.dim, causal=True).save(d / "lensnet.safetensors")
+    causal, source = load_causal(d, system)
+    assert "whole checkpoint" in source
+    mcx = variant_system(system, "causal", 192, causal_lens=causal)
+    assert mcx.base is causal.base and mcx.base is not system.base
+    assert mcx.gistnet is causal.gistnet and mcx.lensnet.config.causal
+    assert mcx.config.w_max == 192 and mcx.config.block_size == system.config.block_size
+    assert variant_system(system, "noncausal", 192, causal_lens=causal).base is system.base
 
 
 def test_suite_input_errors(base, system):

@@ -60,6 +60,7 @@ __all__ = [
     "ablation_suite",
     "causal_rel",
     "causal_twin",
+    "load_causal",
     "pingpong_count",
     "report_section",
     "run_variant",
@@ -197,26 +198,42 @@ def causal_twin(lensnet: Any) -> Any:
     return twin.to(device=p.device, dtype=p.dtype).eval()
 
 
-def _load_causal(path: str | Path, like: Any) -> Any:
+def load_causal(path: str | Path, system: Any) -> tuple[Any, str]:
+    """The causal variant's focus: ``(module, source)``. ``path`` is a LensNet
+    ``.safetensors`` (swapped into ``system``: its GistNet and base stay) or a trainer
+    checkpoint directory (that whole system: its GistNet, LensNet and LoRA adapter,
+    on its own copy of the base model, see :func:`megacontext.train.load_checkpoint`).
+    Raises InputError when the LensNet is not causal."""
     from ..lensnet import LensNet
+    from ..runtime import MegaContext
 
-    lens = LensNet.load(path)
+    path = Path(path)
+    if path.is_dir():
+        out: Any = MegaContext.from_checkpoint(path)
+        lens = out.lensnet
+        source = f"{path} (whole checkpoint: its GistNet, LensNet and LoRA)"
+    else:
+        out = lens = LensNet.load(path)
+        like = system.lensnet if system.lensnet is not None else None
+        p = next(like.parameters()) if like is not None else None
+        if p is not None:
+            out = lens = lens.to(device=p.device, dtype=p.dtype).eval()
+        source = f"{path} (LensNet only, with the system's GistNet and base)"
     if not lens.config.causal:
         raise InputError(
             f"{path}: lensnet.causal is false; the causal ablation needs a LensNet "
             "trained with lensnet.causal=true"
         )
-    p = next(like.parameters()) if like is not None else None
-    if p is not None:
-        lens = lens.to(device=p.device, dtype=p.dtype)
-    return lens.eval()
+    return out, source
 
 
 def variant_system(
     system: Any, variant: str, budget: int, *, causal_lens: Any = None, seed: int = 0
 ) -> Any:
     """The :class:`MegaContext` of ``variant`` at ``w_max = budget``: the system's
-    base, GistNet and config, with the variant's scorer and hysteresis."""
+    base, GistNet and config, with the variant's scorer and hysteresis. ``causal_lens``
+    (variant ``causal``): a causal LensNet, or a whole causal :class:`MegaContext`
+    whose base and GistNet are then used too (:func:`load_causal`)."""
     from ..config import MegaContextConfig
     from ..runtime import MegaContext
 
@@ -235,10 +252,11 @@ def variant_system(
         lens = GroupRandomLens(seed, system.config.block_size)
     if variant in LENS_VARIANTS and system.lensnet is None:
         raise InputError(f"ablation variant {variant!r} needs a system with a LensNet")
+    base, gistnet = system.base, system.gistnet
+    if isinstance(lens, MegaContext):  # a whole causal checkpoint
+        base, gistnet, lens = lens.base, lens.gistnet, lens.lensnet
     cfg = MegaContextConfig(**{**system.config.model_dump(), **changes})
-    return MegaContext(
-        system.base, system.gistnet, lens, cfg, allocator_backend=system.allocator_backend
-    )
+    return MegaContext(base, gistnet, lens, cfg, allocator_backend=system.allocator_backend)
 
 
 def run_variant(
@@ -306,7 +324,8 @@ def ablation_suite(
     prose, :func:`~megacontext.eval.suites.sweep_documents`): ``history`` tokens
     ingested at ``W = budget``, the next ``feed`` tokens decoded teacher-forced.
     One row per (document, variant) plus the ``full`` and ``truncation`` reference
-    rows; ``causal_lensnet``: a trained causal LensNet ``.safetensors``."""
+    rows; ``causal_lensnet``: a trained causal LensNet ``.safetensors`` or a causal
+    trainer checkpoint directory (:func:`load_causal`)."""
     from .suites import SIZES, add_derived, sweep_documents
 
     if size not in SIZES or "ablation" not in SIZES[size]:
@@ -328,8 +347,7 @@ def ablation_suite(
     causal_lens = None
     source = "same weights"
     if causal_lensnet is not None and "causal" in names:
-        causal_lens = _load_causal(causal_lensnet, system.lensnet)
-        source = str(causal_lensnet)
+        causal_lens, source = load_causal(causal_lensnet, system)
     w, T, F = cfg["budget"], cfg["history"], cfg["feed"]
     window = system.config.cooldown_steps + system.config.min_residency
     docs = sweep_documents(base, cfg["docs"], T + F)
@@ -529,7 +547,7 @@ def report_section(rows: list[dict], tel: list[dict], out: Path, lines: list[str
             "the system's own (non-causally trained) weights run causally — an architecture "
             "probe, not a trained causal LensNet"
             if src == "same weights"
-            else f"a LensNet trained causally (`{src}`)"
+            else f"trained with lensnet.causal=true: `{src}`"
         )
         lines.append(
             f"**Causal vs non-causal LensNet**: mean ΔNLL causal {dc:+.4f}, non-causal "
