@@ -388,6 +388,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     )
     width = 0.8 / len(conds)
     for ax, placement in zip(axes[0], placements, strict=True):
+        top = 2 * BAR
         for i, cond in enumerate(conds):
             means, err = [], [[], []]
             for k in kinds:
@@ -400,6 +401,7 @@ def _plot(rows: list[dict], path: Path) -> None:
                 means.append(p)
                 err[0].append(p - lo if math.isfinite(p) else 0.0)
                 err[1].append(hi - p if math.isfinite(p) else 0.0)
+                top = max(top, hi if math.isfinite(hi) else top)
             r0 = _group(rows, condition=cond)[0]["ratio"] if _group(rows, condition=cond) else 0
             ratio = f"{r0:.0f}×" if math.isfinite(r0) else "removed"
             ax.bar(
@@ -412,6 +414,7 @@ def _plot(rows: list[dict], path: Path) -> None:
                 color=f"C{i}",
             )
         ax.axhline(BAR, color="r", ls="--", lw=1, label=f"bar: {BAR} nats")
+        ax.set_ylim(top=2 * top)  # headroom above the highest interval (symlog)
         ax.axhline(0.0, color="k", lw=0.8)
         ax.set_yscale("symlog", linthresh=0.1)
         ax.set_xticks(np.arange(len(kinds)) + width * (len(conds) - 1) / 2)
