@@ -182,6 +182,7 @@ def test_every_variant_produces_a_row(suite_run):
             assert r["swap_rate"] == pytest.approx(r["actions"] / blocks)
             assert r["n_expand"] + r["n_collapse"] == r["actions"] == len(r["residencies"])
             assert r["entries"] <= cfg["budget"] + 31
+            assert 0 <= r["budget_collapses"] <= r["n_collapse"]
             # decode-phase telemetry went to the sink
             assert len([t for t in tel if t["doc"] == doc and t["method"] == v]) == blocks
         assert by["causal"]["causal_source"] == "same weights"
@@ -226,6 +227,13 @@ def test_report_section_renders(tmp_path, suite_run):
 
     build_report(out)
     assert (out / "report.md").read_text() == md
+    # rows without the budget-floor count (older runs) take it from the telemetry
+    old = [{k: v for k, v in r.items() if k != "budget_collapses"} for r in rows]
+    out2 = write_run(tmp_path / "old", old, tel, {"name": "abl", "model": "tiny-llama"})
+    assert (out2 / "report.md").read_text() == md
+    line = next(x for x in md.splitlines() if x.startswith("| random_no_hysteresis |"))
+    r = [x for x in rows if x["method"] == "random_no_hysteresis"]
+    assert f"| {sum(x['budget_collapses'] for x in r)} |" in line
 
 
 def test_causal_checkpoint_is_used(tmp_path, base, system):
