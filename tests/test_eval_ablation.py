@@ -217,6 +217,17 @@ def test_report_section_renders(tmp_path, suite_run):
     ca = [r["delta_nll"] for r in rows if r["method"] == "causal"]
     rel = causal_rel(sum(ca) / len(ca), sum(nc) / len(nc))
     assert f"**{rel:+.3f}**" in verdict
+    # the paired per-token difference line, from the rows' token NLLs
+    d = [
+        x - y
+        for c in rows
+        if c["method"] == "causal"
+        for n in rows
+        if n["method"] == "noncausal" and n["doc"] == c["doc"]
+        for x, y in zip(c["token_nll"], n["token_nll"], strict=True)
+    ]
+    paired = next(x for x in md.splitlines() if x.startswith("Paired per-token"))
+    assert f"over the {len(d)} fed tokens: {sum(d) / len(d):+.4f} ±" in paired
     # residency histogram table: one row per variant
     assert "Residency histogram" in md
     # rebuilt from Parquet alone

@@ -483,6 +483,21 @@ def _budget_floor(rows: list[dict], tel: list[dict]) -> list[str]:
     return [str(total), _fmt(float(np.mean(rates)))] if rates else ["–", "–"]
 
 
+def _paired_token_diff(a: list[dict], b: list[dict]) -> tuple[float, float, int] | None:
+    """Mean and standard error of ``token_nll(a) − token_nll(b)`` over all tokens of
+    the documents both have (``None`` without token NLLs)."""
+    by_b = {r["doc"]: r.get("token_nll") for r in b}
+    d: list[float] = []
+    for r in a:
+        x, y = r.get("token_nll"), by_b.get(r["doc"])
+        if x is not None and y is not None and len(x) == len(y):
+            d += [float(u) - float(v) for u, v in zip(x, y, strict=True)]
+    if len(d) < 2:
+        return None
+    arr = np.asarray(d)
+    return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(len(arr))), len(arr)
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3f}" if math.isfinite(x) else "NaN"
 
@@ -590,6 +605,14 @@ def report_section(rows: list[dict], tel: list[dict], out: Path, lines: list[str
             f"{dn:+.4f}; rel = (ΔNLL_causal − ΔNLL_noncausal) / |ΔNLL_causal| = "
             f"**{rel:+.3f}** (bar ≥ {CAUSAL_BAR}): **{verdict}**. Causal LensNet: {what}."
         )
+        diff = _paired_token_diff(ca, nc)
+        if diff is not None:
+            mean, se, n = diff
+            lines.append(
+                f"Paired per-token NLL difference causal − non-causal over the {n} fed "
+                f"tokens: {mean:+.4f} ± {se:.4f} nats (mean ± standard error; tokens of "
+                "one document are correlated, so this understates the uncertainty)."
+            )
         lines.append("")
     body = []
     for doc in docs:
