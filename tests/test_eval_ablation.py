@@ -126,6 +126,41 @@ def test_group_random_lens_gives_sibling_groups_one_score():
     assert not torch.equal(u, v)  # a fresh draw every step
 
 
+class _LevelLens(torch.nn.Module):
+    """Tokens score 0.5 − 0.001 · token index, gists −0.3 − 0.01 · level."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def forward(self, entries, tail, levels, spans, distance):
+        span = spans[0].long()
+        start = torch.cumsum(span, 0) - span
+        lv = levels[0]
+        u = torch.where(lv == 0, 0.5 - 0.001 * start, -0.3 - 0.01 * lv)
+        return u[None].float()
+
+
+def test_score_summary(base, system):
+    from megacontext.eval.ablations import score_summary
+
+    cfg = mc.MegaContextConfig(model="tiny-llama", w_max=192, tau_expand=1.0, tau_collapse=1.0)
+    s = mc.MegaContext(base, None, _LevelLens(), cfg).session()
+    s.ingest(torch.randint(10, 5000, (640,), generator=torch.Generator().manual_seed(0)))
+    out = score_summary(s, "x")
+    lv, nodes = s.wc.levels.long(), s.wc.nodes.long()
+    tok = nodes[lv == 0]
+    # complete token blocks present in the WC, restated from the token indices
+    blocks = [k for k in range(int(tok.max()) // 32 + 1) if int((tok // 32 == k).sum()) == 32]
+    assert blocks  # the WC holds whole blocks of tokens
+    want_group = min(0.5 - 0.001 * (32 * k + 15.5) for k in blocks)
+    assert out["x_group_min"] == pytest.approx(want_group, abs=1e-5)
+    assert out["x_token_mean"] == pytest.approx(
+        float((0.5 - 0.001 * tok.double()).mean()), abs=1e-5
+    )
+    assert out["x_gist_max"] == pytest.approx(-0.3 - 0.01 * int(lv[lv > 0].min()), abs=1e-6)
+
+
 def test_variant_systems(base, system):
     w = 192
     for v in VARIANTS:
@@ -187,6 +222,9 @@ def test_every_variant_produces_a_row(suite_run):
             assert len([t for t in tel if t["doc"] == doc and t["method"] == v]) == blocks
         assert by["causal"]["causal_source"] == "same weights"
         assert by["recency"]["scorer"] == "none"
+        # LensNet variants carry their score summaries; the random scorer is not read
+        assert all(math.isfinite(by[v]["end_token_mean"]) for v in ("noncausal", "causal"))
+        assert "ingest_gist_max" not in by["random"] and "end_group_min" not in by["recency"]
 
 
 def test_hysteresis_stops_the_random_scorers_ping_pong(suite_run):
@@ -228,6 +266,7 @@ def test_report_section_renders(tmp_path, suite_run):
     ]
     paired = next(x for x in md.splitlines() if x.startswith("Paired per-token"))
     assert f"over the {len(d)} fed tokens: {sum(d) / len(d):+.4f} ±" in paired
+    assert "best expand" in md
     # residency histogram table: one row per variant
     assert "Residency histogram" in md
     # rebuilt from Parquet alone

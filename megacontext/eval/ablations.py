@@ -64,6 +64,7 @@ __all__ = [
     "pingpong_count",
     "report_section",
     "run_variant",
+    "score_summary",
     "truncation_nll",
     "variant_system",
 ]
@@ -259,6 +260,42 @@ def variant_system(
     return MegaContext(base, gistnet, lens, cfg, allocator_backend=system.allocator_backend)
 
 
+@torch.no_grad()
+def score_summary(session: Any, prefix: str) -> dict[str, float]:
+    """What the allocator can act on in the session's current WC, from its scorer's
+    scores ``u``: ``{prefix}_token_mean`` (mean ``u`` of LOD0 entries),
+    ``{prefix}_gist_max`` (the best expand score: max ``u`` over gists) and
+    ``{prefix}_group_min`` (the best collapse score: min over complete sibling groups,
+    ``bs`` consecutive children of one parent, of their mean ``u``); NaN when absent.
+    An expand needs ``gist_max > tau_expand`` (and room), a voluntary collapse
+    ``group_min < −tau_collapse``."""
+    u = session.scores().double()
+    wc = session.wc
+    levels, nodes = wc.levels.cpu().long(), wc.nodes.cpu().long()
+    bs, top = session.config.block_size, session.config.levels
+    groups = []
+    i, n = 0, len(levels)
+    while i + bs <= n:
+        lv, b = int(levels[i]), int(nodes[i])
+        seg = slice(i, i + bs)
+        if (
+            lv < top
+            and b % bs == 0
+            and bool((levels[seg] == lv).all())
+            and torch.equal(nodes[seg], torch.arange(b, b + bs))
+        ):
+            groups.append(float(u[seg].mean()))
+            i += bs
+        else:
+            i += 1
+    tok, gist = u[levels == 0], u[levels > 0]
+    return {
+        f"{prefix}_token_mean": float(tok.mean()) if tok.numel() else math.nan,
+        f"{prefix}_gist_max": float(gist.max()) if gist.numel() else math.nan,
+        f"{prefix}_group_min": min(groups) if groups else math.nan,
+    }
+
+
 def run_variant(
     mcx: Any, history: torch.Tensor, continuation: torch.Tensor, *, window: int
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -271,9 +308,19 @@ def run_variant(
     t0 = time.perf_counter()
     s.ingest(history)
     n_act, n_res, n_hist = len(s.actions), len(s.residencies), len(s.history)
+    # LensNet's scores are deterministic, so reading them changes nothing; a random
+    # scorer's would advance its generator
+    lens = (
+        mcx.lensnet
+        if mcx.lensnet is not None and not isinstance(mcx.lensnet, GroupRandomLens)
+        else None
+    )
+    summary = score_summary(s, "ingest") if lens is not None else {}
     t1 = time.perf_counter()
     nll = s.feed(continuation)
     feed_s = time.perf_counter() - t1
+    if lens is not None:
+        summary |= score_summary(s, "end")
     acts = s.actions[n_act:]
     res = [int(r) for r in s.residencies[n_res:]]
     tel = s.history[n_hist:]
@@ -302,8 +349,11 @@ def run_variant(
         **pingpong_count(acts, window),
         "cooldown_steps": mcx.config.cooldown_steps,
         "min_residency": mcx.config.min_residency,
+        "tau_expand": mcx.config.tau_expand,
+        "tau_collapse": mcx.config.tau_collapse,
         "ingest_s": t1 - t0,
         "feed_s": feed_s,
+        **summary,
     }
     return row, tel
 
@@ -498,6 +548,35 @@ def _paired_token_diff(a: list[dict], b: list[dict]) -> tuple[float, float, int]
     return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(len(arr))), len(arr)
 
 
+def _scores_table(ar: list[dict], names: list[str], lines: list[str]) -> None:
+    from .report import _by, _mean, _table, _vals
+
+    keys = [f"{p}_{k}" for p in ("ingest", "end") for k in ("token_mean", "gist_max", "group_min")]
+    body = []
+    for v in names:
+        g = _by(ar, method=v)
+        if not any(_vals(g, k) for k in keys):
+            continue
+        body.append([v] + [_fmt(_mean(_vals(g, k))) for k in keys])
+    if not body:
+        return
+    r = next(x for x in ar if x.get("tau_expand") is not None)
+    lines += [
+        "What the LensNet variants' scores let the allocator do (mean over documents): "
+        "after the ingest and after the last decoded block, the mean token score, the best "
+        f"expand score (max over gists; an expand needs > {r['tau_expand']:g} and room) and "
+        "the best collapse score (min over complete sibling groups of the group's mean; a "
+        f"voluntary collapse needs < −{r['tau_collapse']:g}).",
+        "",
+    ]
+    header = ["variant"] + [
+        f"{p}: {k}"
+        for p in ("ingest", "end")
+        for k in ("token mean", "best expand", "best collapse")
+    ]
+    lines += [*_table(header, body), ""]
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3f}" if math.isfinite(x) else "NaN"
 
@@ -614,6 +693,7 @@ def report_section(rows: list[dict], tel: list[dict], out: Path, lines: list[str
                 "one document are correlated, so this understates the uncertainty)."
             )
         lines.append("")
+    _scores_table(ar, names, lines)
     body = []
     for doc in docs:
         g = {r["method"]: r for r in _by(ar, doc=doc)}
