@@ -10,9 +10,11 @@ iterations). Variants (:data:`VARIANTS`):
 
 - ``noncausal``: the system's LensNet as given, the system's allocator settings;
 - ``causal``: a causal LensNet (``causal=True``, see :mod:`megacontext.lensnet`):
-  a trained causal checkpoint when one is given, else the system's own weights run
-  causally (the row says ``causal_source="same weights"``: an architecture probe,
-  not the guide's trained ablation);
+  a trained causal LensNet file, or a causal trainer checkpoint directory (then
+  that whole system: its GistNet, LensNet and LoRA'd base; :func:`load_causal`),
+  else the system's own weights run causally (the row says
+  ``causal_source="same weights"``: an architecture probe, not the guide's trained
+  ablation);
 - ``no_hysteresis``: the system's LensNet with ``cooldown_steps = min_residency = 0``;
 - ``recency``: no LensNet (the allocator only collapses what the budget forces);
 - ``random`` / ``random_no_hysteresis``: a seeded random scorer
@@ -32,7 +34,11 @@ residency (steps a changed node had spent at its previous LOD), flip-backs (an
 action on a node whose previous action was the opposite one), ping-pongs
 (flip-backs within ``window = cooldown_steps + min_residency`` steps of the
 system's settings, the same window for every variant), expand / collapse mass
-(entries added / removed), forced recency rebuilds and the residency histogram.
+(entries added / removed), budget-floor collapses (the runtime's
+``n_budget_collapses``: the fewest collapses that bring the WC back under ``W``
+after a block; ``focus swaps`` are the actions beyond them), forced recency
+rebuilds and the residency histogram; for LensNet variants also what their scores
+allow after the ingest and after decoding (:func:`score_summary`).
 
 The causal bar (the guide): ``rel = (ΔNLL_causal − ΔNLL_noncausal) / |ΔNLL_causal|
 >= 0.03``, from the mean ΔNLL over documents.
