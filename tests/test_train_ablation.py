@@ -147,6 +147,8 @@ def test_causal_variant_checkpoint(ablation):
     _, res = ablation
     lens = mc.LensNet.load(checkpoint(res, "causal-lensnet") / "lensnet.safetensors")
     assert lens.config.causal is True
+    saved = load_train_config(checkpoint(res, "causal-lensnet") / "config.yaml")
+    assert saved.lensnet["causal"] is True and saved.run == "tiny-abl-causal-lensnet"
     assert mc.LensNet.load(checkpoint(res, "all") / "lensnet.safetensors").config.causal is False
 
 
