@@ -486,6 +486,10 @@ def accept(
     new_tokens: Annotated[
         int, typer.Option(help="tokens decoded for the latency test", min=1)
     ] = 64,
+    decode_blocks: Annotated[
+        int,
+        typer.Option(help="blocks fed through each session for the swap/residency metrics", min=1),
+    ] = 16,
     gistnet: Annotated[Path | None, _GIST_OPT] = None,
     lensnet: Annotated[Path | None, _LENS_OPT] = None,
     checkpoint: Annotated[Path | None, _CKPT_OPT] = None,
@@ -508,6 +512,7 @@ def accept(
         docs=docs,
         history=history,
         new_tokens=new_tokens,
+        decode_blocks=decode_blocks,
         log=lambda m: err_console.print(m, markup=False),
     )
     for c in criteria:

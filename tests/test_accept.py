@@ -22,7 +22,7 @@ def test_criterion_verdicts():
 def test_acceptance_measures_every_criterion(tiny_base):
     system = mc.MegaContext(tiny_base, None, None, mc.MegaContextConfig(w_max=128))
     crit = acc.run_acceptance(
-        system, budget=128, docs=1, history=320, new_tokens=4, log=lambda m: None
+        system, budget=128, docs=1, history=320, new_tokens=4, decode_blocks=3, log=lambda m: None
     )
     names = [c.name for c in crit]
     assert names == [
@@ -34,6 +34,9 @@ def test_acceptance_measures_every_criterion(tiny_base):
         "mean_residency",
     ]
     swap, focus = crit[3], crit[4]
+    # one refocus per decoded block and document (without a LensNet the ingest makes
+    # none): 2 documents x 3 blocks
+    assert swap.detail == "(6 refocus iterations)"
     assert focus.informational and not swap.informational
     assert 0 <= focus.value <= swap.value
     dn = crit[0]
@@ -49,6 +52,12 @@ def test_informational_rows_never_decide_the_exit_code():
     assert not acc.all_passed([acc.Criterion("dnll_code", 0.5, 0.1), info])
 
 
+def test_at_least_one_block_is_decoded(tiny_base):
+    system = mc.MegaContext(tiny_base, None, None, mc.MegaContextConfig(w_max=128))
+    with pytest.raises(mc.InputError, match="decode_blocks=0"):
+        acc.run_acceptance(system, budget=128, history=320, decode_blocks=0, log=lambda m: None)
+
+
 def test_history_must_fit_the_full_context_reference(tiny_base, monkeypatch):
     system = mc.MegaContext(tiny_base, None, None, mc.MegaContextConfig(w_max=128))
     monkeypatch.setattr(type(tiny_base), "max_positions", property(lambda self: 512))
@@ -61,7 +70,7 @@ def test_accept_exits_nonzero_on_a_missed_bar(tmp_path, monkeypatch):
     monkeypatch.setitem(acc.BARS, "dnll_code", -100.0)
     out = tmp_path / "accept.md"
     args = ["accept", "--model", "tiny-llama", "--w-max", "128", "--docs", "1"]
-    args += ["--history", "320", "--new-tokens", "4", "--out", str(out)]
+    args += ["--history", "320", "--new-tokens", "4", "--decode-blocks", "2", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
     assert "FAIL  dnll_code" in result.output

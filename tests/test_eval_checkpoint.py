@@ -84,13 +84,13 @@ def test_acceptance_reference_is_the_frozen_model(checkpoint, tiny_base, monkeyp
     seen: list = []
     real = acc._dnll
 
-    def spy(system_, frozen, docs, history, budget):
+    def spy(system_, frozen, docs, history, budget, decode_blocks):
         seen.append(frozen)
-        return real(system_, frozen, docs, history, budget)
+        return real(system_, frozen, docs, history, budget, decode_blocks)
 
     monkeypatch.setattr(acc, "_dnll", spy)
     crit = acc.run_acceptance(
-        system, budget=128, docs=1, history=320, new_tokens=2, log=lambda m: None
+        system, budget=128, docs=1, history=320, new_tokens=2, decode_blocks=2, log=lambda m: None
     )
     assert seen and all(not has_lora(b.model) for b in seen)
     assert seen[0] is not system.base

@@ -14,7 +14,9 @@ benchmark relative to the frozen base model." Measured here, each against its ba
   amortised) over the frozen model decoding from a plain KV cache holding ``w_max``
   tokens, measured side by side; bar ≤ 1.10.
 - ``swap_rate`` (actions per block) ≤ 0.25 and ``mean_residency`` ≥ 3 steps, from
-  the sessions' telemetry while the continuation is fed through them.
+  the sessions' telemetry while ``decode_blocks`` blocks of the continuation are fed
+  through them (default 16: a node that never changed counts its residency from the
+  session's start, so a short decode caps the residency it can show).
 - ``focus_swap_rate`` (informational, not a bar): the swap rate without the budget
   floor. A decoded block adds K entries; once the WC is full each collapse frees
   only K − 1, so at least ceil(excess / (K − 1)) collapses per refocus are forced
@@ -122,7 +124,12 @@ def _code_docs(base: Any, n: int, min_tokens: int) -> list[torch.Tensor]:
 
 
 def _dnll(
-    system: Any, frozen: Any, docs: list[torch.Tensor], history: int, budget: int
+    system: Any,
+    frozen: Any,
+    docs: list[torch.Tensor],
+    history: int,
+    budget: int,
+    decode_blocks: int = 4,
 ) -> dict[str, Any]:
     from .peers import full_view, truncation_view, view_nll
 
@@ -137,7 +144,7 @@ def _dnll(
         session.ingest(hist)
         mc_nll = session.loss_at_h(targets)
         # feed the targets through the session: the refocus telemetry of decoding
-        session.feed(ids[history : history + 4 * system.config.block_size])
+        session.feed(ids[history : history + decode_blocks * system.config.block_size])
         sessions.append(session)
         rows.append({"full": full, "truncation": trunc, "megacontext": mc_nll})
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("full", "truncation", "megacontext")}
@@ -213,6 +220,7 @@ def run_acceptance(
     new_tokens: int = 64,
     log: Callable[[str], None] = print,
     frozen: Any = None,
+    decode_blocks: int = 16,
 ) -> list[Criterion]:
     """Measure every criterion for ``system`` (a :class:`megacontext.MegaContext`).
 
@@ -247,7 +255,9 @@ def run_acceptance(
 
     cfg = MegaContextConfig(**{**system.config.model_dump(), "w_max": budget})
     system = MegaContext(base, system.gistnet, system.lensnet, cfg)
-    need = history + 4 * cfg.block_size
+    if decode_blocks < 1:
+        raise InputError(f"decode_blocks={decode_blocks}: at least one block must be decoded")
+    need = history + decode_blocks * cfg.block_size
     log(
         f"budget W_max = {budget} (model context {ctx}); history {history} tokens, H = {cfg.horizon}"
     )
@@ -257,7 +267,7 @@ def run_acceptance(
         if not found:
             raise InputError(f"no {kind} document with at least {need} tokens")
         log(f"{kind}: {len(found)} documents")
-        results[kind] = _dnll(system, frozen, found, history, budget)
+        results[kind] = _dnll(system, frozen, found, history, budget, decode_blocks)
     criteria = []
     for kind in ("narrative", "code"):
         m = results[kind]["mean"]
