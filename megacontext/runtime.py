@@ -241,12 +241,21 @@ class Session:
             return mean_pool
         params = getattr(gistnet, "parameters", None)
         first = next(params(), None) if params is not None else None
+        at_level = getattr(gistnet, "at_level", None)
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            if first is not None:
-                x = x.to(device=first.device, dtype=first.dtype)
-            return gistnet(x)
+        def cast(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+            def run(x: torch.Tensor) -> torch.Tensor:
+                if first is not None:
+                    x = x.to(device=first.device, dtype=first.dtype)
+                return fn(x)
 
+            return run
+
+        run = cast(gistnet)
+        if callable(at_level):
+            # keep the tree's level-aware path: level l is gisted by at_level(l), as
+            # in training; a bare wrapper would gist every level with level 1
+            run.at_level = lambda level: cast(at_level(level))  # type: ignore[attr-defined]
         return run
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -236,3 +236,26 @@ def test_feed_scores_tokens_like_generate(tiny_base):
     assert nll.shape == (len(ids),) and float(nll[0]) == pytest.approx(float(first))
     assert b.num_tokens == a.num_tokens and torch.equal(a.wc.nodes, b.wc.nodes)
     torch.testing.assert_close(b.next_token_logits(), a.next_token_logits())
+
+
+def test_session_gists_each_level_with_its_own_weights(tiny_base):
+    # every weight perturbed (an untrained GistNet is exact mean pooling, blind to its
+    # level embedding) so that level 1 and level 2 gist differently; the session's
+    # tree must match a tree appended with the GistNet itself
+    cfg = mc.MegaContextConfig(model=tiny_base.name, w_max=64, block_size=8, levels=2)
+    gistnet = mc.GistNet(tiny_base.dim, block_size=8, levels=2, width=32, depth=1, heads=2, seed=0)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        for p in gistnet.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        gistnet.level_embed.normal_()
+    gistnet.eval()
+    ids = _ids(256)
+    s = mc.MegaContext(tiny_base, gistnet, None, cfg).session()
+    s.ingest(ids)
+    ref = mc.MegaContextTree(tiny_base.dim, block_size=8, levels=2, dtype=s.tree.dtype)
+    ref.append(ids, tiny_base.embed, gistnet)
+    for level in (1, 2):
+        torch.testing.assert_close(s.tree.gists(level), ref.gists(level), rtol=0, atol=0)
+    wrong = gistnet.at_level(1)(s.tree.gists(1)[:8][None].float())[0].to(s.tree.dtype)
+    assert not torch.equal(wrong, s.tree.gists(2)[0])
