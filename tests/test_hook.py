@@ -10,6 +10,13 @@ import megacontext as mc
 from megacontext import hook
 
 
+@pytest.fixture(autouse=True)
+def _unpatched(tiny_base):
+    # the fixture is session-wide: a session in an earlier test module patches its
+    # model and keeps it patched (by design), so each test here starts from unpatched
+    mc.unpatch(tiny_base.model)
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
@@ -18,6 +25,7 @@ def _logits(model, ids):
 @pytest.mark.parametrize("fixture", ["tiny_base", "smollm2_base"])
 def test_patched_equals_unpatched_without_state(request, fixture):
     base = request.getfixturevalue(fixture)
+    mc.unpatch(base.model)  # shared fixture, see _unpatched
     ids = torch.randint(0, base.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     ref = _logits(base.model, ids)
     with mc.patched(base.model):
