@@ -13,7 +13,7 @@ condition     ``R`` is read as                             ratio   entries
 ``control``   its ``bs²`` tokens (= the full history)      1       ``T``
 ``lod1``      its ``bs`` LOD1 gists                        bs      ``T − bs² + bs``
 ``lod2``      its single LOD2 gist                         bs²     ``T − bs² + 1``
-``dropped``   nothing (removed, no placeholder)            inf     ``T − bs²``
+``dropped``   nothing (removed, nothing in its place)      inf     ``T − bs²``
 ============  ===========================================  ======  ==============
 
 A gist sits at its span centre ``start + span // 2``: the views are built as
