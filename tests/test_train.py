@@ -318,6 +318,64 @@ def test_resume_equals_uninterrupted(uninterrupted, tiny_base, tmp_path):
     assert meta["gistnet_hash"] == states[-1][1]["gistnet"]
 
 
+class _Poison:
+    """Unpickling this creates ``path``: proof that a pickle from the checkpoint ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_never_unpickles(uninterrupted, tiny_base, tmp_path):
+    import shutil
+
+    src = uninterrupted[0] / "artifacts" / "checkpoints" / "tiny" / "cycle1-b1"
+    ckpts = tmp_path / "artifacts" / "checkpoints" / "tiny"
+    marker = tmp_path / "pwned"
+    # a poisoned rng.pt beside a valid pickle-free state: ignored, the run resumes
+    shutil.copytree(src, ckpts / "cycle1-b1")
+    torch.save(_Poison(marker), ckpts / "cycle1-b1" / "rng.pt")
+    trainer = Trainer(config(tmp_path), base=fresh_base(tiny_base))
+    trainer.load_state(ckpts / "cycle1-b1")
+    assert not marker.exists() and trainer.done == 3
+    # a checkpoint whose only RNG state is a pickle (an older format, or an attacker's)
+    (ckpts / "cycle1-b1" / "rng.safetensors").unlink()
+    before = state(trainer)
+    with pytest.raises(mc.StorageError, match="rng.pt") as err:
+        trainer.load_state(ckpts / "cycle1-b1")
+    assert err.value.field == "rng" and not marker.exists()
+    assert state(trainer) == before  # refused before any weight was touched
+
+
+def test_rng_state_round_trip_without_pickle(tmp_path):
+    import random
+
+    import numpy as np
+
+    from megacontext.train.checkpoint import load_rng_state, save_rng_state
+
+    torch.manual_seed(5), np.random.seed(6), random.seed(7)
+    random.gauss(0, 1), np.random.standard_normal()  # cached Gaussians in both states
+    save_rng_state(tmp_path)
+    want = (torch.rand(3), np.random.standard_normal(3), random.gauss(0, 1), random.random())
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    from megacontext.train.checkpoint import set_rng_state
+
+    set_rng_state(load_rng_state(tmp_path))
+    got = (torch.rand(3), np.random.standard_normal(3), random.gauss(0, 1), random.random())
+    assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1])
+    assert want[2:] == got[2:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rng.json", "rng.safetensors"]
+    (tmp_path / "rng.json").write_text('{"numpy": 3}')
+    with pytest.raises(mc.StorageError, match="rng.json"):
+        load_rng_state(tmp_path)
+    (tmp_path / "rng.safetensors").write_bytes(b"garbage")
+    with pytest.raises(mc.StorageError, match="rng.safetensors"):
+        load_rng_state(tmp_path)
+
+
 def test_load_checkpoint_for_inference(uninterrupted, tiny_base):
     tmp, trainer, *_ = uninterrupted
     path = tmp / "artifacts" / "checkpoints" / "tiny" / "cycle1-b3"

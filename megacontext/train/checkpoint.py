@@ -2,7 +2,8 @@
 
 A checkpoint directory holds ``gistnet.safetensors``, ``lensnet.safetensors``,
 ``lora/`` (peft format, when the base carries adapters), ``optimizer.pt`` (the
-phase's AdamW and scheduler state), ``rng.pt`` (torch, numpy and Python RNG states),
+phase's AdamW and scheduler state, written for inspection and never loaded),
+``rng.safetensors`` + ``rng.json`` (torch, numpy and Python RNG states; no pickle),
 ``trainer.json`` (progress, early-stop state, weight hashes), ``config.yaml`` (the
 resolved :class:`~megacontext.train.config.TrainConfig`) and ``COMPLETE``.
 
@@ -32,13 +33,19 @@ __all__ = [
     "COMPLETE",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_rng_state",
     "read_trainer_state",
     "rng_state",
+    "save_rng_state",
     "set_rng_state",
     "write_checkpoint",
 ]
 
 COMPLETE = "COMPLETE"
+
+
+RNG_TENSORS = "rng.safetensors"
+RNG_JSON = "rng.json"
 
 
 def rng_state() -> dict[str, Any]:
@@ -58,6 +65,78 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rng_state(directory: str | os.PathLike[str], state: dict[str, Any] | None = None) -> None:
+    """Write an RNG state (default: the current one) as ``rng.safetensors`` (the
+    generators' tensors) plus ``rng.json`` (their scalars) in ``directory``: no pickle,
+    so a checkpoint from someone else cannot run code when it is resumed."""
+    from safetensors.torch import save_file
+
+    state = rng_state() if state is None else state
+    directory = Path(directory)
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    py_version, py_internal, py_gauss = state["python"]
+    tensors = {
+        "torch": state["torch"].contiguous(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        "python_internal": torch.tensor(py_internal, dtype=torch.int64),
+    }
+    for i, t in enumerate(state.get("cuda", [])):
+        tensors[f"cuda_{i}"] = t.contiguous()
+    meta = {
+        "format": 1,
+        "numpy": {"kind": np_kind, "pos": int(np_pos), "has_gauss": int(np_has_gauss),
+                  "cached_gaussian": float(np_gauss)},
+        "python": {"version": int(py_version), "gauss_next": py_gauss},
+        "cuda_devices": len(state.get("cuda", [])),
+    }
+    save_file(tensors, str(directory / RNG_TENSORS))
+    (directory / RNG_JSON).write_text(json.dumps(meta, indent=1))
+
+
+def load_rng_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The RNG state :func:`save_rng_state` wrote in ``directory``; a missing, corrupt
+    or inconsistent file raises :class:`StorageError` naming it. Never unpickles: a
+    legacy ``rng.pt`` (pickle) is refused, not loaded."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    tpath, jpath = directory / RNG_TENSORS, directory / RNG_JSON
+    if not tpath.is_file() and (directory / "rng.pt").is_file():
+        raise StorageError(
+            f"{directory / 'rng.pt'}: a pickled RNG state from an older version; it is never "
+            "loaded (pickle can run code). Resume from a checkpoint written by this version",
+            path=str(directory / "rng.pt"),
+            field="rng",
+        )
+    try:
+        tensors = load_file(str(tpath))
+    except (OSError, SafetensorError) as exc:
+        raise StorageError(f"{tpath}: unreadable RNG state ({exc})", path=str(tpath), field="rng") from None
+    try:
+        meta = json.loads(jpath.read_text())
+        npm, pym = meta["numpy"], meta["python"]
+        keys = tensors["numpy_keys"].numpy()
+        internal = tensors["python_internal"].tolist()
+        if keys.shape != (624,) or keys.min() < 0 or keys.max() >= 2**32 or len(internal) != 625:
+            raise ValueError("generator state of the wrong size or range")
+        state: dict[str, Any] = {
+            "torch": tensors["torch"],
+            "numpy": (str(npm["kind"]), keys.astype(np.uint32), int(npm["pos"]),
+                      int(npm["has_gauss"]), float(npm["cached_gaussian"])),
+            "python": (int(pym["version"]), tuple(int(v) for v in internal),
+                       None if pym["gauss_next"] is None else float(pym["gauss_next"])),
+        }
+        n_cuda = int(meta.get("cuda_devices", 0))
+        if n_cuda:
+            state["cuda"] = [tensors[f"cuda_{i}"] for i in range(n_cuda)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StorageError(
+            f"{jpath}: invalid RNG state ({type(exc).__name__}: {exc})", path=str(jpath), field="rng"
+        ) from None
+    return state
 
 
 def _fsync_tree(root: Path) -> None:

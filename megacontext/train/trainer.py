@@ -38,8 +38,9 @@ from ..gistnet import GistNet
 from ..lensnet import LensNet
 from .checkpoint import (
     latest_checkpoint,
+    load_rng_state,
     read_trainer_state,
-    rng_state,
+    save_rng_state,
     set_rng_state,
     write_checkpoint,
 )
@@ -563,7 +564,7 @@ class Trainer:
                     {"optimizer": opt[0].state_dict(), "scheduler": opt[1].state_dict()},
                     tmp / "optimizer.pt",
                 )
-            torch.save(rng_state(), tmp / "rng.pt")
+            save_rng_state(tmp)
             (tmp / "trainer.json").write_text(json.dumps(self._state(), indent=1))
             self.cfg.to_yaml(tmp / "config.yaml")
 
@@ -573,13 +574,14 @@ class Trainer:
         """Restore weights, LoRA, RNG and progress from a checkpoint directory."""
         path = Path(path)
         state = read_trainer_state(path)
+        rng = load_rng_state(path)  # validated before anything is changed
         g = GistNet.load(path / "gistnet.safetensors")
         self.gistnet.load_state_dict(g.state_dict())
         lens = LensNet.load(path / "lensnet.safetensors")
         self.lensnet.load_state_dict(lens.state_dict())
         if (path / "lora").is_dir():
             load_lora(self.base.model, path / "lora", inject=not has_lora(self.base.model))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        set_rng_state(rng)
         self.done = int(state["done"])
         self.global_step = int(state["global_step"])
         self.early = state["early"]
