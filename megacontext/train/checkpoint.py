@@ -86,8 +86,12 @@ def save_rng_state(directory: str | os.PathLike[str], state: dict[str, Any] | No
         tensors[f"cuda_{i}"] = t.contiguous()
     meta = {
         "format": 1,
-        "numpy": {"kind": np_kind, "pos": int(np_pos), "has_gauss": int(np_has_gauss),
-                  "cached_gaussian": float(np_gauss)},
+        "numpy": {
+            "kind": np_kind,
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
         "python": {"version": int(py_version), "gauss_next": py_gauss},
         "cuda_devices": len(state.get("cuda", [])),
     }
@@ -114,7 +118,9 @@ def load_rng_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         tensors = load_file(str(tpath))
     except (OSError, SafetensorError) as exc:
-        raise StorageError(f"{tpath}: unreadable RNG state ({exc})", path=str(tpath), field="rng") from None
+        raise StorageError(
+            f"{tpath}: unreadable RNG state ({exc})", path=str(tpath), field="rng"
+        ) from None
     try:
         meta = json.loads(jpath.read_text())
         npm, pym = meta["numpy"], meta["python"]
@@ -124,17 +130,27 @@ def load_rng_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
             raise ValueError("generator state of the wrong size or range")
         state: dict[str, Any] = {
             "torch": tensors["torch"],
-            "numpy": (str(npm["kind"]), keys.astype(np.uint32), int(npm["pos"]),
-                      int(npm["has_gauss"]), float(npm["cached_gaussian"])),
-            "python": (int(pym["version"]), tuple(int(v) for v in internal),
-                       None if pym["gauss_next"] is None else float(pym["gauss_next"])),
+            "numpy": (
+                str(npm["kind"]),
+                keys.astype(np.uint32),
+                int(npm["pos"]),
+                int(npm["has_gauss"]),
+                float(npm["cached_gaussian"]),
+            ),
+            "python": (
+                int(pym["version"]),
+                tuple(int(v) for v in internal),
+                None if pym["gauss_next"] is None else float(pym["gauss_next"]),
+            ),
         }
         n_cuda = int(meta.get("cuda_devices", 0))
         if n_cuda:
             state["cuda"] = [tensors[f"cuda_{i}"] for i in range(n_cuda)]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StorageError(
-            f"{jpath}: invalid RNG state ({type(exc).__name__}: {exc})", path=str(jpath), field="rng"
+            f"{jpath}: invalid RNG state ({type(exc).__name__}: {exc})",
+            path=str(jpath),
+            field="rng",
         ) from None
     return state
 
