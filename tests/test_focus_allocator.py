@@ -611,6 +611,26 @@ def test_python_layouts_are_the_extensions():
     assert _MAX_TOP == C.ALLOC_MAX_TOP
 
 
+def test_python_backend_needs_no_extension(monkeypatch):
+    """Without _C the python backend (and auto, which falls back to it) still steps,
+    and asking for the native backends or the op's packed params is a typed error."""
+    cfg = config(w_max=40)
+    wc = make_wc([(1, b) for b in range(4)] + tokens(16, 40), cfg)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6] + [-0.9] * 16 + [0.0] * 8)
+    want = FocusAllocator(cfg, "python").step(wc.clone(), scores)
+    monkeypatch.setattr(native, "_load", lambda: (None, "not built (test)"))
+    monkeypatch.delenv("MEGACONTEXT_BACKEND", raising=False)
+    alloc = FocusAllocator(cfg)
+    assert alloc.resolve_backend(wc) == "python"
+    assert alloc.step(wc.clone(), scores) == want
+    assert actions_from_tensor(actions_to_tensor(want)) == want
+    with pytest.raises(mc.BackendUnavailableError, match="not built"):
+        FocusAllocator(cfg, "cpp")
+    alloc._ensure_state(wc.num_tokens, wc.device)
+    with pytest.raises(mc.BackendUnavailableError, match="not built"):
+        alloc._params(wc).packed()
+
+
 @needs_ext
 def test_step_params_cross_as_one_struct():
     cfg = config(w_max=40, tau_expand=0.3, tau_collapse=0.7)
