@@ -121,8 +121,7 @@ def _bench_cuda(benchmark, alloc, wc0, scores, state0):
     from megacontext.allocator import focus_step
 
     p = alloc._params(wc0)
-    args = (list(p.st_off), list(p.st_size), p.block_size, p.top, p.num_tokens, p.w_max)
-    args += (p.p0, p.n_diff, p.cooldown, p.min_residency, p.tau_expand, p.tau_collapse)
+    args = (p.packed(),)
     state = state0.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -4,18 +4,21 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "allocator_core.h"
 
 namespace mc {
 namespace alloc {
 
-// Validates the scalar parameters and fills the derived fields (spans); throws
-// std::invalid_argument naming the bad value.
-Params make_params(int64_t bs, int32_t top, int64_t num_tokens, int64_t w_max, int64_t p0,
-                   int64_t n_diff, int64_t cooldown, int64_t min_residency, double tau_expand,
-                   double tau_collapse, const int64_t* st_off, const int64_t* st_size,
-                   int n_state_levels);
+// Params from the packed float64 list (the scalars in MC_STEP_PARAM_SCALARS order,
+// then st_off and st_size, top + 1 values each): checks the length, that integer
+// fields hold integers, and every value's range, and fills the derived spans.
+// Throws std::invalid_argument naming the bad field and value.
+Params unpack_params(const double* packed, int64_t len);
+
+// The inverse of unpack_params (integers are exact in float64 up to 2^53).
+std::vector<double> pack_params(const Params& p);
 
 // Capacities the caller must provide for ``n`` input entries.
 inline int64_t out_capacity(const Params& p, int64_t n) { return n + p.n_diff * (p.bs - 1); }

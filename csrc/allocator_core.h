@@ -29,21 +29,46 @@ constexpr int kActionCols = 6;  // step, kind, level, node, score, cost_delta
 enum Kind : int { kExpand = 0, kCollapse = 1 };
 enum Mark : uint8_t { kKeep = 0, kExpanded = 1, kHead = 2, kMember = 3 };
 
+// The step's scalar parameters, in the order they cross Python -> C++: the Python
+// ``StepParams`` dataclass has these fields in this order (tests/test_focus_allocator.py
+// checks), ``_C.STEP_PARAM_FIELDS`` lists them, and the packed float64 list that the
+// ``megacontext::focus_step`` op takes holds them in this order followed by ``st_off``
+// and ``st_size`` (top + 1 values each). X(python name, Params member, C++ type).
+#define MC_STEP_PARAM_SCALARS(X)                                                     \
+  X(block_size, bs, int64_t)         /* children per node */                         \
+  X(top, top, int32_t)               /* top level (tree.levels) */                   \
+  X(num_tokens, num_tokens, int64_t) /* T */                                          \
+  X(w_max, w_max, int64_t)                                                           \
+  X(p0, p0, int64_t)                 /* first protected token */                     \
+  X(n_diff, n_diff, int64_t)                                                         \
+  X(cooldown, cooldown, int64_t)                                                     \
+  X(min_residency, min_residency, int64_t)                                           \
+  X(tau_expand, tau_expand, double)                                                  \
+  X(tau_collapse, tau_collapse, double)
+
 struct Params {
-  int64_t bs;          // children per node
-  int32_t top;         // top level (tree.levels)
-  int64_t num_tokens;  // T
-  int64_t w_max;
-  int64_t p0;  // first protected token
-  int64_t n_diff;
-  int64_t cooldown;
-  int64_t min_residency;
-  double tau_expand;
-  double tau_collapse;
-  int64_t span[kMaxLevels];     // bs^l, l = 0..top
+#define MC_PARAM_MEMBER(name, member, type) type member;
+  MC_STEP_PARAM_SCALARS(MC_PARAM_MEMBER)
+#undef MC_PARAM_MEMBER
+  int64_t span[kMaxLevels];     // bs^l, l = 0..top (derived)
   int64_t st_off[kMaxLevels];   // state offset of level l (l >= 1)
   int64_t st_size[kMaxLevels];  // state slots of level l (l >= 1)
 };
+
+// Field names in crossing order: the scalars, then the two per-level arrays.
+constexpr const char* kStepParamFields[] = {
+#define MC_PARAM_NAME(name, member, type) #name,
+    MC_STEP_PARAM_SCALARS(MC_PARAM_NAME)
+#undef MC_PARAM_NAME
+        "st_off",
+    "st_size"};
+constexpr int kNumStepParamFields = sizeof(kStepParamFields) / sizeof(kStepParamFields[0]);
+constexpr int kNumScalarParams = kNumStepParamFields - 2;
+
+// Columns of an action row, in order (the Python ``Action`` fields).
+constexpr const char* kActionFields[] = {"step", "kind", "level", "node", "score", "cost_delta"};
+static_assert(sizeof(kActionFields) / sizeof(kActionFields[0]) == kActionCols,
+              "kActionFields names every action column");
 
 // One step's views. Loop bookkeeping (cost, taken, n_actions) lives in the policy
 // functions' locals so that every device thread carries the same copy.

@@ -1,8 +1,11 @@
 // Host backend of the focus allocator: the shared core (allocator_core.h) driven by
 // sorted candidate queues.
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "allocator.h"
@@ -83,44 +86,76 @@ struct BlockEmulationSelect {
 
 }  // namespace
 
-Params make_params(int64_t bs, int32_t top, int64_t num_tokens, int64_t w_max, int64_t p0,
-                   int64_t n_diff, int64_t cooldown, int64_t min_residency, double tau_expand,
-                   double tau_collapse, const int64_t* st_off, const int64_t* st_size,
-                   int n_state_levels) {
+namespace {
+
+// An integer field must hold an integer exactly representable in float64.
+template <class T>
+T field_value(double v, const char* name) {
+  if constexpr (std::is_integral_v<T>) {
+    constexpr double kExact = 9007199254740992.0;  // 2^53
+    if (!(std::isfinite(v) && v == std::trunc(v) && std::fabs(v) <= kExact))
+      bad(std::string("step parameter ") + name + " must be an integer, got " +
+          std::to_string(v));
+    if (v < static_cast<double>(std::numeric_limits<T>::min()) ||
+        v > static_cast<double>(std::numeric_limits<T>::max()))
+      bad(std::string("step parameter ") + name + " out of range: " + std::to_string(v));
+    return static_cast<T>(v);
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+}  // namespace
+
+Params unpack_params(const double* packed, int64_t len) {
+  if (len < kNumScalarParams)
+    bad("packed step parameters: expected at least " + std::to_string(kNumScalarParams) +
+        " values (" + std::to_string(kNumScalarParams) + " scalars, then st_off and st_size), got " +
+        std::to_string(len));
+  Params p{};
+  int f = 0;
+#define MC_PARAM_UNPACK(name, member, type) p.member = field_value<type>(packed[f++], #name);
+  MC_STEP_PARAM_SCALARS(MC_PARAM_UNPACK)
+#undef MC_PARAM_UNPACK
+  const int64_t bs = p.bs, top = p.top;
   if (bs < 2) bad("block_size must be >= 2, got " + std::to_string(bs));
   if (top < 1 || top >= kMaxLevels)
     bad("top level must be in [1, " + std::to_string(kMaxLevels - 1) + "], got " +
         std::to_string(top));
-  if (n_state_levels != top + 1)
-    bad("state offsets/sizes must have top + 1 = " + std::to_string(top + 1) +
-        " entries, got " + std::to_string(n_state_levels));
-  if (num_tokens < 0) bad("num_tokens must be >= 0");
-  if (w_max <= 0) bad("w_max must be > 0");
-  if (p0 < 0 || p0 > num_tokens) bad("protected start out of [0, num_tokens]");
-  if (n_diff < 0 || cooldown < 0 || min_residency < 0)
+  const int64_t want = kNumScalarParams + 2 * (top + 1);
+  if (len != want)
+    bad("packed step parameters: expected " + std::to_string(want) + " values (" +
+        std::to_string(kNumScalarParams) + " scalars, then st_off and st_size with top + 1 = " +
+        std::to_string(top + 1) + " values each), got " + std::to_string(len));
+  const double* st_off = packed + kNumScalarParams;
+  const double* st_size = st_off + top + 1;
+  if (p.num_tokens < 0) bad("num_tokens must be >= 0");
+  if (p.w_max <= 0) bad("w_max must be > 0");
+  if (p.p0 < 0 || p.p0 > p.num_tokens) bad("protected start out of [0, num_tokens]");
+  if (p.n_diff < 0 || p.cooldown < 0 || p.min_residency < 0)
     bad("n_diff, cooldown and min_residency must be >= 0");
-  Params p{};
-  p.bs = bs;
-  p.top = top;
-  p.num_tokens = num_tokens;
-  p.w_max = w_max;
-  p.p0 = p0;
-  p.n_diff = n_diff;
-  p.cooldown = cooldown;
-  p.min_residency = min_residency;
-  p.tau_expand = tau_expand;
-  p.tau_collapse = tau_collapse;
   p.span[0] = 1;
   for (int l = 1; l <= top; ++l) {
     if (p.span[l - 1] > (int64_t{1} << 62) / bs) bad("block_size**levels overflows int64");
     p.span[l] = p.span[l - 1] * bs;
   }
   for (int l = 1; l <= top; ++l) {
-    if (st_off[l] < 1 || st_size[l] < 0) bad("bad state layout at level " + std::to_string(l));
-    p.st_off[l] = st_off[l];
-    p.st_size[l] = st_size[l];
+    p.st_off[l] = field_value<int64_t>(st_off[l], "st_off");
+    p.st_size[l] = field_value<int64_t>(st_size[l], "st_size");
+    if (p.st_off[l] < 1 || p.st_size[l] < 0) bad("bad state layout at level " + std::to_string(l));
   }
   return p;
+}
+
+std::vector<double> pack_params(const Params& p) {
+  std::vector<double> out;
+  out.reserve(kNumScalarParams + 2 * (p.top + 1));
+#define MC_PARAM_PACK(name, member, type) out.push_back(static_cast<double>(p.member));
+  MC_STEP_PARAM_SCALARS(MC_PARAM_PACK)
+#undef MC_PARAM_PACK
+  for (int l = 0; l <= p.top; ++l) out.push_back(static_cast<double>(l >= 1 ? p.st_off[l] : 0));
+  for (int l = 0; l <= p.top; ++l) out.push_back(static_cast<double>(l >= 1 ? p.st_size[l] : 0));
+  return out;
 }
 
 StepResult focus_step_host(const Params& p, const int32_t* levels, const int64_t* nodes,

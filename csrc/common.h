@@ -15,7 +15,8 @@
 
 namespace mc {
 
-// Version of the _C ABI seen from Python; bump when an exported signature changes.
-constexpr int kAbiVersion = 1;
+// Version of the _C ABI seen from Python; bump when an exported signature changes
+// (2: the allocator takes its parameters as one StepParams struct).
+constexpr int kAbiVersion = 2;
 
 }  // namespace mc

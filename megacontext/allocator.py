@@ -40,8 +40,9 @@ __all__ = [
 EXPAND, COLLAPSE = 0, 1
 KINDS = ("expand", "collapse")
 NEVER = -1
-ACTION_COLS = 6  # step, kind, level, node, score, cost_delta
-_MAX_TOP = 7  # csrc/allocator_core.h kMaxLevels - 1
+# The python backend needs no _C, so the largest top level is written here too;
+# tests/test_focus_allocator.py asserts it equals _C.ALLOC_MAX_TOP.
+_MAX_TOP = 7
 _KEEP, _EXPANDED, _HEAD, _MEMBER = 0, 1, 2, 3
 
 
@@ -62,6 +63,12 @@ class Action(NamedTuple):
     cost_delta: int
 
 
+# Columns of an action row: the Action fields, in order. The native paths read
+# _C.ALLOC_ACTION_COLS; tests/test_focus_allocator.py asserts _C.ALLOC_ACTION_FIELDS
+# equals Action._fields, so the two layouts are one.
+ACTION_COLS = len(Action._fields)
+
+
 def actions_to_tensor(actions: list[Action]) -> torch.Tensor:
     """The trace as float64 ``[A, 6]``: step, kind (0 expand, 1 collapse), level, node,
     score, cost_delta. Integers are exact in float64 up to 2**53."""
@@ -79,7 +86,12 @@ def actions_from_tensor(rows: torch.Tensor) -> list[Action]:
 
 @dataclass(frozen=True)
 class StepParams:
-    """The scalars of one step (the C++ ``Params``)."""
+    """The scalars of one step (the C++ ``mc::alloc::Params``, bound as ``_C.StepParams``).
+
+    The fields are declared in ``_C.STEP_PARAM_FIELDS`` order (a test checks). The
+    native backends receive them through :meth:`packed` and :func:`_native_params`,
+    the one place a Python ``StepParams`` becomes the C++ struct.
+    """
 
     block_size: int
     top: int
@@ -96,6 +108,38 @@ class StepParams:
 
     def span(self, level: int) -> int:
         return self.block_size**level
+
+    def packed(self) -> list[float]:
+        """The fields as one float64 list, in the order ``_C.STEP_PARAM_FIELDS`` gives
+        (``st_off`` and ``st_size`` spread, ``top + 1`` values each): the form the
+        ``megacontext::focus_step`` op takes (a torch.library schema cannot take a
+        struct). Integers are exact in float64 up to 2**53. Needs ``_C``."""
+        out: list[float] = []
+        for name in native.extension().STEP_PARAM_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                out.extend(float(v) for v in value)
+            else:
+                out.append(float(value))
+        return out
+
+
+def _native_params(packed: list[float]):
+    """``_C.StepParams`` from a :meth:`StepParams.packed` list, validated in C++.
+
+    Raises ConfigError naming the problem (wrong length, a non-integer where an
+    integer belongs, a value out of range) and BackendUnavailableError without ``_C``.
+    """
+    ext = native.extension()
+    try:
+        return ext.StepParams.from_packed(packed)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"focus_step params ({len(packed)} values, fields {ext.STEP_PARAM_FIELDS} with "
+            f"st_off/st_size spread): {exc}",
+            field="params",
+            value=list(packed),
+        ) from exc
 
 
 # ------------------------------------------------------------------ the reference
@@ -484,31 +528,21 @@ class FocusAllocator:
         return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), ACTION_COLS)
 
     def _step_cpp(self, wc: WorkingContext, scores: torch.Tensor, p: StepParams):
+        ext = native.extension()
+        params = _native_params(p.packed())
         n = len(wc)
         levels, nodes = wc.levels.contiguous(), wc.nodes.contiguous()
-        out_cap = n + p.n_diff * (p.block_size - 1)
-        act_cap = n // p.block_size + p.n_diff + 1
+        out_cap, act_cap = _capacities(n, params.block_size, params.n_diff)
         out_levels = torch.empty(out_cap, dtype=LEVEL_DTYPE)
         out_nodes = torch.empty(out_cap, dtype=NODE_DTYPE)
-        actions = torch.empty((act_cap, ACTION_COLS), dtype=torch.float64)
-        new_n, n_actions = native.extension().focus_step_cpu(
+        actions = torch.empty((act_cap, ext.ALLOC_ACTION_COLS), dtype=torch.float64)
+        new_n, n_actions = ext.focus_step_cpu(
             levels.data_ptr(),
             nodes.data_ptr(),
             scores.data_ptr(),
             n,
             self._state.data_ptr(),
-            p.st_off,
-            p.st_size,
-            p.block_size,
-            p.top,
-            p.num_tokens,
-            p.w_max,
-            p.p0,
-            p.n_diff,
-            p.cooldown,
-            p.min_residency,
-            p.tau_expand,
-            p.tau_collapse,
+            params,
             out_levels.data_ptr(),
             out_cap,
             out_nodes.data_ptr(),
@@ -522,22 +556,7 @@ class FocusAllocator:
 
     def _step_cuda(self, wc: WorkingContext, scores: torch.Tensor, p: StepParams):
         out_levels, out_nodes, actions, counts = focus_step(
-            wc.levels,
-            wc.nodes,
-            scores,
-            self._state,
-            list(p.st_off),
-            list(p.st_size),
-            p.block_size,
-            p.top,
-            p.num_tokens,
-            p.w_max,
-            p.p0,
-            p.n_diff,
-            p.cooldown,
-            p.min_residency,
-            p.tau_expand,
-            p.tau_collapse,
+            wc.levels, wc.nodes, scores, self._state, p.packed()
         )
         # The op itself never synchronises; returning Python actions needs the
         # counts and the rows, fetched together: the step's single device->host copy.
@@ -545,13 +564,15 @@ class FocusAllocator:
         new_n, n_actions = int(packed[0]), int(packed[1])
         wc.levels = out_levels[:new_n]
         wc.nodes = out_nodes[:new_n]
-        return packed[2:].reshape(-1, ACTION_COLS)[:n_actions]
+        return packed[2:].reshape(-1, actions.shape[1])[:n_actions]
 
 
 # ------------------------------------------------------------- the custom op
 
 
 def _capacities(n: int, block_size: int, n_diff: int) -> tuple[int, int]:
+    # Plain arithmetic (not _C.StepParams.out_capacity) so that the fake works on the
+    # symbolic sizes of a dynamic-shape trace; tests check it against _C's.
     return n + n_diff * (block_size - 1), n // block_size + n_diff + 1
 
 
@@ -561,28 +582,21 @@ def focus_step(
     nodes: torch.Tensor,
     scores: torch.Tensor,
     state: torch.Tensor,
-    st_off: list[int],
-    st_size: list[int],
-    block_size: int,
-    top: int,
-    num_tokens: int,
-    w_max: int,
-    p0: int,
-    n_diff: int,
-    cooldown: int,
-    min_residency: int,
-    tau_expand: float,
-    tau_collapse: float,
+    params: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One allocator step as a torch op (CPU: the C++ core; CUDA: the kernel).
 
     Inputs: ``levels`` int32 [N], ``nodes`` int64 [N], ``scores`` float32 [N],
     ``state`` int64 (mutated: step counter + last-change slots, layout
-    ``st_off``/``st_size``). Returns ``out_levels`` int32 [C], ``out_nodes`` int64 [C]
+    ``st_off``/``st_size``), ``params`` the step's parameters packed by
+    :meth:`StepParams.packed` (order: ``_C.STEP_PARAM_FIELDS``; a wrong length or
+    value is a ConfigError). Returns ``out_levels`` int32 [C], ``out_nodes`` int64 [C]
     (``C = N + n_diff*(bs-1)``; the first ``counts[0]`` are the new WC), ``actions``
-    float64 [A, 6] (the first ``counts[1]`` rows are the trace) and ``counts`` int64
-    [2]. On CUDA it is enqueued on the current stream and never synchronises.
+    float64 [A, ``_C.ALLOC_ACTION_COLS``] (the first ``counts[1]`` rows are the trace)
+    and ``counts`` int64 [2]. On CUDA it is enqueued on the current stream and never
+    synchronises.
     """
+    p = _native_params(params)
     n = levels.shape[0]
     dev = levels.device
     for name, x, dtype in (
@@ -597,30 +611,19 @@ def focus_step(
                 f"{x.dtype} on {x.device}",
                 field=name,
             )
-    out_cap, act_cap = _capacities(n, block_size, n_diff)
+    ext = native.extension()
+    out_cap, act_cap = _capacities(n, p.block_size, p.n_diff)
     # Zero-filled (not empty) so the unused tail is deterministic.
     out_levels = torch.zeros(out_cap, dtype=LEVEL_DTYPE, device=dev)
     out_nodes = torch.zeros(out_cap, dtype=NODE_DTYPE, device=dev)
-    actions = torch.zeros((act_cap, ACTION_COLS), dtype=torch.float64, device=dev)
-    ext = native.extension()
+    actions = torch.zeros((act_cap, ext.ALLOC_ACTION_COLS), dtype=torch.float64, device=dev)
     args = (
         levels.data_ptr(),
         nodes.data_ptr(),
         scores.data_ptr(),
         n,
         state.data_ptr(),
-        st_off,
-        st_size,
-        block_size,
-        top,
-        num_tokens,
-        w_max,
-        p0,
-        n_diff,
-        cooldown,
-        min_residency,
-        tau_expand,
-        tau_collapse,
+        p,
         out_levels.data_ptr(),
         out_cap,
         out_nodes.data_ptr(),
@@ -646,28 +649,16 @@ def focus_step(
 
 
 @focus_step.register_fake
-def _(
-    levels,
-    nodes,
-    scores,
-    state,
-    st_off,
-    st_size,
-    block_size,
-    top,
-    num_tokens,
-    w_max,
-    p0,
-    n_diff,
-    cooldown,
-    min_residency,
-    tau_expand,
-    tau_collapse,
-):
-    out_cap, act_cap = _capacities(levels.shape[0], block_size, n_diff)
+def _(levels, nodes, scores, state, params):
+    p = _native_params(params)
+    out_cap, act_cap = _capacities(levels.shape[0], p.block_size, p.n_diff)
     return (
         levels.new_empty(out_cap),
         nodes.new_empty(out_cap),
-        torch.empty((act_cap, ACTION_COLS), dtype=torch.float64, device=levels.device),
+        torch.empty(
+            (act_cap, native.extension().ALLOC_ACTION_COLS),
+            dtype=torch.float64,
+            device=levels.device,
+        ),
         torch.empty(2, dtype=torch.int64, device=levels.device),
     )

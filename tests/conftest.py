@@ -2,7 +2,8 @@
 
 Triton kernels run on the CPU through Triton's interpreter when no CUDA device is
 present. ``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, so
-it is set here, before any test module imports a kernel.
+it is set here, before any test module imports a kernel (pytest loads this file
+first even when one test file is run on its own).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def force_triton(monkeypatch):
+    """Run the Triton kernels (interpreted on the CPU) instead of the references."""
+    monkeypatch.setenv("MEGACONTEXT_KERNELS", "triton")
 
 
 @pytest.fixture(autouse=True, scope="session")

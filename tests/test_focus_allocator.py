@@ -7,6 +7,7 @@ Block size 4 keeps the hand-built cases readable: LOD1 node b covers tokens
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -19,8 +20,13 @@ from hypothesis import strategies as st
 import megacontext as mc
 from megacontext import native
 from megacontext.allocator import (
+    _MAX_TOP,
+    ACTION_COLS,
     Action,
     FocusAllocator,
+    StepParams,
+    _capacities,
+    _native_params,
     actions_from_tensor,
     actions_to_tensor,
     focus_step,
@@ -561,24 +567,7 @@ def test_custom_op_cpu_matches_backend_and_passes_opcheck():
     alloc = FocusAllocator(cfg, "cpp")
     alloc._ensure_state(wc.num_tokens, wc.device)
     p = alloc._params(wc)
-    args = (
-        wc.levels,
-        wc.nodes,
-        scores,
-        alloc._state.clone(),
-        list(p.st_off),
-        list(p.st_size),
-        p.block_size,
-        p.top,
-        p.num_tokens,
-        p.w_max,
-        p.p0,
-        p.n_diff,
-        p.cooldown,
-        p.min_residency,
-        p.tau_expand,
-        p.tau_collapse,
-    )
+    args = (wc.levels, wc.nodes, scores, alloc._state.clone(), p.packed())
     torch.library.opcheck(focus_step, args)
     out_levels, out_nodes, actions, counts = focus_step(*args)
     ref = wc.clone()
@@ -597,32 +586,95 @@ def test_custom_op_under_torch_compile():
     alloc._ensure_state(wc.num_tokens, wc.device)
     p = alloc._params(wc)
     state = alloc._state.clone()
+    packed = p.packed()
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def compiled(levels, nodes, scores, state):
-        return torch.ops.megacontext.focus_step(
-            levels,
-            nodes,
-            scores,
-            state,
-            list(p.st_off),
-            list(p.st_size),
-            p.block_size,
-            p.top,
-            p.num_tokens,
-            p.w_max,
-            p.p0,
-            p.n_diff,
-            p.cooldown,
-            p.min_residency,
-            p.tau_expand,
-            p.tau_collapse,
-        )
+        return torch.ops.megacontext.focus_step(levels, nodes, scores, state, packed)
 
     _out_levels, _out_nodes, actions, counts = compiled(wc.levels, wc.nodes, scores, state)
     assert int(state[0]) == 1  # the step counter lives in the mutated state
     want = alloc.step(wc.clone(), scores)
     assert actions_from_tensor(actions[: int(counts[1])]) == want
+
+
+@needs_ext
+def test_python_layouts_are_the_extensions():
+    """StepParams' fields, the action columns and the level limit: one definition.
+
+    The python backend runs without _C, so these are written in Python too; the
+    native paths read _C's, and this pins the two to each other."""
+    C = native.extension()
+    assert tuple(f.name for f in dataclasses.fields(StepParams)) == C.STEP_PARAM_FIELDS
+    assert Action._fields == C.ALLOC_ACTION_FIELDS
+    assert ACTION_COLS == C.ALLOC_ACTION_COLS == len(C.ALLOC_ACTION_FIELDS)
+    assert _MAX_TOP == C.ALLOC_MAX_TOP
+
+
+def test_python_backend_needs_no_extension(monkeypatch):
+    """Without _C the python backend (and auto, which falls back to it) still steps,
+    and asking for the native backends or the op's packed params is a typed error."""
+    cfg = config(w_max=40)
+    wc = make_wc([(1, b) for b in range(4)] + tokens(16, 40), cfg)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6] + [-0.9] * 16 + [0.0] * 8)
+    want = FocusAllocator(cfg, "python").step(wc.clone(), scores)
+    monkeypatch.setattr(native, "_load", lambda: (None, "not built (test)"))
+    monkeypatch.delenv("MEGACONTEXT_BACKEND", raising=False)
+    alloc = FocusAllocator(cfg)
+    assert alloc.resolve_backend(wc) == "python"
+    assert alloc.step(wc.clone(), scores) == want
+    assert actions_from_tensor(actions_to_tensor(want)) == want
+    with pytest.raises(mc.BackendUnavailableError, match="not built"):
+        FocusAllocator(cfg, "cpp")
+    alloc._ensure_state(wc.num_tokens, wc.device)
+    with pytest.raises(mc.BackendUnavailableError, match="not built"):
+        alloc._params(wc).packed()
+
+
+@needs_ext
+def test_step_params_cross_as_one_struct():
+    cfg = config(w_max=40, tau_expand=0.3, tau_collapse=0.7)
+    wc = make_wc([(1, b) for b in range(4)] + tokens(16, 40), cfg)
+    alloc = FocusAllocator(cfg, "cpp")
+    alloc._ensure_state(wc.num_tokens, wc.device)
+    p = alloc._params(wc)
+    packed = p.packed()
+    assert len(packed) == len(StepParams.__dataclass_fields__) - 2 + 2 * (p.top + 1)
+    native_p = _native_params(packed)
+    for f in dataclasses.fields(StepParams):
+        got = getattr(native_p, f.name)
+        assert (tuple(got) if isinstance(got, list) else got) == getattr(p, f.name), f.name
+    assert native_p.packed() == packed
+    for n in (0, 7, 40):
+        assert _capacities(n, p.block_size, p.n_diff) == (
+            native_p.out_capacity(n),
+            native_p.actions_capacity(n),
+        )
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda v: v[:-1], "expected"),
+        (lambda v: [*v, 0.0], "expected"),
+        (lambda v: v[:3], "at least"),
+        (lambda v: [4.5, *v[1:]], "block_size must be an integer"),
+        (lambda v: [v[0], 9.0, *v[2:]], "top level"),
+        (lambda v: [*v[:3], -1.0, *v[4:]], "w_max"),
+    ],
+)
+def test_bad_packed_params_are_a_config_error(edit, match):
+    cfg = config(w_max=40)
+    wc = make_wc([(1, b) for b in range(4)] + tokens(16, 40), cfg)
+    scores = torch.zeros(len(wc))
+    alloc = FocusAllocator(cfg, "cpp")
+    alloc._ensure_state(wc.num_tokens, wc.device)
+    bad = edit(alloc._params(wc).packed())
+    with pytest.raises(mc.ConfigError, match=match):
+        focus_step(wc.levels, wc.nodes, scores, alloc._state.clone(), bad)
+    with pytest.raises(mc.ConfigError, match=match):
+        _native_params(bad)
 
 
 # ------------------------------------------------------------------------ GPU
@@ -661,8 +713,7 @@ def test_cuda_op_in_a_cuda_graph_and_auto_picks_cuda():
     alloc = FocusAllocator(cfg, "cpp")
     alloc._ensure_state(wc.num_tokens, wc.device)
     p = alloc._params(wc)
-    args = (list(p.st_off), list(p.st_size), p.block_size, p.top, p.num_tokens, p.w_max)
-    args += (p.p0, p.n_diff, p.cooldown, p.min_residency, p.tau_expand, p.tau_collapse)
+    args = (p.packed(),)
     lv, nd, sc = wc.levels.cuda(), wc.nodes.cuda(), scores.cuda()
     state = alloc._state.cuda()
     side = torch.cuda.Stream()

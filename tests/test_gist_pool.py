@@ -1,25 +1,23 @@
 """The fused gist pooling kernel against its PyTorch reference.
 
 Without CUDA the Triton kernels run on the CPU through Triton's interpreter
-(``TRITON_INTERPRET=1``, set by conftest.py before this module imports the kernel;
-set here too in case this file is run on its own). With CUDA they run on the GPU.
+(``TRITON_INTERPRET=1``, set by conftest.py before this module imports the kernel).
+With CUDA they run on the GPU.
 """
 
 from __future__ import annotations
 
 import os
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_checks import assert_close
 
 from megacontext.errors import BackendUnavailableError, ConfigError
 from megacontext.kernels import _dispatch
+from megacontext.kernels._dispatch import FLOAT_DTYPES
 from megacontext.kernels.gist_pool import gist_pool, gist_pool_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,20 +36,6 @@ TOL = {
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
 }
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
-    assert actual.shape == expected.shape, what
-    assert actual.dtype == expected.dtype, what
-    tol = TOL[dtype]
-    a, e = actual.float(), expected.float()
-    scale = max(1.0, e.abs().max().item())
-    torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
-
-
-@pytest.fixture
-def force_triton(monkeypatch):
-    monkeypatch.setenv("MEGACONTEXT_KERNELS", "triton")
 
 
 def _inputs(B, N, D, H, dtype, d_out=None, seed=0):
@@ -77,7 +61,7 @@ SHAPES = [
     (7, 8, 40, 8, 16),
     (3, 32, 600, 2, 40),  # dh = 300 > 128: the chunked (two-pass) path, ragged last chunk
 ]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(FLOAT_DTYPES)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -90,13 +74,13 @@ def test_kernel_matches_reference(force_triton, shape, dtype):
     out = gist_pool(x, q, w)
     ref = gist_pool_reference(x, q, w)
     assert out.shape == (B, D if d_out is None else d_out)
-    assert_close(out, ref, dtype, "forward")
+    assert_close(out, ref, TOL[dtype], "forward")
 
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     grads = torch.autograd.grad(out, params, g)
     ref_grads = torch.autograd.grad(ref, params, g)
     for name, a, e in zip(("dx", "dq", "dw_o")[: len(grads)], grads, ref_grads, strict=True):
-        assert_close(a, e, dtype, name)
+        assert_close(a, e, TOL[dtype], name)
 
 
 @settings(
@@ -116,12 +100,12 @@ def test_random_shapes(force_triton, B, N, H, dh, dtype):
     # shapes off the grid above: single rows, non-power-of-two rows and head widths
     x, q, _ = _inputs(B, N, H * dh, H, dtype)
     out, ref = gist_pool(x, q), gist_pool_reference(x, q)
-    assert_close(out, ref, dtype, "forward")
+    assert_close(out, ref, TOL[dtype], "forward")
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (x, q), g)
     ref_grads = torch.autograd.grad(ref, (x, q), g)
     for name, a, e in zip(("dx", "dq"), grads, ref_grads, strict=True):
-        assert_close(a, e, dtype, name)
+        assert_close(a, e, TOL[dtype], name)
 
 
 def test_kernel_is_really_used(force_triton, monkeypatch):
@@ -157,7 +141,7 @@ def test_large_scores_are_stable(force_triton):
     x, q, _ = _inputs(2, 32, 24, 3, torch.float32)
     out = gist_pool(x * 100, q * 100)
     assert torch.isfinite(out).all()
-    assert_close(out, gist_pool_reference(x * 100, q * 100), torch.float32, "large")
+    assert_close(out, gist_pool_reference(x * 100, q * 100), TOL[torch.float32], "large")
 
 
 def test_noncontiguous_input(force_triton):
@@ -165,9 +149,9 @@ def test_noncontiguous_input(force_triton):
     x = base[:, :, 8:48]  # row stride 80, column stride 1
     q = q[:, :8].contiguous()
     assert not x.is_contiguous()
-    assert_close(gist_pool(x, q), gist_pool_reference(x, q), torch.float32, "strided")
+    assert_close(gist_pool(x, q), gist_pool_reference(x, q), TOL[torch.float32], "strided")
     xt = base.detach()[:, :, :40].transpose(0, 1).contiguous().transpose(0, 1)
-    assert_close(gist_pool(xt, q), gist_pool_reference(xt, q), torch.float32, "batch-strided")
+    assert_close(gist_pool(xt, q), gist_pool_reference(xt, q), TOL[torch.float32], "batch-strided")
 
 
 def test_empty_batch(force_triton):
@@ -265,11 +249,11 @@ def test_torch_compile(force_triton):
 
     out = f(x, q, w)
     ref = torch.tanh(gist_pool_reference(x, q, w))
-    assert_close(out, ref, torch.float32, "compiled")
+    assert_close(out, ref, TOL[torch.float32], "compiled")
     g = torch.autograd.grad(out.sum(), (x, q, w))
     r = torch.autograd.grad(ref.sum(), (x, q, w))
     for a, e in zip(g, r, strict=True):
-        assert_close(a, e, torch.float32, "compiled grad")
+        assert_close(a, e, TOL[torch.float32], "compiled grad")
 
 
 @pytest.mark.gpu
@@ -280,7 +264,7 @@ def test_kernel_matches_reference_at_bench_shapes(force_triton, D, dtype):
     x, q, w = _inputs(4096, 32, D, 8, dtype, d_out=512)
     out = gist_pool(x, q, w)
     ref = gist_pool_reference(x, q, w)
-    assert_close(out, ref, dtype, "forward")
+    assert_close(out, ref, TOL[dtype], "forward")
     g = torch.randn_like(out)
     for name, a, e in zip(
         ("dx", "dq", "dw_o"),
@@ -288,7 +272,7 @@ def test_kernel_matches_reference_at_bench_shapes(force_triton, D, dtype):
         torch.autograd.grad(ref, (x, q, w), g),
         strict=True,
     ):
-        assert_close(a, e, dtype, name)
+        assert_close(a, e, TOL[dtype], name)
 
 
 # Ahead-of-time compilation for sm_90 runs in a subprocess: under TRITON_INTERPRET=1

@@ -1,8 +1,8 @@
 """The fused KV splice kernel against its PyTorch reference (and the reference against a loop).
 
 Without CUDA the Triton kernel runs on the CPU through Triton's interpreter
-(``TRITON_INTERPRET=1``, set by conftest.py before this module imports the kernel;
-set here too in case this file is run on its own). With CUDA it runs on the GPU.
+(``TRITON_INTERPRET=1``, set by conftest.py before this module imports the kernel).
+With CUDA it runs on the GPU.
 
 The op copies rows, so every comparison is exact: ``torch.equal`` on the raw bits
 (tensors viewed as integers). Inputs are random bit patterns with NaNs replaced,
@@ -16,27 +16,19 @@ import itertools
 import os
 import random
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megacontext.errors import BackendUnavailableError, ConfigError
 from megacontext.kernels import kv_splice as ks
+from megacontext.kernels._dispatch import FLOAT_DTYPES, is_interpreted
 from megacontext.kernels.kv_splice import kv_splice, kv_splice_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(FLOAT_DTYPES)
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-@pytest.fixture
-def force_triton(monkeypatch):
-    monkeypatch.setenv("MEGACONTEXT_KERNELS", "triton")
 
 
 def rand_bits(shape, dtype, g: torch.Generator) -> torch.Tensor:
@@ -620,7 +612,7 @@ def test_ptx_uses_16_byte_accesses():
 @pytest.mark.parametrize("L, H, D", [(30, 3, 64), (32, 8, 128), (2, 3, 200)])
 def test_gpu_compiled_kernel(monkeypatch, L, H, D):
     monkeypatch.delenv("MEGACONTEXT_KERNELS", raising=False)
-    assert not isinstance(ks._kv_splice_kernel, ks._interpreted_type()), "compiled, not interpreted"
+    assert not is_interpreted(ks._kv_splice_kernel), "compiled, not interpreted"
     C, B = 8192 + 32, 2
     ids = _Ids(100_000)
     old = list(range(8068))

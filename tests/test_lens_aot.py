@@ -21,13 +21,12 @@ SCRIPT = r"""
 import json, sys
 import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from megacontext.kernels import lens_stage1 as s1, lens_stage2 as s2
+from megacontext.kernels._dispatch import tl_dtype
 
 archs, dtypes = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-TL = {"float32": tl.float32, "float16": tl.float16, "bfloat16": tl.bfloat16}
 SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 def build(fn, types, meta, arch):
@@ -42,7 +41,7 @@ def build(fn, types, meta, arch):
 out = []
 for arch in archs:
     for name in dtypes:
-        dt, p = TL[name], "*" + SHORT[name]
+        dt, p = tl_dtype(getattr(torch, name)), "*" + SHORT[name]
         for D in sorted({512, s1.MAX_D[getattr(torch, name)]}):
             meta = {**s1.launch_meta(D), "HAS_MASK": True, "IN_DTYPE": dt, "DOT_DTYPE": dt}
             t = {"Q": p, "X": p, "MASK": "*u8", "PART_M": "*fp32", "PART_L": "*fp32",

@@ -1,23 +1,19 @@
 """LensNet stage 1 (split-N few-query attention) against its PyTorch reference.
 
 Without CUDA the Triton kernels run on the CPU through Triton's interpreter
-(``TRITON_INTERPRET=1``, set by conftest.py before this module imports the kernel;
-set here too in case this file is run on its own). With CUDA they run on the GPU.
+(``TRITON_INTERPRET=1``, set by conftest.py before this module imports the kernel).
+With CUDA they run on the GPU.
 """
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
+from kernel_checks import assert_close
 
 from megacontext.errors import ConfigError
 from megacontext.kernels import lens_stage1 as mod
+from megacontext.kernels._dispatch import FLOAT_DTYPES
 from megacontext.kernels.lens_stage1 import lens_stage1, lens_stage1_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,20 +32,7 @@ TOL = {
     torch.bfloat16: 1.6e-2,
 }
 LSE_TOL = 2e-3 if DEVICE == "cuda" else 1e-5
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def assert_close(actual, expected, tol, what):
-    assert actual.shape == expected.shape, what
-    assert actual.dtype == expected.dtype, what
-    a, e = actual.float(), expected.float()
-    scale = max(1.0, e.abs().max().item())
-    torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
-
-
-@pytest.fixture
-def force_triton(monkeypatch):
-    monkeypatch.setenv("MEGACONTEXT_KERNELS", "triton")
+DTYPES = list(FLOAT_DTYPES)
 
 
 def _inputs(B, M, N, D, dtype, mask_kind, seed=0):

@@ -41,24 +41,24 @@ public ``gist_pool`` entry point that dispatches, and ``gist_pool_reference``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
-from ..errors import BackendUnavailableError, ConfigError
-from ._dispatch import use_triton
+from ..errors import ConfigError
+from ._dispatch import (
+    check_float_dtype,
+    check_like,
+    device_guard,
+    import_triton,
+    require_runnable,
+    shape_of,
+    use_triton,
+)
 
-try:  # Triton is optional: importing this module must not need it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is installed wherever tests run
-    triton = None
-    tl = None
+triton, tl = import_triton()  # optional: importing this module must not need it
 
 __all__ = ["gist_pool", "gist_pool_reference"]
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 if triton is not None:
 
@@ -196,6 +196,9 @@ if triton is not None:
                 tl.store(dx_row + cd[None, :], dx.to(DX.dtype.element_ty), mask=mask)
                 tl.store(dq_row + cd, tl.sum(ds[:, None] * x, axis=0), mask=mask_d)
 
+else:  # pragma: no cover - triton is installed wherever tests run
+    _gist_pool_fwd_kernel = _gist_pool_bwd_kernel = None
+
 
 # ----------------------------------------------------------------------------------------
 # launchers
@@ -203,12 +206,12 @@ if triton is not None:
 
 def _check_inputs(x: torch.Tensor, q: torch.Tensor) -> tuple[int, int, int, int, int]:
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        shape = shape_of(x)
         raise ConfigError(
             f"gist_pool: x must be a [B, N, D] tensor, got shape {shape}", field="x", value=shape
         )
     if not isinstance(q, torch.Tensor) or q.dim() != 2:
-        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        shape = shape_of(q)
         raise ConfigError(
             f"gist_pool: q must be a [H, dh] tensor, got shape {shape}", field="q", value=shape
         )
@@ -228,24 +231,8 @@ def _check_inputs(x: torch.Tensor, q: torch.Tensor) -> tuple[int, int, int, int,
             value=tuple(x.shape),
         )
     for name, t in (("x", x), ("q", q)):
-        if t.dtype not in _DTYPES:
-            raise ConfigError(
-                f"gist_pool: {name} must be float32, float16 or bfloat16, got {t.dtype}",
-                field=name,
-                value=str(t.dtype),
-            )
-    if q.dtype != x.dtype:
-        raise ConfigError(
-            f"gist_pool: q must have x's dtype {x.dtype}, got {q.dtype}",
-            field="q",
-            value=str(q.dtype),
-        )
-    if q.device != x.device:
-        raise ConfigError(
-            f"gist_pool: q is on {q.device} but x is on {x.device}",
-            field="q",
-            value=str(q.device),
-        )
+        check_float_dtype("gist_pool", name, t)
+    check_like("gist_pool", "q", q, x, "x")
     return B, N, D, H, dh
 
 
@@ -272,31 +259,10 @@ def _meta(N: int, dh: int, backward: bool = False) -> tuple[int, int, bool, int]
     return block_n, block_dh, one_chunk, num_warps
 
 
-def _require_runnable(x: torch.Tensor) -> None:
-    if triton is None:
-        raise BackendUnavailableError("gist_pool: the Triton kernel needs triton installed")
-    if x.device.type not in ("cuda", "cpu"):
-        raise BackendUnavailableError(
-            f"gist_pool: x is on {x.device}; the Triton kernel runs on cuda (or cpu under "
-            "TRITON_INTERPRET=1) tensors"
-        )
-    if not x.is_cuda and not isinstance(_gist_pool_fwd_kernel, _interpreted_type()):
-        raise BackendUnavailableError(
-            f"gist_pool: x is on {x.device}; the Triton kernel runs on CPU tensors only when "
-            "TRITON_INTERPRET=1 was set before megacontext.kernels.gist_pool was imported"
-        )
-
-
-def _interpreted_type() -> type:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return InterpretedFunction
-
-
 def _gist_pool_fwd(x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns ``pooled [B, D]`` (x.dtype) and ``lse [B, H]`` (fp32)."""
     B, N, D, H, dh = _check_inputs(x, q)
-    _require_runnable(x)
+    require_runnable("gist_pool", _gist_pool_fwd_kernel, x)
     if x.stride(2) != 1:
         x = x.contiguous()
     q = q.contiguous()
@@ -305,7 +271,7 @@ def _gist_pool_fwd(x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torc
     if B == 0:
         return pooled, lse
     block_n, block_dh, one_chunk, num_warps = _meta(N, dh)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_guard(x):
         _gist_pool_fwd_kernel[(B, H)](
             x,
             q,
@@ -331,7 +297,7 @@ def _gist_pool_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel. Returns ``dx [B, N, D]`` (x.dtype) and ``dq [H, dh]`` (q.dtype)."""
     B, N, D, H, dh = _check_inputs(x, q)
-    _require_runnable(x)
+    require_runnable("gist_pool", _gist_pool_bwd_kernel, x)
     if tuple(dpooled.shape) != (B, D):
         raise ConfigError(
             f"gist_pool backward: dpooled must be [B, D] = {(B, D)}, got {tuple(dpooled.shape)}",
@@ -348,7 +314,7 @@ def _gist_pool_bwd(
     if B == 0:
         return dx, torch.zeros_like(q)
     block_n, block_dh, one_chunk, num_warps = _meta(N, dh, backward=True)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_guard(x):
         _gist_pool_bwd_kernel[(B, H)](
             x,
             q,
@@ -445,19 +411,13 @@ def gist_pool(x: torch.Tensor, q: torch.Tensor, w_o: torch.Tensor | None = None)
 def _check_proj(x: torch.Tensor, w_o: torch.Tensor) -> None:
     D = x.shape[-1]
     if not isinstance(w_o, torch.Tensor) or w_o.dim() != 2 or w_o.shape[0] != D:
-        shape = tuple(w_o.shape) if isinstance(w_o, torch.Tensor) else type(w_o).__name__
+        shape = shape_of(w_o)
         raise ConfigError(
             f"gist_pool: w_o must be a [D, d_out] tensor with D={D}, got {shape}",
             field="w_o",
             value=shape,
         )
-    if w_o.dtype != x.dtype or w_o.device != x.device:
-        raise ConfigError(
-            f"gist_pool: w_o must have x's dtype {x.dtype} and device {x.device}, "
-            f"got {w_o.dtype} on {w_o.device}",
-            field="w_o",
-            value=(str(w_o.dtype), str(w_o.device)),
-        )
+    check_like("gist_pool", "w_o", w_o, x, "x")
 
 
 def gist_pool_reference(

@@ -71,24 +71,25 @@ dispatches, and ``kv_splice_reference`` (plain PyTorch gathers).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ..errors import BackendUnavailableError, ConfigError
-from ._dispatch import kernel_mode, use_triton
+from ..errors import ConfigError
+from ._dispatch import (
+    INDEX_DTYPES,
+    check_float_dtype,
+    check_like,
+    device_guard,
+    import_triton,
+    kernel_mode,
+    require_runnable,
+    shape_of,
+    use_triton,
+)
 
-try:  # Triton is optional: importing this module must not need it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is installed wherever tests run
-    triton = None
-    tl = None
+triton, tl = import_triton()  # optional: importing this module must not need it
 
 __all__ = ["kv_splice", "kv_splice_reference"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 # elements per program tile: 32 per thread at 4 warps
 _TILE = 4096
 _MAX_GRID_YZ = 65535
@@ -164,29 +165,12 @@ if triton is not None:
             rows = tl.load(fresh_plane + rf[:, None] * f_f + rd[None, :] * f_d, mask=mask)
             tl.store(dst_plane + slot[:, None] * d_c + rd[None, :] * d_d, rows, mask=mask)
 
+else:  # pragma: no cover - triton is installed wherever tests run
+    _kv_splice_kernel = None
+
 
 # ----------------------------------------------------------------------------------------
 # checks and launcher
-
-
-def _shape(t: object) -> object:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _check_like_src(t: torch.Tensor, name: str, src: torch.Tensor) -> None:
-    """``t`` must share ``src``'s dtype and device (ConfigError naming ``name``)."""
-    if t.dtype != src.dtype:
-        raise ConfigError(
-            f"kv_splice: {name} must have src's dtype {src.dtype}, got {t.dtype}",
-            field=name,
-            value=str(t.dtype),
-        )
-    if t.device != src.device:
-        raise ConfigError(
-            f"kv_splice: {name} is on {t.device} but src is on {src.device}",
-            field=name,
-            value=str(t.device),
-        )
 
 
 def _check_inputs(
@@ -199,25 +183,20 @@ def _check_inputs(
     """Shape/dtype/device checks (metadata only, no synchronisation). Returns L, B, H, C, D, F."""
     if not isinstance(src, torch.Tensor) or src.dim() != 6 or src.shape[1] != 2:
         raise ConfigError(
-            f"kv_splice: src must be a [L, 2, B, H, C, D] tensor, got shape {_shape(src)}",
+            f"kv_splice: src must be a [L, 2, B, H, C, D] tensor, got shape {shape_of(src)}",
             field="src",
-            value=_shape(src),
+            value=shape_of(src),
         )
     L, _, B, H, C, D = src.shape
     if not isinstance(dst, torch.Tensor) or tuple(dst.shape) != tuple(src.shape):
         raise ConfigError(
             f"kv_splice: dst must have src's shape [L, 2, B, H, C, D] = {tuple(src.shape)}, "
-            f"got {_shape(dst)}",
+            f"got {shape_of(dst)}",
             field="dst",
-            value=_shape(dst),
+            value=shape_of(dst),
         )
-    if src.dtype not in _DTYPES:
-        raise ConfigError(
-            f"kv_splice: src must be float32, float16 or bfloat16, got {src.dtype}",
-            field="src",
-            value=str(src.dtype),
-        )
-    _check_like_src(dst, "dst", src)
+    check_float_dtype("kv_splice", "src", src)
+    check_like("kv_splice", "dst", dst, src, "src")
     _check_int(index, "index", (B, C), "[B, C]", src.device)
     if (fresh is None) != (fresh_slots is None):
         missing = "fresh_slots" if fresh_slots is None else "fresh"
@@ -237,11 +216,11 @@ def _check_inputs(
         ):
             raise ConfigError(
                 f"kv_splice: fresh must be [L, 2, B, H, F, D] = [{L}, 2, {B}, {H}, F, {D}], "
-                f"got {_shape(fresh)}",
+                f"got {shape_of(fresh)}",
                 field="fresh",
-                value=_shape(fresh),
+                value=shape_of(fresh),
             )
-        _check_like_src(fresh, "fresh", src)
+        check_like("kv_splice", "fresh", fresh, src, "src")
         F = fresh.shape[4]
         _check_int(fresh_slots, "fresh_slots", (B, F), "[B, F]", src.device)
     return L, B, H, C, D, F
@@ -252,11 +231,11 @@ def _check_int(
 ) -> None:
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
         raise ConfigError(
-            f"kv_splice: {name} must be a {dims} = {list(shape)} integer tensor, got {_shape(t)}",
+            f"kv_splice: {name} must be a {dims} = {list(shape)} integer tensor, got {shape_of(t)}",
             field=name,
-            value=_shape(t),
+            value=shape_of(t),
         )
-    if t.dtype not in _INDEX_DTYPES:
+    if t.dtype not in INDEX_DTYPES:
         raise ConfigError(
             f"kv_splice: {name} must be int32 or int64, got {t.dtype}",
             field=name,
@@ -348,27 +327,6 @@ def _check_memory(
             )
 
 
-def _interpreted_type() -> type:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return InterpretedFunction
-
-
-def _require_runnable(src: torch.Tensor) -> None:
-    if triton is None:
-        raise BackendUnavailableError("kv_splice: the Triton kernel needs triton installed")
-    if src.device.type not in ("cuda", "cpu"):
-        raise BackendUnavailableError(
-            f"kv_splice: src is on {src.device}; the Triton kernel runs on cuda (or cpu under "
-            "TRITON_INTERPRET=1) tensors"
-        )
-    if not src.is_cuda and not isinstance(_kv_splice_kernel, _interpreted_type()):
-        raise BackendUnavailableError(
-            f"kv_splice: src is on {src.device}; the Triton kernel runs on CPU tensors only when "
-            "TRITON_INTERPRET=1 was set before megacontext.kernels.kv_splice was imported"
-        )
-
-
 def _block_sizes(D: int) -> tuple[int, int]:
     block_d = triton.next_power_of_2(D)
     return max(1, _TILE // block_d), block_d
@@ -384,7 +342,7 @@ def _kv_splice_launch(
 ) -> None:
     """Launch the kernel (one launch for all layers, K and V, kept and fresh rows)."""
     L, B, H, C, D, F = _check_inputs(src, dst, index, fresh, fresh_slots)
-    _require_runnable(src)
+    require_runnable("kv_splice", _kv_splice_kernel, src, "src")
     _check_memory(src, dst, fresh)
     if dst.numel() == 0:
         return
@@ -406,7 +364,7 @@ def _kv_splice_launch(
     )  # unused by the kernel when there are no fresh rows
     fs = f.stride() if has_fresh else (0,) * 6
     ss = sl.stride() if has_fresh else (0, 0)
-    with torch.cuda.device(src.device) if src.is_cuda else contextlib.nullcontext():
+    with device_guard(src):
         _kv_splice_kernel[(n_kept + n_fresh, planes, B)](
             src,
             dst,

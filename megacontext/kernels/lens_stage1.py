@@ -38,23 +38,25 @@ and ``lens_stage1_reference``.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ..errors import BackendUnavailableError, ConfigError
-from ._dispatch import use_triton
+from ..errors import ConfigError
+from ._dispatch import (
+    check_float_dtype,
+    check_like,
+    device_guard,
+    dot_dtype,
+    import_triton,
+    require_runnable,
+    shape_of,
+    tl_dtype,
+    use_triton,
+)
 
-try:  # Triton is optional: importing this module must not need it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is installed wherever tests run
-    triton = None
-    tl = None
+triton, tl = import_triton()  # optional: importing this module must not need it
 
 __all__ = ["lens_stage1", "lens_stage1_reference"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Widest rows the kernel takes: a program holds a [BLOCK_M, next_pow2(D)] fp32
 # accumulator and stages [BLOCK_N, D] tiles in shared memory. Compiled for sm_80/sm_90
 # (tests/test_lens_aot.py) it needs 160 KiB of shared memory at fp32 D = 512 and 112 KiB
@@ -195,13 +197,12 @@ if triton is not None:
         tl.store(OUT + (b * M + m_row) * D + rd, out.to(OUT.dtype.element_ty), mask=mask_d)
         tl.store(LSE + b * M + m_row, lse)
 
+else:  # pragma: no cover - triton is installed wherever tests run
+    _lens_stage1_split_kernel = _lens_stage1_combine_kernel = None
+
 
 # ----------------------------------------------------------------------------------------
 # launcher
-
-
-def _shape(t: object) -> object:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _check_inputs(
@@ -210,17 +211,17 @@ def _check_inputs(
     """Validate ``q [B, M, D]``, ``x [B, N, D]``, ``mask [B, N]``; return ``B, M, N, D``."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ConfigError(
-            f"lens_stage1: x must be a [B, N, D] tensor, got {_shape(x)}",
+            f"lens_stage1: x must be a [B, N, D] tensor, got {shape_of(x)}",
             field="x",
-            value=_shape(x),
+            value=shape_of(x),
         )
     B, N, D = x.shape
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[0] != B or q.shape[2] != D:
         raise ConfigError(
             f"lens_stage1: q must be [B, M, D] = [{B}, M, {D}] (x is {tuple(x.shape)}), "
-            f"got {_shape(q)}",
+            f"got {shape_of(q)}",
             field="q",
-            value=_shape(q),
+            value=shape_of(q),
         )
     M = q.shape[1]
     if N < 1 or M < 1 or D < 1:
@@ -230,25 +231,14 @@ def _check_inputs(
             value=tuple(x.shape),
         )
     for name, t in (("q", q), ("x", x)):
-        if t.dtype not in _DTYPES:
-            raise ConfigError(
-                f"lens_stage1: {name} must be float32, float16 or bfloat16, got {t.dtype}",
-                field=name,
-                value=str(t.dtype),
-            )
-    if q.dtype != x.dtype or q.device != x.device:
-        raise ConfigError(
-            f"lens_stage1: q must have x's dtype {x.dtype} and device {x.device}, "
-            f"got {q.dtype} on {q.device}",
-            field="q",
-            value=(str(q.dtype), str(q.device)),
-        )
+        check_float_dtype("lens_stage1", name, t)
+    check_like("lens_stage1", "q", q, x, "x")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, N):
             raise ConfigError(
-                f"lens_stage1: mask must be [B, N] = [{B}, {N}], got {_shape(mask)}",
+                f"lens_stage1: mask must be [B, N] = [{B}, {N}], got {shape_of(mask)}",
                 field="mask",
-                value=_shape(mask),
+                value=shape_of(mask),
             )
         if mask.dtype != torch.bool or mask.device != x.device:
             raise ConfigError(
@@ -258,18 +248,6 @@ def _check_inputs(
                 value=(str(mask.dtype), str(mask.device)),
             )
     return B, M, N, D
-
-
-def _interpreted(kernel: object) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(kernel, InterpretedFunction)
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[
-        dtype
-    ]
 
 
 def launch_meta(D: int) -> dict[str, int]:
@@ -295,8 +273,7 @@ def _lens_stage1_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch both kernels. ``split_size`` 0 picks one; otherwise a multiple of 32 is used."""
     B, M, N, D = _check_inputs(q, x, mask)
-    if triton is None:
-        raise BackendUnavailableError("lens_stage1: the Triton kernel needs triton installed")
+    require_runnable("lens_stage1", _lens_stage1_split_kernel, x)
     max_d = MAX_D[x.dtype]
     if x.shape[2] > max_d:
         raise ConfigError(
@@ -304,12 +281,6 @@ def _lens_stage1_fwd(
             f"got x {tuple(x.shape)}",
             field="x",
             value=tuple(x.shape),
-        )
-    if not x.is_cuda and not (x.device.type == "cpu" and _interpreted(_lens_stage1_split_kernel)):
-        raise BackendUnavailableError(
-            f"lens_stage1: x is on {x.device}; the Triton kernel runs on CUDA tensors, or on "
-            "CPU tensors when TRITON_INTERPRET=1 was set before "
-            "megacontext.kernels.lens_stage1 was imported"
         )
     if x.stride(2) != 1:
         x = x.contiguous()
@@ -333,10 +304,8 @@ def _lens_stage1_fwd(
         stride_mb = mask_u8.stride(0)
     else:
         mask_u8, stride_mb = x, 0  # never read
-    in_dtype = _tl_dtype(x.dtype)
-    dot_dtype = tl.float32 if (x.dtype == torch.bfloat16 and not x.is_cuda) else in_dtype
     num_warps = meta["num_warps"]
-    with torch.cuda.device(dev) if x.is_cuda else contextlib.nullcontext():
+    with device_guard(x):
         _lens_stage1_split_kernel[(S, triton.cdiv(M, block_m), B)](
             q,
             x,
@@ -355,8 +324,8 @@ def _lens_stage1_fwd(
             x.stride(1),
             stride_mb,
             HAS_MASK=mask is not None,
-            IN_DTYPE=in_dtype,
-            DOT_DTYPE=dot_dtype,
+            IN_DTYPE=tl_dtype(x.dtype),
+            DOT_DTYPE=dot_dtype(x),
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=block_d,

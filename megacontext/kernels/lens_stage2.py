@@ -36,24 +36,26 @@ and ``lens_stage2_reference``.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
-from ..errors import BackendUnavailableError, ConfigError
-from ._dispatch import use_triton
+from ..errors import ConfigError
+from ._dispatch import (
+    check_float_dtype,
+    check_like,
+    device_guard,
+    dot_dtype,
+    import_triton,
+    require_runnable,
+    shape_of,
+    tl_dtype,
+    use_triton,
+)
 
-try:  # Triton is optional: importing this module must not need it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is installed wherever tests run
-    triton = None
-    tl = None
+triton, tl = import_triton()  # optional: importing this module must not need it
 
 __all__ = ["lens_stage2", "lens_stage2_reference"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HIDDEN = 512  # the head's hidden activations [BLOCK_N, next_pow2(Hh)] stay in registers
 
 if triton is not None:
@@ -225,13 +227,12 @@ if triton is not None:
                     mask=mask_n[:, None] & md[None, :],
                 )
 
+else:  # pragma: no cover - triton is installed wherever tests run
+    _lens_stage2_kernel = None
+
 
 # ----------------------------------------------------------------------------------------
 # launcher
-
-
-def _shape(t: object) -> object:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _check_inputs(
@@ -248,9 +249,9 @@ def _check_inputs(
     """Validate the inputs; return ``B, N, D, G, Hh`` (``Hh`` 0 without the head)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ConfigError(
-            f"lens_stage2: x must be a [B, N, D] tensor, got {_shape(x)}",
+            f"lens_stage2: x must be a [B, N, D] tensor, got {shape_of(x)}",
             field="x",
-            value=_shape(x),
+            value=shape_of(x),
         )
     B, N, D = x.shape
     if N < 1 or D < 1:
@@ -259,17 +260,12 @@ def _check_inputs(
             field="x",
             value=tuple(x.shape),
         )
-    if x.dtype not in _DTYPES:
-        raise ConfigError(
-            f"lens_stage2: x must be float32, float16 or bfloat16, got {x.dtype}",
-            field="x",
-            value=str(x.dtype),
-        )
+    check_float_dtype("lens_stage2", "x", x)
     if not isinstance(a, torch.Tensor) or a.dim() != 3 or a.shape[:2] != (B, D):
         raise ConfigError(
-            f"lens_stage2: a must be [B, D, G] = [{B}, {D}, G], got {_shape(a)}",
+            f"lens_stage2: a must be [B, D, G] = [{B}, {D}, G], got {shape_of(a)}",
             field="a",
-            value=_shape(a),
+            value=shape_of(a),
         )
     G = a.shape[2]
     if not isinstance(n_heads, int) or n_heads < 1 or G < 1 or G % n_heads != 0:
@@ -284,9 +280,9 @@ def _check_inputs(
     if any(t is not None for t in head):
         if w1 is None or w1.dim() != 2 or w1.shape[0] != D:
             raise ConfigError(
-                f"lens_stage2: w1 must be [D, Hh] = [{D}, Hh], got {_shape(w1)}",
+                f"lens_stage2: w1 must be [D, Hh] = [{D}, Hh], got {shape_of(w1)}",
                 field="w1",
-                value=_shape(w1),
+                value=shape_of(w1),
             )
         hh = w1.shape[1]
         expected.update({"b1": (hh,), "w2": (hh,), "b2": (1,)})
@@ -298,31 +294,14 @@ def _check_inputs(
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             want = ", ".join(map(str, shape))
             raise ConfigError(
-                f"lens_stage2: {name} must be [{want}], got {_shape(t)}",
+                f"lens_stage2: {name} must be [{want}], got {shape_of(t)}",
                 field=name,
-                value=_shape(t),
+                value=shape_of(t),
             )
     for name, t in tensors.items():
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ConfigError(
-                f"lens_stage2: {name} must have x's dtype {x.dtype} and device {x.device}, "
-                f"got {t.dtype} on {t.device}",
-                field=name,
-                value=(str(t.dtype), str(t.device)),
-            )
+        if t is not None:
+            check_like("lens_stage2", name, t, x, "x")
     return B, N, D, G, hh
-
-
-def _interpreted(kernel: object) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(kernel, InterpretedFunction)
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[
-        dtype
-    ]
 
 
 def launch_meta(D: int, H: int, T: int, hh: int, dtype: torch.dtype) -> dict[str, int]:
@@ -354,20 +333,13 @@ def _lens_stage2_fwd(
     eps: float,
 ) -> torch.Tensor:
     B, N, D, G, hh = _check_inputs(x, a, a0, c, w1, b1, w2, b2, n_heads)
-    if triton is None:
-        raise BackendUnavailableError("lens_stage2: the Triton kernel needs triton installed")
+    require_runnable("lens_stage2", _lens_stage2_kernel, x)
     if hh > MAX_HIDDEN:
         raise ConfigError(
             f"lens_stage2: the Triton kernel supports a head width Hh <= {MAX_HIDDEN}, "
             f"got w1 {tuple(w1.shape)}",
             field="w1",
             value=tuple(w1.shape),
-        )
-    if not x.is_cuda and not (x.device.type == "cpu" and _interpreted(_lens_stage2_kernel)):
-        raise BackendUnavailableError(
-            f"lens_stage2: x is on {x.device}; the Triton kernel runs on CUDA tensors, or on "
-            "CPU tensors when TRITON_INTERPRET=1 was set before "
-            "megacontext.kernels.lens_stage2 was imported"
         )
     x = x if x.stride(2) == 1 else x.contiguous()
     a = a if a.stride(2) == 1 else a.contiguous()
@@ -386,9 +358,7 @@ def _lens_stage2_fwd(
     if B == 0:  # an empty grid: nothing to launch
         return out
     meta = launch_meta(D, n_heads, G // n_heads, hh, x.dtype)
-    in_dtype = _tl_dtype(x.dtype)
-    dot_dtype = tl.float32 if (x.dtype == torch.bfloat16 and not x.is_cuda) else in_dtype
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_guard(x):
         _lens_stage2_kernel[(triton.cdiv(N, meta["BLOCK_N"]), B)](
             x,
             a,
@@ -416,8 +386,8 @@ def _lens_stage2_fwd(
             stride_ob,
             stride_on,
             HEAD=head,
-            IN_DTYPE=in_dtype,
-            DOT_DTYPE=dot_dtype,
+            IN_DTYPE=tl_dtype(x.dtype),
+            DOT_DTYPE=dot_dtype(x),
             **meta,
         )
     return out
