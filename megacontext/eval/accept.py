@@ -172,11 +172,11 @@ def _latency(
 
     from transformers import DynamicCache
 
+    from ..base import cache_kwarg
     from ..hook import unpatch
-    from ..runtime import _cache_kwarg
 
     base = frozen
-    kw = _cache_kwarg(base.model)
+    kw = cache_kwarg(base.model)
 
     def sync() -> None:
         if base.device.type == "cuda":

@@ -563,7 +563,7 @@ def runtime_suite(
     and the session's swap/residency statistics. Also runs the positional check."""
     from transformers import DynamicCache
 
-    from ..runtime import _cache_kwarg
+    from ..base import cache_kwarg
     from ..telemetry import residency_histogram
 
     cfg = SIZES[size]["runtime"]
@@ -575,7 +575,7 @@ def runtime_suite(
     # frozen baseline: last W tokens, plain cache, token by token
     log(f"runtime: baseline {doc_id} W={w}")
     view = build_view(base, hist, w, "truncation")
-    kw = _cache_kwarg(base.model)
+    kw = cache_kwarg(base.model)
     cache = DynamicCache()  # filled in place by every forward
     t0 = time.perf_counter()
     with torch.no_grad():
