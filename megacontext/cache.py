@@ -203,6 +203,39 @@ class MegaContextCache(Cache):
         self.layer_lengths = [0] * self.num_layers
         self._slots = None
 
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Declare that row ``b`` holds ``lengths[b]`` valid slots (written by a forward
+        that ran on another view of these buffers, e.g. a batch's shared cache)."""
+        if len(lengths) != self.num_rows or any(not 0 <= n <= self.capacity for n in lengths):
+            raise InputError(
+                f"lengths must be {self.num_rows} values in [0, {self.capacity}], got {lengths}"
+            )
+        self.lengths = [int(n) for n in lengths]
+        self.layer_lengths = [max(self.lengths)] * self.num_layers
+
+    def state_dict(self) -> dict[str, Any]:
+        """The valid rows: ``{"kv": [L, 2, B, Hkv, n, D] (CPU copy, n = max(lengths)),
+        "lengths": [B]}``; :meth:`load_state_dict` restores them."""
+        n = max(self.lengths)
+        return {"kv": self.kv[:, :, :, :, :n].cpu().contiguous(), "lengths": list(self.lengths)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Write :meth:`state_dict`'s rows into the active buffer (this cache's dtype
+        and device) and set the lengths; the shape must match this cache's."""
+        kv = state["kv"]
+        lengths = [int(n) for n in state["lengths"]]
+        L, two, B, H, C, D = self.kv.shape
+        want = (L, two, B, H, D)
+        got = (*tuple(kv.shape[:4]), kv.shape[5]) if kv.ndim == 6 else tuple(kv.shape)
+        if got != want or kv.shape[4] > C or kv.shape[4] < max(lengths, default=0):
+            raise InputError(
+                f"cache state kv {tuple(kv.shape)} does not fit a cache of shape "
+                f"{tuple(self.kv.shape)} (num_layers, 2, batch_size, num_kv_heads, capacity, "
+                f"head_dim) holding lengths {lengths}"
+            )
+        self.set_lengths(lengths)
+        self.kv[:, :, :, :, : kv.shape[4]] = kv.to(self.kv.device, self.kv.dtype)
+
     # ----------------------------------------------------------------- writes
 
     def plan(self, slots: torch.Tensor, lengths: list[int]) -> None:

@@ -40,7 +40,7 @@ from .allocator import Action, FocusAllocator
 from .base import Base, cache_kwarg, load_base
 from .cache import MegaContextCache
 from .config import MegaContextConfig
-from .errors import ConfigError, InputError, StorageError
+from .errors import ConfigError, InputError, InvariantError, StorageError
 from .focus import FocusLoop, FocusStep
 from .hook import patch
 from .nll import nll_after
@@ -503,20 +503,48 @@ class Session:
             self._prefill(0)
 
     def _append_token(self, token: int) -> torch.Tensor:
-        assert self.wc is not None
-        ph = self._phases
-        t = self.num_tokens
-        self.focus.append(torch.tensor([token]))
-        n = len(self.wc)
-        with ph("decode"):
+        slot, position = self.begin_decode(token)
+        with self._phases("decode"):
             logits = self._forward(
-                self._embed(torch.tensor([token])), torch.tensor([t]), torch.tensor([n - 1]), n
+                self._embed(torch.tensor([token])),
+                torch.tensor([position]),
+                torch.tensor([slot]),
+                slot + 1,
             )
-        self._next_logits = logits[-1]
+        self.finish_decode(logits[-1])
+        assert self._next_logits is not None
+        return self._next_logits
+
+    # A decode step in two halves, for drivers that run the base model's forward
+    # themselves (SessionBatch): begin_decode, the forward, finish_decode.
+
+    def begin_decode(self, token: int) -> tuple[int, int]:
+        """Decode step, first half: append ``token`` to the history (tree and WC).
+        Returns ``(slot, position)``: the cache slot the token's K/V must be written
+        to (its WC index, ``len(wc) - 1``) and its global position."""
+        if self.wc is None:
+            raise InputError("decoding needs a history: call ingest() first")
+        position = self.num_tokens
+        self.focus.append(torch.tensor([token]))
+        return len(self.wc) - 1, position
+
+    def finish_decode(
+        self, logits: torch.Tensor, cache_length: int | None = None, decode_ms: float = 0.0
+    ) -> int:
+        """Decode step, second half: ``logits`` float32 ``[V]`` (the forward's output
+        at the new token) become the next-token logits; at a block boundary the
+        session refocuses. ``cache_length``: rows this session's cache holds after a
+        forward that ran on another view of its buffers (``None``: the forward planned
+        this cache itself); ``decode_ms``: forward time charged to the ``decode``
+        phase. Returns the rows the cache holds afterwards."""
+        if cache_length is not None:
+            self.cache.set_lengths([cache_length])
+        self._phases.ms["decode"] += decode_ms
+        self._next_logits = logits
         if self.num_tokens % self.config.block_size == 0:
             self._blocks_since_refocus += 1
             self.refocus()
-        return self._next_logits
+        return self.cache.lengths[0]
 
     @torch.no_grad()
     def generate(
@@ -604,12 +632,18 @@ class Session:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             self.tree.save(tmp / "tree")
-            n = len(self.wc)
+            allocator = self.allocator.state_dict()
+            cache = self.cache.state_dict()
+            if cache["lengths"] != [len(self.wc)]:
+                raise InvariantError(
+                    f"the cache holds {cache['lengths']} rows, the working context "
+                    f"{len(self.wc)} entries"
+                )
             tensors = {
                 "wc_levels": self.wc.levels.cpu().contiguous(),
                 "wc_nodes": self.wc.nodes.cpu().contiguous(),
-                "allocator_state": self.allocator._state.cpu().contiguous(),
-                "kv": self.cache.kv[:, :, :, :, :n].cpu().contiguous(),
+                "allocator_state": allocator["state"].contiguous(),
+                "kv": cache["kv"],
                 "next_logits": self._next_logits.cpu().contiguous(),
             }
             save_file(tensors, str(tmp / "state.safetensors"))
@@ -622,7 +656,7 @@ class Session:
                 "base": self.base.name,
                 "config": self.config.model_dump(),
                 "allocator_backend": self.system.allocator_backend,
-                "allocator_caps": list(self.allocator._caps),
+                "allocator_caps": allocator["caps"],
                 "iteration": self.iteration,
                 "blocks_since_refocus": self._blocks_since_refocus,
                 "residencies": self.residencies,
@@ -659,8 +693,9 @@ class Session:
             num_tokens=self.tree.num_tokens,
         )
         self.wc.check(self.tree)
-        self.allocator._state = st["allocator_state"].clone()
-        self.allocator._caps = list(meta["allocator_caps"])
+        self.allocator.load_state_dict(
+            {"state": st["allocator_state"], "caps": meta["allocator_caps"]}
+        )
         kv = st["kv"]
         n = kv.shape[4]
         if n != len(self.wc):
@@ -669,9 +704,7 @@ class Session:
                 path=str(path),
                 field="kv",
             )
-        self.cache.kv[:, :, :, :, :n] = kv.to(self.cache.kv.device, self.cache.kv.dtype)
-        self.cache.lengths = [n]
-        self.cache.layer_lengths = [n] * self.cache.num_layers
+        self.cache.load_state_dict({"kv": kv, "lengths": [n]})
         self._next_logits = st["next_logits"].to(self.base.device)
         self.iteration = int(meta["iteration"])
         self._blocks_since_refocus = int(meta["blocks_since_refocus"])
@@ -727,17 +760,12 @@ class SessionBatch:
         self.sessions = list(sessions)
         self.base = system.base
         self.cache = MegaContextCache.stack([s.cache for s in sessions])
-        self._cache_kw = sessions[0]._cache_kw
+        self._cache_kw = cache_kwarg(self.base.model)
 
     def _step(self, tokens: list[int]) -> None:
         """Append one token to every session with one batched forward."""
         dev = self.base.device
-        rows = []
-        for s, tok in zip(self.sessions, tokens, strict=True):
-            assert s.wc is not None
-            t = s.num_tokens
-            s.focus.append(torch.tensor([tok]))
-            rows.append((len(s.wc) - 1, t))
+        rows = [s.begin_decode(tok) for s, tok in zip(self.sessions, tokens, strict=True)]
         slots = torch.tensor([[r[0]] for r in rows], device=dev)
         lengths = [r[0] + 1 for r in rows]
         width = max(lengths)
@@ -756,15 +784,10 @@ class SessionBatch:
         )
         ms = (time.perf_counter() - t0) * 1e3
         logits = out.logits[:, -1].float()
-        for b, s in enumerate(self.sessions):
-            s.cache.lengths = [lengths[b]]
-            s.cache.layer_lengths = [lengths[b]] * s.cache.num_layers
-            s._phases.ms["decode"] += ms / len(self.sessions)
-            s._next_logits = logits[b]
-            if s.num_tokens % s.config.block_size == 0:
-                s._blocks_since_refocus += 1
-                s.refocus()
-                self.cache.lengths[b] = s.cache.lengths[0]
+        share = ms / len(self.sessions)
+        # a refocus changes only its own row (a view of the shared buffers)
+        held = [s.finish_decode(logits[b], lengths[b], share) for b, s in enumerate(self.sessions)]
+        self.cache.set_lengths(held)
 
     @torch.no_grad()
     def generate(
@@ -783,8 +806,7 @@ class SessionBatch:
         for _ in range(max_new_tokens):
             tokens = []
             for s in self.sessions:
-                assert s._next_logits is not None
-                tokens.append(_sample(s._next_logits, temperature, top_p, gen))
+                tokens.append(_sample(s.next_token_logits(), temperature, top_p, gen))
             self._step(tokens)
             for o, tok in zip(outs, tokens, strict=True):
                 o.append(tok)
