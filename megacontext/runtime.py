@@ -50,6 +50,7 @@ from .working_context import WorkingContext
 __all__ = ["PHASES", "MegaContext", "Session", "SessionBatch"]
 
 PHASES = ("gist", "lens", "allocator", "cache", "decode")
+_KEEP: Any = object()  # with_config(): "carry this module over"
 _SESSION_FORMAT = 1
 
 
@@ -115,6 +116,26 @@ class MegaContext:
                 value=ldim,
             )
         patch(base.model)
+
+    def with_config(
+        self,
+        *,
+        base: Base | None = None,
+        gistnet: Any = _KEEP,
+        lensnet: Any = _KEEP,
+        **changes: Any,
+    ) -> MegaContext:
+        """The same system with config fields ``changes`` applied
+        (:meth:`MegaContextConfig.replace`, validated) and, when given, another base,
+        GistNet or LensNet (``None`` is a value: mean pooling / recency-only). Every
+        other field, ``allocator_backend`` included, is carried over."""
+        return MegaContext(
+            self.base if base is None else base,
+            self.gistnet if gistnet is _KEEP else gistnet,
+            self.lensnet if lensnet is _KEEP else lensnet,
+            self.config.replace(**changes),
+            allocator_backend=self.allocator_backend,
+        )
 
     def session(self, telemetry: Any | None = None) -> Session:
         """A new, empty session (``telemetry``: an optional sink with ``log_iteration``

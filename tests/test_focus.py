@@ -129,3 +129,16 @@ def test_cache_stack_names_the_mismatched_field(tiny_base):
     with pytest.raises(mc.ConfigError, match="capacity=0") as err:
         MegaContextCache(2, 2, 8, 1, 0)
     assert err.value.field == "capacity"
+
+
+def test_with_config_carries_every_field(tiny_base):
+    lens = mc.LensNet(tiny_base.dim, d_lens=32, heads=2)
+    system = mc.MegaContext(tiny_base, None, lens, _cfg(), allocator_backend="python")
+    other = system.with_config(w_max=48)
+    assert other.config.w_max == 48 and other.config.block_size == system.config.block_size
+    assert other.base is tiny_base and other.lensnet is lens and other.gistnet is None
+    assert other.allocator_backend == "python"
+    assert system.config.w_max == 40  # the original is unchanged
+    assert system.with_config(lensnet=None).lensnet is None
+    with pytest.raises(mc.ConfigError, match="w_max"):
+        system.with_config(w_max=-1)

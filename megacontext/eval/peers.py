@@ -196,13 +196,7 @@ def untrained_system(base: Any, config: Any = None, *, seed: int = 0, lens: bool
 
 
 def _with_budget(system: Any, budget: int, gistnet: Any, lensnet: Any) -> Any:
-    from ..config import MegaContextConfig
-    from ..runtime import MegaContext
-
-    cfg = MegaContextConfig(**{**system.config.model_dump(), "w_max": int(budget)})
-    return MegaContext(
-        system.base, gistnet, lensnet, cfg, allocator_backend=system.allocator_backend
-    )
+    return system.with_config(gistnet=gistnet, lensnet=lensnet, w_max=int(budget))
 
 
 def mc_view(system: Any, history: Any, budget: int, method: str = "megacontext") -> View:

@@ -503,13 +503,10 @@ def positional_consistency(
     layer-0 key equals RoPE(k_proj(norm(embedding)), that position) (layer-0 keys
     depend only on the entry and its position). Raises InvariantError on the first
     mismatch; returns counts."""
-    from ..config import MegaContextConfig
-    from ..runtime import MegaContext
-
-    cfg = MegaContextConfig(
-        **{**system.config.model_dump(), "w_max": int(budget), "kv_mode": "exact"}
+    mcx = system.with_config(
+        base=base, lensnet=_RandomLens(seed), w_max=int(budget), kv_mode="exact"
     )
-    mcx = MegaContext(base, system.gistnet, _RandomLens(seed), cfg)
+    cfg = mcx.config
     session = mcx.session()
     session.ingest(history)
     layer = base.model.model.layers[0]
