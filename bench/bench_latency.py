@@ -93,9 +93,9 @@ def test_latency(benchmark, base, budget):
     so machine load drifts hit both alike; the ratio is of the per-mode medians."""
     from transformers import DynamicCache, StaticCache
 
-    from megacontext.runtime import _cache_kwarg
+    from megacontext.base import cache_kwarg
 
-    kw = _cache_kwarg(base.model)
+    kw = cache_kwarg(base.model)
     prompt = _history(base, budget)[None].to(base.device)
     cfg = mc.MegaContextConfig(model=base.name, w_max=budget, kv_mode="splice")
     lens = mc.LensNet(base.dim).to(device=base.device, dtype=base.dtype).eval()

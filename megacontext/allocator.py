@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -377,6 +377,30 @@ class FocusAllocator:
         """Forget the hysteresis state and restart the step counter at 0."""
         self._caps = [0] * (self.config.levels + 1)
         self._state = torch.zeros(1, dtype=torch.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hysteresis state: ``{"state": int64 [1 + sum(caps)] (CPU copy; entry 0
+        the step counter, then each level's last-changed steps), "caps": [levels + 1]
+        slots per level}``. :meth:`load_state_dict` restores it exactly."""
+        return {"state": self._state.detach().cpu().clone(), "caps": list(self._caps)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (checked against this config's levels)."""
+        caps = [int(c) for c in state["caps"]]
+        tensor = torch.as_tensor(state["state"])
+        if len(caps) != self.config.levels + 1 or any(c < 0 for c in caps) or caps[0]:
+            raise ConfigError(
+                f"allocator caps {caps} do not fit levels={self.config.levels}",
+                field="caps",
+                value=caps,
+            )
+        if tensor.dtype != torch.int64 or tuple(tensor.shape) != (1 + sum(caps),):
+            raise ConfigError(
+                f"allocator state must be int64 [{1 + sum(caps)}], got {tensor.dtype} "
+                f"{tuple(tensor.shape)}",
+                field="state",
+            )
+        self._state, self._caps = tensor.clone(), caps
 
     # -------------------------------------------------------------- state access
 

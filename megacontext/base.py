@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "Base",
     "cache_dir",
+    "cache_kwarg",
     "load_base",
     "load_tokenizer",
     "smollm2_gguf_path",
@@ -125,6 +127,13 @@ class Base:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name of ``model.forward``'s KV-cache argument: ``"cache"`` (transformers 5
+    renamed it) or ``"past_key_values"``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def cache_dir() -> Path:

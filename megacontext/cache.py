@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .errors import InvariantError
+from .errors import ConfigError, InputError, InvariantError
 
 __all__ = ["MegaContextCache"]
 
@@ -86,11 +86,20 @@ class MegaContextCache(Cache):
         device: torch.device | str = "cpu",
         double_buffer: bool = True,
     ):
-        if min(num_layers, num_kv_heads, head_dim, batch_size, capacity) <= 0:
-            raise ValueError(
-                "MegaContextCache needs positive sizes, got num_layers="
-                f"{num_layers}, num_kv_heads={num_kv_heads}, head_dim={head_dim}, "
-                f"batch_size={batch_size}, capacity={capacity}"
+        sizes = {
+            "num_layers": num_layers,
+            "num_kv_heads": num_kv_heads,
+            "head_dim": head_dim,
+            "batch_size": batch_size,
+            "capacity": capacity,
+        }
+        bad = [k for k, v in sizes.items() if v <= 0]
+        if bad:
+            raise ConfigError(
+                "MegaContextCache needs positive sizes, got "
+                + ", ".join(f"{k}={v}" for k, v in sizes.items()),
+                field=bad[0],
+                value=sizes[bad[0]],
             )
         shape = (num_layers, 2, batch_size, num_kv_heads, capacity, head_dim)
         self.buffers = [torch.zeros(shape, dtype=dtype, device=device)]
@@ -135,15 +144,27 @@ class MegaContextCache(Cache):
         buffers (a view, no copy) and pinned: its splices copy back instead of swapping,
         so every row keeps living in the shared active buffer."""
         if not caches:
-            raise ValueError("stack() needs at least one cache")
+            raise InputError("stack() needs at least one cache")
         first = caches[0]
-        for c in caches:
-            if (
-                c.num_rows != 1
-                or c.kv.shape[:2] != first.kv.shape[:2]
-                or c.capacity != first.capacity
-            ):
-                raise ValueError("stack() needs single-row caches of one model and capacity")
+        fields = ("num_layers", "num_kv_heads", "capacity", "head_dim")
+        for i, c in enumerate(caches):
+            if c.num_rows != 1:
+                raise InputError(
+                    f"stack(): cache {i} has batch_size={c.num_rows}; only single-row caches stack"
+                )
+            shape = dict(zip(fields, (c.kv.shape[0], *c.kv.shape[3:]), strict=True))
+            want = dict(zip(fields, (first.kv.shape[0], *first.kv.shape[3:]), strict=True))
+            for name in fields:
+                if shape[name] != want[name]:
+                    raise InputError(
+                        f"stack(): cache {i} has {name}={shape[name]} but cache 0 has "
+                        f"{name}={want[name]}; a batch needs caches of one model and capacity"
+                    )
+            if (c.kv.dtype, c.kv.device) != (first.kv.dtype, first.kv.device):
+                raise InputError(
+                    f"stack(): cache {i} holds {c.kv.dtype} on {c.kv.device} but cache 0 "
+                    f"holds {first.kv.dtype} on {first.kv.device} (dtype/device)"
+                )
         L, _, _, H, C, D = first.kv.shape
         out = cls(L, H, D, len(caches), C, first.kv.dtype, first.kv.device, double_buffer=True)
         for b, c in enumerate(caches):
@@ -182,6 +203,39 @@ class MegaContextCache(Cache):
         self.layer_lengths = [0] * self.num_layers
         self._slots = None
 
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Declare that row ``b`` holds ``lengths[b]`` valid slots (written by a forward
+        that ran on another view of these buffers, e.g. a batch's shared cache)."""
+        if len(lengths) != self.num_rows or any(not 0 <= n <= self.capacity for n in lengths):
+            raise InputError(
+                f"lengths must be {self.num_rows} values in [0, {self.capacity}], got {lengths}"
+            )
+        self.lengths = [int(n) for n in lengths]
+        self.layer_lengths = [max(self.lengths)] * self.num_layers
+
+    def state_dict(self) -> dict[str, Any]:
+        """The valid rows: ``{"kv": [L, 2, B, Hkv, n, D] (CPU copy, n = max(lengths)),
+        "lengths": [B]}``; :meth:`load_state_dict` restores them."""
+        n = max(self.lengths)
+        return {"kv": self.kv[:, :, :, :, :n].cpu().contiguous(), "lengths": list(self.lengths)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Write :meth:`state_dict`'s rows into the active buffer (this cache's dtype
+        and device) and set the lengths; the shape must match this cache's."""
+        kv = state["kv"]
+        lengths = [int(n) for n in state["lengths"]]
+        L, two, B, H, C, D = self.kv.shape
+        want = (L, two, B, H, D)
+        got = (*tuple(kv.shape[:4]), kv.shape[5]) if kv.ndim == 6 else tuple(kv.shape)
+        if got != want or kv.shape[4] > C or kv.shape[4] < max(lengths, default=0):
+            raise InputError(
+                f"cache state kv {tuple(kv.shape)} does not fit a cache of shape "
+                f"{tuple(self.kv.shape)} (num_layers, 2, batch_size, num_kv_heads, capacity, "
+                f"head_dim) holding lengths {lengths}"
+            )
+        self.set_lengths(lengths)
+        self.kv[:, :, :, :, : kv.shape[4]] = kv.to(self.kv.device, self.kv.dtype)
+
     # ----------------------------------------------------------------- writes
 
     def plan(self, slots: torch.Tensor, lengths: list[int]) -> None:
@@ -190,11 +244,11 @@ class MegaContextCache(Cache):
         entries. Attention then reads slots ``[0, max(lengths))``; the caller's mask
         says which of them each query sees."""
         if slots.ndim != 2 or slots.shape[0] != self.num_rows:
-            raise ValueError(
+            raise InputError(
                 f"slots must be [batch_size={self.num_rows}, q], got {tuple(slots.shape)}"
             )
         if len(lengths) != self.num_rows:
-            raise ValueError(f"lengths must have {self.num_rows} entries, got {len(lengths)}")
+            raise InputError(f"lengths must have {self.num_rows} entries, got {len(lengths)}")
         top = max(lengths)
         if top > self.capacity:
             raise InvariantError(
@@ -241,7 +295,7 @@ class MegaContextCache(Cache):
         if len(lengths) != self.num_rows or any(
             not 0 <= n <= old for n, old in zip(lengths, self.lengths, strict=True)
         ):
-            raise ValueError(f"cannot truncate rows holding {self.lengths} to {lengths}")
+            raise InputError(f"cannot truncate rows holding {self.lengths} to {lengths}")
         self.lengths = list(lengths)
         self.layer_lengths = [max(lengths)] * self.num_layers
 
@@ -257,7 +311,7 @@ class MegaContextCache(Cache):
         if len(self.buffers) < 2:
             raise InvariantError("splice needs the second buffer (double_buffer=True)")
         if index.ndim != 2 or index.shape[0] != self.num_rows or index.shape[1] > self.capacity:
-            raise ValueError(
+            raise InputError(
                 f"index must be [batch_size={self.num_rows}, <= {self.capacity}], "
                 f"got {tuple(index.shape)}"
             )

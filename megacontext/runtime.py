@@ -24,7 +24,6 @@ KV refocus modes (``config.kv_mode``):
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import shutil
@@ -38,18 +37,20 @@ import torch
 
 from . import profiling
 from .allocator import Action, FocusAllocator
-from .base import Base, load_base
+from .base import Base, cache_kwarg, load_base
 from .cache import MegaContextCache
 from .config import MegaContextConfig
-from .errors import ConfigError, InputError, StorageError
+from .errors import ConfigError, InputError, InvariantError, StorageError
+from .focus import FocusLoop, FocusStep
 from .hook import patch
-from .tree import MegaContextTree, mean_pool
+from .nll import nll_after
+from .tree import MegaContextTree
 from .working_context import WorkingContext
 
 __all__ = ["PHASES", "MegaContext", "Session", "SessionBatch"]
 
 PHASES = ("gist", "lens", "allocator", "cache", "decode")
-TAIL_GISTS = 6  # LensNet's tail: the root gist plus the 5 newest LOD1 gists
+_KEEP: Any = object()  # with_config(): "carry this module over"
 _SESSION_FORMAT = 1
 
 
@@ -71,12 +72,6 @@ class _Phases:
     def take(self) -> dict[str, float]:
         out, self.ms = self.ms, dict.fromkeys(PHASES, 0.0)
         return out
-
-
-def _cache_kwarg(model: Any) -> str:
-    # transformers 5 renamed the forward's `past_key_values` to `cache`.
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 class MegaContext:
@@ -121,6 +116,26 @@ class MegaContext:
                 value=ldim,
             )
         patch(base.model)
+
+    def with_config(
+        self,
+        *,
+        base: Base | None = None,
+        gistnet: Any = _KEEP,
+        lensnet: Any = _KEEP,
+        **changes: Any,
+    ) -> MegaContext:
+        """The same system with config fields ``changes`` applied
+        (:meth:`MegaContextConfig.replace`, validated) and, when given, another base,
+        GistNet or LensNet (``None`` is a value: mean pooling / recency-only). Every
+        other field, ``allocator_backend`` included, is carried over."""
+        return MegaContext(
+            self.base if base is None else base,
+            self.gistnet if gistnet is _KEEP else gistnet,
+            self.lensnet if lensnet is _KEEP else lensnet,
+            self.config.replace(**changes),
+            allocator_backend=self.allocator_backend,
+        )
 
     def session(self, telemetry: Any | None = None) -> Session:
         """A new, empty session (``telemetry``: an optional sink with ``log_iteration``
@@ -191,7 +206,11 @@ class MegaContext:
 class Session:
     """One history read through the budget. Create with :meth:`MegaContext.session`.
 
+    A session is a :class:`~megacontext.focus.FocusLoop` (``focus``: tree, WC,
+    allocator, LensNet scores) plus the KV cache and telemetry.
+
     Attributes:
+        focus: the :class:`~megacontext.focus.FocusLoop` that owns the focus state.
         tree: the :class:`~megacontext.tree.MegaContextTree` of the whole history.
         wc: the current :class:`~megacontext.working_context.WorkingContext`
             (``None`` before the first ingest).
@@ -206,15 +225,15 @@ class Session:
         self.base = system.base
         self.config = system.config
         cfg = self.config
-        self.tree = MegaContextTree(
-            self.base.dim,
-            block_size=cfg.block_size,
-            levels=cfg.levels,
-            dtype=torch.bfloat16 if self.base.dtype == torch.bfloat16 else torch.float16,
-            model_name=self.base.name,
+        self._phases = _Phases()
+        self.focus = FocusLoop(
+            self.base,
+            system.gistnet,
+            system.lensnet,
+            cfg,
+            allocator_backend=system.allocator_backend,
+            phase=self._phases,
         )
-        self.wc: WorkingContext | None = None
-        self.allocator = FocusAllocator(cfg, backend=system.allocator_backend)
         self.capacity = cfg.w_max + cfg.block_size
         self.cache = MegaContextCache.for_model(
             self.base.model, batch_size=1, capacity=self.capacity, double_buffer=True
@@ -226,40 +245,38 @@ class Session:
         self.iteration = 0
         self._blocks_since_refocus = 0
         self._next_logits: torch.Tensor | None = None
-        self._phases = _Phases()
-        self._cache_kw = _cache_kwarg(self.base.model)
+        self._cache_kw = cache_kwarg(self.base.model)
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ focus state
+
+    @property
+    def tree(self) -> MegaContextTree:
+        return self.focus.tree
+
+    @tree.setter
+    def tree(self, tree: MegaContextTree) -> None:
+        self.focus.tree = tree
+
+    @property
+    def wc(self) -> WorkingContext | None:
+        return self.focus.wc
+
+    @wc.setter
+    def wc(self, wc: WorkingContext | None) -> None:
+        self.focus.wc = wc
+
+    @property
+    def allocator(self) -> FocusAllocator:
+        return self.focus.allocator
 
     @property
     def num_tokens(self) -> int:
         return self.tree.num_tokens
 
-    def _gist_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        gistnet = self.system.gistnet
-        if gistnet is None:
-            return mean_pool
-        params = getattr(gistnet, "parameters", None)
-        first = next(params(), None) if params is not None else None
-        at_level = getattr(gistnet, "at_level", None)
-
-        def cast(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-            def run(x: torch.Tensor) -> torch.Tensor:
-                if first is not None:
-                    x = x.to(device=first.device, dtype=first.dtype)
-                return fn(x)
-
-            return run
-
-        run = cast(gistnet)
-        if callable(at_level):
-            # keep the tree's level-aware path: level l is gisted by at_level(l), as
-            # in training; a bare wrapper would gist every level with level 1
-            run.at_level = lambda level: cast(at_level(level))  # type: ignore[attr-defined]
-        return run
+    # ------------------------------------------------------------------ helpers
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.base.embed(ids.cpu())
+        return self.focus.embed(ids)
 
     def _validate_ids(self, ids: Any) -> torch.Tensor:
         if isinstance(ids, str):
@@ -352,83 +369,23 @@ class Session:
 
     # ------------------------------------------------------------------ focus
 
-    def _tail(self) -> torch.Tensor:
-        """LensNet's tail ``[6, d]``: the newest top-level gist, then the 5 newest LOD1
-        gists (oldest first); missing ones are zeros."""
-        d, dev = self.base.dim, self.base.device
-        tail = torch.zeros(TAIL_GISTS, d, dtype=self.base.dtype, device=dev)
-        for level in range(self.config.levels, 0, -1):
-            n = self.tree.num_nodes(level)
-            if n:
-                tail[0] = self.tree.gists(level)[n - 1].to(device=dev, dtype=tail.dtype)
-                break
-        n1 = self.tree.num_nodes(1)
-        k = min(TAIL_GISTS - 1, n1)
-        if k:
-            rows = self.tree.gists(1)[n1 - k : n1].to(device=dev, dtype=tail.dtype)
-            tail[TAIL_GISTS - k :] = rows
-        return tail
-
     @torch.no_grad()
     def scores(self) -> torch.Tensor:
         """LensNet's scores ``[N]`` for the current WC (zeros with no LensNet)."""
-        assert self.wc is not None
-        lensnet = self.system.lensnet
-        if lensnet is None:
-            return torch.zeros(len(self.wc), dtype=torch.float32)
-        p = next(lensnet.parameters())
-        wc = self.wc
-        entries = wc.embeddings(self.base, self.tree).to(device=p.device, dtype=p.dtype)
-        spans = wc.spans.cpu()
-        ends = wc.starts.cpu() + spans
-        distance = (self.num_tokens - ends).clamp(min=0)
-        out = lensnet(
-            entries[None],
-            self._tail().to(device=p.device, dtype=p.dtype)[None],
-            wc.levels.cpu().to(torch.long)[None].to(p.device),
-            spans[None].to(p.device),
-            distance[None].to(p.device),
-        )
-        return out[0].float().cpu()
+        return self.focus.scores()
 
     def refocus(self) -> list[Action]:
         """One refocus iteration: LensNet scores, allocator step, KV update, telemetry."""
         if self.wc is None:
             raise InputError("nothing to refocus: ingest some history first")
-        ph = self._phases
-        with ph("lens"):
-            scores = self.scores()
-        old_levels, old_nodes = self.wc.levels.clone(), self.wc.nodes.clone()
-        before = {
-            lv: self.allocator.last_changed(lv).clone() for lv in range(1, self.config.levels + 1)
-        }
-        step = self.allocator.step_count
-        cost_before = self.wc.cost
-        with ph("allocator"):
-            actions = self.allocator.step(self.wc, scores)
-        forced = False
-        if self.wc.cost > self.config.w_max:
-            # Every legal collapse was held back by hysteresis: rebuild by recency so
-            # the cache never exceeds its capacity (reported as forced_rebuild).
-            forced = True
-            self.wc = WorkingContext.from_tree(
-                self.tree, self.config.w_max, self.config.protected_tokens
-            )
-        with ph("cache"):
-            if actions or forced:
-                self._update_cache(old_levels, old_nodes, force_exact=forced)
-        self.wc.check(self.tree)
-        residency = []
-        for a in actions:
-            states = before.get(a.level)
-            last = int(states[a.node]) if states is not None and a.node < len(states) else -1
-            # steps the node spent at its previous LOD (since the session start if it
-            # never changed before)
-            residency.append(step - max(last, 0))
-        self.residencies.extend(residency)
-        self.actions.extend(actions)
-        self._log(actions, residency, forced, cost_before)
-        return actions
+        res = self.focus.refocus()
+        with self._phases("cache"):
+            if res.changed:
+                self._update_cache(res.old_levels, res.old_nodes, force_exact=res.forced)
+        self.residencies.extend(res.residencies)
+        self.actions.extend(res.actions)
+        self._log(res)
+        return res.actions
 
     def _update_cache(self, old_levels, old_nodes, force_exact: bool = False) -> None:
         assert self.wc is not None
@@ -448,10 +405,14 @@ class Session:
         logits = self._forward(embeds[fresh], positions[fresh], fresh, n)
         self._next_logits = logits[-1]
 
-    def _log(
-        self, actions: list[Action], residency: list[int], forced: bool, cost_before: int
-    ) -> None:
+    def _log(self, res: FocusStep) -> None:
         assert self.wc is not None
+        actions, residency, forced, cost_before = (
+            res.actions,
+            res.residencies,
+            res.forced,
+            res.cost_before,
+        )
         phases = self._phases.take()
         blocks = max(self._blocks_since_refocus, 1)
         n_exp = sum(a.kind == "expand" for a in actions)
@@ -523,18 +484,10 @@ class Session:
         """
         ids = self._validate_ids(text_or_ids)
         ph = self._phases
-        gist = self._gist_fn()
         snapshot = self._snapshot()
         try:
-            with ph("gist"):
-                for s in range(0, ids.numel(), chunk_tokens):
-                    self.tree.append(ids[s : s + chunk_tokens], self._embed, gist)
-                    if progress is not None:
-                        progress(min(ids.numel(), s + chunk_tokens), ids.numel())
-            old = self.wc
-            self.wc = WorkingContext.from_tree(
-                self.tree, self.config.w_max, self.config.protected_tokens
-            )
+            old = self.focus.ingest(ids, chunk_tokens, progress)
+            assert self.wc is not None
             with ph("cache"):
                 first = (
                     0
@@ -571,22 +524,48 @@ class Session:
             self._prefill(0)
 
     def _append_token(self, token: int) -> torch.Tensor:
-        assert self.wc is not None
-        ph = self._phases
-        t = self.num_tokens
-        with ph("gist"):
-            self.tree.append(torch.tensor([token]), self._embed, self._gist_fn())
-        self.wc.extend(t + 1)
-        n = len(self.wc)
-        with ph("decode"):
+        slot, position = self.begin_decode(token)
+        with self._phases("decode"):
             logits = self._forward(
-                self._embed(torch.tensor([token])), torch.tensor([t]), torch.tensor([n - 1]), n
+                self._embed(torch.tensor([token])),
+                torch.tensor([position]),
+                torch.tensor([slot]),
+                slot + 1,
             )
-        self._next_logits = logits[-1]
+        self.finish_decode(logits[-1])
+        assert self._next_logits is not None
+        return self._next_logits
+
+    # A decode step in two halves, for drivers that run the base model's forward
+    # themselves (SessionBatch): begin_decode, the forward, finish_decode.
+
+    def begin_decode(self, token: int) -> tuple[int, int]:
+        """Decode step, first half: append ``token`` to the history (tree and WC).
+        Returns ``(slot, position)``: the cache slot the token's K/V must be written
+        to (its WC index, ``len(wc) - 1``) and its global position."""
+        if self.wc is None:
+            raise InputError("decoding needs a history: call ingest() first")
+        position = self.num_tokens
+        self.focus.append(torch.tensor([token]))
+        return len(self.wc) - 1, position
+
+    def finish_decode(
+        self, logits: torch.Tensor, cache_length: int | None = None, decode_ms: float = 0.0
+    ) -> int:
+        """Decode step, second half: ``logits`` float32 ``[V]`` (the forward's output
+        at the new token) become the next-token logits; at a block boundary the
+        session refocuses. ``cache_length``: rows this session's cache holds after a
+        forward that ran on another view of its buffers (``None``: the forward planned
+        this cache itself); ``decode_ms``: forward time charged to the ``decode``
+        phase. Returns the rows the cache holds afterwards."""
+        if cache_length is not None:
+            self.cache.set_lengths([cache_length])
+        self._phases.ms["decode"] += decode_ms
+        self._next_logits = logits
         if self.num_tokens % self.config.block_size == 0:
             self._blocks_since_refocus += 1
             self.refocus()
-        return self._next_logits
+        return self.cache.lengths[0]
 
     @torch.no_grad()
     def generate(
@@ -658,9 +637,7 @@ class Session:
         if h <= 0:
             raise InputError(f"horizon must be > 0, got {h}")
         targets = targets[:h]
-        return float(
-            wc_nll(self.base, self.wc, self.tree, targets, self.num_tokens, self._cache_kw).mean()
-        )
+        return float(wc_nll(self.base, self.wc, self.tree, targets, self.num_tokens).mean())
 
     # ------------------------------------------------------------------ persistence
 
@@ -676,12 +653,18 @@ class Session:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             self.tree.save(tmp / "tree")
-            n = len(self.wc)
+            allocator = self.allocator.state_dict()
+            cache = self.cache.state_dict()
+            if cache["lengths"] != [len(self.wc)]:
+                raise InvariantError(
+                    f"the cache holds {cache['lengths']} rows, the working context "
+                    f"{len(self.wc)} entries"
+                )
             tensors = {
                 "wc_levels": self.wc.levels.cpu().contiguous(),
                 "wc_nodes": self.wc.nodes.cpu().contiguous(),
-                "allocator_state": self.allocator._state.cpu().contiguous(),
-                "kv": self.cache.kv[:, :, :, :, :n].cpu().contiguous(),
+                "allocator_state": allocator["state"].contiguous(),
+                "kv": cache["kv"],
                 "next_logits": self._next_logits.cpu().contiguous(),
             }
             save_file(tensors, str(tmp / "state.safetensors"))
@@ -694,7 +677,7 @@ class Session:
                 "base": self.base.name,
                 "config": self.config.model_dump(),
                 "allocator_backend": self.system.allocator_backend,
-                "allocator_caps": list(self.allocator._caps),
+                "allocator_caps": allocator["caps"],
                 "iteration": self.iteration,
                 "blocks_since_refocus": self._blocks_since_refocus,
                 "residencies": self.residencies,
@@ -731,8 +714,9 @@ class Session:
             num_tokens=self.tree.num_tokens,
         )
         self.wc.check(self.tree)
-        self.allocator._state = st["allocator_state"].clone()
-        self.allocator._caps = list(meta["allocator_caps"])
+        self.allocator.load_state_dict(
+            {"state": st["allocator_state"], "caps": meta["allocator_caps"]}
+        )
         kv = st["kv"]
         n = kv.shape[4]
         if n != len(self.wc):
@@ -741,9 +725,7 @@ class Session:
                 path=str(path),
                 field="kv",
             )
-        self.cache.kv[:, :, :, :, :n] = kv.to(self.cache.kv.device, self.cache.kv.dtype)
-        self.cache.lengths = [n]
-        self.cache.layer_lengths = [n] * self.cache.num_layers
+        self.cache.load_state_dict({"kv": kv, "lengths": [n]})
         self._next_logits = st["next_logits"].to(self.base.device)
         self.iteration = int(meta["iteration"])
         self._blocks_since_refocus = int(meta["blocks_since_refocus"])
@@ -768,28 +750,13 @@ def wc_nll(
     tree: MegaContextTree,
     targets: torch.Tensor,
     cursor: int,
-    cache_kwarg: str | None = None,
 ) -> torch.Tensor:
     """NLL ``[H]`` of ``targets`` (the tokens right after the history) given ``wc``:
     one forward over the WC's embeddings followed by the targets' embeddings, each
-    at its global position (gists at their span centres)."""
-    entries = wc.embeddings(base, tree)
-    tok = base.embed(targets[:-1].cpu()) if targets.numel() > 1 else entries[:0]
-    x = torch.cat([entries, tok.to(entries.dtype)])[None]
-    pos = torch.cat([wc.positions().cpu(), torch.arange(cursor, cursor + targets.numel() - 1)])
-    n = x.shape[1]
-    # Explicit causal mask: with none, transformers may read jumps in position_ids
-    # (gists sit at span centres) as boundaries of packed sequences.
-    causal = torch.ones(n, n, dtype=torch.bool, device=base.device).tril()
-    out = base.model(
-        inputs_embeds=x.to(base.dtype),
-        position_ids=pos[None].to(base.device),
-        attention_mask=causal[None, None],
-        logits_to_keep=targets.numel(),
-        use_cache=False,
-    )
-    logp = out.logits[0].float().log_softmax(-1)
-    return -logp.gather(1, targets.to(logp.device)[:, None])[:, 0]
+    at its global position (gists at their span centres); see
+    :func:`megacontext.nll.nll_after`."""
+    context = (wc.embeddings(base, tree), wc.positions())
+    return nll_after(base, [context], [targets], [cursor])[0]
 
 
 class SessionBatch:
@@ -814,19 +781,12 @@ class SessionBatch:
         self.sessions = list(sessions)
         self.base = system.base
         self.cache = MegaContextCache.stack([s.cache for s in sessions])
-        self._cache_kw = sessions[0]._cache_kw
+        self._cache_kw = cache_kwarg(self.base.model)
 
     def _step(self, tokens: list[int]) -> None:
         """Append one token to every session with one batched forward."""
         dev = self.base.device
-        rows = []
-        for s, tok in zip(self.sessions, tokens, strict=True):
-            assert s.wc is not None
-            t = s.num_tokens
-            with s._phases("gist"):
-                s.tree.append(torch.tensor([tok]), s._embed, s._gist_fn())
-            s.wc.extend(t + 1)
-            rows.append((len(s.wc) - 1, t))
+        rows = [s.begin_decode(tok) for s, tok in zip(self.sessions, tokens, strict=True)]
         slots = torch.tensor([[r[0]] for r in rows], device=dev)
         lengths = [r[0] + 1 for r in rows]
         width = max(lengths)
@@ -845,15 +805,10 @@ class SessionBatch:
         )
         ms = (time.perf_counter() - t0) * 1e3
         logits = out.logits[:, -1].float()
-        for b, s in enumerate(self.sessions):
-            s.cache.lengths = [lengths[b]]
-            s.cache.layer_lengths = [lengths[b]] * s.cache.num_layers
-            s._phases.ms["decode"] += ms / len(self.sessions)
-            s._next_logits = logits[b]
-            if s.num_tokens % s.config.block_size == 0:
-                s._blocks_since_refocus += 1
-                s.refocus()
-                self.cache.lengths[b] = s.cache.lengths[0]
+        share = ms / len(self.sessions)
+        # a refocus changes only its own row (a view of the shared buffers)
+        held = [s.finish_decode(logits[b], lengths[b], share) for b, s in enumerate(self.sessions)]
+        self.cache.set_lengths(held)
 
     @torch.no_grad()
     def generate(
@@ -872,8 +827,7 @@ class SessionBatch:
         for _ in range(max_new_tokens):
             tokens = []
             for s in self.sessions:
-                assert s._next_logits is not None
-                tokens.append(_sample(s._next_logits, temperature, top_p, gen))
+                tokens.append(_sample(s.next_token_logits(), temperature, top_p, gen))
             self._step(tokens)
             for o, tok in zip(outs, tokens, strict=True):
                 o.append(tok)

@@ -92,7 +92,8 @@ def run_walkthrough(
     say(f"> {USER_TURN}")
     say("")
     recorded: dict[str, Any] = {}
-    original = session.scores
+    # the refocus step reads its scores from the session's focus loop
+    original = session.focus.scores
 
     def scores_spy() -> torch.Tensor:
         s = original()
@@ -102,7 +103,7 @@ def run_walkthrough(
             recorded["nodes"] = session.wc.nodes.clone()
         return s
 
-    session.scores = scores_spy
+    session.focus.scores = scores_spy
     n_actions = len(session.actions)
     tok = session.base.tokenizer
     turn = (
@@ -113,7 +114,7 @@ def run_walkthrough(
         else f"\n\n{USER_TURN}\n"
     )
     session.ingest(turn)
-    session.scores = original
+    session.focus.scores = original
 
     say("## 3. LensNet pass")
     say("")

@@ -69,3 +69,27 @@ def test_bad_inputs(model):
     ids = torch.zeros(1, 9, dtype=torch.long)
     with pytest.raises(mc.InvariantError, match="overflow"):
         model(ids, cache=cache, use_cache=True)
+
+
+def test_state_dict_round_trip_and_set_lengths(model):
+    ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(4))
+    cache = MegaContextCache.for_model(model, batch_size=1, capacity=40)
+    model(ids, cache=cache, use_cache=True)
+    state = cache.state_dict()
+    assert state["lengths"] == [12] and state["kv"].shape[4] == 12
+    other = MegaContextCache.for_model(model, batch_size=1, capacity=40)
+    other.load_state_dict(state)
+    assert other.lengths == [12] and other.get_seq_length() == 12
+    torch.testing.assert_close(other.kv[:, :, :, :, :12], cache.kv[:, :, :, :, :12], rtol=0, atol=0)
+    # the next token decodes the same from the restored cache
+    nxt = ids[:, -1:]
+    a = model(nxt, cache=cache, use_cache=True).logits
+    b = model(nxt, cache=other, use_cache=True).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    small = MegaContextCache.for_model(model, batch_size=1, capacity=8)
+    with pytest.raises(mc.InputError, match="does not fit"):
+        small.load_state_dict(state)
+    with pytest.raises(mc.InputError, match="lengths must be"):
+        other.set_lengths([41])
+    other.set_lengths([5])
+    assert other.lengths == [5] and other.layer_lengths == [5] * other.num_layers

@@ -795,3 +795,27 @@ def test_step_on_empty_and_sub_block_histories(backend, T):
     assert alloc.step(wc, -torch.ones(len(wc))) == []
     assert alloc.step_count == 2 and len(wc) == T
     wc.check(tree)
+
+
+def test_state_dict_round_trip():
+    """An allocator restored from state_dict() takes the same next actions."""
+    cfg = config(block_size=4, levels=2, w_max=20, cooldown_steps=2, min_residency=2)
+    tree = MegaContextTree(8, block_size=4, levels=2, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    tree.append(torch.arange(96), lambda ids: torch.randn(ids.numel(), 8, generator=gen))
+    wc = WorkingContext.from_tree(tree, 20, cfg.protected_tokens)
+    a = FocusAllocator(cfg, backend="python")
+    for _ in range(3):
+        a.step(wc, torch.rand(len(wc), generator=gen) * 2 - 1)
+    state = a.state_dict()
+    b = FocusAllocator(cfg, backend="python")
+    b.load_state_dict(state)
+    assert b.step_count == a.step_count
+    for lv in (1, 2):
+        assert torch.equal(b.last_changed(lv), a.last_changed(lv))
+    scores = torch.rand(len(wc), generator=gen) * 2 - 1
+    wc_b = wc.clone()
+    assert a.step(wc, scores) == b.step(wc_b, scores)
+    assert torch.equal(wc.levels, wc_b.levels) and torch.equal(wc.nodes, wc_b.nodes)
+    with pytest.raises(mc.ConfigError, match="caps"):
+        FocusAllocator(config(levels=3), backend="python").load_state_dict(state)

@@ -241,7 +241,6 @@ def variant_system(
     base, GistNet and config, with the variant's scorer and hysteresis. ``causal_lens``
     (variant ``causal``): a causal LensNet, or a whole causal :class:`MegaContext`
     whose base and GistNet are then used too (:func:`load_causal`)."""
-    from ..config import MegaContextConfig
     from ..runtime import MegaContext
 
     if variant not in VARIANTS:
@@ -262,8 +261,7 @@ def variant_system(
     base, gistnet = system.base, system.gistnet
     if isinstance(lens, MegaContext):  # a whole causal checkpoint
         base, gistnet, lens = lens.base, lens.gistnet, lens.lensnet
-    cfg = MegaContextConfig(**{**system.config.model_dump(), **changes})
-    return MegaContext(base, gistnet, lens, cfg, allocator_backend=system.allocator_backend)
+    return system.with_config(base=base, gistnet=gistnet, lensnet=lens, **changes)
 
 
 @torch.no_grad()

@@ -172,11 +172,11 @@ def _latency(
 
     from transformers import DynamicCache
 
+    from ..base import cache_kwarg
     from ..hook import unpatch
-    from ..runtime import _cache_kwarg
 
     base = frozen
-    kw = _cache_kwarg(base.model)
+    kw = cache_kwarg(base.model)
 
     def sync() -> None:
         if base.device.type == "cuda":
@@ -250,11 +250,8 @@ def run_acceptance(
             f"history={history} + H={system.config.horizon} exceeds the model's context "
             f"({ctx}): the full-context reference could not read it"
         )
-    from ..config import MegaContextConfig
-    from ..runtime import MegaContext
-
-    cfg = MegaContextConfig(**{**system.config.model_dump(), "w_max": budget})
-    system = MegaContext(base, system.gistnet, system.lensnet, cfg)
+    system = system.with_config(base=base, w_max=budget)
+    cfg = system.config
     if decode_blocks < 1:
         raise InputError(f"decode_blocks={decode_blocks}: at least one block must be decoded")
     need = history + decode_blocks * cfg.block_size

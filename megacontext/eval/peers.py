@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..nll import nll_after
 
 __all__ = [
     "MC_METHODS",
@@ -195,13 +196,7 @@ def untrained_system(base: Any, config: Any = None, *, seed: int = 0, lens: bool
 
 
 def _with_budget(system: Any, budget: int, gistnet: Any, lensnet: Any) -> Any:
-    from ..config import MegaContextConfig
-    from ..runtime import MegaContext
-
-    cfg = MegaContextConfig(**{**system.config.model_dump(), "w_max": int(budget)})
-    return MegaContext(
-        system.base, gistnet, lensnet, cfg, allocator_backend=system.allocator_backend
-    )
+    return system.with_config(gistnet=gistnet, lensnet=lensnet, w_max=int(budget))
 
 
 def mc_view(system: Any, history: Any, budget: int, method: str = "megacontext") -> View:
@@ -247,29 +242,12 @@ def build_view(base: Any, history: Any, budget: int, method: str, system: Any = 
 def view_nll(base: Any, view: View, targets: Any) -> torch.Tensor:
     """NLL ``[H]`` (float32, nats) of ``targets`` read after ``view``: one forward
     over the view's entries then the targets' embeddings at positions
-    ``next_position, next_position + 1, ...``."""
+    ``next_position, next_position + 1, ...`` (:func:`megacontext.nll.nll_after`)."""
     targets = torch.as_tensor(targets, dtype=torch.long).flatten().cpu()
     if targets.numel() == 0:
         raise InputError("no target tokens to score")
-    tok = base.embed(targets[:-1]).to(view.embeds.dtype)
-    x = torch.cat([view.embeds.to(tok.device), tok])[None]
-    h = targets.numel()
-    pos = torch.cat(
-        [view.positions.cpu(), torch.arange(view.next_position, view.next_position + h - 1)]
-    )
-    n = x.shape[1]
-    # An explicit causal mask: without one, transformers reads jumps in position_ids
-    # (gists at span centres, re-indexed sinks) as packed-sequence boundaries.
-    causal = torch.ones(n, n, dtype=torch.bool, device=base.device).tril()
-    out = base.model(
-        inputs_embeds=x.to(base.dtype),
-        position_ids=pos[None].to(base.device),
-        attention_mask=causal[None, None],
-        logits_to_keep=h,
-        use_cache=False,
-    )
-    logp = out.logits[0].float().log_softmax(-1)
-    return -logp.gather(1, targets.to(logp.device)[:, None])[:, 0].cpu()
+    context = (view.embeds, view.positions)
+    return nll_after(base, [context], [targets], [view.next_position])[0].cpu()
 
 
 @torch.no_grad()
@@ -279,9 +257,9 @@ def view_generate(base: Any, view: View, max_new_tokens: int, stop: Sequence[str
     (refocus every block), see :func:`megacontext.eval.suites.answer`."""
     from transformers import DynamicCache
 
-    from ..runtime import _cache_kwarg
+    from ..base import cache_kwarg
 
-    kw = _cache_kwarg(base.model)
+    kw = cache_kwarg(base.model)
     cache = DynamicCache()
     out = base.model(
         inputs_embeds=view.embeds[None].to(device=base.device, dtype=base.dtype),

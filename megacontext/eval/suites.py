@@ -503,13 +503,10 @@ def positional_consistency(
     layer-0 key equals RoPE(k_proj(norm(embedding)), that position) (layer-0 keys
     depend only on the entry and its position). Raises InvariantError on the first
     mismatch; returns counts."""
-    from ..config import MegaContextConfig
-    from ..runtime import MegaContext
-
-    cfg = MegaContextConfig(
-        **{**system.config.model_dump(), "w_max": int(budget), "kv_mode": "exact"}
+    mcx = system.with_config(
+        base=base, lensnet=_RandomLens(seed), w_max=int(budget), kv_mode="exact"
     )
-    mcx = MegaContext(base, system.gistnet, _RandomLens(seed), cfg)
+    cfg = mcx.config
     session = mcx.session()
     session.ingest(history)
     layer = base.model.model.layers[0]
@@ -563,7 +560,7 @@ def runtime_suite(
     and the session's swap/residency statistics. Also runs the positional check."""
     from transformers import DynamicCache
 
-    from ..runtime import _cache_kwarg
+    from ..base import cache_kwarg
     from ..telemetry import residency_histogram
 
     cfg = SIZES[size]["runtime"]
@@ -575,7 +572,7 @@ def runtime_suite(
     # frozen baseline: last W tokens, plain cache, token by token
     log(f"runtime: baseline {doc_id} W={w}")
     view = build_view(base, hist, w, "truncation")
-    kw = _cache_kwarg(base.model)
+    kw = cache_kwarg(base.model)
     cache = DynamicCache()  # filled in place by every forward
     t0 = time.perf_counter()
     with torch.no_grad():

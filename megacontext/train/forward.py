@@ -10,12 +10,10 @@ A WC is given by its entries ``(levels [N], nodes [N])`` over a history of token
   (``gists=gistnet``): ``g_1(b) = G_1(E[tokens[b·bs : (b+1)·bs]])`` and
   ``g_l(b) = G_l([g_{l-1}(b·bs + j)]_{j<bs})``, so gradients reach GistNet.
 
-:func:`forward_rows` runs many WCs (rows) in one forward of the base model: each row
-is ``entries ++ E[targets[:-1]]`` at the entries' global positions followed by
-``cursor, cursor+1, ...``; rows are *left*-padded to one length with an explicit
-``[R, 1, L, L]`` boolean mask (causal in row order, padding hidden), so the last
-``H`` positions of every row predict its ``H`` targets and ``logits_to_keep=H``
-keeps the vocabulary projection at ``[R, H, V]``.
+:func:`forward_rows` runs many WCs (rows) in one forward of the base model through
+:func:`megacontext.nll.nll_after`: each row is ``entries ++ E[targets[:-1]]`` at the
+entries' global positions followed by ``cursor, cursor+1, ...``, left-padded with an
+explicit mask, so the last ``H`` positions of every row predict its ``H`` targets.
 
 Loss@H (nats): ``nll`` = mean over the H targets of ``-log p(target)``; ``kl`` =
 mean over the H positions of ``KL(p_full || p_wc)`` where ``p_full`` is the base
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..nll import nll_after
 from ..tree import mean_pool
 
 __all__ = [
@@ -147,36 +146,12 @@ def forward_rows(
 
     ``rows[r] = (embeds [N_r, d], positions [N_r])``; ``targets[r]`` int64 ``[H]`` (one
     H for all rows); ``cursors[r]`` the history length (the first target's position).
-    One base forward for all rows (left padding + explicit mask, see module docstring).
+    One base forward for all rows: :func:`megacontext.nll.nll_after`.
     """
-    R = len(rows)
-    H = int(targets[0].numel())
-    if any(int(t.numel()) != H for t in targets) or H < 1:
+    H = int(targets[0].numel()) if targets else 0
+    if not targets or any(int(t.numel()) != H for t in targets) or H < 1:
         raise ConfigError("forward_rows: every row needs the same H >= 1 targets", field="targets")
-    dev = base.device
-    seqs, poss = [], []
-    for (emb, pos), tgt, cur in zip(rows, targets, cursors, strict=True):
-        tail = base.embed(tgt[:-1].to(torch.int64)) if H > 1 else emb[:0]
-        seqs.append(torch.cat([emb.to(dev), tail.to(device=dev, dtype=emb.dtype)]))
-        poss.append(torch.cat([pos.cpu(), torch.arange(cur, cur + H - 1)]))
-    L = max(s.shape[0] for s in seqs)
-    # left padding with zeros (F.pad keeps the rows differentiable)
-    x = torch.stack([F.pad(s, (0, 0, L - s.shape[0], 0)) for s in seqs])
-    position_ids = torch.zeros(R, L, dtype=torch.int64)
-    valid = torch.zeros(R, L, dtype=torch.bool)
-    for r, p in enumerate(poss):
-        n = p.numel()
-        position_ids[r, L - n :] = p
-        valid[r, L - n :] = True
-    causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
-    mask = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool)[None]
-    out = base.model(
-        inputs_embeds=x.to(base.dtype),
-        position_ids=position_ids.to(dev),
-        attention_mask=mask[:, None].to(dev),
-        logits_to_keep=H,
-    )
-    return out.logits.float().log_softmax(-1)
+    return nll_after(base, rows, targets, cursors, log_probs=True)
 
 
 def full_context_logp(base: Any, tokens: torch.Tensor, cursor: int, horizon: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import MegaContextConfig
+from ..focus import lens_inputs, tail_size
 from .config import GistLossConfig, LensLossConfig
 from .forward import (
     forward_rows,
@@ -42,7 +43,7 @@ from .forward import (
     wc_positions,
 )
 from .labels import candidates, entry_targets
-from .rollout import Snapshot, lens_inputs, snapshot_wc
+from .rollout import Snapshot, snapshot_wc
 
 __all__ = ["boundary_weights", "gist_loss", "lens_loss", "lora_loss"]
 
@@ -126,7 +127,7 @@ def lens_loss(
     bs = cfg.block_size
     wc = snapshot_wc(snap, cfg)
     p = next(lensnet.parameters())
-    entries, tail, lv, sp, dist = lens_inputs(base, tree, wc, cfg.levels)
+    entries, tail, lv, sp, dist = lens_inputs(base, tree, wc, tail_size(lensnet))
     s = lensnet(
         entries.detach().to(device=p.device, dtype=p.dtype),
         tail.detach().to(device=p.device, dtype=p.dtype),

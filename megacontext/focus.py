@@ -1,0 +1,294 @@
+"""The focus loop: the one refocus loop under the runtime and the trainer.
+
+:class:`FocusLoop` owns the focus state of one history (the gist tree, the working
+context (WC), the allocator's hysteresis, GistNet, LensNet, the config, the base
+model's embedding) and runs the loop's steps::
+
+    append tokens (tree append, WC extend)  |  ingest (tree append, recency rebuild)
+    -> LensNet inputs (entries, tail, levels, spans, distances) -> scores
+    -> allocator step -> recency rebuild when hysteresis held back every needed collapse
+
+:class:`~megacontext.runtime.Session` is this loop plus the KV cache and telemetry;
+the trainer's :func:`~megacontext.train.rollout.rollout` is this loop plus snapshots.
+Nothing here touches a KV cache: :meth:`FocusLoop.refocus` returns a
+:class:`FocusStep` saying what changed, so the caller can update its cache.
+
+LensNet's tail (:func:`lens_tail`) is ``[T, d]`` with ``T = LensNetConfig.tail_size``:
+row 0 the newest gist of the highest level that has one, rows ``T-k .. T-1`` the
+``k = min(T - 1, n_1)`` newest LOD1 gists (oldest first), zeros elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .allocator import Action, FocusAllocator
+from .config import MegaContextConfig
+from .lensnet import LensNetConfig
+from .tree import MegaContextTree, mean_pool
+from .working_context import WorkingContext
+
+__all__ = ["FocusLoop", "FocusStep", "gist_fn", "lens_inputs", "lens_tail", "tail_size"]
+
+Phase = Callable[[str], AbstractContextManager[Any]]
+
+
+def _no_phase(name: str) -> AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+def tail_size(lensnet: Any) -> int:
+    """Rows of LensNet's tail: ``lensnet.config.tail_size`` (the
+    :class:`~megacontext.lensnet.LensNetConfig` default for a scorer without one)."""
+    size = getattr(getattr(lensnet, "config", None), "tail_size", None)
+    return int(size if size is not None else LensNetConfig.model_fields["tail_size"].default)
+
+
+def tree_dtype(base: Any) -> torch.dtype:
+    """The dtype gists are stored in: bf16 for a bf16 base, fp16 otherwise."""
+    return torch.bfloat16 if base.dtype == torch.bfloat16 else torch.float16
+
+
+def gist_fn(gistnet: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``[B, bs, d] -> [B, d]``: ``gistnet`` with its inputs cast to its parameters'
+    device and dtype (``None``: mean pooling). A GistNet's level-aware path
+    (``at_level(l)``) is kept, so the tree gists level ``l`` with ``at_level(l)``."""
+    if gistnet is None:
+        return mean_pool
+    params = getattr(gistnet, "parameters", None)
+    first = next(params(), None) if params is not None else None
+    at_level = getattr(gistnet, "at_level", None)
+
+    def cast(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if first is not None:
+                x = x.to(device=first.device, dtype=first.dtype)
+            return fn(x)
+
+        return run
+
+    run = cast(gistnet)
+    if callable(at_level):
+        # a bare wrapper would gist every level with level 1's weights
+        run.at_level = lambda level: cast(at_level(level))  # type: ignore[attr-defined]
+    return run
+
+
+def lens_tail(base: Any, tree: MegaContextTree, cursor: int, size: int) -> torch.Tensor:
+    """LensNet's tail ``[size, d]`` (base dtype and device) of the first ``cursor``
+    tokens of ``tree``: row 0 the newest gist of the highest level that has one, the
+    last ``min(size - 1, n_1)`` rows the newest LOD1 gists (oldest first), zeros
+    elsewhere. ``cursor`` may lag the tree (the trainer scores past snapshots)."""
+    bs = tree.block_size
+    dev = base.device
+    tail = torch.zeros(size, base.dim, dtype=base.dtype, device=dev)
+    for level in range(tree.levels, 0, -1):
+        n = cursor // bs**level
+        if n:
+            tail[0] = tree.gists(level)[n - 1].to(device=dev, dtype=tail.dtype)
+            break
+    n1 = cursor // bs
+    k = min(size - 1, n1)
+    if k:
+        tail[size - k :] = tree.gists(1)[n1 - k : n1].to(device=dev, dtype=tail.dtype)
+    return tail
+
+
+def lens_inputs(
+    base: Any, tree: MegaContextTree, wc: WorkingContext, size: int
+) -> tuple[torch.Tensor, ...]:
+    """LensNet's inputs for ``wc`` (a batch of one): ``entries [1, N, d]``,
+    ``tail [1, size, d]`` (:func:`lens_tail` at ``wc.num_tokens``), ``levels``,
+    ``span`` and ``distance = T - (start + span)`` (clamped at 0), int64 ``[1, N]``."""
+    entries = wc.embeddings(base, tree)
+    spans = wc.spans.cpu()
+    ends = wc.starts.cpu() + spans
+    distance = (wc.num_tokens - ends).clamp(min=0)
+    tail = lens_tail(base, tree, wc.num_tokens, size)
+    return (
+        entries[None],
+        tail[None],
+        wc.levels.cpu().to(torch.long)[None],
+        spans[None],
+        distance[None],
+    )
+
+
+@dataclass
+class FocusStep:
+    """What one :meth:`FocusLoop.refocus` changed.
+
+    ``actions``: the allocator's actions, in order; ``residencies[i]``: allocator
+    steps node ``actions[i]`` spent at its previous LOD (since the start if it never
+    changed); ``forced``: hysteresis held back every collapse an over-budget WC
+    needed, so the WC was rebuilt by recency; ``cost_before``: the WC's cost before
+    the step; ``old_levels``/``old_nodes``: the WC before the step (to update a KV
+    cache); ``step``: the allocator's step index.
+    """
+
+    actions: list[Action]
+    residencies: list[int]
+    forced: bool
+    cost_before: int
+    old_levels: torch.Tensor
+    old_nodes: torch.Tensor
+    step: int
+    scores: torch.Tensor = field(repr=False)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the WC may differ from ``old_levels``/``old_nodes``."""
+        return bool(self.actions) or self.forced
+
+
+class FocusLoop:
+    """The focus state of one history and the loop's steps (no KV cache).
+
+    Args:
+        base: the base model (``dim``, ``dtype``, ``device``, ``embed``).
+        gistnet: ``[B, bs, d] -> [B, d]`` compressor, ``None`` = mean pooling.
+        lensnet: the scorer, ``None`` = recency-only (scores are zeros).
+        config: the :class:`~megacontext.config.MegaContextConfig`.
+        allocator_backend: ``auto``, ``python``, ``cpp`` or ``cuda``.
+        phase: ``phase(name)`` -> a context manager timing the steps (``gist``,
+            ``lens``, ``allocator``); the runtime's telemetry passes its timer.
+
+    Attributes:
+        tree: the :class:`~megacontext.tree.MegaContextTree` of the history.
+        wc: the :class:`~megacontext.working_context.WorkingContext` (``None``
+            before the first :meth:`ingest`).
+        allocator: the :class:`~megacontext.allocator.FocusAllocator`.
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        gistnet: Any,
+        lensnet: Any,
+        config: MegaContextConfig,
+        *,
+        allocator_backend: str = "auto",
+        phase: Phase | None = None,
+    ):
+        self.base = base
+        self.gistnet = gistnet
+        self.lensnet = lensnet
+        self.config = config
+        self.phase: Phase = phase if phase is not None else _no_phase
+        self.tree = MegaContextTree(
+            base.dim,
+            block_size=config.block_size,
+            levels=config.levels,
+            dtype=tree_dtype(base),
+            model_name=getattr(base, "name", ""),
+        )
+        self.wc: WorkingContext | None = None
+        self.allocator = FocusAllocator(config, backend=allocator_backend)
+        self.gist = gist_fn(gistnet)
+        self.tail_size = tail_size(lensnet)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tree.num_tokens
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[n] -> [n, d]``: the base model's token embeddings."""
+        return self.base.embed(ids.cpu())
+
+    # ------------------------------------------------------------------ history
+
+    def ingest(
+        self,
+        ids: torch.Tensor,
+        chunk_tokens: int = 8192,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> WorkingContext | None:
+        """Append ``ids`` (int64 ``[n]``) to the tree in chunks (completed blocks
+        gisted in batches), then rebuild the WC by recency. Returns the WC before."""
+        with self.phase("gist"):
+            for s in range(0, ids.numel(), chunk_tokens):
+                self.tree.append(ids[s : s + chunk_tokens], self.embed, self.gist)
+                if progress is not None:
+                    progress(min(ids.numel(), s + chunk_tokens), ids.numel())
+        old = self.wc
+        self.rebuild()
+        return old
+
+    def append(self, ids: torch.Tensor) -> None:
+        """Append decoded tokens ``ids`` (int64 ``[n]``): the tree gists every block
+        they complete and the WC grows by their LOD0 entries."""
+        assert self.wc is not None
+        with self.phase("gist"):
+            self.tree.append(ids, self.embed, self.gist)
+        self.wc.extend(self.tree.num_tokens)
+
+    def rebuild(self) -> WorkingContext:
+        """Replace the WC by the recency WC of the whole tree within ``W_max``."""
+        cfg = self.config
+        self.wc = WorkingContext.from_tree(self.tree, cfg.w_max, cfg.protected_tokens)
+        return self.wc
+
+    # ------------------------------------------------------------------ focus
+
+    def lens_inputs(self, wc: WorkingContext | None = None) -> tuple[torch.Tensor, ...]:
+        """LensNet's inputs for ``wc`` (default: the current WC), see :func:`lens_inputs`."""
+        wc = self.wc if wc is None else wc
+        assert wc is not None
+        return lens_inputs(self.base, self.tree, wc, self.tail_size)
+
+    @torch.no_grad()
+    def scores(self) -> torch.Tensor:
+        """LensNet's float32 scores ``[N]`` for the current WC (zeros without one)."""
+        assert self.wc is not None
+        if self.lensnet is None:
+            return torch.zeros(len(self.wc), dtype=torch.float32)
+        p = next(self.lensnet.parameters())
+        entries, tail, levels, spans, distance = self.lens_inputs()
+        out = self.lensnet(
+            entries.to(device=p.device, dtype=p.dtype),
+            tail.to(device=p.device, dtype=p.dtype),
+            levels.to(p.device),
+            spans.to(p.device),
+            distance.to(p.device),
+        )
+        return out[0].float().cpu()
+
+    def refocus(self) -> FocusStep:
+        """One iteration: score, allocator step and, when hysteresis held back every
+        collapse an over-budget WC needs, a recency rebuild (``forced``) so the WC
+        never exceeds ``W_max``."""
+        assert self.wc is not None
+        cfg = self.config
+        with self.phase("lens"):
+            scores = self.scores()
+        old_levels, old_nodes = self.wc.levels.clone(), self.wc.nodes.clone()
+        before = {lv: self.allocator.last_changed(lv).clone() for lv in range(1, cfg.levels + 1)}
+        step = self.allocator.step_count
+        cost_before = self.wc.cost
+        with self.phase("allocator"):
+            actions = self.allocator.step(self.wc, scores)
+        residencies = []
+        for a in actions:
+            states = before.get(a.level)
+            last = int(states[a.node]) if states is not None and a.node < len(states) else -1
+            residencies.append(step - max(last, 0))
+        forced = self.wc.cost > cfg.w_max
+        if forced:
+            self.rebuild()
+        self.wc.check(self.tree)
+        return FocusStep(
+            actions=actions,
+            residencies=residencies,
+            forced=forced,
+            cost_before=cost_before,
+            old_levels=old_levels,
+            old_nodes=old_nodes,
+            step=step,
+            scores=scores,
+        )

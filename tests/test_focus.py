@@ -1,0 +1,144 @@
+"""The focus loop (megacontext/focus.py): one loop under the runtime and the trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import megacontext as mc
+from megacontext.cache import MegaContextCache
+from megacontext.focus import FocusLoop, lens_tail
+from megacontext.nll import nll_after
+from megacontext.train.rollout import rollout
+
+
+def _cfg(**kw):
+    base = dict(
+        model="tiny-llama",
+        block_size=8,
+        levels=2,
+        w_max=40,
+        horizon=8,
+        tau_expand=0.0,
+        tau_collapse=0.0,
+        cooldown_steps=0,
+        min_residency=0,
+    )
+    return mc.MegaContextConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("tail", [1, 3, 9])
+def test_non_default_tail_size_in_session_and_rollout(tiny_base, tail):
+    """LensNet's tail size comes from its own config: a LensNet with tail_size != 6
+    scores in a Session and in the trainer's rollout, and both stay equal."""
+    cfg = _cfg()
+    torch.manual_seed(0)
+    lens = mc.LensNet(tiny_base.dim, d_lens=32, heads=2, tail_size=tail)
+    w = torch.randint(0, 1000, (160 + 3 * 8 + 8,), generator=torch.Generator().manual_seed(2))
+    _, snaps = rollout(tiny_base, None, lens, cfg, w, 160, 3, 8)
+    session = mc.MegaContext(tiny_base, None, lens, cfg, allocator_backend="python").session()
+    session.ingest(w[:160])
+    assert session.focus.lens_inputs()[1].shape == (1, tail, tiny_base.dim)
+    for i, s in enumerate(snaps):
+        session.feed(w[160 + 8 * i : 168 + 8 * i])
+        assert torch.equal(session.wc.levels.long(), s.levels.long())
+        assert torch.equal(session.wc.nodes.long(), s.nodes.long())
+
+
+def test_lens_tail_layout(tiny_base):
+    """Row 0: the newest gist of the highest level that has one; the last rows: the
+    newest LOD1 gists, oldest first; zeros elsewhere; a lagging cursor reads only the
+    gists complete at that cursor."""
+    loop = FocusLoop(tiny_base, None, None, _cfg())
+    loop.ingest(torch.arange(100))  # 12 LOD1 gists, 1 LOD2 gist
+    g1, g2 = loop.tree.gists(1), loop.tree.gists(2)
+    t = lens_tail(tiny_base, loop.tree, 100, 5)
+    assert torch.equal(t[0], g2[0].to(t.dtype))
+    assert torch.equal(t[1:], g1[8:12].to(t.dtype))
+    t = lens_tail(tiny_base, loop.tree, 24, 6)  # 3 LOD1 gists, no LOD2 yet
+    assert torch.equal(t[0], g1[2].to(t.dtype))
+    assert not t[1:3].any()
+    assert torch.equal(t[3:], g1[0:3].to(t.dtype))
+
+
+def test_session_and_rollout_share_one_loop(tiny_base):
+    """A Session's focus state is its FocusLoop's: no copy to keep in step."""
+    session = mc.MegaContext(tiny_base, None, None, _cfg()).session()
+    session.ingest(torch.arange(50))
+    assert isinstance(session.focus, FocusLoop)
+    assert session.tree is session.focus.tree and session.wc is session.focus.wc
+    assert session.allocator is session.focus.allocator
+
+
+class _GistsUp(torch.nn.Module):
+    """Scores every gist up and every token down: the allocator keeps changing nodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, entries, tail, levels, span, distance, mask=None):
+        return torch.where(levels > 0, 0.9, -0.9).float() + 0 * self.w
+
+
+def test_refocus_reports_a_forced_rebuild(tiny_base):
+    """Hysteresis holding back every needed collapse rebuilds the WC by recency and
+    says so; the WC stays within W_max."""
+    cfg = _cfg(min_residency=1000, cooldown_steps=1000)
+    loop = FocusLoop(tiny_base, None, _GistsUp(), cfg, allocator_backend="python")
+    loop.ingest(torch.arange(160))
+    loop.refocus()
+    forced = []
+    for b in range(8):
+        loop.append(torch.arange(160 + 8 * b, 168 + 8 * b))
+        res = loop.refocus()
+        assert loop.wc.cost <= cfg.w_max
+        assert res.cost_before == len(res.old_levels) and res.changed
+        forced.append(res.forced)
+    assert any(forced) and not all(forced)
+
+
+def test_nll_after_rows_equal_single_rows_and_log_probs(tiny_base):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 1000, (40,), generator=g)
+    emb = tiny_base.embed(ids)
+    rows = [(emb[:30], torch.arange(30)), (emb[10:30], torch.arange(10, 30))]
+    tgt = [ids[30:36], ids[30:36]]
+    nll = nll_after(tiny_base, rows, tgt, [30, 30])
+    logp = nll_after(tiny_base, rows, tgt, [30, 30], log_probs=True)
+    assert nll.shape == (2, 6) and logp.shape[:2] == (2, 6)
+    torch.testing.assert_close(nll, -logp.gather(-1, ids[30:36].expand(2, 6)[..., None])[..., 0])
+    for r in range(2):
+        single = nll_after(tiny_base, [rows[r]], [tgt[r]], [30])[0]
+        torch.testing.assert_close(nll[r], single, rtol=1e-4, atol=1e-4)
+    full = tiny_base.model(input_ids=ids[None, :35]).logits[0, 29:35].float().log_softmax(-1)
+    ref = -full.gather(-1, ids[30:36, None])[:, 0]
+    torch.testing.assert_close(nll[0], ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(mc.InputError, match="same H"):
+        nll_after(tiny_base, rows, [ids[30:36], ids[30:35]], [30, 30])
+
+
+def test_cache_stack_names_the_mismatched_field(tiny_base):
+    a = MegaContextCache.for_model(tiny_base.model, batch_size=1, capacity=40)
+    b = MegaContextCache.for_model(tiny_base.model, batch_size=1, capacity=48)
+    with pytest.raises(mc.InputError, match="capacity=48"):
+        MegaContextCache.stack([a, b])
+    two = MegaContextCache.for_model(tiny_base.model, batch_size=2, capacity=40)
+    with pytest.raises(mc.InputError, match="batch_size=2"):
+        MegaContextCache.stack([a, two])
+    with pytest.raises(mc.ConfigError, match="capacity=0") as err:
+        MegaContextCache(2, 2, 8, 1, 0)
+    assert err.value.field == "capacity"
+
+
+def test_with_config_carries_every_field(tiny_base):
+    lens = mc.LensNet(tiny_base.dim, d_lens=32, heads=2)
+    system = mc.MegaContext(tiny_base, None, lens, _cfg(), allocator_backend="python")
+    other = system.with_config(w_max=48)
+    assert other.config.w_max == 48 and other.config.block_size == system.config.block_size
+    assert other.base is tiny_base and other.lensnet is lens and other.gistnet is None
+    assert other.allocator_backend == "python"
+    assert system.config.w_max == 40  # the original is unchanged
+    assert system.with_config(lensnet=None).lensnet is None
+    with pytest.raises(mc.ConfigError, match="w_max"):
+        system.with_config(w_max=-1)
