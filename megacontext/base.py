@@ -23,8 +23,6 @@ import hashlib
 import importlib.util
 import inspect
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ._atomic import atomic_replace_dir
 from .errors import ModelNotAvailableError, UnsupportedModelError
 
 __all__ = [
@@ -224,20 +223,17 @@ def _smollm2_cache() -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished first; its copy is equivalent.
-            if not (target / "model.safetensors").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    try:
+        atomic_replace_dir(target, fill, overwrite=False)
+    except OSError:
+        # Another process finished first; its copy is equivalent.
+        if not (target / "model.safetensors").is_file():
+            raise
     return target
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from ._atomic import atomic_write_text
 from .errors import ConfigError
 
 __all__ = ["MegaContextConfig"]
@@ -130,18 +130,7 @@ class MegaContextConfig(BaseModel):
         """Write the config atomically (temp file + rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(self.model_dump(), sort_keys=False)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, yaml.safe_dump(self.model_dump(), sort_keys=False))
 
 
 def config_error(exc: ValidationError, data: dict[str, Any], owner: str = "") -> ConfigError:

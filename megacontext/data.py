@@ -34,8 +34,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 import tokenize
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from ._atomic import atomic_replace_dir
 from .errors import InputError, StorageError
 
 __all__ = [
@@ -568,21 +567,6 @@ def _is_complete(root: Path, manifest: dict[str, Any]) -> bool:
     return True
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by ``tmp`` with renames only (``out`` stays whole until the swap)."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / out.name)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            os.rename(old / out.name, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def build_shards(
     sources: Sequence[str | Path],
     out: str | Path,
@@ -701,9 +685,9 @@ def build_shards(
         if old is not None and old.get("fingerprint") == fingerprint and _is_complete(out, old):
             return old
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    result: dict[str, Any] = {}
+
+    def fill(tmp: Path) -> None:
         manifest = _write_all(tmp, docs, tokenizer, seed, val_fraction, shard_tokens, progress)
         manifest = {
             "format": FORMAT,
@@ -721,14 +705,11 @@ def build_shards(
         }
         text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
         (tmp / "manifest.json").write_text(text, encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        result["manifest"] = manifest
+
+    # ``out`` stays whole until the final rename
+    atomic_replace_dir(out, fill, overwrite=True)
+    return result["manifest"]
 
 
 def _write_all(

@@ -36,15 +36,14 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ._atomic import atomic_replace_dir, atomic_write_bytes
 from .errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
@@ -202,28 +201,11 @@ def read_metadata(directory: str) -> dict[str, Any]:
     return meta
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_metadata(directory: str, meta: dict[str, Any]) -> None:
     """Replace ``metadata.json`` atomically: temp file, fsync, rename, fsync dir."""
-    fd, tmp = tempfile.mkstemp(prefix=".metadata.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(meta, indent=2).encode("utf-8") + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, METADATA))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    atomic_write_bytes(
+        os.path.join(directory, METADATA), json.dumps(meta, indent=2).encode("utf-8") + b"\n"
+    )
 
 
 class _FileLevel:
@@ -496,11 +478,9 @@ def save_tree(tree: MegaContextTree, path: str | os.PathLike[str], overwrite: bo
     exists = os.path.lexists(target)
     if exists and not (os.path.isdir(target) and not os.listdir(target)) and not overwrite:
         raise _err(target, "path", "already exists (pass overwrite=True to replace it)")
-    parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
-        code = _CODE_OF_TORCH[tree.dtype]
+    code = _CODE_OF_TORCH[tree.dtype]
+
+    def fill(tmp: Any) -> None:
         for level in range(tree.levels + 1):
             header = Header(
                 level, tree.block_size, tree.dim, 0 if level == 0 else code, tree.model_name
@@ -511,23 +491,7 @@ def save_tree(tree: MegaContextTree, path: str | os.PathLike[str], overwrite: bo
                 f.write(header.pack())
                 for i in range(0, flat.size, _COPY_CHUNK):
                     f.write(np.ascontiguousarray(flat[i : i + _COPY_CHUNK]).data)
-                f.flush()
-                os.fsync(f.fileno())
-        _write_metadata(tmp, _metadata_of(tree))
-        if exists:
-            aside = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rename(target, os.path.join(aside, name))
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(os.path.join(aside, name), target)  # put the old tree back
-                os.rmdir(aside)
-                raise
-            _fsync_dir(parent)
-            shutil.rmtree(aside)
-        else:
-            os.rename(tmp, target)
-            _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_metadata(str(tmp), _metadata_of(tree))
+
+    # the checks above allow an existing target only when it may be replaced
+    atomic_replace_dir(target, fill, overwrite=True)

@@ -48,7 +48,6 @@ import os
 import platform
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -58,6 +57,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ._atomic import atomic_write, atomic_write_bytes
 from ._version import __version__
 from .errors import BackendUnavailableError, ConfigError, StorageError
 
@@ -222,34 +222,6 @@ def _validate_action(row: Mapping[str, Any], defaults: Mapping[str, Any]) -> dic
 # ------------------------------------------------------------------------- files
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(fileobj)`` into a temp file beside ``path``, fsync, rename over ``path``.
-
-    On any failure the temp file is removed and ``path`` is untouched.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; runs are meant to be shared
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _parts(directory: Path) -> list[tuple[int, Path]]:
     if not directory.is_dir():
         return []
@@ -364,7 +336,7 @@ class Telemetry:
                 "argv": list(sys.argv),
             }
         text = json.dumps(self.meta, indent=2, default=str).encode("utf-8") + b"\n"
-        _atomic_write(meta_path, lambda f: f.write(text))
+        atomic_write_bytes(meta_path, text)
 
         self._wandb_run = None
         if wandb_mod is not None:
@@ -452,7 +424,7 @@ class Telemetry:
         number = self._next_part[name]
         path = self.run_dir / name / f"part-{number:05d}.parquet"
         try:
-            _atomic_write(path, lambda f: pq.write_table(table, f))
+            atomic_write(path, lambda p: pq.write_table(table, p))
         except OSError as exc:
             raise StorageError(f"telemetry: could not write {path}: {exc}", path=str(path)) from exc
         self._next_part[name] = number + 1
@@ -755,9 +727,6 @@ def plot_run(run_dir: str | os.PathLike[str], out_png: str | os.PathLike[str]) -
     if steps.min() == steps.max():  # one iteration: give the lone points some room
         axes[4].set_xlim(int(steps.min()) - 1, int(steps.max()) + 1)
 
-    def save(f: Any) -> None:
-        fig.savefig(f, format="png", dpi=100)
-
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_png, save)
+    atomic_write(out_png, lambda p: fig.savefig(p, format="png", dpi=100))
     return out_png

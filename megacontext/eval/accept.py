@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from typing import Any
 
 import torch
 
+from .._atomic import atomic_write_text
 from ..errors import InputError
 
 __all__ = ["BARS", "Criterion", "all_passed", "run_acceptance", "write_report"]
@@ -337,7 +337,4 @@ def write_report(criteria: list[Criterion], path: Path, header: str) -> Path:
     lines += ["", *[f"- {c.name}: {c.detail}" for c in criteria]]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")

@@ -9,13 +9,13 @@ are the defaults here; ``configs/train-tiny.yaml`` shrinks them for CPU demos.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .._atomic import atomic_write_text
 from ..config import MegaContextConfig
 from ..errors import ConfigError
 
@@ -170,15 +170,7 @@ class TrainConfig(_Strict):
         """Write the resolved config atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                yaml.safe_dump(self.dump(), fh, sort_keys=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, yaml.safe_dump(self.dump(), sort_keys=False))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

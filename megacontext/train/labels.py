@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._atomic import atomic_write
 from ..config import MegaContextConfig
 from ..errors import StorageError
 from .forward import forward_rows, kl_per_position, wc_embeddings, wc_positions
@@ -260,15 +260,7 @@ def write_labels(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -
     if missing:
         raise StorageError(f"{path}: label rows lack columns {missing}", path=str(path))
     table = pa.Table.from_pylist([{k: r[k] for k in LABEL_COLUMNS} for r in rows], schema=schema)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_labels(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
