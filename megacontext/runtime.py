@@ -39,6 +39,7 @@ from . import profiling
 from .allocator import Action, FocusAllocator
 from .base import Base, cache_kwarg, load_base
 from .cache import MegaContextCache
+from .checkpoint import read_checkpoint
 from .config import MegaContextConfig
 from .errors import ConfigError, InputError, InvariantError, StorageError
 from .focus import FocusLoop, FocusStep
@@ -147,10 +148,10 @@ class MegaContext:
         cls, path: str | os.PathLike[str], base: Base | None = None, device: str | None = None
     ) -> MegaContext:
         """The system saved in a trainer checkpoint directory (GistNet, LensNet and the
-        base model's LoRA adapter); see :func:`megacontext.train.load_checkpoint`."""
-        from .train.checkpoint import load_checkpoint
-
-        return load_checkpoint(path, base=base, device=device)
+        base model's LoRA adapter); see :func:`megacontext.checkpoint.read_checkpoint`.
+        ``base``: a loaded base model without adapters (default: loaded by name)."""
+        parts = read_checkpoint(path, base=base, device=device)
+        return cls(parts.base, parts.gistnet, parts.lensnet, parts.config)
 
     def batch(self, sessions: Sequence[Session]) -> SessionBatch:
         """Decode ``sessions`` together (one forward per step); see :class:`SessionBatch`."""

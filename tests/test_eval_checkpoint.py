@@ -19,10 +19,9 @@ from megacontext.cli import app
 from megacontext.eval import accept as acc
 from megacontext.eval.peers import full_view, view_nll
 from megacontext.eval.suites import compare_methods
+from megacontext.lora import LoraConfig, has_lora, inject_lora, save_lora
 from megacontext.train import load_train_config
 from megacontext.train.checkpoint import write_checkpoint
-from megacontext.train.config import LoraConfig
-from megacontext.train.lora import has_lora, inject_lora, save_lora
 
 TINY = "configs/train-tiny.yaml"
 
@@ -114,3 +113,32 @@ def test_cli_eval_checkpoint(checkpoint, tmp_path, monkeypatch):
     assert wrong.exit_code != 0 and "tiny-llama" in wrong.output
     missing = CliRunner().invoke(app, [*args, "--checkpoint", str(tmp_path / "nope")])
     assert missing.exit_code != 0 and "nope" in missing.output
+
+
+def test_one_reader_for_runtime_and_trainer(checkpoint, tiny_base, tmp_path):
+    """``MegaContext.from_checkpoint`` and ``megacontext.train.load_checkpoint`` read
+    through the one reader; a bad ``config.yaml`` is refused naming the file."""
+    import shutil
+
+    from megacontext.checkpoint import read_checkpoint
+    from megacontext.train import load_checkpoint
+    from megacontext.train.labels import module_hash
+
+    def fresh() -> Base:
+        return Base(model=copy.deepcopy(tiny_base.model), tokenizer=tiny_base.tokenizer, name="t")
+
+    parts = read_checkpoint(checkpoint, base=fresh())
+    a = mc.MegaContext.from_checkpoint(checkpoint, base=fresh())
+    b = load_checkpoint(checkpoint, base=fresh())
+    for system in (a, b):
+        assert module_hash(system.gistnet) == module_hash(parts.gistnet)
+        assert module_hash(system.lensnet) == module_hash(parts.lensnet)
+        assert system.config == parts.config and has_lora(system.base.model)
+    assert parts.config.w_max == load_train_config(TINY).mc_config().w_max
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    text = (bad / "config.yaml").read_text()
+    (bad / "config.yaml").write_text(text + "\nmegacontext:\n  block_size: 33\n")
+    with pytest.raises(mc.ConfigError, match=r"config\.yaml.*block_size") as err:
+        read_checkpoint(bad, base=fresh())
+    assert err.value.field == "megacontext.block_size"

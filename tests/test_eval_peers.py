@@ -9,9 +9,8 @@ import torch
 
 import megacontext as mc
 from megacontext.errors import InputError
+from megacontext.eval.methods import build_view, peer_names
 from megacontext.eval.peers import (
-    METHODS,
-    build_view,
     infllm_view,
     streaming_view,
     untrained_system,
@@ -53,7 +52,7 @@ def test_every_peer_reads_w_entries_and_the_same_targets(base, system, data):
     rows = compare_methods(base, hist, tgt, W, system=system)
     by = {r["method"]: r for r in rows}
     # untrained system: mean-pool gists, so mc_meanpool is the system itself
-    assert set(by) == set(METHODS) - {"mc_meanpool"}
+    assert set(by) == set(peer_names()) - {"mc_meanpool"}
     assert by["full"]["entries"] == T
     for m in ("truncation", "streaming", "infllm"):
         assert by[m]["entries"] == W, m

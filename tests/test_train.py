@@ -13,6 +13,7 @@ import torch
 
 import megacontext as mc
 from megacontext.base import Base
+from megacontext.lora import LoraConfig, inject_lora, lora_parameters, lora_targets
 from megacontext.telemetry import read_run
 from megacontext.train import Trainer, load_train_config
 from megacontext.train.checkpoint import (
@@ -21,10 +22,8 @@ from megacontext.train.checkpoint import (
     load_checkpoint,
     write_checkpoint,
 )
-from megacontext.train.config import LoraConfig
 from megacontext.train.forward import forward_rows, full_context_logp, wc_embeddings, wc_positions
 from megacontext.train.labels import module_hash
-from megacontext.train.lora import inject_lora, lora_parameters, lora_targets
 from megacontext.train.phases import boundary_weights, lora_loss
 from megacontext.train.rollout import rollout
 from megacontext.train.trainer import cosine_lambda

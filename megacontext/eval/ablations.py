@@ -6,7 +6,8 @@ Each variant is a fresh :class:`~megacontext.runtime.Session` of a
 It ingests the same ``history`` (``T`` tokens) at the same budget ``W`` and then
 decodes the same continuation ``c`` (``F`` tokens) teacher-forced through
 :meth:`Session.feed`, refocusing every block of ``K`` tokens (``F / K`` refocus
-iterations). Variants (:data:`VARIANTS`):
+iterations). Variants (the :class:`~megacontext.eval.methods.Variant` classes of
+the method registry, :data:`VARIANTS` the built-in ones):
 
 - ``noncausal``: the system's LensNet as given, the system's allocator settings;
 - ``causal``: a causal LensNet (``causal=True``, see :mod:`megacontext.lensnet`):
@@ -47,9 +48,8 @@ The causal bar (the guide): ``rel = (ΔNLL_causal − ΔNLL_noncausal) / |ΔNLL_
 from __future__ import annotations
 
 import math
-import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,13 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .peers import full_view, view_nll
+from ..lensnet import LensNet
+from ..runtime import MegaContext
+from ..telemetry import residency_histogram
+from .common import SIZES, Log, add_derived, log_default, sweep_documents
+from .methods import GroupRandomLens, Variant, causal_twin, get, variant_names
+from .peers import full_view, truncation_view, view_nll
+from .tables import by, ci, fmt, mean, pyplot, recovered_of_means, save_figure, table, vals
 
 __all__ = [
     "CAUSAL_BAR",
@@ -75,18 +81,10 @@ __all__ = [
     "variant_system",
 ]
 
-VARIANTS = ("noncausal", "causal", "no_hysteresis", "recency", "random", "random_no_hysteresis")
-LENS_VARIANTS = ("noncausal", "causal", "no_hysteresis")
+VARIANTS = tuple(variant_names())  # the built-in variants, in registry order
 CAUSAL_BAR = 0.03  # the guide: the non-causal LensNet >= 3% lower ΔNLL@H than the causal one
 SWAP_BAR = 0.25  # the guide: swap rate <= 0.25 actions per block
 RESIDENCY_BAR = 3.0  # the guide: mean residency >= 3 iterations
-
-Log = Callable[[str], None]
-
-
-def _log_default(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 # ------------------------------------------------------------------ metrics
 
@@ -147,8 +145,6 @@ def truncation_nll(
     block's own tokens). One forward per block, every key recomputed from its window
     only (a banded mask in one forward would not be truncation: in later layers a
     key carries context from before the window)."""
-    from .peers import truncation_view
-
     history = torch.as_tensor(history, dtype=torch.long).flatten().cpu()
     cont = torch.as_tensor(continuation, dtype=torch.long).flatten().cpu()
     if cont.numel() == 0:
@@ -167,53 +163,12 @@ def truncation_nll(
 # ------------------------------------------------------------------ variants
 
 
-class GroupRandomLens(torch.nn.Module):
-    """A seeded random focus scorer that exercises the allocator: every step draws
-    ``u ~ U[-1, 1]`` per *sibling group* (the ``bs`` children of one parent) and gives
-    it to every entry of the group, so a collapse candidate's mean score is ``u``
-    itself and an expand candidate's score is its group's ``u``. (Independent
-    per-entry scores, as in the positional check, average to ≈ 0 ± 0.1 over 32
-    children: thresholded collapses almost never happen, and near a full budget no
-    expand fits without one, so the allocator would only see budget-forced
-    collapses.) Groups are found from the entries' spans alone: the WC tiles the
-    history, so ``start = cumsum(span) − span`` and the group of an entry of span
-    ``s`` is ``(s, start // (s · bs))``."""
-
-    def __init__(self, seed: int, block_size: int = 32) -> None:
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.block_size = block_size
-
-    def forward(self, entries, tail, levels, spans, distance):
-        span = spans[0].cpu().long()
-        start = torch.cumsum(span, 0) - span
-        key = torch.stack([span, start // (span * self.block_size)], 1)
-        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
-        u = torch.rand(uniq.shape[0], generator=self.gen) * 2 - 1
-        return u[inverse][None].to(self.anchor.dtype)
-
-
-def causal_twin(lensnet: Any) -> Any:
-    """The same LensNet weights run as the causal variant (``causal=True``)."""
-    from ..lensnet import LensNet, LensNetConfig
-
-    cfg = LensNetConfig(**{**lensnet.config.model_dump(), "causal": True})
-    twin = LensNet(config=cfg)
-    twin.load_state_dict(lensnet.state_dict())  # strict: the variants share parameters
-    p = next(lensnet.parameters())
-    return twin.to(device=p.device, dtype=p.dtype).eval()
-
-
 def load_causal(path: str | Path, system: Any) -> tuple[Any, str]:
     """The causal variant's focus: ``(module, source)``. ``path`` is a LensNet
     ``.safetensors`` (swapped into ``system``: its GistNet and base stay) or a trainer
     checkpoint directory (that whole system: its GistNet, LensNet and LoRA adapter,
     on its own copy of the base model, see :func:`megacontext.train.load_checkpoint`).
     Raises InputError when the LensNet is not causal."""
-    from ..lensnet import LensNet
-    from ..runtime import MegaContext
-
     path = Path(path)
     if path.is_dir():
         out: Any = MegaContext.from_checkpoint(path)
@@ -237,31 +192,17 @@ def load_causal(path: str | Path, system: Any) -> tuple[Any, str]:
 def variant_system(
     system: Any, variant: str, budget: int, *, causal_lens: Any = None, seed: int = 0
 ) -> Any:
-    """The :class:`MegaContext` of ``variant`` at ``w_max = budget``: the system's
-    base, GistNet and config, with the variant's scorer and hysteresis. ``causal_lens``
+    """The :class:`MegaContext` of the registered variant ``variant`` at ``w_max =
+    budget`` (:meth:`megacontext.eval.methods.Variant.build`): the system's base,
+    GistNet and config, with the variant's scorer and hysteresis. ``causal_lens``
     (variant ``causal``): a causal LensNet, or a whole causal :class:`MegaContext`
     whose base and GistNet are then used too (:func:`load_causal`)."""
-    from ..runtime import MegaContext
-
-    if variant not in VARIANTS:
-        raise InputError(f"unknown ablation variant {variant!r}; expected one of {VARIANTS}")
-    changes: dict[str, Any] = {"w_max": int(budget)}
-    if variant.endswith("no_hysteresis"):
-        changes |= {"cooldown_steps": 0, "min_residency": 0}
-    if variant in ("noncausal", "no_hysteresis"):
-        lens = system.lensnet
-    elif variant == "causal":
-        lens = causal_lens if causal_lens is not None else causal_twin(system.lensnet)
-    elif variant == "recency":
-        lens = None
-    else:
-        lens = GroupRandomLens(seed, system.config.block_size)
-    if variant in LENS_VARIANTS and system.lensnet is None:
-        raise InputError(f"ablation variant {variant!r} needs a system with a LensNet")
-    base, gistnet = system.base, system.gistnet
-    if isinstance(lens, MegaContext):  # a whole causal checkpoint
-        base, gistnet, lens = lens.base, lens.gistnet, lens.lensnet
-    return system.with_config(base=base, gistnet=gistnet, lensnet=lens, **changes)
+    if variant not in variant_names():
+        raise InputError(
+            f"unknown ablation variant {variant!r}; expected one of {tuple(variant_names())}"
+        )
+    v: Variant = get(variant, Variant)  # type: ignore[assignment]
+    return v.build(system, budget, causal_lens=causal_lens, seed=seed)
 
 
 @torch.no_grad()
@@ -306,8 +247,6 @@ def run_variant(
     """Ingest ``history`` into a fresh session of ``mcx``, feed ``continuation``
     teacher-forced; returns the metrics row (decode phase only, see the module doc)
     and the session's per-iteration telemetry rows of the decode phase."""
-    from ..telemetry import residency_histogram
-
     s = mcx.session()
     t0 = time.perf_counter()
     s.ingest(history)
@@ -371,7 +310,7 @@ def ablation_suite(
     size: str = "small",
     *,
     telemetry: list[dict[str, Any]] | None = None,
-    log: Log = _log_default,
+    log: Log = log_default,
     causal_lensnet: str | Path | None = None,
     variants: Sequence[str] | None = None,
     seed: int = 0,
@@ -382,20 +321,19 @@ def ablation_suite(
     One row per (document, variant) plus the ``full`` and ``truncation`` reference
     rows; ``causal_lensnet``: a trained causal LensNet ``.safetensors`` or a causal
     trainer checkpoint directory (:func:`load_causal`)."""
-    from .suites import SIZES, add_derived, sweep_documents
-
     if size not in SIZES or "ablation" not in SIZES[size]:
         raise InputError(f"unknown ablation size {size!r}; expected one of {list(SIZES)}")
     cfg = SIZES[size]["ablation"]
-    names = list(VARIANTS if variants is None else variants)
-    bad = [v for v in names if v not in VARIANTS]
+    known = variant_names()
+    names = list(known if variants is None else variants)
+    bad = [v for v in names if v not in known]
     if bad:
-        raise InputError(f"unknown ablation variants {bad}; expected some of {list(VARIANTS)}")
+        raise InputError(f"unknown ablation variants {bad}; expected some of {known}")
     if system.lensnet is None:
-        dropped = [v for v in names if v in LENS_VARIANTS]
+        dropped = [v for v in names if get(v, Variant).needs_lens]  # type: ignore[attr-defined]
         if dropped:
             log(f"ablation: the system has no LensNet; skipping {dropped}")
-        names = [v for v in names if v not in LENS_VARIANTS]
+        names = [v for v in names if v not in dropped]
     elif getattr(system.lensnet, "config", None) is not None and system.lensnet.config.causal:
         raise InputError(
             "the system's LensNet is causal; the 'noncausal' variant needs one that is not"
@@ -452,9 +390,7 @@ def ablation_suite(
 
 
 def _plot(rows: list[dict], names: list[str], path: Path) -> None:
-    from .report import _atomic_bytes, _by, _mean, _plt, _vals
-
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10.4, 7.2))
     x = np.arange(len(names))
     colors = [f"C{i}" for i in range(len(names))]
@@ -470,7 +406,7 @@ def _plot(rows: list[dict], names: list[str], path: Path) -> None:
         ),
     )
     for ax, key, ylabel, bar, title in panels:
-        ys = [_mean(_vals(_by(rows, method=v), key)) for v in names]
+        ys = [mean(vals(by(rows, method=v), key)) for v in names]
         ax.bar(x, [y if math.isfinite(y) else 0.0 for y in ys], color=colors)
         if bar is not None:
             ax.axhline(bar, color="r", ls="--", lw=0.8, label=f"guide: {bar:g}")
@@ -481,7 +417,7 @@ def _plot(rows: list[dict], names: list[str], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="y")
     ax = axes[1, 1]
-    hists = {v: _pooled_hist(_by(rows, method=v)) for v in names}
+    hists = {v: _pooled_hist(by(rows, method=v)) for v in names}
     bins = _bin_labels(max((len(h) for h in hists.values()), default=0))
     width = 0.8 / max(len(names), 1)
     for i, v in enumerate(names):
@@ -494,8 +430,7 @@ def _plot(rows: list[dict], names: list[str], path: Path) -> None:
     ax.set_title("residency histogram (decode phase, all documents)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _atomic_bytes(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _bin_labels(n: int) -> list[str]:
@@ -553,15 +488,13 @@ def _paired_token_diff(a: list[dict], b: list[dict]) -> tuple[float, float, int]
 
 
 def _scores_table(ar: list[dict], names: list[str], lines: list[str]) -> None:
-    from .report import _by, _mean, _table, _vals
-
     keys = [f"{p}_{k}" for p in ("ingest", "end") for k in ("token_mean", "gist_max", "group_min")]
     body = []
     for v in names:
-        g = _by(ar, method=v)
-        if not any(_vals(g, k) for k in keys):
+        g = by(ar, method=v)
+        if not any(vals(g, k) for k in keys):
             continue
-        body.append([v] + [_fmt(_mean(_vals(g, k))) for k in keys])
+        body.append([v] + [_fmt(mean(vals(g, k))) for k in keys])
     if not body:
         return
     r = next(x for x in ar if x.get("tau_expand") is not None)
@@ -578,7 +511,7 @@ def _scores_table(ar: list[dict], names: list[str], lines: list[str]) -> None:
         for p in ("ingest", "end")
         for k in ("token mean", "best expand", "best collapse")
     ]
-    lines += [*_table(header, body), ""]
+    lines += [*table(header, body), ""]
 
 
 def _fmt(x: float) -> str:
@@ -588,12 +521,10 @@ def _fmt(x: float) -> str:
 def report_section(rows: list[dict], tel: list[dict], out: Path, lines: list[str]) -> None:
     """The report's "Focus ablations" section (a table per variant, the causal
     verdict, per-document ΔNLL, residency histograms) and ``ablation.png``."""
-    from .report import _by, _ci, _f, _mean, _recovered_of_means, _table, _vals
-
-    ar = _by(rows, suite="ablation")
+    ar = by(rows, suite="ablation")
     if not ar:
         return
-    names = [v for v in VARIANTS if _by(ar, method=v)]
+    names = [v for v in variant_names() if by(ar, method=v)]
     docs = sorted({r["doc"] for r in ar})
     r0 = ar[0]
     window = next((r["pingpong_window"] for r in ar if r.get("pingpong_window") is not None), None)
@@ -631,36 +562,36 @@ def report_section(rows: list[dict], tel: list[dict], out: Path, lines: list[str
     ]
     body = []
     for m in ("full", "truncation"):
-        g = _by(ar, method=m)
+        g = by(ar, method=m)
         if g:
             body.append(
-                [m, "–", "–", f"{_mean(_vals(g, 'nll')):.3f}", _ci(_vals(g, "delta_nll"))]
+                [m, "–", "–", f"{mean(vals(g, 'nll')):.3f}", ci(vals(g, "delta_nll"))]
                 + ["–"] * (len(header) - 5)
             )
     for v in names:
-        g = _by(ar, method=v)
-        gaps = _vals(g, "min_flip_gap")
+        g = by(ar, method=v)
+        gaps = vals(g, "min_flip_gap")
         body.append(
             [
                 v,
                 str(g[0].get("scorer")),
                 f"{g[0].get('cooldown_steps')}/{g[0].get('min_residency')}",
-                f"{_mean(_vals(g, 'nll')):.3f}",
-                _ci(_vals(g, "delta_nll")),
-                _f(_recovered_of_means(g)),
-                str(int(sum(_vals(g, "actions")))),
-                _f(_mean(_vals(g, "swap_rate"))),
-                _f(_mean(_vals(g, "mean_residency")), 2),
-                str(int(sum(_vals(g, "flip_backs")))),
-                str(int(sum(_vals(g, "pingpong")))),
+                f"{mean(vals(g, 'nll')):.3f}",
+                ci(vals(g, "delta_nll")),
+                fmt(recovered_of_means(g)),
+                str(int(sum(vals(g, "actions")))),
+                fmt(mean(vals(g, "swap_rate"))),
+                fmt(mean(vals(g, "mean_residency")), 2),
+                str(int(sum(vals(g, "flip_backs")))),
+                str(int(sum(vals(g, "pingpong")))),
                 str(int(min(gaps))) if gaps else "–",
                 *_budget_floor(g, tel),
-                _f(sum(_vals(g, "expand_mass")), 0),
-                _f(sum(_vals(g, "collapse_mass")), 0),
-                str(int(sum(_vals(g, "forced_rebuilds")))),
+                fmt(sum(vals(g, "expand_mass")), 0),
+                fmt(sum(vals(g, "collapse_mass")), 0),
+                str(int(sum(vals(g, "forced_rebuilds")))),
             ]
         )
-    lines += [*_table(header, body), ""]
+    lines += [*table(header, body), ""]
     lines.append(
         "Swaps/block and mean residency are means over documents; actions, flip-backs, "
         "ping-pongs, masses and rebuilds are totals. Budget-floor collapses: the fewest "
@@ -671,9 +602,9 @@ def report_section(rows: list[dict], tel: list[dict], out: Path, lines: list[str
         f"≤ {SWAP_BAR} actions per block, mean residency ≥ {RESIDENCY_BAR:g} iterations."
     )
     lines.append("")
-    nc, ca = _by(ar, method="noncausal"), _by(ar, method="causal")
+    nc, ca = by(ar, method="noncausal"), by(ar, method="causal")
     if nc and ca:
-        dn, dc = _mean(_vals(nc, "delta_nll")), _mean(_vals(ca, "delta_nll"))
+        dn, dc = mean(vals(nc, "delta_nll")), mean(vals(ca, "delta_nll"))
         rel = causal_rel(dc, dn)
         verdict = "PASS" if math.isfinite(rel) and rel >= CAUSAL_BAR else "FAIL"
         src = ca[0].get("causal_source")
@@ -690,32 +621,32 @@ def report_section(rows: list[dict], tel: list[dict], out: Path, lines: list[str
         )
         diff = _paired_token_diff(ca, nc)
         if diff is not None:
-            mean, se, n = diff
+            avg, se, n = diff
             lines.append(
                 f"Paired per-token NLL difference causal − non-causal over the {n} fed "
-                f"tokens: {mean:+.4f} ± {se:.4f} nats (mean ± standard error; tokens of "
+                f"tokens: {avg:+.4f} ± {se:.4f} nats (mean ± standard error; tokens of "
                 "one document are correlated, so this understates the uncertainty)."
             )
         lines.append("")
     _scores_table(ar, names, lines)
     body = []
     for doc in docs:
-        g = {r["method"]: r for r in _by(ar, doc=doc)}
+        g = {r["method"]: r for r in by(ar, doc=doc)}
         row = [doc] + [
-            _f(g[m].get("delta_nll"), 4) if m in g else "–" for m in ["truncation", *names]
+            fmt(g[m].get("delta_nll"), 4) if m in g else "–" for m in ["truncation", *names]
         ]
         if "causal" in g and "noncausal" in g:
-            row.append(_f(causal_rel(g["causal"]["delta_nll"], g["noncausal"]["delta_nll"])))
+            row.append(fmt(causal_rel(g["causal"]["delta_nll"], g["noncausal"]["delta_nll"])))
         else:
             row.append("–")
         body.append(row)
     lines += ["ΔNLL per document:", ""]
-    lines += [*_table(["document", "truncation", *names, "causal rel"], body), ""]
-    hists = {v: _pooled_hist(_by(ar, method=v)) for v in names}
+    lines += [*table(["document", "truncation", *names, "causal rel"], body), ""]
+    hists = {v: _pooled_hist(by(ar, method=v)) for v in names}
     bins = _bin_labels(max((len(h) for h in hists.values()), default=0))
     if bins:
         body = [[v] + [str(c) for c in hists[v] + [0] * (len(bins) - len(hists[v]))] for v in names]
         lines += ["Residency histogram (decode-phase actions per bin of steps, all documents):", ""]
-        lines += [*_table(["variant", *bins], body), ""]
+        lines += [*table(["variant", *bins], body), ""]
     _plot(ar, names, out / "ablation.png")
     lines += ["![focus ablations: ΔNLL, swap rate, residency](ablation.png)", ""]

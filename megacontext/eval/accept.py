@@ -43,7 +43,12 @@ from typing import Any
 import torch
 
 from .._atomic import atomic_write_text
+from ..base import cache_kwarg, load_base
 from ..errors import InputError
+from ..hook import unpatch
+from ..lora import has_lora
+from .longbench import load_longbench, longbench_dir
+from .peers import full_view, truncation_view, view_nll
 
 __all__ = ["BARS", "Criterion", "all_passed", "run_acceptance", "write_report"]
 
@@ -89,8 +94,6 @@ def all_passed(criteria: list[Criterion]) -> bool:
 
 
 def _narrative_docs(base: Any, n: int, min_tokens: int) -> list[torch.Tensor]:
-    from .longbench import load_longbench, longbench_dir
-
     docs: list[torch.Tensor] = []
     folder = longbench_dir()
     if folder is not None:
@@ -131,8 +134,6 @@ def _dnll(
     budget: int,
     decode_blocks: int = 4,
 ) -> dict[str, Any]:
-    from .peers import full_view, truncation_view, view_nll
-
     base, h = frozen, system.config.horizon
     rows = []
     sessions = []
@@ -171,9 +172,6 @@ def _latency(
     import statistics
 
     from transformers import DynamicCache
-
-    from ..base import cache_kwarg
-    from ..hook import unpatch
 
     base = frozen
     kw = cache_kwarg(base.model)
@@ -235,11 +233,7 @@ def run_acceptance(
     """
     base = system.base
     if frozen is None:
-        from ..train.lora import has_lora
-
         if has_lora(base.model):
-            from ..base import load_base
-
             frozen = load_base(base.name, device=str(base.device))
         else:
             frozen = base

@@ -43,18 +43,23 @@ scored (the question itself is never compressed).
 from __future__ import annotations
 
 import math
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .. import synthetic
 from ..errors import InputError, InvariantError
-from .metrics import recovered_fraction
+from ..lora import has_lora
+from ..tree import MegaContextTree
+from ..working_context import WorkingContext
+from .common import SIZES, Log, log_default, sweep_documents
+from .metrics import bootstrap_ci, recovered_fraction
 from .peers import View, view_nll
+from .tables import by, ci, fmt, mean, pyplot, save_figure, table, vals
 
 __all__ = [
     "BAR",
@@ -73,13 +78,6 @@ PLACEMENTS = ("far", "near")
 BAR = 0.2  # the guide: ΔNLL@H within 0.2 nats of the uncompressed control
 KEPT_EPS = 1e-3  # nats: below this, removing R costs nothing there is to keep
 
-Log = Callable[[str], None]
-
-
-def _log_default(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------ views
 
 
@@ -88,8 +86,6 @@ def gist_history(base: Any, history: Any, gistnet: Any = None, *, block_size: in
     """A two-level :class:`~megacontext.tree.MegaContextTree` holding ``history``
     (``[T]`` ids) and its LOD1/LOD2 gists by ``gistnet`` (``None``: mean pooling),
     stored in the runtime's dtype (bf16 for a bf16 base, else fp16)."""
-    from ..tree import MegaContextTree
-
     ids = torch.as_tensor(history, dtype=torch.long).flatten().cpu()
     tree = MegaContextTree(
         base.dim,
@@ -126,8 +122,6 @@ def compression_views(
         "lod2": (torch.full((1,), 2, dtype=torch.long), torch.tensor([node])),
         "dropped": (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)),
     }
-    from ..working_context import WorkingContext
-
     views: dict[str, View] = {}
     for cond in conditions:
         if cond not in region:
@@ -155,8 +149,6 @@ def compression_documents(
 ) -> list[tuple[str, str, torch.Tensor]]:
     """``(doc_id, kind, ids[:tokens])``: ``narrative`` slices of the pydoc topics prose
     and ``code`` of the largest standard-library modules (as ``sweep_documents``)."""
-    from .suites import sweep_documents
-
     n = 2 * max(narrative, code)
     docs = sweep_documents(base, n, tokens) if n else []
     kinds = {"prose": "narrative", "code": "code"}
@@ -177,8 +169,6 @@ def compression_passkey(
     ``stream`` (question + answer ids, read after the history), ``answer`` (ids, the
     last tokens of ``stream``: the scored targets) and ``statement`` ``[start, end)``
     in history coordinates."""
-    from .. import synthetic
-
     query = "\n\nWhat is the pass key? The pass key is"
     n_query = base.encode(query).numel()
     slack = 8
@@ -222,13 +212,7 @@ def _reader(base: Any, system: Any) -> tuple[Any, str]:
     """The model that reads every condition: the system's own base (a trained LoRA
     adapter is part of the system), the frozen base without a system."""
     reader = base if system is None else system.base
-    try:
-        from ..train.lora import has_lora
-
-        lora = has_lora(reader.model)
-    except ImportError:
-        lora = False
-    return reader, "base + LoRA" if lora else "frozen base"
+    return reader, "base + LoRA" if has_lora(reader.model) else "frozen base"
 
 
 def _rows_for(
@@ -288,7 +272,7 @@ def compression_suite(
     telemetry: list[dict[str, Any]] | None = None,
     methods: Sequence[str] | None = None,
     seed: int = 0,
-    log: Log = _log_default,
+    log: Log = log_default,
 ) -> list[dict[str, Any]]:
     """Substitutability of LOD1 (``bs``×) and LOD2 (``bs²``×) gists (see the module
     docstring): rows per (document, placement, condition).
@@ -298,8 +282,6 @@ def compression_suite(
     ``methods`` are the runner's calling convention: this suite runs no session and
     compares conditions, not peer methods.
     """
-    from .suites import SIZES
-
     if size not in SIZES or "compression" not in SIZES[size]:
         raise InputError(f"unknown size {size!r} for the compression suite")
     cfg = SIZES[size]["compression"]
@@ -360,13 +342,8 @@ def _kinds(rows: list[dict]) -> list[str]:
     return [k for k in KINDS if k in present] + sorted(present - set(KINDS))
 
 
-def _group(rows: list[dict], **eq: Any) -> list[dict]:
-    return [r for r in rows if all(r.get(k) == v for k, v in eq.items())]
-
-
 def _mean(rows: list[dict], key: str) -> float:
-    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-    return float(np.mean(vals)) if vals else math.nan
+    return mean(vals(rows, key))
 
 
 def _kept_of_means(g: list[dict], dropped: list[dict], control: list[dict]) -> float:
@@ -376,13 +353,10 @@ def _kept_of_means(g: list[dict], dropped: list[dict], control: list[dict]) -> f
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from .metrics import bootstrap_ci
-    from .report import _atomic_bytes, _plt
-
-    plt = _plt()
+    plt = pyplot()
     kinds = _kinds(rows)
     conds = ("lod1", "lod2", "dropped")
-    placements = [p for p in PLACEMENTS if _group(rows, placement=p)]
+    placements = [p for p in PLACEMENTS if by(rows, placement=p)]
     fig, axes = plt.subplots(
         1, len(placements), figsize=(5.2 * len(placements), 4.2), squeeze=False
     )
@@ -395,14 +369,14 @@ def _plot(rows: list[dict], path: Path) -> None:
                 p, lo, hi = bootstrap_ci(
                     [
                         r["delta_control"]
-                        for r in _group(rows, kind=k, placement=placement, condition=cond)
+                        for r in by(rows, kind=k, placement=placement, condition=cond)
                     ]
                 )
                 means.append(p)
                 err[0].append(p - lo if math.isfinite(p) else 0.0)
                 err[1].append(hi - p if math.isfinite(p) else 0.0)
                 top = max(top, hi if math.isfinite(hi) else top)
-            r0 = _group(rows, condition=cond)[0]["ratio"] if _group(rows, condition=cond) else 0
+            r0 = by(rows, condition=cond)[0]["ratio"] if by(rows, condition=cond) else 0
             ratio = f"{r0:.0f}×" if math.isfinite(r0) else "removed"
             ax.bar(
                 np.arange(len(kinds)) + i * width,
@@ -424,16 +398,13 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_bytes(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def compression_section(rows: list[dict], out: Path, lines: list[str]) -> None:
     """Append the compression section (a table per kind, PASS/FAIL vs the 0.2-nat
     bar, kept fractions) to ``lines`` and write ``compression.png`` into ``out``."""
-    from .report import _ci, _f, _table
-
-    cr = _group(rows, suite="compression")
+    cr = by(rows, suite="compression")
     if not cr:
         return
     first = cr[0]
@@ -454,8 +425,8 @@ def compression_section(rows: list[dict], out: Path, lines: list[str]) -> None:
     )
     lines.append("")
     for kind in _kinds(cr):
-        kr = _group(cr, kind=kind)
-        n_docs = max(len({r["doc"] for r in _group(kr, placement=p)}) for p in PLACEMENTS)
+        kr = by(cr, kind=kind)
+        n_docs = max(len({r["doc"] for r in by(kr, placement=p)}) for p in PLACEMENTS)
         h = _mean(kr, "horizon")
         what = "answer tokens" if kind == "passkey" else "next tokens"
         docs = f"{n_docs} document{'s' if n_docs != 1 else ''} per placement"
@@ -464,14 +435,14 @@ def compression_section(rows: list[dict], out: Path, lines: list[str]) -> None:
         lines += [f"Documents: {names}.", ""]
         body = []
         for placement in PLACEMENTS:
-            pr = _group(kr, placement=placement)
+            pr = by(kr, placement=placement)
             if not pr:
                 continue
-            dropped = _group(pr, condition="dropped")
-            control = _group(pr, condition="control")
+            dropped = by(pr, condition="dropped")
+            control = by(pr, condition="control")
             trivial = _mean(dropped, "delta_control") <= BAR
             for cond in CONDITIONS:
-                g = _group(pr, condition=cond)
+                g = by(pr, condition=cond)
                 if not g:
                     continue
                 d = _mean(g, "delta_control")
@@ -487,16 +458,16 @@ def compression_section(rows: list[dict], out: Path, lines: list[str]) -> None:
                         "∞" if not math.isfinite(g[0]["ratio"]) else f"{g[0]['ratio']:.0f}×",
                         f"{_mean(g, 'entries'):.0f}",
                         f"{_mean(g, 'nll'):.3f}",
-                        _ci([r["delta_control"] for r in g]),
+                        ci([r["delta_control"] for r in g]),
                         (
                             "–"
                             if cond in ("control", "dropped")
-                            else _f(_kept_of_means(g, dropped, control))
+                            else fmt(_kept_of_means(g, dropped, control))
                         ),
                         verdict,
                     ]
                 )
-        lines += _table(
+        lines += table(
             [
                 "R",
                 "condition",

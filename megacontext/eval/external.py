@@ -45,7 +45,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .._atomic import atomic_write
 from ..errors import StorageError
+from .common import score_answer
 from .metrics import delta_nll, recovered_fraction
 
 __all__ = [
@@ -122,12 +124,6 @@ def record_task(
     )
 
 
-def _atomic_write(path: Path, write) -> None:
-    from .report import _atomic_bytes
-
-    _atomic_bytes(path, write)
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -139,7 +135,7 @@ def write_tasks(run_dir: str | os.PathLike[str], tasks: list[dict[str, Any]]) ->
     run.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(list(tasks), schema=_TASKS_SCHEMA)
     path = run / TASKS_FILE
-    _atomic_write(path, lambda p: pq.write_table(table, p))
+    atomic_write(path, lambda p: pq.write_table(table, p))
     return {"file": TASKS_FILE, "sha256": _sha256(path), "count": len(tasks)}
 
 
@@ -199,9 +195,7 @@ def _check_row(path: Path, i: int, r: dict[str, Any], ours: set[str]) -> None:
 def _score(row: dict[str, Any]) -> float | None:
     if row.get("generated") is None or row.get("answer") is None:
         return None
-    from .suites import _score as suite_score
-
-    return suite_score(str(row["generated"]), json.loads(row["answer"]))
+    return score_answer(str(row["generated"]), json.loads(row["answer"]))
 
 
 def fold_peers(

@@ -38,6 +38,9 @@ Methods (``W < T``; with ``T <= W`` every method reads the whole history):
 
 The MegaContext methods run a real session (``ingest`` the history: gist, build the
 recency WC, one LensNet refocus) at ``w_max = W``; the view is its WC.
+
+This module holds the views and how they are read; each method is a small class in
+:mod:`megacontext.eval.methods` (the registry the suites and the report read).
 """
 
 from __future__ import annotations
@@ -48,18 +51,20 @@ from typing import Any
 
 import torch
 
+from ..base import cache_kwarg
+from ..config import MegaContextConfig
 from ..errors import InputError
+from ..lensnet import LensNet
 from ..nll import nll_after
+from ..runtime import MegaContext
 
 __all__ = [
-    "MC_METHODS",
-    "METHODS",
-    "PEER_METHODS",
     "View",
-    "build_view",
+    "cut_at_stop",
     "full_view",
     "infllm_view",
     "mc_view",
+    "session_view",
     "streaming_view",
     "truncation_view",
     "untrained_system",
@@ -67,9 +72,6 @@ __all__ = [
     "view_nll",
 ]
 
-PEER_METHODS = ("full", "truncation", "streaming", "infllm")
-MC_METHODS = ("mc_recency", "mc_meanpool", "megacontext")
-METHODS = PEER_METHODS + MC_METHODS
 SINKS = 4
 BLOCK = 32
 QUERY_TOKENS = 64
@@ -180,10 +182,6 @@ def infllm_view(
 def untrained_system(base: Any, config: Any = None, *, seed: int = 0, lens: bool = True) -> Any:
     """The untrained MegaContext: mean-pool gists and (``lens``) a LensNet with its
     seeded initial weights (no training)."""
-    from ..config import MegaContextConfig
-    from ..lensnet import LensNet
-    from ..runtime import MegaContext
-
     config = config if config is not None else MegaContextConfig(model=base.name)
     lensnet = None
     if lens:
@@ -195,47 +193,26 @@ def untrained_system(base: Any, config: Any = None, *, seed: int = 0, lens: bool
     return system
 
 
-def _with_budget(system: Any, budget: int, gistnet: Any, lensnet: Any) -> Any:
-    return system.with_config(gistnet=gistnet, lensnet=lensnet, w_max=int(budget))
-
-
-def mc_view(system: Any, history: Any, budget: int, method: str = "megacontext") -> View:
-    """Run a session of ``system`` (with the gist/focus variant ``method``) at
-    ``w_max = budget`` over ``history``; the view is its working context."""
+def session_view(
+    system: Any, history: Any, budget: int, gistnet: Any, lensnet: Any, name: str
+) -> View:
+    """Run a session of ``system`` with ``gistnet`` and ``lensnet`` in place of its own
+    (the base, config and allocator backend carried over) at ``w_max = budget`` over
+    ``history``; the view (named ``name``) is its working context."""
     ids = _ids(history)
-    if method == "megacontext":
-        gistnet, lensnet = system.gistnet, system.lensnet
-    elif method == "mc_recency":
-        gistnet, lensnet = system.gistnet, None
-    elif method == "mc_meanpool":
-        gistnet, lensnet = None, system.lensnet
-    else:
-        raise InputError(f"unknown MegaContext variant {method!r}; expected one of {MC_METHODS}")
-    variant = _with_budget(system, budget, gistnet, lensnet)
+    variant = system.with_config(gistnet=gistnet, lensnet=lensnet, w_max=int(budget))
     session = variant.session()
     session.ingest(ids)
     wc = session.wc
     embeds = wc.embeddings(session.base, session.tree)
     levels = torch.bincount(wc.levels.cpu().long(), minlength=wc.max_level + 1).tolist()
     meta = {"per_level": levels, "actions": len(session.actions)}
-    return View(method, embeds, wc.positions().cpu(), session.num_tokens, meta, session)
+    return View(name, embeds, wc.positions().cpu(), session.num_tokens, meta, session)
 
 
-def build_view(base: Any, history: Any, budget: int, method: str, system: Any = None) -> View:
-    """The view of ``method`` (one of :data:`METHODS`) at budget ``W = budget``."""
-    if method == "full":
-        return full_view(base, history)
-    if method == "truncation":
-        return truncation_view(base, history, budget)
-    if method == "streaming":
-        return streaming_view(base, history, budget)
-    if method == "infllm":
-        return infllm_view(base, history, budget)
-    if method in MC_METHODS:
-        if system is None:
-            raise InputError(f"method {method!r} needs a MegaContext system")
-        return mc_view(system, history, budget, method)
-    raise InputError(f"unknown method {method!r}; expected one of {METHODS}")
+def mc_view(system: Any, history: Any, budget: int) -> View:
+    """The system as given (``megacontext``) at ``w_max = budget`` over ``history``."""
+    return session_view(system, history, budget, system.gistnet, system.lensnet, "megacontext")
 
 
 @torch.no_grad()
@@ -253,11 +230,10 @@ def view_nll(base: Any, view: View, targets: Any) -> torch.Tensor:
 @torch.no_grad()
 def view_generate(base: Any, view: View, max_new_tokens: int, stop: Sequence[str] = ("\n",)) -> str:
     """Greedy answer after ``view`` (KV cached), stopping at EOS or a ``stop`` string
-    (not returned; stops count only after the first non-blank text). MegaContext views decode through their own session instead
-    (refocus every block), see :func:`megacontext.eval.suites.answer`."""
+    (not returned; stops count only after the first non-blank text). MegaContext
+    views decode through their own session instead (refocus every block), see
+    :func:`megacontext.eval.suites.compare_methods`."""
     from transformers import DynamicCache
-
-    from ..base import cache_kwarg
 
     kw = cache_kwarg(base.model)
     cache = DynamicCache()
@@ -286,10 +262,10 @@ def view_generate(base: Any, view: View, max_new_tokens: int, stop: Sequence[str
             **{kw: cache},
         )
         pos += 1
-    return _cut(base.decode(toks), stop)
+    return cut_at_stop(base.decode(toks), stop)
 
 
-def _cut(text: str, stop: Sequence[str]) -> str:
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """``text`` without leading blanks, up to the first stop string, stripped."""
     text = text.lstrip()
     for s in stop:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,37 +23,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .._atomic import atomic_write, atomic_write_text
 from ..errors import StorageError
 from .ablations import report_section as ablation_section
 from .compression import compression_section
 from .external import fold_peers
-from .metrics import bootstrap_ci, recovered_fraction
+from .methods import order, reference_names, session_names
+from .tables import by, ci, fmt, mean, pyplot, recovered_of_means, save_figure, table, vals
 
 __all__ = ["BOUNDARY_BAR", "build_report", "load_run", "write_run"]
 
 BOUNDARY_BAR = 0.2  # the guide: no jump above 0.2 ΔNLL between edge and mid-block
-METHOD_ORDER = (
-    "full",
-    "truncation",
-    "streaming",
-    "infllm",
-    "mc_recency",
-    "mc_meanpool",
-    "megacontext",
-    "baseline",
-    "positional_check",
-)
-
-
-def _atomic_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _clean(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -75,13 +54,12 @@ def write_run(
     into ``out_dir`` (created) and build the report. Returns the directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(_clean(rows))
-    _atomic_bytes(out / "results.parquet", lambda p: pq.write_table(table, p))
+    results = pa.Table.from_pylist(_clean(rows))
+    atomic_write(out / "results.parquet", lambda p: pq.write_table(results, p))
     if telemetry:
         tel = pa.Table.from_pylist(_clean(telemetry))
-        _atomic_bytes(out / "telemetry.parquet", lambda p: pq.write_table(tel, p))
-    text = json.dumps(meta or {}, indent=1, default=str)
-    _atomic_bytes(out / "meta.json", lambda p: Path(p).write_text(text))
+        atomic_write(out / "telemetry.parquet", lambda p: pq.write_table(tel, p))
+    atomic_write_text(out / "meta.json", json.dumps(meta or {}, indent=1, default=str))
     build_report(out)
     return out
 
@@ -103,94 +81,30 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[list[dict], list[dict], d
     return rows, tel, meta
 
 
-# ------------------------------------------------------------------ formatting
-
-
-def _f(x: Any, nd: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "NaN" if isinstance(x, float) else "–"
-    if isinstance(x, float):
-        return f"{x:+.{nd}f}" if nd < 0 else f"{x:.{nd}f}"
-    return str(x)
-
-
-def _recovered_of_means(rows: list[dict]) -> float:
-    """The recovered fraction of the group's mean NLLs (a ratio of means: stable where
-    single documents' denominators are near 0), over rows with all three NLLs."""
-    keep = [
-        r
-        for r in rows
-        if all(
-            isinstance(r.get(k), (int, float)) and math.isfinite(r[k])
-            for k in ("nll", "nll_trunc", "nll_full")
-        )
-    ]
-    if not keep:
-        return math.nan
-    return recovered_fraction(
-        _mean(_vals(keep, "nll")), _mean(_vals(keep, "nll_trunc")), _mean(_vals(keep, "nll_full"))
-    )
-
-
-def _ci(vals: list[float], seed: int = 0) -> str:
-    p, lo, hi = bootstrap_ci(vals, seed=seed)
-    if not math.isfinite(p):
-        return "NaN"
-    if lo == hi:
-        return f"{p:+.3f}"
-    return f"{p:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-
-
 def _methods(rows: list[dict]) -> list[str]:
-    present = {r["method"] for r in rows}
-    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
-
-
-def _table(header: list[str], body: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(r) + " |" for r in body]
-    return out
-
-
-def _by(rows: list[dict], **eq: Any) -> list[dict]:
-    return [r for r in rows if all(r.get(k) == v for k, v in eq.items())]
-
-
-def _vals(rows: list[dict], key: str) -> list[float]:
-    out = []
-    for r in rows:
-        v = r.get(key)
-        if v is not None and isinstance(v, (int, float)) and math.isfinite(v):
-            out.append(float(v))
-    return out
-
-
-def _mean(vals: list[float]) -> float:
-    return float(np.mean(vals)) if vals else math.nan
+    """The rows' methods in the registry's order (:func:`megacontext.eval.methods.order`)."""
+    return order(r["method"] for r in rows)
 
 
 # ------------------------------------------------------------------ plots
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_vs_budget(
-    rows: list[dict], key: str, ylabel: str, title: str, path: Path, skip=("full",)
+    rows: list[dict],
+    key: str,
+    ylabel: str,
+    title: str,
+    path: Path,
+    skip: Sequence[str] | None = None,
 ) -> None:
-    plt = _plt()
+    """Mean ``key`` per method vs budget (one line per method; bars for one budget).
+    ``skip``: methods left out (default: the references, whose ΔNLL is 0)."""
+    skip = reference_names() if skip is None else skip
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     budgets = sorted({r["budget"] for r in rows})
     methods = [m for m in _methods(rows) if m not in skip]
-    series = {
-        m: [_mean(_vals(_by(rows, method=m, budget=b), key)) for b in budgets] for m in methods
-    }
+    series = {m: [mean(vals(by(rows, method=m, budget=b), key)) for b in budgets] for m in methods}
     series = {m: ys for m, ys in series.items() if any(math.isfinite(y) for y in ys)}
     if len(budgets) == 1:
         # one budget: bars per method (a line plot would be a column of dots)
@@ -219,18 +133,17 @@ def _plot_vs_budget(
         ax.axhline(0.0, color="k", lw=0.8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _atomic_bytes(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_boundary(rows: list[dict], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     aligns = ["edge", "straddle", "mid"]
-    methods = [m for m in _methods(rows) if m != "full"]
+    methods = [m for m in _methods(rows) if m not in reference_names()]
     width = 0.8 / max(len(methods), 1)
     for i, m in enumerate(methods):
-        ys = [_mean(_vals(_by(rows, method=m, align=a), "delta_nll")) for a in aligns]
+        ys = [mean(vals(by(rows, method=m, align=a), "delta_nll")) for a in aligns]
         ax.bar(np.arange(3) + i * width, ys, width, label=m)
     ax.set_xticks(np.arange(3) + width * (len(methods) - 1) / 2)
     ax.set_xticklabels(aligns)
@@ -239,12 +152,11 @@ def _plot_boundary(rows: list[dict], path: Path) -> None:
     ax.axhline(0.0, color="k", lw=0.8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_bytes(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_runtime(tel: list[dict], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     rows = [t for t in tel if t.get("suite") == "runtime"]
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8))
     it = [t["iteration"] for t in rows]
@@ -259,15 +171,14 @@ def _plot_runtime(tel: list[dict], path: Path) -> None:
     axes[1].set_title("swap rate")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    _atomic_bytes(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------ sections
 
 
 def _nll_section(rows: list[dict], suite: str, title: str, out: Path, lines: list[str]) -> None:
-    sr = _by(rows, suite=suite)
+    sr = by(rows, suite=suite)
     if not sr:
         return
     budgets = sorted({r["budget"] for r in sr})
@@ -287,23 +198,23 @@ def _nll_section(rows: list[dict], suite: str, title: str, out: Path, lines: lis
     body = []
     for b in budgets:
         for m in _methods(sr):
-            g = _by(sr, method=m, budget=b)
+            g = by(sr, method=m, budget=b)
             if not g:
                 continue
             row = [
                 m,
                 str(b),
-                f"{_mean(_vals(g, 'entries')):.0f}",
-                f"{_mean(_vals(g, 'nll')):.3f}",
-                _ci(_vals(g, "delta_nll")),
-                _f(_recovered_of_means(g)),
+                f"{mean(vals(g, 'entries')):.0f}",
+                f"{mean(vals(g, 'nll')):.3f}",
+                ci(vals(g, "delta_nll")),
+                fmt(recovered_of_means(g)),
             ]
             if has_score:
-                row.append(_f(_mean(_vals(g, "score"))))
+                row.append(fmt(mean(vals(g, "score"))))
             body.append(row)
-    lines += [*_table(header, body), ""]
-    for m in ("mc_recency", "mc_meanpool", "megacontext"):
-        acts = _vals(_by(sr, method=m), "focus_actions")
+    lines += [*table(header, body), ""]
+    for m in session_names():
+        acts = vals(by(sr, method=m), "focus_actions")
         if acts:
             lines.append(
                 f"- `{m}`: {int(sum(acts))} focus actions (expand/collapse) at ingest over "
@@ -321,7 +232,7 @@ def _nll_section(rows: list[dict], suite: str, title: str, out: Path, lines: lis
 
 
 def _boundary_section(rows: list[dict], out: Path, lines: list[str]) -> None:
-    br = _by(rows, suite="boundary")
+    br = by(rows, suite="boundary")
     if not br:
         return
     lines += ["## Boundary diagnostics", ""]
@@ -334,34 +245,36 @@ def _boundary_section(rows: list[dict], out: Path, lines: list[str]) -> None:
     lines.append("")
     body = []
     for m in _methods(br):
-        if m == "full":
+        if m in reference_names():
             continue
         per = {
-            a: _mean(_vals(_by(br, method=m, align=a), "delta_nll"))
+            a: mean(vals(by(br, method=m, align=a), "delta_nll"))
             for a in ("edge", "straddle", "mid")
         }
         jumps = []
         for seed in sorted({r["seed"] for r in br}):
-            mid = _vals(_by(br, method=m, align="mid", seed=seed), "delta_nll")
+            mid = vals(by(br, method=m, align="mid", seed=seed), "delta_nll")
             for a in ("edge", "straddle"):
-                v = _vals(_by(br, method=m, align=a, seed=seed), "delta_nll")
+                v = vals(by(br, method=m, align=a, seed=seed), "delta_nll")
                 if mid and v:
                     jumps.append(abs(v[0] - mid[0]))
         jump = max(jumps) if jumps else math.nan
         verdict = "PASS" if math.isfinite(jump) and jump <= BOUNDARY_BAR else "FAIL"
-        body.append([m, _f(per["edge"]), _f(per["straddle"]), _f(per["mid"]), _f(jump), verdict])
-    lines += _table(["method", "ΔNLL edge", "ΔNLL straddle", "ΔNLL mid", "jump", "bar ≤ 0.2"], body)
+        body.append(
+            [m, fmt(per["edge"]), fmt(per["straddle"]), fmt(per["mid"]), fmt(jump), verdict]
+        )
+    lines += table(["method", "ΔNLL edge", "ΔNLL straddle", "ΔNLL mid", "jump", "bar ≤ 0.2"], body)
     lines += ["", "![boundary](boundary.png)", ""]
     _plot_boundary(br, out / "boundary.png")
 
 
 def _runtime_section(rows: list[dict], tel: list[dict], out: Path, lines: list[str]) -> None:
-    rr = _by(rows, suite="runtime")
+    rr = by(rows, suite="runtime")
     if not rr:
         return
     lines += ["## Runtime and stability", ""]
-    base = _by(rr, method="baseline")
-    mcr = _by(rr, method="megacontext")
+    base = by(rr, method="baseline")
+    mcr = by(rr, method="megacontext")
     body = []
     for r in base + mcr:
         body.append(
@@ -369,13 +282,13 @@ def _runtime_section(rows: list[dict], tel: list[dict], out: Path, lines: list[s
                 r["method"],
                 str(r.get("budget")),
                 f"{r['latency_block_ms']:.1f}",
-                _f(r.get("swap_rate_decode")),
-                _f(r.get("mean_residency"), 2),
-                _f(r.get("expand_mass"), 0),
-                _f(r.get("collapse_mass"), 0),
+                fmt(r.get("swap_rate_decode")),
+                fmt(r.get("mean_residency"), 2),
+                fmt(r.get("expand_mass"), 0),
+                fmt(r.get("collapse_mass"), 0),
             ]
         )
-    lines += _table(
+    lines += table(
         [
             "method",
             "W",
@@ -397,7 +310,7 @@ def _runtime_section(rows: list[dict], tel: list[dict], out: Path, lines: list[s
         ]
         if mcr[0].get("residency_histogram"):
             lines += ["", f"Residency histogram (steps: actions): {mcr[0]['residency_histogram']}"]
-    pc = _by(rr, method="positional_check")
+    pc = by(rr, method="positional_check")
     if pc:
         p = pc[0]
         lines += [
@@ -409,7 +322,7 @@ def _runtime_section(rows: list[dict], tel: list[dict], out: Path, lines: list[s
             f"{p.get('max_key_err', math.nan):.2e}).",
         ]
     lines.append("")
-    if tel and _by(tel, suite="runtime"):
+    if tel and by(tel, suite="runtime"):
         _plot_runtime(tel, out / "runtime.png")
         lines += ["![runtime](runtime.png)", ""]
 
@@ -443,6 +356,5 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
     compression_section(rows, run, lines)
     ablation_section(rows, tel, run, lines)
     path = run / "report.md"
-    text = "\n".join(lines)
-    _atomic_bytes(path, lambda p: Path(p).write_text(text))
+    atomic_write_text(path, "\n".join(lines))
     return path

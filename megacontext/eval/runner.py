@@ -11,7 +11,14 @@ from typing import Any
 
 import torch
 
+from ..base import load_base
 from ..errors import InputError
+from ..lora import has_lora
+from .common import SIZES
+from .external import base_model_source, recording_tasks, write_tasks
+from .peers import untrained_system
+from .report import write_run
+from .suites import SUITES
 
 __all__ = ["default_out_dir", "machine_line", "run_eval"]
 
@@ -60,12 +67,6 @@ def run_eval(
     """Run ``suites`` (names of :data:`megacontext.eval.suites.SUITES`, or ``all``)
     at ``size`` with ``system`` (default: the untrained system, mean-pool gists and
     a seeded untrained LensNet) and write the run to ``out_dir``."""
-    from ..train.lora import has_lora
-    from .external import base_model_source, recording_tasks, write_tasks
-    from .peers import untrained_system
-    from .report import write_run
-    from .suites import SIZES, SUITES
-
     if size not in SIZES:
         raise InputError(f"unknown size {size!r}; expected one of {list(SIZES)}")
     names = list(SUITES) if list(suites) == ["all"] else list(suites)
@@ -73,8 +74,6 @@ def run_eval(
     if bad:
         raise InputError(f"unknown suites {bad}; expected some of {list(SUITES)} or 'all'")
     if base is None:
-        from ..base import load_base
-
         base = load_base(model)
     if system is None:
         system = untrained_system(base)

@@ -23,8 +23,6 @@ run), ``medium`` (the issue's W = 512 → 4k sweep over 6k-token histories).
 from __future__ import annotations
 
 import math
-import sys
-import sysconfig
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,19 +30,17 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, InvariantError
+from .. import synthetic
+from ..base import cache_kwarg
+from ..errors import InvariantError
+from ..telemetry import residency_histogram
 from .ablations import ablation_suite
+from .common import SIZES, Log, add_derived, log_default, score_answer, sweep_documents
 from .compression import compression_suite
 from .external import record_task
-from .metrics import (
-    delta_nll,
-    exact_match,
-    max_over_answers,
-    qa_f1,
-    recovered_fraction,
-    retrieval_score,
-)
-from .peers import MC_METHODS, METHODS, View, _cut, build_view, view_generate, view_nll
+from .longbench import build_prompt, load_longbench, longbench_dir, middle_truncate
+from .methods import build_view, peers_for
+from .peers import View, cut_at_stop, view_generate, view_nll
 
 __all__ = [
     "SIZES",
@@ -59,67 +55,6 @@ __all__ = [
     "runtime_suite",
     "sweep_documents",
 ]
-
-SIZES: dict[str, dict[str, dict[str, Any]]] = {
-    "tiny": {
-        "budget": {"history": 384, "budgets": [128, 256], "docs": 2, "horizon": 16},
-        "needle": {"lengths": [320], "depths": [0.2], "budgets": [128], "tasks": ["passkey"]},
-        "longbench": {"rows": 1, "context": 320, "budgets": [128], "max_new": 4},
-        "boundary": {"length": 320, "depth": 0.2, "budget": 128, "seeds": 1},
-        "runtime": {"history": 320, "budget": 128, "decode": 64},
-        "compression": {"history": 2048, "horizon": 16, "narrative": 1, "code": 1, "passkey": 1},
-        "ablation": {"docs": 2, "history": 640, "budget": 192, "feed": 128},
-    },
-    "small": {
-        "budget": {"history": 1024, "budgets": [256, 512], "docs": 2, "horizon": 64},
-        "needle": {
-            "lengths": [1024],
-            "depths": [0.25, 0.75],
-            "budgets": [256],
-            "tasks": ["passkey"],
-        },
-        "longbench": {"rows": 1, "context": 1024, "budgets": [256], "max_new": 12},
-        "boundary": {"length": 768, "depth": 0.3, "budget": 256, "seeds": 1},
-        "runtime": {"history": 512, "budget": 256, "decode": 96},
-        "compression": {"history": 2048, "horizon": 64, "narrative": 2, "code": 2, "passkey": 2},
-        "ablation": {"docs": 2, "history": 2048, "budget": 512, "feed": 256},
-    },
-    "medium": {
-        "budget": {"history": 4096, "budgets": [512, 1024, 2048], "docs": 2, "horizon": 64},
-        "needle": {
-            "lengths": [2048, 4096],
-            "depths": [0.1, 0.5, 0.9],
-            "budgets": [512, 1024],
-            "tasks": ["passkey", "kv", "code"],
-        },
-        "longbench": {"rows": 3, "context": 4096, "budgets": [512, 1024], "max_new": 32},
-        "boundary": {"length": 2048, "depth": 0.3, "budget": 512, "seeds": 4},
-        "runtime": {"history": 4096, "budget": 2048, "decode": 256},
-        "compression": {"history": 4096, "horizon": 64, "narrative": 4, "code": 4, "passkey": 4},
-        "ablation": {"docs": 4, "history": 4096, "budget": 1024, "feed": 512},
-    },
-}
-
-Log = Callable[[str], None]
-
-
-def _log_default(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _methods_for(system: Any, methods: Sequence[str] | None) -> list[str]:
-    methods = list(METHODS if methods is None else methods)
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise InputError(f"unknown methods {bad}; expected some of {list(METHODS)}")
-    if system is None:
-        methods = [m for m in methods if m not in MC_METHODS]
-    elif system.gistnet is None and "megacontext" in methods:
-        # mean-pool gists *are* the system's gists: identical to megacontext
-        methods = [m for m in methods if m != "mc_meanpool"]
-    if system is not None and system.lensnet is None and "megacontext" in methods:
-        methods = [m for m in methods if m != "mc_recency"]
-    return methods
 
 
 def compare_methods(
@@ -138,23 +73,26 @@ def compare_methods(
 
     ``answer``: also decode greedily (``max_new``, ``stop``) and score the text
     against ``references`` (``metric``: ``"f1"``, ``"contains"`` or ``"em"``).
-    ``full`` is skipped when ``history + targets`` does not fit the model.
-    ``reuse``: a dict shared across the budgets of one history; the ``full`` row
-    (which does not depend on ``W``) is computed once and copied.
+    ``methods``: names of registered peers (:mod:`megacontext.eval.methods`; default
+    all that apply to ``system``). A peer is skipped where the model cannot read
+    ``history + targets`` (``full`` past its context). ``reuse``: a dict shared across
+    the budgets of one history; a budget-free row (``full``) is computed once and
+    copied.
     """
     history = torch.as_tensor(history, dtype=torch.long).flatten()
     targets = torch.as_tensor(targets, dtype=torch.long).flatten()
     T, H = history.numel(), targets.numel()
     record_task(history, targets, budget, tags, answer)  # for external peers (run_eval)
     rows = []
-    for method in _methods_for(system, methods):
-        if method == "full" and base.max_positions and base.max_positions < T + H:
+    for peer in peers_for(system, methods):
+        method = peer.name
+        if not peer.available(base, T, H):
             continue
-        if method == "full" and reuse is not None and "full" in reuse:
-            rows.append({**reuse["full"], **(tags or {}), "budget": int(budget)})
+        if peer.budget_free and reuse is not None and method in reuse:
+            rows.append({**reuse[method], **(tags or {}), "budget": int(budget)})
             continue
         t0 = time.perf_counter()
-        view = build_view(base, history, budget, method, system)
+        view = peer.view(base, history, budget, system)
         # MegaContext views are read by the system's own base (a trained LoRA adapter
         # is part of the system); every peer by the frozen base.
         nll = view_nll(view.session.base if view.session is not None else base, view, targets)
@@ -171,10 +109,10 @@ def compare_methods(
         if answer is not None:
             text = _answer(base, view, answer)
             row["generated"] = text
-            row["score"] = _score(text, answer)
+            row["score"] = score_answer(text, answer)
         row["seconds"] = time.perf_counter() - t0
-        if method == "full" and reuse is not None:
-            reuse["full"] = dict(row)
+        if peer.budget_free and reuse is not None:
+            reuse[method] = dict(row)
         if view.session is not None:
             row["wc_per_level"] = view.meta["per_level"]  # entries at LOD0, LOD1, ...
             row["focus_actions"] = view.meta["actions"]  # allocator actions at ingest
@@ -202,78 +140,7 @@ def _answer(base: Any, view: View, answer: dict[str, Any]) -> str:
         if text and any(s in text for s in stop):
             break
         session.feed([tok])
-    return _cut(base.decode(toks), stop)
-
-
-def _score(text: str, answer: dict[str, Any]) -> float:
-    refs = answer["references"]
-    metric = answer.get("metric", "f1")
-    if metric == "f1":
-        return max_over_answers(qa_f1, text, refs)
-    if metric == "em":
-        return max_over_answers(exact_match, text, refs)
-    if metric == "retrieval":
-        return max_over_answers(retrieval_score, text, refs)
-    if metric == "contains":
-        return float(any(r.strip() and r.strip() in text for r in refs))
-    raise InputError(f"unknown answer metric {metric!r}")
-
-
-def add_derived(rows: list[dict[str, Any]], group: Sequence[str]) -> list[dict[str, Any]]:
-    """Add ``nll_full``, ``nll_trunc``, ``delta_nll`` (vs full), ``delta_trunc``
-    (truncation's ΔNLL on the same targets) and ``recovered`` to every row, grouping
-    rows that share the keys ``group`` (same history, targets and budget)."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r.get(k) for k in group), []).append(r)
-    for members in groups.values():
-        by = {r["method"]: r["nll"] for r in members}
-        full = by.get("full", math.nan)
-        trunc = by.get("truncation", math.nan)
-        for r in members:
-            r["nll_full"] = full
-            r["nll_trunc"] = trunc
-            r["delta_nll"] = delta_nll(r["nll"], full)
-            r["delta_trunc"] = delta_nll(trunc, full)
-            r["recovered"] = recovered_fraction(r["nll"], trunc, full)
-    return rows
-
-
-# ------------------------------------------------------------------ documents
-
-
-def _stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def sweep_documents(base: Any, n: int, tokens: int) -> list[tuple[str, str, torch.Tensor]]:
-    """``n`` held-out documents of at least ``tokens`` tokens, alternating code (the
-    largest-first sorted standard-library modules) and prose (consecutive slices of
-    ``pydoc_data/topics.py``'s topics). Returns ``(doc_id, kind, ids[:tokens])``."""
-    import pydoc_data.topics as topics
-
-    code: list[tuple[str, str, torch.Tensor]] = []
-    files = sorted(_stdlib_dir().glob("*.py"), key=lambda p: (-p.stat().st_size, p.name))
-    for p in files:
-        if len(code) >= (n + 1) // 2:
-            break
-        # ~3.5 chars per token for code: read just enough text
-        text = p.read_text(encoding="utf-8", errors="replace")[: tokens * 8]
-        ids = base.encode(text)
-        if ids.numel() >= tokens:
-            code.append((f"code/{p.name}", "code", ids[:tokens]))
-    prose_ids = base.encode("\n\n".join(topics.topics[k] for k in sorted(topics.topics)))
-    prose = [
-        (f"prose/topics@{i * tokens}", "prose", prose_ids[i * tokens : (i + 1) * tokens])
-        for i in range(n // 2)
-        if (i + 1) * tokens <= prose_ids.numel()
-    ]
-    docs = []
-    for i in range(max(len(code), len(prose))):
-        docs += code[i : i + 1] + prose[i : i + 1]
-    if len(docs) < n:
-        raise InputError(f"found only {len(docs)} documents of {tokens} tokens, need {n}")
-    return docs[:n]
+    return cut_at_stop(base.decode(toks), stop)
 
 
 def _pop_sessions(rows: list[dict[str, Any]], sink: list[dict[str, Any]] | None) -> None:
@@ -294,7 +161,7 @@ def budget_sweep(
     *,
     methods: Sequence[str] | None = None,
     telemetry: list[dict[str, Any]] | None = None,
-    log: Log = _log_default,
+    log: Log = log_default,
 ) -> list[dict[str, Any]]:
     """ΔNLL@H vs budget: each document's first ``history`` tokens are read through
     each budget; the targets are the next ``horizon`` tokens."""
@@ -316,14 +183,6 @@ def budget_sweep(
     return add_derived(rows, ("suite", "doc", "budget"))
 
 
-def _synthetic():
-    try:
-        from .. import synthetic
-    except ImportError as exc:  # the module is optional in a partial checkout
-        raise InputError(f"the needle suites need megacontext.synthetic ({exc})") from None
-    return synthetic
-
-
 def needle_suite(
     base: Any,
     system: Any,
@@ -332,11 +191,11 @@ def needle_suite(
     methods: Sequence[str] | None = None,
     telemetry: list[dict[str, Any]] | None = None,
     seed: int = 0,
-    log: Log = _log_default,
+    log: Log = log_default,
 ) -> list[dict[str, Any]]:
     """Needle-in-a-haystack: tasks × lengths × depths × budgets. ``nll`` is the
     answer's NLL; ``score`` is 1 when the greedy answer contains the needle."""
-    syn = _synthetic()
+    syn = synthetic
     cfg = SIZES[size]["needle"]
     rows: list[dict[str, Any]] = []
     i = 0
@@ -389,14 +248,12 @@ def longbench_suite(
     data_dir: str | Path | None = None,
     methods: Sequence[str] | None = None,
     telemetry: list[dict[str, Any]] | None = None,
-    log: Log = _log_default,
+    log: Log = log_default,
 ) -> list[dict[str, Any]]:
     """LongBench rows: the context (middle-truncated to ``context`` tokens, as
     LongBench truncates to the model's length) + question; ΔNLL@H of the first gold
     answer and the greedy answer's LongBench metric. Returns ``[]`` when the data
     folder is absent."""
-    from .longbench import build_prompt, load_longbench, longbench_dir, middle_truncate
-
     cfg = SIZES[size]["longbench"]
     folder = Path(data_dir) if data_dir is not None else longbench_dir()
     if folder is None or not folder.is_dir():
@@ -437,11 +294,11 @@ def boundary_suite(
     *,
     methods: Sequence[str] | None = ("full", "truncation", "mc_recency", "megacontext"),
     telemetry: list[dict[str, Any]] | None = None,
-    log: Log = _log_default,
+    log: Log = log_default,
 ) -> list[dict[str, Any]]:
     """The same passkey (same seed) with its digits at a block edge, straddling a
     block boundary, and mid-block; the report compares ΔNLL across placements."""
-    syn = _synthetic()
+    syn = synthetic
     cfg = SIZES[size]["boundary"]
     bs = system.config.block_size if system is not None else 32
     rows: list[dict[str, Any]] = []
@@ -551,7 +408,7 @@ def runtime_suite(
     size: str = "small",
     *,
     telemetry: list[dict[str, Any]] | None = None,
-    log: Log = _log_default,
+    log: Log = log_default,
 ) -> list[dict[str, Any]]:
     """Teacher-forced decode of ``decode`` tokens after a ``history``-token code
     document, through a MegaContext session at ``W = budget`` (telemetry every
@@ -559,9 +416,6 @@ def runtime_suite(
     ordinary KV cache (the baseline); one row per method with the per-block latency
     and the session's swap/residency statistics. Also runs the positional check."""
     from transformers import DynamicCache
-
-    from ..base import cache_kwarg
-    from ..telemetry import residency_histogram
 
     cfg = SIZES[size]["runtime"]
     bs = system.config.block_size

@@ -41,9 +41,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .._atomic import atomic_write_text
+from ..base import load_base
 from ..errors import ConfigError
+from .checkpoint import COMPLETE, latest_checkpoint, load_checkpoint, read_trainer_state
+from .config import load_train_config
+from .demo import baseline_nlls, held_out_sets, system_nlls
+from .trainer import Trainer
 
 __all__ = [
     "VARIANTS",
@@ -80,8 +86,6 @@ def _plan(cycles: int) -> list[tuple[str, int]]:
 def variant_config(config: str, variant: str, overrides: list[str] | None = None) -> Any:
     """The :class:`~megacontext.train.config.TrainConfig` of ``variant``: ``config`` with
     ``overrides``, then ``cycles=1``, ``run=<run>-abl-<variant>`` and the variant's own."""
-    from .config import load_train_config
-
     if variant not in VARIANTS:
         raise ConfigError(
             f"unknown ablation variant {variant!r} (known: {', '.join(VARIANTS)})",
@@ -116,9 +120,6 @@ def equivalent_checkpoint(cfg: Any, runs: list[str], threads: int | None = None)
     LoRA (``b3.steps=0``) while the run does, the checkpoint precedes the run's first
     B3 (its adapter is still the exact-zero initialisation). With ``threads``, only runs
     that :func:`train_variant` recorded as trained with that many torch threads count."""
-    from .checkpoint import COMPLETE
-    from .config import load_train_config
-
     if cfg.cycles != 1:
         raise ConfigError(f"equivalent_checkpoint: cycles={cfg.cycles}, expected 1", "cycles")
     trained = [i for i, (p, _) in enumerate(_plan(1)) if _steps(cfg, p) > 0]
@@ -158,10 +159,6 @@ def train_variant(cfg: Any, base: Any = None) -> dict[str, Any]:
     Wall seconds accumulate over resumed segments in
     ``<artifacts>/ablation/<run>.train.json``, with the torch thread count (a resumed
     segment under another count records ``threads: null``)."""
-    import torch
-
-    from .trainer import Trainer
-
     old = _timing(cfg, cfg.run)
     n = torch.get_num_threads()
     threads = n if old.get("threads", n) == n else None
@@ -181,9 +178,6 @@ def _timing(cfg: Any, run: str) -> dict[str, Any]:
 def _finished(cfg: Any) -> Path | None:
     """The final checkpoint of the run ``cfg`` if it is complete (``None``: not yet);
     a checkpoint written under another config is an error, not a result."""
-    from .checkpoint import latest_checkpoint, read_trainer_state
-    from .config import load_train_config
-
     last = latest_checkpoint(Path(cfg.artifacts) / "checkpoints" / cfg.run)
     if last is None:
         return None
@@ -240,13 +234,6 @@ def run_ablation(
     each variant) ``{"baselines", "variants": {name: {"nll", "mean", "delta_full",
     "delta_truncation", "drop", "drop_se", "checkpoint", "reused_from",
     "train_seconds", "eval_seconds"}}, ...}``; NLLs are per held-out item, nats."""
-    import torch
-
-    from ..base import load_base
-    from .checkpoint import load_checkpoint
-    from .config import load_train_config
-    from .demo import baseline_nlls, held_out_sets, system_nlls
-
     cfgs = {v: variant_config(config, v, overrides) for v in variants}  # names checked first
     cfg0 = load_train_config(config, list(overrides or []))
     base = load_base(cfg0.model, device=cfg0.device)

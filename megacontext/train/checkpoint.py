@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import COMPLETE, read_trainer_state
 from ..errors import StorageError
+from ..runtime import MegaContext
 
 __all__ = [
     "COMPLETE",
@@ -40,9 +42,6 @@ __all__ = [
     "set_rng_state",
     "write_checkpoint",
 ]
-
-COMPLETE = "COMPLETE"
-
 
 RNG_TENSORS = "rng.safetensors"
 RNG_JSON = "rng.json"
@@ -192,16 +191,6 @@ def write_checkpoint(final: str | os.PathLike[str], write: Callable[[Path], None
     return final
 
 
-def read_trainer_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(path)
-    if not (path / COMPLETE).is_file():
-        raise StorageError(f"{path}: not a complete checkpoint (no {COMPLETE})", path=str(path))
-    try:
-        return json.loads((path / "trainer.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        raise StorageError(f"{path / 'trainer.json'}: unreadable ({exc})", path=str(path)) from None
-
-
 def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
     """The complete checkpoint under ``root`` that is furthest along (``None``: none)."""
     root = Path(root)
@@ -217,27 +206,11 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
     return None if best is None else best[1]
 
 
-def load_checkpoint(path: str | os.PathLike[str], base: Any = None, device: str | None = None):
+def load_checkpoint(
+    path: str | os.PathLike[str], base: Any = None, device: str | None = None
+) -> MegaContext:
     """A :class:`megacontext.MegaContext` with the checkpoint's GistNet, LensNet and
-    LoRA adapter (for inference). ``base``: an already loaded base *without* adapters
-    (default: loaded by the checkpoint config's model name)."""
-    from ..base import load_base
-    from ..gistnet import GistNet
-    from ..lensnet import LensNet
-    from ..runtime import MegaContext
-    from .config import load_train_config
-    from .lora import has_lora, load_lora
-
-    path = Path(path)
-    read_trainer_state(path)
-    cfg = load_train_config(path / "config.yaml")
-    if base is None:
-        base = load_base(cfg.model, device=device or cfg.device)
-    if (path / "lora").is_dir():
-        load_lora(base.model, path / "lora", inject=not has_lora(base.model))
-    p = next(base.model.parameters())
-    gistnet = GistNet.load(path / "gistnet.safetensors").to(p.device)
-    lensnet = LensNet.load(path / "lensnet.safetensors").to(p.device)
-    gistnet.eval()
-    lensnet.eval()
-    return MegaContext(base, gistnet, lensnet, cfg.mc_config())
+    LoRA adapter (for inference): :meth:`MegaContext.from_checkpoint`, which reads
+    the directory with :func:`megacontext.checkpoint.read_checkpoint`. ``base``: an
+    already loaded base *without* adapters (default: loaded by the config's model)."""
+    return MegaContext.from_checkpoint(path, base=base, device=device)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .._atomic import atomic_write_text
 from ..config import MegaContextConfig
 from ..errors import ConfigError
+from ..lora import LoraConfig
 
 __all__ = ["PHASE_NAMES", "TrainConfig", "apply_overrides", "load_train_config"]
 
@@ -85,15 +86,6 @@ class LabelConfig(_Strict):
     max_candidates: int | None = Field(64, ge=1, description="per snapshot (random subset)")
     temperature: float = Field(0.05, gt=0, description="utility scale (nats)")
     token_cost: float = Field(0.0, ge=0, description="nats per WC entry the finer WC spends")
-
-
-class LoraConfig(_Strict):
-    r: int = Field(8, ge=4, le=16)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    lora_blocks: Literal["first", "last"] = "first"
-    embedding: bool = Field(True, description="LoRA on the input embedding too")
-    keepalive_weight: float = Field(0.1, ge=0, description="weak substitutability keep-alive")
 
 
 class EarlyStopConfig(_Strict):

@@ -27,12 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..base import load_base
+from ..data import ShardDataset
+from ..eval.peers import full_view, mc_view, truncation_view, view_nll
+from ..runtime import MegaContext
+from .config import load_train_config
+from .trainer import Trainer
+
 __all__ = ["baseline_nlls", "held_out_sets", "main", "system_nlls"]
 
 
 def _histories(cfg: Any, text_dir: str, synth_dir: str, n: int, budget: int, horizon: int):
-    from ..data import ShardDataset
-
     T = cfg.data.history
     text = ShardDataset(text_dir, "validation").sample_windows(T + horizon, n, seed=12345)
     ordinary = [(w[:T], w[T:]) for w in text]
@@ -52,8 +57,6 @@ def _histories(cfg: Any, text_dir: str, synth_dir: str, n: int, budget: int, hor
 
 
 def _nll(base: Any, view: Any, targets: torch.Tensor) -> float:
-    from ..eval.peers import view_nll
-
     return float(view_nll(base, view, targets).mean())
 
 
@@ -68,8 +71,6 @@ def held_out_sets(
 def baseline_nlls(base: Any, sets: dict[str, Any], budget: int) -> dict[str, dict[str, list]]:
     """Per-item mean target NLL (nats) of the frozen ``base`` reading the full history
     and its last ``budget`` tokens: ``{"full": {set: [..]}, "truncation": {set: [..]}}``."""
-    from ..eval.peers import full_view, truncation_view
-
     out: dict[str, dict[str, list]] = {"full": {}, "truncation": {}}
     for name, items in sets.items():
         out["full"][name] = [_nll(base, full_view(base, h), t) for h, t in items]
@@ -82,8 +83,6 @@ def baseline_nlls(base: Any, sets: dict[str, Any], budget: int) -> dict[str, dic
 def system_nlls(system: Any, sets: dict[str, Any], budget: int) -> dict[str, list[float]]:
     """Per-item mean target NLL (nats) after a real MegaContext session of ``system`` at
     ``w_max = budget`` over each history: ``{set: [..]}``."""
-    from ..eval.peers import mc_view
-
     return {
         name: [_nll(system.base, mc_view(system, h, budget), tg) for h, tg in items]
         for name, items in sets.items()
@@ -100,11 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
-
-    from ..base import load_base
-    from ..runtime import MegaContext
-    from .config import load_train_config
-    from .trainer import Trainer
 
     cfg = load_train_config(args.config, args.overrides)
     mc_cfg = cfg.mc_config().replace(w_max=args.budget)

@@ -36,6 +36,7 @@ from ..base import Base, load_base
 from ..errors import ConfigError, InputError
 from ..gistnet import GistNet
 from ..lensnet import LensNet
+from ..lora import has_lora, inject_lora, load_lora, lora_parameters, save_lora
 from .checkpoint import (
     latest_checkpoint,
     load_rng_state,
@@ -47,7 +48,6 @@ from .checkpoint import (
 from .config import PHASE_NAMES, OptimConfig, TrainConfig
 from .forward import forward_rows, wc_embeddings, wc_positions
 from .labels import label_snapshot, module_hash, write_labels
-from .lora import has_lora, inject_lora, load_lora, lora_parameters, save_lora
 from .phases import gist_loss, lens_loss, lora_loss
 from .rollout import rollout
 

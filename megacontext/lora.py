@@ -6,6 +6,10 @@ never both). Adapters are injected in place (the model keeps its class, so
 :class:`~megacontext.base.Base` and the attention hook work unchanged); ``B`` starts
 at zero, so a fresh adapter leaves the model's outputs unchanged. Saved in peft's
 format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+This module sits below the runtime, the trainer and the evaluation: the trainer
+injects and saves adapters, a checkpoint loads them (:mod:`megacontext.checkpoint`),
+the evaluation asks whether a system's base carries one (:func:`has_lora`).
 """
 
 from __future__ import annotations
@@ -14,14 +18,35 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import StorageError
-from .config import LoraConfig
+from .errors import StorageError
 
-__all__ = ["has_lora", "inject_lora", "load_lora", "lora_parameters", "lora_targets", "save_lora"]
+__all__ = [
+    "LoraConfig",
+    "has_lora",
+    "inject_lora",
+    "load_lora",
+    "lora_parameters",
+    "lora_targets",
+    "save_lora",
+]
+
+
+class LoraConfig(BaseModel):
+    """The adapter (the trainer config's ``lora:`` section, see docs/training.md)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    r: int = Field(8, ge=4, le=16)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    lora_blocks: Literal["first", "last"] = "first"
+    embedding: bool = Field(True, description="LoRA on the input embedding too")
+    keepalive_weight: float = Field(0.1, ge=0, description="weak substitutability keep-alive")
 
 
 def lora_targets(model: Any, placement: str, embedding: bool) -> list[str]:
@@ -65,6 +90,7 @@ def inject_lora(model: Any, lc: LoraConfig, seed: int = 0) -> None:
 
 
 def has_lora(model: Any) -> bool:
+    """True when ``model`` carries adapter parameters (``lora_*``)."""
     return any("lora_" in name for name, _ in model.named_parameters())
 
 
