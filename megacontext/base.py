@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ._atomic import atomic_replace_dir
-from .errors import ModelNotAvailableError, UnsupportedModelError
+from .errors import ConfigError, ModelNotAvailableError, UnsupportedModelError
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -195,8 +195,6 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> tor
     try:
         return table[str(dtype).lower()]
     except KeyError:
-        from .errors import ConfigError
-
         raise ConfigError(
             f"unknown dtype {dtype!r}; expected one of {sorted(table)}", field="dtype", value=dtype
         ) from None

@@ -475,6 +475,97 @@ def demo_walkthrough(
         out.write_text(text)
 
 
+_SHARDS_HELP = "a shard directory (megacontext ingest) with a validation split"
+_OVERRIDES = typer.Option("--set", help="override a config field: key.sub=value (repeatable)")
+
+
+@demo_app.command("train")
+def demo_train(
+    config: Annotated[
+        Path, typer.Argument(help="training config YAML (configs/train-*.yaml)", show_default=False)
+    ],
+    text_shards: Annotated[
+        str, typer.Option("--text-shards", help=f"ordinary text: {_SHARDS_HELP}")
+    ],
+    synthetic_shards: Annotated[
+        str,
+        typer.Option("--synthetic-shards", help=f"long-range tasks: {_SHARDS_HELP}"),
+    ],
+    windows: Annotated[int, typer.Option(help="held-out items per set", min=1)] = 6,
+    budget: Annotated[int, typer.Option(help="working-context budget W", min=1)] = 512,
+    out: Annotated[Path | None, typer.Option(help="write the results JSON here")] = None,
+    overrides: Annotated[list[str] | None, _OVERRIDES] = None,
+) -> None:
+    """Train a config and measure held-out NLL at budget W after each stage (the CPU
+    demonstration, docs/training.md): full context, truncation, untrained, warm
+    start, every cycle."""
+    from .train.demo import format_demo, run_demo
+
+    res = run_demo(
+        config,
+        text_shards,
+        synthetic_shards,
+        windows=windows,
+        budget=budget,
+        out=out,
+        overrides=list(overrides or []),
+        log=lambda m: console.print(m, markup=False, highlight=False),
+    )
+    console.print("\n" + format_demo(res), markup=False, highlight=False)
+
+
+@app.command("train-ablation")
+def train_ablation(
+    config: Annotated[
+        Path, typer.Argument(help="training config YAML (configs/train-*.yaml)", show_default=False)
+    ],
+    text_shards: Annotated[
+        str, typer.Option("--text-shards", help=f"ordinary text: {_SHARDS_HELP}")
+    ],
+    synthetic_shards: Annotated[
+        str,
+        typer.Option("--synthetic-shards", help=f"long-range tasks: {_SHARDS_HELP}"),
+    ],
+    windows: Annotated[int, typer.Option(help="held-out items per set", min=1)] = 5,
+    budget: Annotated[int, typer.Option(help="working-context budget W", min=1)] = 512,
+    variants: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated: all, freeze-gistnet, freeze-lensnet, freeze-lora, "
+            "causal-lensnet"
+        ),
+    ] = "all,freeze-gistnet,freeze-lensnet,freeze-lora,causal-lensnet",
+    out: Annotated[Path | None, typer.Option(help="write (and resume from) this JSON")] = None,
+    overrides: Annotated[list[str] | None, _OVERRIDES] = None,
+    reuse: Annotated[
+        bool, typer.Option("--reuse/--no-reuse", help="reuse an equivalent checkpoint")
+    ] = True,
+) -> None:
+    """The training ablation: freeze one module (or train the causal LensNet), train one
+    cycle per variant, measure the held-out drop (docs/training.md)."""
+    from .train.ablation import format_table, run_ablation
+
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    res = run_ablation(
+        str(config),
+        text_shards,
+        synthetic_shards,
+        names,
+        windows=windows,
+        budget=budget,
+        overrides=list(overrides or []),
+        out=out,
+        reuse=reuse,
+        log=lambda m: console.print(m, markup=False, highlight=False),
+    )
+    console.print(
+        f"\nW = {budget}, history = {res['history']}, windows = {res['windows']}",
+        markup=False,
+        highlight=False,
+    )
+    console.print(format_table(res), markup=False, highlight=False)
+
+
 @app.command()
 def accept(
     model: Annotated[str, _MODEL_OPT] = "smollm2-135m",
@@ -699,13 +790,177 @@ def train(
     console.print(f"{state} after {result['done']} phases; last checkpoint {result['checkpoint']}")
 
 
-def main() -> None:
-    """Entry point: typed megacontext errors become one-line messages and exit code 2."""
+@app.command()
+def ingest(
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="output directory (replaced atomically)", show_default=False),
+    ],
+    sources: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="files, folders, JSONL, HF dataset dirs; PATH=TAG forces a curriculum tag",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[str, typer.Option(help="base model whose tokenizer to use")] = (
+        "smollm2-135m"
+    ),
+    val_fraction: Annotated[float, typer.Option(help="held-out share of documents")] = 0.1,
+    seed: Annotated[int, typer.Option(help="seed of the train/validation hash")] = 0,
+    shard_tokens: Annotated[int | None, typer.Option(help="tokens per shard file")] = None,
+    max_docs: Annotated[int | None, typer.Option(help="keep the first N documents")] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="glob on path parts inside folders (repeatable; default: VCS, caches)"),
+    ] = None,
+    text_field: Annotated[str | None, typer.Option(help="text column of JSONL / HF rows")] = None,
+    synthetic: Annotated[int, typer.Option(help="add N synthetic long-range tasks", min=0)] = 0,
+    synthetic_length: Annotated[int, typer.Option(help="tokens per synthetic task")] = 2048,
+    synthetic_tasks: Annotated[
+        str, typer.Option(help="comma-separated task kinds: passkey, kv, code")
+    ] = "passkey,kv,code",
+    synthetic_align: Annotated[
+        str | None,
+        typer.Option(help="edge | straddle | mid: every needle at / across / inside a block"),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="rebuild even when up to date")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Tokenize text sources (and synthetic long-range tasks) into memory-mapped shards
+    with a train/validation split (docs/data.md)."""
+    from .base import load_tokenizer
+    from .data import DEFAULT_EXCLUDE, DEFAULT_SHARD_TOKENS, build_shards
+    from .synthetic import generate_tasks, task_documents
+
+    if synthetic_align not in (None, "edge", "straddle", "mid"):
+        raise typer.BadParameter(
+            f"{synthetic_align!r} is not one of edge, straddle, mid", param_hint="--synthetic-align"
+        )
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(model)
+    extra = []
+    if synthetic:
+        tasks = generate_tasks(
+            tokenizer,
+            synthetic,
+            length=synthetic_length,
+            tasks=tuple(t.strip() for t in synthetic_tasks.split(",") if t.strip()),
+            seed=seed,
+            needle_align=synthetic_align,
+        )
+        extra = task_documents(tasks)
+    manifest = build_shards(
+        list(sources or []),
+        out,
+        tokenizer=tokenizer,
+        model_name=model,
+        documents=extra,
+        val_fraction=val_fraction,
+        seed=seed,
+        shard_tokens=DEFAULT_SHARD_TOKENS if shard_tokens is None else shard_tokens,
+        max_docs=max_docs,
+        exclude=tuple(exclude) if exclude else DEFAULT_EXCLUDE,
+        text_field=text_field,
+        force=force,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - t0
+    for split, entry in manifest["splits"].items():
+        tags = ", ".join(
+            f"{t} {v['documents']}/{v['tokens']:,}" for t, v in sorted(entry["tags"].items())
+        )
+        typer.echo(
+            f"{split}: {entry['documents']} documents, {entry['tokens']:,} tokens, "
+            f"{len(entry['shards'])} shards ({tags})"
+        )
+    if manifest["skipped"]:
+        typer.echo(f"skipped {len(manifest['skipped'])} files (listed in manifest.json)")
+    typer.echo(f"{out}: done in {seconds:.1f} s")
+
+
+@app.command()
+def label(
+    config: Annotated[
+        Path, typer.Argument(help="training config YAML (configs/train-*.yaml)", show_default=False)
+    ],
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="a checkpoint directory to label with")
+    ] = None,
+    windows: Annotated[
+        int | None, typer.Option(help="windows to roll out (default: label_windows)", min=1)
+    ] = None,
+    cycle: Annotated[int, typer.Option(help="cycle number written in the table", min=0)] = 0,
+    overrides: Annotated[list[str] | None, _OVERRIDES] = None,
+) -> None:
+    """Counterfactual ΔNLL / ΔKL labels of every legal expand / collapse candidate on
+    on-policy snapshots, written to <artifacts>/deltas/<run>/cycle<C>-label.parquet
+    (docs/training.md)."""
+    from .train import Trainer, load_train_config
+
+    extra = list(overrides or [])
+    if windows is not None:
+        extra.append(f"label_windows={windows}")
+    cfg = load_train_config(config, extra)
+    trainer = Trainer(cfg)
+    if checkpoint is not None:
+        trainer.load_state(checkpoint)
+    items = trainer.make_labels(0, cycle, with_lens=True, tag="label")
+    rows = [r for *_, rs in items for r in rs]
+    out = trainer.deltas_dir / f"cycle{cycle}-label.parquet"
+    if not rows:
+        err_console.print(
+            f"no legal candidates in {len(items)} snapshots; nothing written", markup=False
+        )
+        raise typer.Exit(1)
+    pos = sum(r["utility"] > 0 for r in rows)
+    typer.echo(
+        f"{out}: {len(rows)} candidates from {len(items)} snapshots ({pos} with utility > 0)"
+    )
+
+
+@app.command()
+def costs(
+    module: Annotated[
+        str, typer.Argument(help="gistnet | lensnet | all", show_default=True)
+    ] = "all",
+) -> None:
+    """Parameters and FLOPs per call of GistNet and LensNet at their default configs
+    (the tables docs/gistnet.md and docs/lensnet.md quote)."""
+    from . import gistnet, lensnet
+
+    tables = {"gistnet": gistnet.cost_table, "lensnet": lensnet.cost_table}
+    if module not in (*tables, "all"):
+        raise typer.BadParameter(f"{module!r} is not gistnet, lensnet or all", param_hint="MODULE")
+    for name, fn in tables.items():
+        if module in (name, "all"):
+            if module == "all":
+                typer.echo(f"## {name}\n")
+            typer.echo(fn() + ("\n" if module == "all" else ""))
+
+
+def main(args: list[str] | None = None, prog_name: str | None = None) -> None:
+    """Entry point: typed megacontext errors become one-line messages and exit code 2.
+    ``args``: the command line without the program (default ``sys.argv[1:]``)."""
     try:
-        app()
+        app(args=args, prog_name=prog_name)
     except MegaContextError as exc:
-        err_console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        err_console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", soft_wrap=True)
         raise SystemExit(2) from None
+
+
+def run_alias(command: list[str], argv: list[str] | None = None) -> int:
+    """Run ``megacontext COMMAND... ARGV`` for an older entry point (``python -m
+    megacontext.train.demo`` is ``megacontext demo train``); returns the exit code."""
+    import sys
+
+    rest = list(sys.argv[1:] if argv is None else argv)
+    try:
+        main([*command, *rest], prog_name="megacontext")
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

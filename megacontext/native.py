@@ -12,7 +12,7 @@ import os
 from types import ModuleType
 from typing import Any
 
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, ConfigError
 
 __all__ = ["available", "build_info", "cuda_available", "extension", "forced_backend"]
 
@@ -68,8 +68,6 @@ def forced_backend() -> str | None:
     if not value or value == "auto":
         return None
     if value not in _BACKENDS:
-        from .errors import ConfigError
-
         raise ConfigError(
             f"MEGACONTEXT_BACKEND={value!r} is not one of auto, {', '.join(_BACKENDS)}",
             field="MEGACONTEXT_BACKEND",

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import ConfigError, InvariantError, StorageError
-
-if TYPE_CHECKING:
-    from .storage import TreeFiles
+from .storage import TreeFiles, open_tree, save_tree
 
 __all__ = ["MegaContextTree", "mean_pool"]
 
@@ -288,8 +286,6 @@ class MegaContextTree:
         the format stores fp16 or bf16). The tree itself stays where it was (RAM or
         its own directory); ``MegaContextTree.open(path)`` opens the copy.
         """
-        from .storage import save_tree
-
         save_tree(self, path, overwrite=overwrite)
 
     @classmethod
@@ -301,8 +297,6 @@ class MegaContextTree:
         ``mode='r'`` refuses them. A corrupted or inconsistent directory raises
         :class:`StorageError` naming the file and the field.
         """
-        from .storage import open_tree
-
         files = open_tree(path, mode)
         meta = files.meta
         tree = cls.__new__(cls)

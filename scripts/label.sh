@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 CONFIG="${1:-configs/train-smollm2-cpu.yaml}"
 [ $# -gt 0 ] && shift
-exec "$PY" -m tools.label_dnll "$CONFIG" "$@"
+exec "$PY" -m megacontext.cli label "$CONFIG" "$@"

@@ -117,3 +117,24 @@ def test_chat_reads_turns_until_eof():
     )
     assert result.exit_code == 0, result.output
     assert _flat(result.output).count("refocus iterations") == 2
+
+
+def test_one_command_line_for_the_demo_ablation_data_labels_and_costs(capsys):
+    """The trainer's demo and ablation, data ingestion, labelling and the cost tables
+    are subcommands; the older `python -m` spellings are aliases of them."""
+    from megacontext.cli import run_alias
+    from megacontext.gistnet import cost_table as gist_costs
+    from megacontext.lensnet import cost_table as lens_costs
+
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert {"ingest", "label", "costs", "train", "train-ablation"} <= names
+    demo = next(g for g in app.registered_groups if g.name == "demo")
+    assert {c.name for c in demo.typer_instance.registered_commands} >= {"walkthrough", "train"}
+    result = CliRunner().invoke(app, ["costs", "gistnet"])
+    assert result.exit_code == 0 and gist_costs() in result.output
+    result = CliRunner().invoke(app, ["costs"])
+    assert gist_costs() in result.output and lens_costs() in result.output
+    assert CliRunner().invoke(app, ["costs", "tree"]).exit_code != 0
+    for command in (["demo", "train"], ["train-ablation"], ["ingest"], ["label"]):
+        assert run_alias(command, ["--help"]) == 0
+        assert "Usage: megacontext " + " ".join(command) in capsys.readouterr().out

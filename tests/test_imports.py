@@ -3,9 +3,11 @@
 Every ``import`` / ``from ... import`` of a ``megacontext`` module is read with
 ``ast`` from every file of the package: module-level and function-local (a
 function-local import hides a cycle from the interpreter, not from the design),
-relative and absolute. Imports inside ``if TYPE_CHECKING:`` never run and are left
-out, as are the lazy attribute loader of ``megacontext/__init__.py`` (it resolves
-``mc.X`` on first use and sits above everything by construction).
+relative and absolute. Imports inside ``if TYPE_CHECKING:`` never run and those in
+``if __name__ == "__main__":`` run only in a script (``python -m X``, an alias of a
+CLI command), so both are left out, as is the lazy attribute loader of
+``megacontext/__init__.py`` (it resolves ``mc.X`` on first use and sits above
+everything by construction).
 
 Importing ``a.b.c`` from a module outside the package ``a.b`` also runs
 ``a/b/__init__.py``: that edge is in the graph too.
@@ -82,9 +84,20 @@ def is_package(path: Path) -> bool:
     return path.name == "__init__.py"
 
 
-def _type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+def _never_imported(test: ast.expr) -> bool:
+    """``if TYPE_CHECKING:`` (never runs) or ``if __name__ == "__main__":`` (runs
+    only in the script ``python -m X``, a module nothing imports)."""
+    if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING":
+        return True
+    if isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING":
+        return True
+    return (
+        isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+        and len(test.comparators) == 1
+        and isinstance(test.comparators[0], ast.Constant)
+        and test.comparators[0].value == "__main__"
     )
 
 
@@ -94,7 +107,7 @@ def import_nodes(tree: ast.Module, skip_function_local: bool) -> list[ast.Import
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _type_checking(child.test):
+            if isinstance(child, ast.If) and _never_imported(child.test):
                 for sub in child.orelse:
                     visit_one(sub, in_function)
                 continue
@@ -314,7 +327,10 @@ def test_the_walker_sees_hidden_and_package_imports(tmp_path):
                 "if TYPE_CHECKING:\n    from .b import y\n"
                 "def f():\n    from .sub.c import z\n"
             ),
-            "megacontext/b.py": "import megacontext.a\nfrom . import a\n",
+            "megacontext/b.py": (
+                "import megacontext.a\nfrom . import a\n"
+                "if __name__ == '__main__':\n    from .sub import c\n"
+            ),
             "megacontext/sub/__init__.py": "from .c import z\n",
             "megacontext/sub/c.py": "from ..b import q\nfrom . import d\n",
             "megacontext/sub/d.py": "",

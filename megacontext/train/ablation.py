@@ -1,6 +1,6 @@
 """The training ablation: freeze one module, train one cycle, measure the drop.
 
-    python -m megacontext.train.ablation CONFIG --text-shards DIR --synthetic-shards DIR \
+    megacontext train-ablation CONFIG --text-shards DIR --synthetic-shards DIR \
         [--windows N] [--budget W] [--variants all,freeze-gistnet,...] [--out FILE.json] \
         [--set key=value ...] [--no-reuse]
 
@@ -33,7 +33,6 @@ initialises one factor of each adapter to zero, so the adapter adds exactly zero
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -55,7 +54,6 @@ __all__ = [
     "VARIANTS",
     "equivalent_checkpoint",
     "format_table",
-    "main",
     "run_ablation",
     "train_variant",
     "variant_config",
@@ -346,34 +344,7 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megacontext.train.ablation")
-    p.add_argument("config")
-    p.add_argument("--text-shards", required=True)
-    p.add_argument("--synthetic-shards", required=True)
-    p.add_argument("--windows", type=int, default=5)
-    p.add_argument("--budget", type=int, default=512)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--out", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--no-reuse", dest="reuse", action="store_false")
-    args = p.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    res = run_ablation(
-        args.config,
-        args.text_shards,
-        args.synthetic_shards,
-        variants,
-        windows=args.windows,
-        budget=args.budget,
-        overrides=args.overrides,
-        out=args.out,
-        reuse=args.reuse,
-    )
-    print(f"\nW = {args.budget}, history = {res['history']}, windows = {res['windows']}")
-    print(format_table(res))
-    return 0
+if __name__ == "__main__":  # the older spelling of `megacontext train-ablation`
+    from megacontext.cli import run_alias
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_alias(["train-ablation"], "python -m megacontext.train.ablation"))

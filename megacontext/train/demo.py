@@ -1,6 +1,6 @@
 """The CPU demonstration: train, and measure validation Loss@H at a fixed budget.
 
-    python -m megacontext.train.demo CONFIG --text-shards DIR --synthetic-shards DIR \
+    megacontext demo train CONFIG --text-shards DIR --synthetic-shards DIR \
         [--windows N] [--budget W] [--out FILE.json] [--set key=value ...]
 
 Held-out histories of ``data.history`` tokens: *ordinary* text (random windows of the
@@ -18,15 +18,16 @@ and a Markdown table to stdout; training wall time excludes the evaluations.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .._atomic import atomic_write_text
 from ..base import load_base
 from ..data import ShardDataset
 from ..eval.peers import full_view, mc_view, truncation_view, view_nll
@@ -34,7 +35,7 @@ from ..runtime import MegaContext
 from .config import load_train_config
 from .trainer import Trainer
 
-__all__ = ["baseline_nlls", "held_out_sets", "main", "system_nlls"]
+__all__ = ["baseline_nlls", "format_demo", "held_out_sets", "run_demo", "system_nlls"]
 
 
 def _histories(cfg: Any, text_dir: str, synth_dir: str, n: int, budget: int, horizon: int):
@@ -89,46 +90,53 @@ def system_nlls(system: Any, sets: dict[str, Any], budget: int) -> dict[str, lis
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megacontext.train.demo")
-    p.add_argument("config")
-    p.add_argument("--text-shards", required=True)
-    p.add_argument("--synthetic-shards", required=True)
-    p.add_argument("--windows", type=int, default=6)
-    p.add_argument("--budget", type=int, default=512)
-    p.add_argument("--out", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    args = p.parse_args(argv)
-
-    cfg = load_train_config(args.config, args.overrides)
-    mc_cfg = cfg.mc_config().replace(w_max=args.budget)
+def run_demo(
+    config: str | Path,
+    text_shards: str,
+    synthetic_shards: str,
+    *,
+    windows: int = 6,
+    budget: int = 512,
+    out: str | Path | None = None,
+    overrides: list[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train ``config`` and measure the held-out NLLs (see the module doc) for the
+    frozen references, the untrained start, the warm start and each cycle. Returns
+    (and writes to ``out`` after every stage) ``{"config", "budget", "history",
+    "windows", "threads", "stages": {stage: {set: mean NLL}}, "train_seconds",
+    "eval_seconds"}``."""
+    cfg = load_train_config(config, list(overrides or []))
+    mc_cfg = cfg.mc_config().replace(w_max=budget)
     base = load_base(cfg.model, device=cfg.device)
-    sets = held_out_sets(cfg, args.text_shards, args.synthetic_shards, args.windows, args.budget)
+    sets = held_out_sets(cfg, text_shards, synthetic_shards, windows, budget)
     results: dict[str, Any] = {
         "config": cfg.dump(),
-        "budget": args.budget,
+        "budget": budget,
         "history": cfg.data.history,
         "windows": {k: len(v) for k, v in sets.items()},
         "threads": torch.get_num_threads(),
         "stages": {},
     }
+
+    def save() -> None:
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, json.dumps(results, indent=1))
+
     t0 = time.perf_counter()
-    for stage, row in baseline_nlls(base, sets, args.budget).items():
+    for stage, row in baseline_nlls(base, sets, budget).items():
         results["stages"][stage] = {name: float(np.mean(v)) for name, v in row.items()}
     eval_time = [time.perf_counter() - t0]
 
     def evaluate(stage: str, gistnet: Any, lensnet: Any) -> None:
         t = time.perf_counter()
         system = MegaContext(base, gistnet, lensnet, mc_cfg)
-        row = {
-            name: float(np.mean(v)) for name, v in system_nlls(system, sets, args.budget).items()
-        }
+        row = {name: float(np.mean(v)) for name, v in system_nlls(system, sets, budget).items()}
         results["stages"][stage] = row
         eval_time[0] += time.perf_counter() - t
-        print(f"{stage}: {row}", flush=True)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(results, indent=1))
+        log(f"{stage}: {row}")
+        save()
 
     evaluate("untrained", None, None)
 
@@ -143,21 +151,32 @@ def main(argv: list[str] | None = None) -> int:
     Trainer(cfg, base=base, hooks=[hook]).run()
     results["train_seconds"] = time.perf_counter() - t1 - (eval_time[0] - e0)
     results["eval_seconds"] = eval_time[0]
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    save()
+    return results
+
+
+def format_demo(results: dict[str, Any]) -> str:
+    """The Markdown summary of a :func:`run_demo` result (NLL and ΔNLL vs full per set)."""
     full = results["stages"]["full"]
-    print(f"\nW = {args.budget}, history = {cfg.data.history}, windows = {results['windows']}")
-    print("| stage | ordinary NLL | ΔNLL vs full | long-range NLL | ΔNLL vs full |")
-    print("|---|---|---|---|---|")
+    lines = [
+        f"W = {results['budget']}, history = {results['history']}, "
+        f"windows = {results['windows']}",
+        "| stage | ordinary NLL | ΔNLL vs full | long-range NLL | ΔNLL vs full |",
+        "|---|---|---|---|---|",
+    ]
     for stage, row in results["stages"].items():
         cells = []
         for name in ("ordinary", "long_range"):
             v = row.get(name, float("nan"))
             cells += [f"{v:.4f}", f"{v - full.get(name, float('nan')):+.4f}"]
-        print(f"| {stage} | " + " | ".join(cells) + " |")
-    print(f"training {results['train_seconds']:.0f} s, evaluation {results['eval_seconds']:.0f} s")
-    return 0
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines.append(
+        f"training {results['train_seconds']:.0f} s, evaluation {results['eval_seconds']:.0f} s"
+    )
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the older spelling of `megacontext demo train`
+    from megacontext.cli import run_alias
+
+    raise SystemExit(run_alias(["demo", "train"], "python -m megacontext.train.demo"))
