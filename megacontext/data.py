@@ -1,6 +1,6 @@
 """Tokenized, memory-mapped document shards: sources, writer, reader.
 
-``build_shards(sources, out, tokenizer=...)`` (and ``python -m tools.ingest_data``)
+``build_shards(sources, out, tokenizer=...)`` (and ``megacontext ingest``)
 reads text sources into :class:`Document` s, splits them into train / validation by
 a hash of each document id, tokenizes them with the base model's tokenizer (no
 special tokens) and writes::
@@ -539,9 +539,7 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     """``root/manifest.json``, checked to be a shard manifest of this format version."""
     path = Path(root) / "manifest.json"
     if not path.is_file():
-        raise StorageError(
-            f"{path}: no shard manifest (run python -m tools.ingest_data)", path=str(path)
-        )
+        raise StorageError(f"{path}: no shard manifest (run megacontext ingest)", path=str(path))
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -337,7 +337,7 @@ class GistNet(nn.Module):
 
 def cost_table(dims: tuple[int, ...] = (576, 4096), blocks: int = 4096) -> str:
     """Markdown table of parameters and matmul FLOPs per call at the default config
-    (``python -m megacontext.gistnet`` prints it; docs/gistnet.md quotes it)."""
+    (``megacontext costs gistnet`` prints it; docs/gistnet.md quotes it)."""
     rows = [
         "| d | readout | parameters (shared levels) | parameters (per-level) "
         f"| FLOPs per block | FLOPs per call of {blocks:,} blocks |",

@@ -533,7 +533,7 @@ def _shape(t: object) -> object:
 
 
 # ----------------------------------------------------------------------------------------
-# cost table (docs/lensnet.md is generated from this: python -m megacontext.lensnet)
+# cost table (docs/lensnet.md is generated from this: megacontext costs lensnet)
 
 
 def cost_table(dims: tuple[int, ...] = (576, 2048), n_entries: int = 8192) -> str:

@@ -318,7 +318,7 @@ def test_exported_and_usable_as_tree_gistnet():
 
 
 def test_cost_table_matches_modules():
-    # docs/gistnet.md quotes `python -m megacontext.gistnet`; its parameter counts must be
+    # docs/gistnet.md quotes `megacontext costs gistnet`; its parameter counts must be
     # those of the real modules at the defaults
     from megacontext.gistnet import cost_table
 

@@ -2,7 +2,7 @@
 
 See docs/training.md. Entry points: :class:`Trainer`, :func:`load_train_config`,
 :func:`load_checkpoint`, :func:`label_snapshot`, ``megacontext train``,
-``python -m tools.label_dnll``.
+``megacontext label``.
 """
 
 from .checkpoint import latest_checkpoint, load_checkpoint
