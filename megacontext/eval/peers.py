@@ -45,6 +45,7 @@ This module holds the views and how they are read; each method is a small class 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,7 @@ __all__ = [
     "cut_at_stop",
     "full_view",
     "infllm_view",
+    "is_untrained",
     "mc_view",
     "session_view",
     "streaming_view",
@@ -72,6 +74,8 @@ __all__ = [
     "view_nll",
 ]
 
+# the systems untrained_system made (a mark kept here, not an attribute on the system)
+_UNTRAINED: weakref.WeakSet[Any] = weakref.WeakSet()
 SINKS = 4
 BLOCK = 32
 QUERY_TOKENS = 64
@@ -189,8 +193,16 @@ def untrained_system(base: Any, config: Any = None, *, seed: int = 0, lens: bool
             torch.manual_seed(seed)
             lensnet = LensNet(base.dim).to(device=base.device).eval()
     system = MegaContext(base, None, lensnet, config)
-    system._untrained = True
+    _UNTRAINED.add(system)
     return system
+
+
+def is_untrained(system: Any) -> bool:
+    """Whether ``system`` came from :func:`untrained_system` (the run's meta says so)."""
+    try:
+        return system in _UNTRAINED
+    except TypeError:  # not weak-referenceable: not one of ours
+        return False
 
 
 def session_view(

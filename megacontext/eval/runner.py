@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..lora import has_lora
 from .common import SIZES
 from .external import base_model_source, recording_tasks, write_tasks
-from .peers import untrained_system
+from .peers import is_untrained, untrained_system
 from .report import write_run
 from .suites import SUITES
 
@@ -97,7 +97,7 @@ def run_eval(
         "system": (
             f"gistnet={'mean-pool' if system.gistnet is None else type(system.gistnet).__name__}, "
             f"lensnet={'none' if system.lensnet is None else type(system.lensnet).__name__}"
-            f" ({'untrained, seeded' if getattr(system, '_untrained', False) else 'as given'}), "
+            f" ({'untrained, seeded' if is_untrained(system) else 'as given'}), "
             f"kv_mode={system.config.kv_mode}, "
             f"LoRA adapter on the system's base: {'yes' if has_lora(system.base.model) else 'no'}"
         ),
