@@ -509,9 +509,9 @@ def demo_train(
         budget=budget,
         out=out,
         overrides=list(overrides or []),
-        log=lambda m: console.print(m, markup=False, highlight=False),
+        log=typer.echo,
     )
-    console.print("\n" + format_demo(res), markup=False, highlight=False)
+    typer.echo("\n" + format_demo(res))
 
 
 @app.command("train-ablation")
@@ -529,12 +529,13 @@ def train_ablation(
     windows: Annotated[int, typer.Option(help="held-out items per set", min=1)] = 5,
     budget: Annotated[int, typer.Option(help="working-context budget W", min=1)] = 512,
     variants: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="comma-separated: all, freeze-gistnet, freeze-lensnet, freeze-lora, "
-            "causal-lensnet"
+            help="comma-separated, of: all, freeze-gistnet, freeze-lensnet, freeze-lora, "
+            "causal-lensnet (default: every one)",
+            show_default=False,
         ),
-    ] = "all,freeze-gistnet,freeze-lensnet,freeze-lora,causal-lensnet",
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="write (and resume from) this JSON")] = None,
     overrides: Annotated[list[str] | None, _OVERRIDES] = None,
     reuse: Annotated[
@@ -543,9 +544,10 @@ def train_ablation(
 ) -> None:
     """The training ablation: freeze one module (or train the causal LensNet), train one
     cycle per variant, measure the held-out drop (docs/training.md)."""
-    from .train.ablation import format_table, run_ablation
+    from .train.ablation import VARIANTS, format_table, run_ablation
 
-    names = [v.strip() for v in variants.split(",") if v.strip()]
+    names = list(VARIANTS) if variants is None else [v.strip() for v in variants.split(",")]
+    names = [v for v in names if v]
     res = run_ablation(
         str(config),
         text_shards,
@@ -556,14 +558,10 @@ def train_ablation(
         overrides=list(overrides or []),
         out=out,
         reuse=reuse,
-        log=lambda m: console.print(m, markup=False, highlight=False),
+        log=typer.echo,
     )
-    console.print(
-        f"\nW = {budget}, history = {res['history']}, windows = {res['windows']}",
-        markup=False,
-        highlight=False,
-    )
-    console.print(format_table(res), markup=False, highlight=False)
+    typer.echo(f"\nW = {budget}, history = {res['history']}, windows = {res['windows']}")
+    typer.echo(format_table(res))
 
 
 @app.command()

@@ -343,3 +343,13 @@ def test_the_walker_sees_hidden_and_package_imports(tmp_path):
     assert set(graph["megacontext.sub.c"]) == {"megacontext.b", "megacontext.sub.d"}
     cycles = strongly_connected(graph)
     assert cycles == [["megacontext.a", "megacontext.b", "megacontext.sub", "megacontext.sub.c"]]
+
+
+def test_eval_shared_helpers_are_leaves():
+    """The report's helpers (``eval.tables``) and the suites' (``eval.common``) import
+    no evaluation module but ``eval.metrics``, which imports none."""
+    _, graph = build_graph()
+    for mod in ("megacontext.eval.tables", "megacontext.eval.common"):
+        inside = {t for t in graph[mod] if t.startswith("megacontext.eval")}
+        assert inside <= {"megacontext.eval.metrics"}, (mod, inside)
+    assert not {t for t in graph["megacontext.eval.metrics"] if t.startswith("megacontext.eval")}

@@ -445,8 +445,11 @@ def test_demo_reports_every_stage(tiny_base, tmp_path, capsys):
     import sysconfig
 
     from megacontext import synthetic
+    from megacontext.cli import run_alias
     from megacontext.data import build_shards
-    from megacontext.train.demo import main as demo_main
+
+    def demo_main(argv: list[str]) -> int:  # `megacontext demo train` (was train.demo.main)
+        return run_alias(["demo", "train"], argv)
 
     tok = tiny_base.tokenizer
     stdlib = Path(sysconfig.get_paths()["stdlib"])

@@ -9,19 +9,32 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import megacontext as mc
+from megacontext.cli import app
 from megacontext.train.ablation import (
     VARIANTS,
     equivalent_checkpoint,
     format_table,
-    main,
     run_ablation,
     train_variant,
     variant_config,
 )
 from megacontext.train.config import load_train_config
 from megacontext.train.trainer import Trainer
+
+
+def main(args: list[str]) -> int:
+    """``megacontext train-ablation ARGS`` in process (the older ``python -m
+    megacontext.train.ablation`` is its alias): its output on stdout, a typed error
+    raised as itself."""
+    result = CliRunner().invoke(app, ["train-ablation", *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    print(result.output, end="")
+    return result.exit_code
+
 
 TINY = "configs/train-tiny.yaml"
 FAST = [
