@@ -31,10 +31,14 @@ from ..errors import StorageError
 
 __all__ = [
     "COMPLETE",
+    "RESUME_FREE_FIELDS",
+    "check_links",
+    "check_resume",
     "latest_checkpoint",
     "load_checkpoint",
     "load_rng_state",
     "read_trainer_state",
+    "resume_mismatch",
     "rng_state",
     "save_rng_state",
     "set_rng_state",
@@ -192,14 +196,152 @@ def write_checkpoint(final: str | os.PathLike[str], write: Callable[[Path], None
     return final
 
 
+def check_links(root: str | os.PathLike[str]) -> None:
+    """Refuse a checkpoint directory with a symbolic link (file or folder, at any depth,
+    ``lora/`` included) whose target resolves outside ``root``: loading through it would
+    read a file the checkpoint does not contain. :class:`StorageError` naming the link
+    (``field="link"``). Links that stay inside ``root`` are allowed."""
+    root_real = os.path.realpath(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            entry = os.path.join(dirpath, name)
+            if not os.path.islink(entry):
+                continue
+            target = os.path.realpath(entry)
+            if os.path.commonpath([root_real, target]) != root_real:
+                raise StorageError(
+                    f"{entry}: symbolic link to {target}, outside the checkpoint {root_real}",
+                    path=entry,
+                    field="link",
+                )
+
+
+# trainer.json: field -> (accepted types, what it must be)
+_TRAINER_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "done": (int, "a non-negative integer (phases completed)"),
+    "global_step": (int, "a non-negative integer (optimizer steps taken)"),
+    "early": (dict, "an object (the early-stop state)"),
+    "plan": (list, "a list of [phase, cycle] pairs"),
+}
+_EARLY_FIELDS = ("best", "bad", "stopped", "history")
+
+
 def read_trainer_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``trainer.json`` of the complete checkpoint ``path``, checked: ``COMPLETE`` is
+    present, no link leads out of the directory (:func:`check_links`), and ``done``,
+    ``global_step``, ``early`` and ``plan`` have their types. Anything else is a
+    :class:`StorageError` naming the file and the field."""
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise StorageError(f"{path}: not a complete checkpoint (no {COMPLETE})", path=str(path))
+    check_links(path)
+    file = path / "trainer.json"
     try:
-        return json.loads((path / "trainer.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        raise StorageError(f"{path / 'trainer.json'}: unreadable ({exc})", path=str(path)) from None
+        state = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StorageError(f"{file}: unreadable ({exc})", path=str(file), field="json") from None
+    if not isinstance(state, dict):
+        raise StorageError(
+            f"{file}: top level is {type(state).__name__}, not an object",
+            path=str(file),
+            field="json",
+        )
+    for field, (kind, what) in _TRAINER_FIELDS.items():
+        if field not in state:
+            raise StorageError(f"{file}: field {field!r} is missing", path=str(file), field=field)
+        value = state[field]
+        bad = isinstance(value, bool) or not isinstance(value, kind)
+        if not bad and kind is int and value < 0:
+            bad = True
+        if bad:
+            raise StorageError(
+                f"{file}: field {field!r} is {value!r}, not {what}", path=str(file), field=field
+            )
+    missing = [k for k in _EARLY_FIELDS if k not in state["early"]]
+    if missing:
+        raise StorageError(f"{file}: field 'early' lacks {missing}", path=str(file), field="early")
+    if state["done"] > len(state["plan"]):
+        raise StorageError(
+            f"{file}: field 'done' is {state['done']}, more than the plan's "
+            f"{len(state['plan'])} phases",
+            path=str(file),
+            field="done",
+        )
+    return state
+
+
+# TrainConfig fields that do not change what a run computes: where files go
+# (``artifacts``, ``runs_dir``), the run's name, the device it runs on, and the
+# allocator backend (the backends agree bit for bit, docs/allocator.md). Every other
+# field (seed, model, data, architecture, schedule, losses, early stop ...) must match
+# for a resume to continue the same run.
+RESUME_FREE_FIELDS = frozenset({"run", "artifacts", "runs_dir", "device", "allocator_backend"})
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        if not value and prefix:
+            out[prefix[:-1]] = {}
+        return out
+    return {prefix[:-1]: value}
+
+
+def _resolved(cfg: Any) -> dict[str, Any]:
+    """``cfg.dump()`` with the ``megacontext`` section resolved against its defaults,
+    so ``{}`` and ``{block_size: 32}`` compare equal."""
+    dump = cfg.dump()
+    dump["megacontext"] = cfg.mc_config().model_dump(mode="json")
+    return {k: v for k, v in _flatten(dump).items() if k.split(".")[0] not in RESUME_FREE_FIELDS}
+
+
+def resume_mismatch(path: str | os.PathLike[str], cfg: Any) -> list[tuple[str, Any, Any]]:
+    """``(field, in the checkpoint, in cfg)`` for every field outside
+    :data:`RESUME_FREE_FIELDS` where the checkpoint ``path``'s ``config.yaml`` differs
+    from the :class:`~megacontext.train.config.TrainConfig` ``cfg``. Reads only
+    ``config.yaml`` (a missing or invalid one is a :class:`StorageError`)."""
+    from ..errors import ConfigError
+    from .config import load_train_config
+
+    path = Path(path)
+    file = path / "config.yaml"
+    if not file.is_file():
+        raise StorageError(f"{file}: missing (the run's config)", path=str(file), field="config")
+    try:
+        saved = load_train_config(file)
+    except (ConfigError, OSError, UnicodeDecodeError) as exc:
+        raise StorageError(f"{file}: unreadable ({exc})", path=str(file), field="config") from None
+    old, new = _resolved(saved), _resolved(cfg)
+    return [
+        (k, old.get(k, "<absent>"), new.get(k, "<absent>"))
+        for k in sorted(set(old) | set(new))
+        if old.get(k, "<absent>") != new.get(k, "<absent>")
+    ]
+
+
+def check_resume(path: str | os.PathLike[str], cfg: Any) -> dict[str, Any]:
+    """Everything a resume from checkpoint ``path`` needs checked before a byte of
+    weights is read: :func:`read_trainer_state` (completeness, links, fields) and a
+    config that matches ``cfg`` in every field that affects the result
+    (:func:`resume_mismatch`). A mismatch is a :class:`~megacontext.ConfigError` that
+    lists every differing field (``field`` is the first one). Returns the trainer state.
+    """
+    from ..errors import ConfigError
+
+    state = read_trainer_state(path)
+    diff = resume_mismatch(path, cfg)
+    if diff:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, a, b in diff)
+        raise ConfigError(
+            f"{path}: cannot resume, the checkpoint was written by a run with another "
+            f"config ({listed}). Start a fresh run (another 'run' name or without --resume) "
+            "or resume with the checkpoint's config",
+            field=diff[0][0],
+            value=diff[0][2],
+        )
+    return state
 
 
 def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
