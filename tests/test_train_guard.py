@@ -247,3 +247,40 @@ def test_bad_lora_json_is_a_storage_error(killed_run, tiny_base, tmp_path, conte
     trainer = Trainer(config(tmp_path), base=fresh_base(tiny_base))
     with pytest.raises(mc.StorageError, match="megacontext_lora.json"):
         trainer.load_state(file.parent.parent)
+
+
+def test_cli_resume_of_another_seed_is_one_line_naming_seed(killed_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from megacontext.cli import app
+
+    copy_run(killed_run, tmp_path)
+    args = ["train", TINY, "--resume"]
+    for item in (f"artifacts={tmp_path}/artifacts", f"runs_dir={tmp_path}/runs", *FAST):
+        args += ["--set", item]
+    result = CliRunner().invoke(app, [*args, "--set", "seed=7"])
+    assert result.exit_code == 2, result.output
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "ConfigError" in line and "seed: checkpoint 0, this run 7" in line
+    assert "Traceback" not in result.output
+
+
+def test_missing_or_bad_checkpoint_config_is_a_storage_error(killed_run, tmp_path):
+    ckpts = copy_run(killed_run, tmp_path)
+    path = ckpts / "cycle0-warm-lens"
+    (path / "config.yaml").write_bytes(b"\x00\xff")
+    with pytest.raises(mc.StorageError, match="config.yaml") as err:
+        resume_mismatch(path, config(tmp_path))
+    assert err.value.field == "config"
+    (path / "config.yaml").unlink()
+    with pytest.raises(mc.StorageError, match="config.yaml"):
+        resume_mismatch(path, config(tmp_path))
+
+
+def test_text_data_that_is_not_utf8_is_named(tiny_base, tmp_path):
+    bad = tmp_path / "corpus.txt"
+    bad.write_bytes(b"caf\xe9 " * 100)
+    cfg = config(tmp_path, "data.kind=text", f"data.paths=[{bad}]")
+    with pytest.raises(mc.ConfigError, match="corpus.txt") as err:
+        Trainer(cfg, base=fresh_base(tiny_base))
+    assert err.value.field == "data.paths"

@@ -218,6 +218,12 @@ class Trainer:
                     raise ConfigError(
                         f"data.paths: cannot read {p} ({exc})", field="data.paths"
                     ) from None
+                except UnicodeDecodeError as exc:
+                    raise ConfigError(
+                        f"data.paths: {p} is not UTF-8 text (byte at offset {exc.start})",
+                        field="data.paths",
+                        value=str(p),
+                    ) from None
                 ids.append(self.base.encode(text))
             stream = torch.cat(ids)
             cut = int(stream.numel() * (1 - d.val_fraction))
