@@ -801,6 +801,8 @@ def eval_(
     from .eval.runner import default_out_dir, run_eval
     from .eval.suites import SIZES, SUITES
 
+    if causal_lensnet is not None and "ablation" not in suite and list(suite) != ["all"]:
+        raise typer.BadParameter("only the ablation suite reads it", param_hint="--causal-lensnet")
     for path, hint in (
         (gistnet, "--gistnet"),
         (lensnet, "--lensnet"),
@@ -808,8 +810,6 @@ def eval_(
     ):
         _check_weights(path, hint)
     _check_path(checkpoint, "--checkpoint", "directory")
-    if causal_lensnet is not None and "ablation" not in suite and list(suite) != ["all"]:
-        raise typer.BadParameter("only the ablation suite reads it", param_hint="--causal-lensnet")
     if size not in SIZES:
         raise typer.BadParameter(f"{size!r} is not one of {list(SIZES)}", param_hint="--size")
     unknown = [s for s in suite if s not in SUITES] if list(suite) != ["all"] else []

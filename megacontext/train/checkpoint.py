@@ -226,11 +226,12 @@ _TRAINER_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
 _EARLY_FIELDS = ("best", "bad", "stopped", "history")
 
 
-def read_trainer_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_trainer_state(path: str | os.PathLike[str], resume: bool = False) -> dict[str, Any]:
     """``trainer.json`` of the complete checkpoint ``path``, checked: ``COMPLETE`` is
-    present, no link leads out of the directory (:func:`check_links`), and ``done``,
-    ``global_step``, ``early`` and ``plan`` have their types. Anything else is a
-    :class:`StorageError` naming the file and the field."""
+    present, no link leads out of the directory (:func:`check_links`), ``done`` is
+    present, and ``done``, ``global_step``, ``early`` and ``plan`` have their types
+    where present; with ``resume`` (what a resume reads) all four must be present.
+    Anything else is a :class:`StorageError` naming the file and the field."""
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise StorageError(f"{path}: not a complete checkpoint (no {COMPLETE})", path=str(path))
@@ -247,6 +248,8 @@ def read_trainer_state(path: str | os.PathLike[str]) -> dict[str, Any]:
             field="json",
         )
     for field, (kind, what) in _TRAINER_FIELDS.items():
+        if field not in state and (field != "done" and not resume):
+            continue
         if field not in state:
             raise StorageError(f"{file}: field {field!r} is missing", path=str(file), field=field)
         value = state[field]
@@ -257,10 +260,10 @@ def read_trainer_state(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise StorageError(
                 f"{file}: field {field!r} is {value!r}, not {what}", path=str(file), field=field
             )
-    missing = [k for k in _EARLY_FIELDS if k not in state["early"]]
+    missing = [k for k in _EARLY_FIELDS if k not in state.get("early", _EARLY_FIELDS)]
     if missing:
         raise StorageError(f"{file}: field 'early' lacks {missing}", path=str(file), field="early")
-    if state["done"] > len(state["plan"]):
+    if "plan" in state and state["done"] > len(state["plan"]):
         raise StorageError(
             f"{file}: field 'done' is {state['done']}, more than the plan's "
             f"{len(state['plan'])} phases",
@@ -330,7 +333,7 @@ def check_resume(path: str | os.PathLike[str], cfg: Any) -> dict[str, Any]:
     """
     from ..errors import ConfigError
 
-    state = read_trainer_state(path)
+    state = read_trainer_state(path, resume=True)
     diff = resume_mismatch(path, cfg)
     if diff:
         listed = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, a, b in diff)

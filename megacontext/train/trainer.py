@@ -595,7 +595,7 @@ class Trainer:
     def load_state(self, path: str | Path) -> None:
         """Restore weights, LoRA, RNG and progress from a checkpoint directory."""
         path = Path(path)
-        state = read_trainer_state(path)  # also refuses links out of the directory
+        state = read_trainer_state(path, resume=True)  # also refuses links out of it
         rng = load_rng_state(path)  # validated before anything is changed
         g = GistNet.load(path / "gistnet.safetensors")
         lens = LensNet.load(path / "lensnet.safetensors")
