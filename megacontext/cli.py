@@ -503,15 +503,19 @@ _CKPT_OPT = typer.Option(
 )
 
 
+def _one_system_source(checkpoint: Path | None, gistnet: Path | None, lensnet: Path | None):
+    if checkpoint is not None and (gistnet is not None or lensnet is not None):
+        raise typer.BadParameter(
+            "give either --checkpoint or --gistnet/--lensnet, not both", param_hint="--checkpoint"
+        )
+
+
 def _checkpoint_system(checkpoint: Path, model: str, gistnet: Path | None, lensnet: Path | None):
     """The trained system of a checkpoint on its own copy of the base model (the
     LoRA adapter is injected there, never into the frozen reference)."""
     from .runtime import MegaContext
 
-    if gistnet is not None or lensnet is not None:
-        raise typer.BadParameter(
-            "give either --checkpoint or --gistnet/--lensnet, not both", param_hint="--checkpoint"
-        )
+    _one_system_source(checkpoint, gistnet, lensnet)
     try:
         system = MegaContext.from_checkpoint(checkpoint)
     except MegaContextError as exc:
@@ -687,6 +691,7 @@ def accept(
     from .eval.accept import all_passed, run_acceptance, write_report
     from .eval.runner import machine_line
 
+    _one_system_source(checkpoint, gistnet, lensnet)
     _check_weights(gistnet, "--gistnet")
     _check_weights(lensnet, "--lensnet")
     _check_path(checkpoint, "--checkpoint", "directory")
@@ -803,6 +808,7 @@ def eval_(
 
     if causal_lensnet is not None and "ablation" not in suite and list(suite) != ["all"]:
         raise typer.BadParameter("only the ablation suite reads it", param_hint="--causal-lensnet")
+    _one_system_source(checkpoint, gistnet, lensnet)
     for path, hint in (
         (gistnet, "--gistnet"),
         (lensnet, "--lensnet"),
