@@ -23,16 +23,14 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import yaml
-
 from .base import Base, load_base
-from .config import MegaContextConfig
+from .config import MegaContextConfig, read_yaml_mapping
 from .errors import ConfigError, StorageError
 from .gistnet import GistNet
 from .lensnet import LensNet
 from .lora import has_lora, load_lora
 
-__all__ = ["COMPLETE", "Checkpoint", "read_checkpoint", "read_trainer_state"]
+__all__ = ["COMPLETE", "Checkpoint", "check_links", "read_checkpoint", "read_trainer_state"]
 
 COMPLETE = "COMPLETE"  # written last: a directory without it is not a checkpoint
 
@@ -46,28 +44,87 @@ class Checkpoint(NamedTuple):
     config: MegaContextConfig
 
 
-def read_trainer_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``trainer.json`` of a complete checkpoint (progress, early-stop state, hashes)."""
+def check_links(root: str | os.PathLike[str]) -> None:
+    """Refuse a checkpoint directory with a symbolic link (file or folder, at any depth,
+    ``lora/`` included) whose target resolves outside ``root``: loading through it would
+    read a file the checkpoint does not contain. :class:`StorageError` naming the link
+    (``field="link"``). Links that stay inside ``root`` are allowed."""
+    root_real = os.path.realpath(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            entry = os.path.join(dirpath, name)
+            if not os.path.islink(entry):
+                continue
+            target = os.path.realpath(entry)
+            if os.path.commonpath([root_real, target]) != root_real:
+                raise StorageError(
+                    f"{entry}: symbolic link to {target}, outside the checkpoint {root_real}",
+                    path=entry,
+                    field="link",
+                )
+
+
+# trainer.json: field -> (accepted types, what it must be)
+_TRAINER_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "done": (int, "a non-negative integer (phases completed)"),
+    "global_step": (int, "a non-negative integer (optimizer steps taken)"),
+    "early": (dict, "an object (the early-stop state)"),
+    "plan": (list, "a list of [phase, cycle] pairs"),
+}
+_EARLY_FIELDS = ("best", "bad", "stopped", "history")
+
+
+def read_trainer_state(path: str | os.PathLike[str], resume: bool = False) -> dict[str, Any]:
+    """``trainer.json`` of the complete checkpoint ``path``, checked: ``COMPLETE`` is
+    present, no link leads out of the directory (:func:`check_links`), ``done`` is
+    present, and ``done``, ``global_step``, ``early`` and ``plan`` have their types
+    where present; with ``resume`` (what a resume reads) all four must be present.
+    Anything else is a :class:`StorageError` naming the file and the field."""
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise StorageError(f"{path}: not a complete checkpoint (no {COMPLETE})", path=str(path))
+    check_links(path)
+    file = path / "trainer.json"
     try:
-        return json.loads((path / "trainer.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        raise StorageError(f"{path / 'trainer.json'}: unreadable ({exc})", path=str(path)) from None
+        state = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StorageError(f"{file}: unreadable ({exc})", path=str(file), field="json") from None
+    if not isinstance(state, dict):
+        raise StorageError(
+            f"{file}: top level is {type(state).__name__}, not an object",
+            path=str(file),
+            field="json",
+        )
+    for field, (kind, what) in _TRAINER_FIELDS.items():
+        if field not in state and (field != "done" and not resume):
+            continue
+        if field not in state:
+            raise StorageError(f"{file}: field {field!r} is missing", path=str(file), field=field)
+        value = state[field]
+        bad = isinstance(value, bool) or not isinstance(value, kind)
+        if not bad and kind is int and value < 0:
+            bad = True
+        if bad:
+            raise StorageError(
+                f"{file}: field {field!r} is {value!r}, not {what}", path=str(file), field=field
+            )
+    missing = [k for k in _EARLY_FIELDS if k not in state.get("early", _EARLY_FIELDS)]
+    if missing:
+        raise StorageError(f"{file}: field 'early' lacks {missing}", path=str(file), field="early")
+    if "plan" in state and state["done"] > len(state["plan"]):
+        raise StorageError(
+            f"{file}: field 'done' is {state['done']}, more than the plan's "
+            f"{len(state['plan'])} phases",
+            path=str(file),
+            field="done",
+        )
+    return state
 
 
 def _inference_config(path: Path) -> tuple[str, str | None, MegaContextConfig]:
     """``(model, device, MegaContextConfig)`` from the checkpoint's ``config.yaml``."""
     file = path / "config.yaml"
-    try:
-        raw: Any = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: config file not found", field="config") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML ({exc})", field="config") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: expected a mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(file)
     model = raw.get("model", MegaContextConfig.model_fields["model"].default)
     device = raw.get("device")
     section = raw.get("megacontext") or {}

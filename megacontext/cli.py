@@ -15,14 +15,47 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from . import __version__
+from .config import MAX_W_MAX
 from .errors import MegaContextError
 
 __all__ = ["app", "main"]
 
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fail(message: str) -> typer.Exit:
+    """Print ``error: message`` as one line on stderr; the caller raises the exit (2)."""
+    typer.echo(f"error: {_one_line(message)}", err=True)
+    return typer.Exit(2)
+
+
+# The base of click's usage errors (bad option value, missing argument, BadParameter) in
+# the click that typer runs on: typer ships its own copy, not the `click` package's.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _Commands(TyperGroup):
+    """The command group: a typed megacontext error or a bad parameter raised anywhere
+    below it (option parsing of a subcommand included) ends the command with one line
+    on stderr naming the argument, file or field, and exit code 2; never a traceback."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except MegaContextError as exc:
+            raise _fail(f"{type(exc).__name__}: {exc}") from None
+        except _ClickException as exc:
+            raise _fail(exc.format_message()) from None
+
+
 app = typer.Typer(
     name="megacontext",
+    cls=_Commands,
     help="Read an unbounded history through a fixed budget of active entries.",
     no_args_is_help=True,
     add_completion=False,
@@ -126,18 +159,166 @@ def info(
     console.print(table)
 
 
+# Input checks: each runs before any model loads and names the argument it refuses.
+
+
+def _device_option(value: str | None) -> str | None:
+    """``--device``: a device torch can parse and this machine has (cpu, cuda[:i] with
+    CUDA available and ``i`` in range, mps where available)."""
+    if value is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise typer.BadParameter(f"{value!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cpu":
+        return value
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "built without CUDA" if torch.version.cuda is None else "no CUDA device visible"
+            raise typer.BadParameter(
+                f"{value!r}: CUDA is not available (torch {torch.__version__}, {why}); use cpu"
+            )
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise typer.BadParameter(f"{value!r}: this machine has {n} CUDA device(s)")
+        return value
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return value
+    raise typer.BadParameter(f"{value!r}: megacontext runs on cpu or cuda devices")
+
+
+def _model_option(value: str) -> str:
+    """``--model``: a non-blank, one-line name, id or path."""
+    if not value.strip() or any(c in value for c in "\0\n\r"):
+        raise typer.BadParameter(f"{value!r} does not name a model")
+    return value
+
+
+def _read_text(path: Path, hint: str, allow_empty: bool = False) -> str:
+    """The text of ``path``, refused unless it is a readable UTF-8 text file: a
+    directory, a missing or unreadable file, a binary file (one with a NUL byte), a
+    file that is not valid UTF-8 (no guessing, no replacement characters: convert it,
+    e.g. ``iconv -f latin1 -t utf-8``) and, unless ``allow_empty``, a file with no
+    text are a :class:`typer.BadParameter` naming ``hint`` and the file."""
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a directory, not a file", param_hint=hint)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise typer.BadParameter(f"{path} does not exist", param_hint=hint) from None
+    except OSError as exc:
+        raise typer.BadParameter(
+            f"cannot read {path} ({exc.strerror or exc})", param_hint=hint
+        ) from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise typer.BadParameter(
+            f"{path} is a binary file (NUL byte at offset {nul}), not text", param_hint=hint
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise typer.BadParameter(
+            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "convert it first, e.g. iconv -f latin1 -t utf-8",
+            param_hint=hint,
+        ) from None
+    if not allow_empty and not text.strip():
+        raise typer.BadParameter(f"{path} is empty", param_hint=hint)
+    return text
+
+
+def _check_path(path: Path | None, hint: str, kind: str = "file") -> None:
+    """``path`` (when given) exists and is a ``kind`` ("file" or "directory")."""
+    if path is None:
+        return
+    ok = path.is_file() if kind == "file" else path.is_dir()
+    if not ok:
+        what = "does not exist" if not path.exists() else f"is not a {kind}"
+        raise typer.BadParameter(f"{path} {what}", param_hint=hint)
+
+
+def _check_weights(path: Path | None, hint: str) -> None:
+    """``path`` (when given) is a readable safetensors file (its header parses)."""
+    if path is None:
+        return
+    _check_path(path, hint)
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.metadata()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise typer.BadParameter(
+            f"{path} is not a safetensors file ({exc})", param_hint=hint
+        ) from None
+
+
+def _available_memory(device) -> int:
+    """Bytes that can still be allocated on ``device``: free CUDA memory, else the
+    host's available RAM (MemAvailable)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _kv_cache_bytes(model_config, w_max: int, block_size: int, itemsize: int) -> int:
+    """Bytes of a session's KV cache: ``2 buffers x layers x 2 (K, V) x kv_heads x
+    (w_max + block_size) slots x head_dim x itemsize`` (the runtime double-buffers its
+    preallocated cache of capacity ``W_max + K``)."""
+    c = model_config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * 2 * heads * (w_max + block_size) * head_dim * itemsize
+
+
+def _check_kv_memory(base, cfg, hint: str = "--w-max") -> None:
+    """Refuse a budget whose KV cache does not fit the device's free memory, before
+    the cache is allocated (an allocation of hundreds of GB dies, or swaps the host)."""
+    weight = base.model.get_input_embeddings().weight
+    need = _kv_cache_bytes(base.model.config, cfg.w_max, cfg.block_size, weight.element_size())
+    have = _available_memory(weight.device)
+    if need > have:
+        raise typer.BadParameter(
+            f"{cfg.w_max}: the KV cache of {base.name} at this budget needs "
+            f"{need / 2**30:.1f} GiB, {weight.device} has {have / 2**30:.1f} GiB free",
+            param_hint=hint,
+        )
+
+
 def _resolve_text_source(path: Path | None, module: str | None) -> Path:
     if (path is None) == (module is None):
         raise typer.BadParameter("give exactly one of PATH or --module")
     if module is not None:
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):  # a missing parent package, an empty name
+            spec = None
+        if spec is None:
+            raise typer.BadParameter(f"no module named {module!r}", param_hint="--module")
+        if not spec.origin or not os.path.isfile(spec.origin):
             raise typer.BadParameter(f"module {module!r} has no source file", param_hint="--module")
         return Path(spec.origin)
     assert path is not None
     if not path.is_file():
         raise typer.BadParameter(f"{path} is not a file", param_hint="PATH")
     return path
+
+
+_MODEL_OPT = typer.Option(help="base model name, HF id or path", callback=_model_option)
+_DEVICE_OPT = typer.Option(help="cpu, cuda, cuda:1 ...", callback=_device_option)
 
 
 @app.command()
@@ -151,7 +332,7 @@ def nll(
             "--module", "-m", help="score a Python module's source, e.g. pydoc_data.topics"
         ),
     ] = None,
-    model: Annotated[str, typer.Option(help="base model name, HF id or path")] = "smollm2-135m",
+    model: Annotated[str, _MODEL_OPT] = "smollm2-135m",
     max_tokens: Annotated[
         int | None, typer.Option(help="score only the first N tokens", min=2)
     ] = None,
@@ -159,7 +340,7 @@ def nll(
     stride: Annotated[
         int | None, typer.Option(help="new tokens scored per pass (default window/2)", min=1)
     ] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+    device: Annotated[str | None, _DEVICE_OPT] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Per-token NLL and perplexity of a text file under a base model."""
@@ -169,9 +350,7 @@ def nll(
     from .nll import token_nll
 
     source = _resolve_text_source(path, module)
-    text = source.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise typer.BadParameter(f"{source} is empty", param_hint="PATH")
+    text = _read_text(source, "PATH" if module is None else "--module")
     t0 = time.perf_counter()
     base = load_base(model, device=device)
     load_s = time.perf_counter() - t0
@@ -244,7 +423,10 @@ def _build_session(
     if kv_mode is not None:
         changes["kv_mode"] = kv_mode
     cfg = cfg.replace(**changes)
+    _check_weights(gistnet_path, "--gistnet")
+    _check_weights(lensnet_path, "--lensnet")
     base = load_base(cfg.model, device=device)
+    _check_kv_memory(base, cfg)
     gistnet = lensnet = None
     if gistnet_path is not None:
         from .gistnet import GistNet
@@ -306,9 +488,10 @@ def _summary_line(session) -> str:
     )
 
 
-_MODEL_OPT = typer.Option(help="base model name, HF id or path")
 _CONFIG_OPT = typer.Option("--config", help="run config YAML (configs/*.yaml)")
-_WMAX_OPT = typer.Option(help="working-context budget W_max (overrides the config)", min=1)
+_WMAX_OPT = typer.Option(
+    help="working-context budget W_max (overrides the config)", min=1, max=MAX_W_MAX
+)
 _KV_OPT = typer.Option(help="KV refocus mode: splice or exact (overrides the config)")
 _GIST_OPT = typer.Option("--gistnet", help="GistNet weights (safetensors); default mean pooling")
 _LENS_OPT = typer.Option("--lensnet", help="LensNet weights (safetensors); default recency-only")
@@ -320,15 +503,19 @@ _CKPT_OPT = typer.Option(
 )
 
 
+def _one_system_source(checkpoint: Path | None, gistnet: Path | None, lensnet: Path | None):
+    if checkpoint is not None and (gistnet is not None or lensnet is not None):
+        raise typer.BadParameter(
+            "give either --checkpoint or --gistnet/--lensnet, not both", param_hint="--checkpoint"
+        )
+
+
 def _checkpoint_system(checkpoint: Path, model: str, gistnet: Path | None, lensnet: Path | None):
     """The trained system of a checkpoint on its own copy of the base model (the
     LoRA adapter is injected there, never into the frozen reference)."""
     from .runtime import MegaContext
 
-    if gistnet is not None or lensnet is not None:
-        raise typer.BadParameter(
-            "give either --checkpoint or --gistnet/--lensnet, not both", param_hint="--checkpoint"
-        )
+    _one_system_source(checkpoint, gistnet, lensnet)
     try:
         system = MegaContext.from_checkpoint(checkpoint)
     except MegaContextError as exc:
@@ -362,21 +549,19 @@ def run(
     gistnet: Annotated[Path | None, _GIST_OPT] = None,
     lensnet: Annotated[Path | None, _LENS_OPT] = None,
     run_dir: Annotated[Path | None, _RUN_DIR_OPT] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+    device: Annotated[str | None, _DEVICE_OPT] = None,
 ) -> None:
     """Ingest long files into MegaContext, then answer or continue under the budget."""
-    sources = [_resolve_text_source(p, None) for p in paths or []]
-    sources += [_resolve_text_source(None, m) for m in module or []]
+    sources = [(_resolve_text_source(p, None), "PATHS") for p in paths or []]
+    sources += [(_resolve_text_source(None, m), "--module") for m in module or []]
     if not sources:
         raise typer.BadParameter("give at least one file or --module")
+    texts = [(src, _read_text(src, hint)) for src, hint in sources]
     session, telemetry = _build_session(
         model, config, w_max, kv_mode, gistnet, lensnet, device, run_dir
     )
     try:
-        for src in sources:
-            text = src.read_text(encoding="utf-8", errors="replace")
-            if not text.strip():
-                raise typer.BadParameter(f"{src} is empty")
+        for src, text in texts:
             _ingest_with_progress(session, text, src.name)
         session.ingest(_chat_turn(session, prompt))
         answer = session.generate(max_new_tokens, temperature=temperature)
@@ -401,17 +586,16 @@ def chat(
     gistnet: Annotated[Path | None, _GIST_OPT] = None,
     lensnet: Annotated[Path | None, _LENS_OPT] = None,
     run_dir: Annotated[Path | None, _RUN_DIR_OPT] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+    device: Annotated[str | None, _DEVICE_OPT] = None,
 ) -> None:
     """Interactive chat over an unbounded history (one turn per line; Ctrl-D ends)."""
+    texts = [(p, _read_text(_resolve_text_source(p, None), "PATHS")) for p in paths or []]
     session, telemetry = _build_session(
         model, config, w_max, kv_mode, gistnet, lensnet, device, run_dir
     )
     try:
-        for src in [_resolve_text_source(p, None) for p in paths or []]:
-            _ingest_with_progress(
-                session, src.read_text(encoding="utf-8", errors="replace"), src.name
-            )
+        for src, text in texts:
+            _ingest_with_progress(session, text, src.name)
         while True:
             try:
                 line = input("> ")
@@ -434,13 +618,13 @@ app.add_typer(demo_app, name="demo")
 @demo_app.command("walkthrough")
 def demo_walkthrough(
     model: Annotated[str, _MODEL_OPT] = "smollm2-135m",
-    w_max: Annotated[int, typer.Option(help="working-context budget", min=1)] = 1024,
+    w_max: Annotated[int, typer.Option(help="working-context budget", min=1, max=MAX_W_MAX)] = 1024,
     max_new_tokens: Annotated[int, typer.Option(min=0)] = 96,
     gistnet: Annotated[Path | None, _GIST_OPT] = None,
     lensnet: Annotated[Path | None, typer.Option("--lensnet", help="LensNet weights")] = None,
     seed: Annotated[int, typer.Option(help="seed of the untrained LensNet")] = 0,
     out: Annotated[Path | None, typer.Option(help="also write the Markdown here")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+    device: Annotated[str | None, _DEVICE_OPT] = None,
 ) -> None:
     """The guide's toy coding session: a ~4k-token TypeScript project, the user turn
     "Add logging to the `fetchUser` helper.", LensNet scores, actions, decode, trace."""
@@ -452,8 +636,11 @@ def demo_walkthrough(
     from .runtime import MegaContext
     from .walkthrough import run_walkthrough
 
-    base = load_base(model, device=device)
     cfg = MegaContextConfig(model=model, w_max=w_max)
+    _check_weights(gistnet, "--gistnet")
+    _check_weights(lensnet, "--lensnet")
+    base = load_base(model, device=device)
+    _check_kv_memory(base, cfg)
     gist = None
     if gistnet is not None:
         from .gistnet import GistNet
@@ -479,6 +666,21 @@ _SHARDS_HELP = "a shard directory (megacontext ingest) with a validation split"
 _OVERRIDES = typer.Option("--set", help="override a config field: key.sub=value (repeatable)")
 
 
+def _train_config(config: Path, overrides: list[str] | None):
+    """The training config ``config`` with ``overrides``, checked as every training
+    command needs before any work: a readable UTF-8 text file, a valid config, a
+    device that exists here (a bad one is named as ``device (config)``)."""
+    from .train import load_train_config
+
+    _read_text(config, "CONFIG", allow_empty=True)  # a directory, binary, not UTF-8
+    cfg = load_train_config(config, list(overrides or []))
+    try:
+        _device_option(cfg.device)
+    except typer.BadParameter as exc:
+        raise typer.BadParameter(exc.message, param_hint="device (config)") from None
+    return cfg
+
+
 @demo_app.command("train")
 def demo_train(
     config: Annotated[
@@ -501,6 +703,7 @@ def demo_train(
     start, every cycle."""
     from .train.demo import format_demo, run_demo
 
+    _train_config(config, overrides)  # refused before any training starts
     res = run_demo(
         config,
         text_shards,
@@ -546,6 +749,7 @@ def train_ablation(
     cycle per variant, measure the held-out drop (docs/training.md)."""
     from .train.ablation import VARIANTS, format_table, run_ablation
 
+    _train_config(config, overrides)  # refused before any training starts
     names = list(VARIANTS) if variants is None else [v.strip() for v in variants.split(",")]
     names = [v for v in names if v]
     res = run_ablation(
@@ -568,7 +772,10 @@ def train_ablation(
 def accept(
     model: Annotated[str, _MODEL_OPT] = "smollm2-135m",
     w_max: Annotated[
-        int | None, typer.Option(help="budget (default: a quarter of the model's context)", min=1)
+        int | None,
+        typer.Option(
+            help="budget (default: a quarter of the model's context)", min=1, max=MAX_W_MAX
+        ),
     ] = None,
     docs: Annotated[int, typer.Option(help="documents per benchmark", min=1)] = 2,
     history: Annotated[int, typer.Option(help="history tokens per document", min=64)] = 4096,
@@ -583,18 +790,24 @@ def accept(
     lensnet: Annotated[Path | None, _LENS_OPT] = None,
     checkpoint: Annotated[Path | None, _CKPT_OPT] = None,
     out: Annotated[Path | None, typer.Option(help="write a Markdown report here")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+    device: Annotated[str | None, _DEVICE_OPT] = None,
 ) -> None:
     """The guide's POC acceptance criteria: PASS/FAIL each with its number; exit code 0
     only when all pass."""
     from .eval.accept import all_passed, run_acceptance, write_report
     from .eval.runner import machine_line
 
+    _one_system_source(checkpoint, gistnet, lensnet)
+    _check_weights(gistnet, "--gistnet")
+    _check_weights(lensnet, "--lensnet")
+    _check_path(checkpoint, "--checkpoint", "directory")
     if checkpoint is not None:
         system = _checkpoint_system(checkpoint, model, gistnet, lensnet)
     else:
         session, _ = _build_session(model, None, None, None, gistnet, lensnet, device, None)
         system = session.system
+    if w_max is not None:
+        _check_kv_memory(system.base, system.config.replace(w_max=w_max))
     criteria = run_acceptance(
         system,
         budget=w_max,
@@ -672,7 +885,9 @@ def eval_(
     out: Annotated[
         str | None, typer.Option("--out", help="run name under artifacts/reports/")
     ] = None,
-    model: Annotated[str, typer.Option("--model", help="base model")] = "smollm2-135m",
+    model: Annotated[
+        str, typer.Option("--model", help="base model", callback=_model_option)
+    ] = "smollm2-135m",
     gistnet: Annotated[
         Path | None, typer.Option("--gistnet", help="trained GistNet .safetensors")
     ] = None,
@@ -695,7 +910,26 @@ def eval_(
     from .base import load_base
     from .eval.peers import untrained_system
     from .eval.runner import default_out_dir, run_eval
+    from .eval.suites import SIZES, SUITES
 
+    if causal_lensnet is not None and "ablation" not in suite and list(suite) != ["all"]:
+        raise typer.BadParameter("only the ablation suite reads it", param_hint="--causal-lensnet")
+    _one_system_source(checkpoint, gistnet, lensnet)
+    for path, hint in (
+        (gistnet, "--gistnet"),
+        (lensnet, "--lensnet"),
+        (causal_lensnet, "--causal-lensnet"),
+    ):
+        _check_weights(path, hint)
+    _check_path(checkpoint, "--checkpoint", "directory")
+    if size not in SIZES:
+        raise typer.BadParameter(f"{size!r} is not one of {list(SIZES)}", param_hint="--size")
+    unknown = [s for s in suite if s not in SUITES] if list(suite) != ["all"] else []
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown suites {unknown}; expected some of {list(SUITES)} or all",
+            param_hint="SUITE",
+        )
     base = load_base(model)
     system = untrained_system(base)
     if checkpoint is not None:
@@ -765,9 +999,9 @@ def train(
     """Train GistNet, LensNet and base LoRA: warm start, then B1 -> B2 -> B3 cycles."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .train import Trainer, load_train_config
+    from .train import Trainer
 
-    cfg = load_train_config(config, list(overrides or []))
+    cfg = _train_config(config, overrides)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -801,9 +1035,9 @@ def ingest(
             show_default=False,
         ),
     ] = None,
-    model: Annotated[str, typer.Option(help="base model whose tokenizer to use")] = (
-        "smollm2-135m"
-    ),
+    model: Annotated[
+        str, typer.Option(help="base model whose tokenizer to use", callback=_model_option)
+    ] = "smollm2-135m",
     val_fraction: Annotated[float, typer.Option(help="held-out share of documents")] = 0.1,
     seed: Annotated[int, typer.Option(help="seed of the train/validation hash")] = 0,
     shard_tokens: Annotated[int | None, typer.Option(help="tokens per shard file")] = None,
@@ -894,12 +1128,12 @@ def label(
     """Counterfactual ΔNLL / ΔKL labels of every legal expand / collapse candidate on
     on-policy snapshots, written to <artifacts>/deltas/<run>/cycle<C>-label.parquet
     (docs/training.md)."""
-    from .train import Trainer, load_train_config
+    from .train import Trainer
 
     extra = list(overrides or [])
     if windows is not None:
         extra.append(f"label_windows={windows}")
-    cfg = load_train_config(config, extra)
+    cfg = _train_config(config, extra)
     trainer = Trainer(cfg)
     if checkpoint is not None:
         trainer.load_state(checkpoint)
@@ -943,7 +1177,7 @@ def main(args: list[str] | None = None, prog_name: str | None = None) -> None:
     try:
         app(args=args, prog_name=prog_name)
     except MegaContextError as exc:
-        err_console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", soft_wrap=True)
+        _fail(f"{type(exc).__name__}: {exc}")
         raise SystemExit(2) from None
 
 

@@ -25,11 +25,52 @@ from pydantic import (
 from ._atomic import atomic_write_text
 from .errors import ConfigError
 
-__all__ = ["MegaContextConfig"]
+__all__ = ["MegaContextConfig", "read_yaml_mapping"]
+
+
+# A gist averages at least two children (a block of one token is no summary, and the
+# working context's collapse frees block_size - 1 entries); the on-disk tree stores
+# block_size as a uint16, and 2**15 is the largest power of two that fits.
+MAX_BLOCK_SIZE = 2**15
+# RoPE positions are computed in float32, exact for integers only up to 2**24; and
+# 2**24 entries of SmolLM2-135M's bf16 KV cache (23 KB each) are 386 GB, beyond any
+# single device. The CLI also checks the KV cache against the device's free memory.
+MAX_W_MAX = 2**24
 
 
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
+
+
+def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The YAML mapping in the text file ``path`` (empty file: ``{}``). A missing file,
+    a directory, bytes that are not UTF-8, invalid YAML or a top level that is not a
+    mapping raise :class:`ConfigError` naming the file (``field="config"``)."""
+    path = Path(path)
+
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"{path}: {why}", field="config", value=str(path))
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise fail("config file not found") from None
+    except IsADirectoryError:
+        raise fail("is a directory, not a config file") from None
+    except UnicodeDecodeError as exc:
+        raise fail(
+            f"not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); a config is YAML text"
+        ) from None
+    except OSError as exc:
+        raise fail(f"cannot read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise fail(f"not valid YAML ({exc})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise fail(f"expected a mapping of fields, got {type(raw).__name__}")
+    return raw
 
 
 class MegaContextConfig(BaseModel):
@@ -46,10 +87,14 @@ class MegaContextConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
-    model: str = Field("smollm2-135m", description="base model name, HF id or local path")
-    block_size: int = Field(32, description="tokens per LOD1 gist; a power of two")
+    model: str = Field(
+        "smollm2-135m", min_length=1, description="base model name, HF id or local path"
+    )
+    block_size: int = Field(
+        32, ge=2, le=MAX_BLOCK_SIZE, description="tokens per LOD1 gist; a power of two"
+    )
     levels: int = Field(2, ge=1, le=6, description="number of gist levels above LOD0")
-    w_max: int = Field(8192, gt=0, description="working-context budget (entries)")
+    w_max: int = Field(8192, gt=0, le=MAX_W_MAX, description="working-context budget (entries)")
     horizon: int = Field(64, gt=0, description="H of Loss@H (tokens)")
     n_diff: int = Field(4, ge=0, description="max allocator actions per step")
     tau_expand: float = Field(0.2, ge=0.0, le=1.0)
@@ -69,6 +114,13 @@ class MegaContextConfig(BaseModel):
     def _block_size_power_of_two(cls, v: int) -> int:
         if not _is_power_of_two(v):
             raise ValueError("must be a power of two")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_named(cls, v: str) -> str:
+        if not v.strip() or any(c in v for c in "\0\n\r"):
+            raise ValueError("must name a model (non-blank, one line)")
         return v
 
     @model_validator(mode="after")
@@ -96,9 +148,15 @@ class MegaContextConfig(BaseModel):
             raise config_error(exc, data) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
+        # A refused assignment leaves the config as it was: pydantic has already stored
+        # the value when a cross-field (model) check fails, so restore the old one.
+        had = name in self.__dict__
+        old = self.__dict__.get(name)
         try:
             super().__setattr__(name, value)
         except ValidationError as exc:
+            if had:
+                self.__dict__[name] = old
             raise config_error(exc, {name: value}) from None
 
     def replace(self, **changes: Any) -> MegaContextConfig:
@@ -111,16 +169,7 @@ class MegaContextConfig(BaseModel):
     def from_yaml(cls, path: str | os.PathLike[str]) -> MegaContextConfig:
         """Load a config; unknown keys and bad values raise ConfigError naming the file."""
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found", field=None) from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path)
         try:
             return cls(**raw)
         except ConfigError as exc:

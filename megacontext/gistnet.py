@@ -194,6 +194,20 @@ class _Core(nn.Module):
         return r @ w_o + self.out_proj.bias.to(h.dtype)
 
 
+def _require_data(module: nn.Module, op: str) -> None:
+    """Refuse ``op`` on a GistNet whose parameters live on the ``meta`` device: they have
+    shapes but no values, so a forward would return shapeless placeholders and a save
+    or copy would fail deep inside torch."""
+    p = next(module.parameters(), None)
+    if p is not None and p.device.type == "meta":
+        raise ConfigError(
+            f"GistNet.{op}: the parameters are on the meta device (shapes, no values); "
+            "materialise them first (to_empty(device=...) then load weights)",
+            field="device",
+            value="meta",
+        )
+
+
 class GistNet(nn.Module):
     """32→1 gist compressor ``[B, bs, d] -> [B, d]`` (see the module docstring).
 
@@ -282,6 +296,7 @@ class GistNet(nn.Module):
                 field="level",
                 value=level,
             )
+        _require_data(self, "forward")
         param = self.cores[0].in_proj.weight
         core = self.cores[0 if cfg.shared_levels else level - 1]
         level_embed = None if self.level_embed is None else self.level_embed[level - 1]
@@ -311,6 +326,7 @@ class GistNet(nn.Module):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write weights and config to one safetensors file, atomically (temp + rename)."""
+        _require_data(self, "save")
         return save_weights(self, path, _FORMAT, _FORMAT_VERSION, self.config.model_dump_json())
 
     @classmethod
@@ -324,6 +340,12 @@ class GistNet(nn.Module):
         model = load_weights(
             path, _FORMAT, _FORMAT_VERSION, "GistNet", lambda c: cls(config=GistNetConfig(**c))
         )
+        if device is not None and torch.device(device).type == "meta":
+            raise ConfigError(
+                f"GistNet.load: device='meta' would drop the weights just read from {path}",
+                field="device",
+                value="meta",
+            )
         return model.to(device=device, dtype=dtype)
 
     def extra_repr(self) -> str:

@@ -32,6 +32,7 @@ __all__ = [
     "load_lora",
     "lora_parameters",
     "lora_targets",
+    "read_lora_config",
     "save_lora",
 ]
 
@@ -117,6 +118,34 @@ def save_lora(model: Any, lc: LoraConfig, directory: str | os.PathLike[str]) -> 
     return directory
 
 
+def read_lora_config(path: str | os.PathLike[str]) -> LoraConfig:
+    """The :class:`LoraConfig` in ``megacontext_lora.json``; unreadable JSON, a top
+    level that is not an object, an unknown field or a bad value is a
+    :class:`StorageError` naming the file and the field."""
+    from pydantic import ValidationError
+
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StorageError(f"{path}: unreadable ({exc})", path=str(path), field="json") from None
+    if not isinstance(raw, dict):
+        raise StorageError(
+            f"{path}: top level is {type(raw).__name__}, not an object",
+            path=str(path),
+            field="json",
+        )
+    try:
+        return LoraConfig(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err.get("loc", ())) or "json"
+        got = raw.get(field, err.get("input"))
+        raise StorageError(
+            f"{path}: field {field!r} = {got!r}: {err['msg']}", path=str(path), field=field
+        ) from None
+
+
 def load_lora(model: Any, directory: str | os.PathLike[str], inject: bool = True) -> LoraConfig:
     """Load an adapter saved by :func:`save_lora` (injecting it first unless ``inject=False``)."""
     from peft import set_peft_model_state_dict
@@ -128,7 +157,7 @@ def load_lora(model: Any, directory: str | os.PathLike[str], inject: bool = True
     if not meta.is_file() or not weights.is_file():
         missing = meta if not meta.is_file() else weights
         raise StorageError(f"{missing}: LoRA adapter file missing", path=str(missing))
-    lc = LoraConfig(**json.loads(meta.read_text()))
+    lc = read_lora_config(meta)
     if inject:
         inject_lora(model, lc)
     state = load_file(str(weights))

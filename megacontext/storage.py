@@ -55,6 +55,7 @@ __all__ = [
     "MAGIC",
     "Header",
     "TreeFiles",
+    "check_member",
     "open_tree",
     "read_header",
     "read_metadata",
@@ -66,6 +67,7 @@ FORMAT_VERSION = 1
 HEADER_SIZE = 64
 METADATA = "metadata.json"
 FORMAT_NAME = "megacontext-tree"
+_MAX_LEVELS = 16  # the most gist levels metadata.json may declare
 _HEADER = struct.Struct("<IHHHHH32s18s")
 assert _HEADER.size == HEADER_SIZE
 
@@ -152,9 +154,40 @@ def _parse_header(path: str, raw: bytes) -> Header:
     return Header(level, bs, dim, code, model_name, version, magic)
 
 
+def check_member(directory: str, file: str, writable: bool = False) -> None:
+    """Refuse a tree file that leads out of ``directory``.
+
+    A symbolic link whose target resolves outside the tree directory is a
+    :class:`StorageError` (``field="link"``): reading it would read a foreign file, and
+    an append would grow it. With ``writable`` (an ``r+`` open), a file with more than
+    one hard link is refused too: an append through it would change the other name's
+    content as well. A link that stays inside the directory is followed.
+    """
+    try:
+        st = os.lstat(file)
+    except FileNotFoundError:
+        return  # the caller reports the missing file with its own words
+    if os.path.islink(file):
+        root = os.path.realpath(directory)
+        target = os.path.realpath(file)
+        if os.path.commonpath([root, target]) != root:
+            raise _err(
+                file, "link", f"symbolic link to {target}, outside the tree directory {root}"
+            )
+        st = os.stat(file)
+    if writable and st.st_nlink > 1:
+        raise _err(
+            file,
+            "link",
+            f"has {st.st_nlink} hard links: an append would also change the other names; "
+            "copy the tree (MegaContextTree.save) to append to it",
+        )
+
+
 def read_metadata(directory: str) -> dict[str, Any]:
     """Read and check ``metadata.json`` of a tree directory on its own."""
     path = os.path.join(directory, METADATA)
+    check_member(directory, path)
     try:
         with open(path, "rb") as f:
             meta = json.loads(f.read().decode("utf-8"))
@@ -181,7 +214,7 @@ def read_metadata(directory: str) -> dict[str, Any]:
     bs = need("block_size", int)
     dim = need("dim", int)
     for field, value, lo, hi in (
-        ("levels", levels, 1, 16),
+        ("levels", levels, 1, _MAX_LEVELS),
         ("block_size", bs, 2, 65535),
         ("dim", dim, 1, 65535),
     ):
@@ -352,6 +385,9 @@ def open_tree(path: str | os.PathLike[str], mode: str = "r+") -> TreeFiles:
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise _err(directory, "path", "not a tree directory (no such directory)")
+    for level in range(_MAX_LEVELS + 1):
+        # before anything is opened for writing: the lock opens LOD0.ctx read-write
+        check_member(directory, os.path.join(directory, level_file(level)), mode == "r+")
     # lock before reading metadata.json, so no other writer commits after we read it
     lock_fd = _lock_writer(directory) if mode == "r+" else None
     opened: list[_FileLevel] = []

@@ -734,3 +734,58 @@ def test_open_and_one_gist_read_map_pages_not_the_file(tmp_path):
     # straddles): pages, not the 57 MB file
     assert 0 < one <= 4096, f"one gist read made {one} KiB of LOD1.ctx resident"
     assert whole > payload_kib // 2  # the measurement does see pages when they are read
+
+
+# ------------------------------------------------------------------ links (issue 17)
+
+
+def _move_out(saved_path: Path, name: str, outside: Path) -> Path:
+    """Move ``name`` out of the tree and leave a symlink to it in its place."""
+    outside.mkdir(exist_ok=True)
+    target = outside / name
+    os.rename(saved_path / name, target)
+    os.symlink(target, saved_path / name)
+    return target
+
+
+@pytest.mark.parametrize("name", ["LOD0.ctx", "LOD1.ctx", "metadata.json"])
+@pytest.mark.parametrize("mode", ["r", "r+"])
+def test_open_refuses_a_symlink_out_of_the_tree(tmp_path, saved, name, mode):
+    path, _ = saved
+    target = _move_out(path, name, tmp_path / "elsewhere")
+    before = target.read_bytes()
+    with pytest.raises(StorageError) as info:
+        MegaContextTree.open(path, mode=mode)
+    assert info.value.field == "link" and name in str(info.value)
+    assert str(path / name) == info.value.path
+    assert target.read_bytes() == before
+
+
+def test_append_never_grows_a_file_outside_the_tree(tmp_path, saved):
+    path, _ = saved
+    target = _move_out(path, "LOD0.ctx", tmp_path / "elsewhere")
+    size = target.stat().st_size
+    with pytest.raises(StorageError, match="outside the tree"):
+        t = MegaContextTree.open(path)
+        t.append(stream(5, 100), embed)  # what grew the foreign file before
+    assert target.stat().st_size == size
+
+
+def test_a_symlink_inside_the_tree_is_followed(saved):
+    path, tree = saved
+    os.rename(path / "LOD2.ctx", path / "level2.data")
+    os.symlink("level2.data", path / "LOD2.ctx")
+    with MegaContextTree.open(path, "r") as opened:
+        assert_same_tree(opened, tree)
+
+
+def test_hard_linked_level_files_are_read_but_not_appended(tmp_path, saved):
+    path, tree = saved
+    os.link(path / "LOD1.ctx", tmp_path / "other-name")
+    with MegaContextTree.open(path, "r") as opened:
+        assert_same_tree(opened, tree)
+    size = (tmp_path / "other-name").stat().st_size
+    with pytest.raises(StorageError, match="hard links") as info:
+        MegaContextTree.open(path, "r+")
+    assert info.value.field == "link"
+    assert (tmp_path / "other-name").stat().st_size == size

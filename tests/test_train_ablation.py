@@ -131,8 +131,14 @@ def test_variant_overrides(shards):
 def test_unknown_variant_is_a_config_error(shards):
     with pytest.raises(mc.ConfigError, match="freeze-everything"):
         variant_config(TINY, "freeze-everything")
-    with pytest.raises(mc.ConfigError, match="freeze-all"):
-        main([TINY, "--text-shards", "x", "--synthetic-shards", "y", "--variants", "freeze-all"])
+    # through the CLI a typed error is one line on stderr and exit code 2
+    result = CliRunner().invoke(
+        app,
+        ["train-ablation", TINY, "--text-shards", "x", "--synthetic-shards", "y"]
+        + ["--variants", "freeze-all"],
+    )
+    assert result.exit_code == 2
+    assert "ConfigError" in result.stderr and "freeze-all" in result.stderr
 
 
 def test_frozen_module_keeps_its_initialisation(ablation, shards):

@@ -27,16 +27,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import COMPLETE, read_trainer_state
-from ..errors import StorageError
+from ..checkpoint import COMPLETE, check_links, read_trainer_state
+from ..errors import ConfigError, StorageError
 from ..runtime import MegaContext
+from .config import load_train_config
 
 __all__ = [
     "COMPLETE",
+    "RESUME_FREE_FIELDS",
+    "check_links",
+    "check_resume",
     "latest_checkpoint",
     "load_checkpoint",
     "load_rng_state",
     "read_trainer_state",
+    "resume_mismatch",
     "rng_state",
     "save_rng_state",
     "set_rng_state",
@@ -189,6 +194,75 @@ def write_checkpoint(final: str | os.PathLike[str], write: Callable[[Path], None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+# TrainConfig fields that do not change what a run computes: where files go
+# (``artifacts``, ``runs_dir``), the run's name, the device it runs on, and the
+# allocator backend (the backends agree bit for bit, docs/allocator.md). Every other
+# field (seed, model, data, architecture, schedule, losses, early stop ...) must match
+# for a resume to continue the same run.
+RESUME_FREE_FIELDS = frozenset({"run", "artifacts", "runs_dir", "device", "allocator_backend"})
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        if not value and prefix:
+            out[prefix[:-1]] = {}
+        return out
+    return {prefix[:-1]: value}
+
+
+def _resolved(cfg: Any) -> dict[str, Any]:
+    """``cfg.dump()`` with the ``megacontext`` section resolved against its defaults,
+    so ``{}`` and ``{block_size: 32}`` compare equal."""
+    dump = cfg.dump()
+    dump["megacontext"] = cfg.mc_config().model_dump(mode="json")
+    return {k: v for k, v in _flatten(dump).items() if k.split(".")[0] not in RESUME_FREE_FIELDS}
+
+
+def resume_mismatch(path: str | os.PathLike[str], cfg: Any) -> list[tuple[str, Any, Any]]:
+    """``(field, in the checkpoint, in cfg)`` for every field outside
+    :data:`RESUME_FREE_FIELDS` where the checkpoint ``path``'s ``config.yaml`` differs
+    from the :class:`~megacontext.train.config.TrainConfig` ``cfg``. Reads only
+    ``config.yaml`` (a missing or invalid one is a :class:`StorageError`)."""
+    path = Path(path)
+    file = path / "config.yaml"
+    if not file.is_file():
+        raise StorageError(f"{file}: missing (the run's config)", path=str(file), field="config")
+    try:
+        saved = load_train_config(file)
+    except (ConfigError, OSError, UnicodeDecodeError) as exc:
+        raise StorageError(f"{file}: unreadable ({exc})", path=str(file), field="config") from None
+    old, new = _resolved(saved), _resolved(cfg)
+    return [
+        (k, old.get(k, "<absent>"), new.get(k, "<absent>"))
+        for k in sorted(set(old) | set(new))
+        if old.get(k, "<absent>") != new.get(k, "<absent>")
+    ]
+
+
+def check_resume(path: str | os.PathLike[str], cfg: Any) -> dict[str, Any]:
+    """Everything a resume from checkpoint ``path`` needs checked before a byte of
+    weights is read: :func:`read_trainer_state` (completeness, links, fields) and a
+    config that matches ``cfg`` in every field that affects the result
+    (:func:`resume_mismatch`). A mismatch is a :class:`~megacontext.ConfigError` that
+    lists every differing field (``field`` is the first one). Returns the trainer state.
+    """
+    state = read_trainer_state(path, resume=True)
+    diff = resume_mismatch(path, cfg)
+    if diff:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, a, b in diff)
+        raise ConfigError(
+            f"{path}: cannot resume, the checkpoint was written by a run with another "
+            f"config ({listed}). Start a fresh run (another 'run' name or without --resume) "
+            "or resume with the checkpoint's config",
+            field=diff[0][0],
+            value=diff[0][2],
+        )
+    return state
 
 
 def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:

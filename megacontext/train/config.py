@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .._atomic import atomic_write_text
-from ..config import MegaContextConfig
+from ..config import MegaContextConfig, read_yaml_mapping
 from ..errors import ConfigError
 from ..lora import LoraConfig
 
@@ -205,12 +205,5 @@ def load_train_config(
     where = "<defaults>"
     if path is not None:
         where = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found", field="config") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})", field="config") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path)
     return _from_dict(apply_overrides(raw, list(overrides or [])), where)

@@ -33,11 +33,12 @@ import numpy as np
 import torch
 
 from ..base import Base, load_base
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, StorageError
 from ..gistnet import GistNet
 from ..lensnet import LensNet
 from ..lora import has_lora, inject_lora, load_lora, lora_parameters, save_lora
 from .checkpoint import (
+    check_resume,
     latest_checkpoint,
     load_rng_state,
     read_trainer_state,
@@ -121,6 +122,21 @@ def _iterable_source(it: Iterable[Any]) -> WindowSource:
     return draw
 
 
+def _check_shapes(file: Path, mine: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """``theirs`` (read from ``file``) has exactly ``mine``'s parameter names and shapes."""
+    a = {k: tuple(v.shape) for k, v in mine.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    if a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        k = diff[0]
+        raise StorageError(
+            f"{file}: another architecture than this run's: {k} is {b.get(k)} in the file, "
+            f"{a.get(k)} here ({len(diff)} tensors differ)",
+            path=str(file),
+            field="shape",
+        )
+
+
 class Trainer:
     """Runs the plan of a :class:`TrainConfig`.
 
@@ -201,6 +217,12 @@ class Trainer:
                 except OSError as exc:
                     raise ConfigError(
                         f"data.paths: cannot read {p} ({exc})", field="data.paths"
+                    ) from None
+                except UnicodeDecodeError as exc:
+                    raise ConfigError(
+                        f"data.paths: {p} is not UTF-8 text (byte at offset {exc.start})",
+                        field="data.paths",
+                        value=str(p),
                     ) from None
                 ids.append(self.base.encode(text))
             stream = torch.cat(ids)
@@ -573,11 +595,18 @@ class Trainer:
     def load_state(self, path: str | Path) -> None:
         """Restore weights, LoRA, RNG and progress from a checkpoint directory."""
         path = Path(path)
-        state = read_trainer_state(path)
+        state = read_trainer_state(path, resume=True)  # also refuses links out of it
         rng = load_rng_state(path)  # validated before anything is changed
         g = GistNet.load(path / "gistnet.safetensors")
-        self.gistnet.load_state_dict(g.state_dict())
         lens = LensNet.load(path / "lensnet.safetensors")
+        # Shapes are checked before either module changes: a checkpoint of another
+        # architecture is a typed error, never torch's "size mismatch" half-way through.
+        for name, mine, theirs in (
+            ("gistnet", self.gistnet, g),
+            ("lensnet", self.lensnet, lens),
+        ):
+            _check_shapes(path / f"{name}.safetensors", mine, theirs)
+        self.gistnet.load_state_dict(g.state_dict())
         self.lensnet.load_state_dict(lens.state_dict())
         if (path / "lora").is_dir():
             load_lora(self.base.model, path / "lora", inject=not has_lora(self.base.model))
@@ -597,6 +626,8 @@ class Trainer:
         if resume:
             last = latest_checkpoint(self.ckpt_root)
             if last is not None:
+                # refuses (naming the fields) a checkpoint of a run with another config
+                check_resume(last, self.cfg)
                 self.load_state(last)
         main = self.rank == 0
         if main:
