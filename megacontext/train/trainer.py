@@ -33,10 +33,12 @@ import numpy as np
 import torch
 
 from ..base import Base, load_base
+from ..data import ShardDataset
 from ..errors import ConfigError, InputError, StorageError
 from ..gistnet import GistNet
 from ..lensnet import LensNet
 from ..lora import has_lora, inject_lora, load_lora, lora_parameters, save_lora
+from ..telemetry import Telemetry
 from .checkpoint import (
     check_resume,
     latest_checkpoint,
@@ -228,8 +230,6 @@ class Trainer:
             stream = torch.cat(ids)
             cut = int(stream.numel() * (1 - d.val_fraction))
             return text_windows(stream[:cut] if which == "train" else stream[cut:], length)
-        from ..data import ShardDataset
-
         if d.path is None:
             raise ConfigError("data.kind=shards needs data.path", field="data.path")
         ds = ShardDataset(d.path, d.split if which == "train" else d.val_split, d.tags)
@@ -621,8 +621,6 @@ class Trainer:
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Execute the plan (after the newest complete checkpoint when ``resume``);
         returns ``{"done", "stopped", "checkpoint", "early"}``."""
-        from ..telemetry import Telemetry
-
         if resume:
             last = latest_checkpoint(self.ckpt_root)
             if last is not None:
