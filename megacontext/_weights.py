@@ -18,7 +18,21 @@ import torch
 from ._atomic import atomic_write
 from .errors import ConfigError, StorageError
 
-__all__ = ["load_weights", "save_weights"]
+__all__ = ["load_weights", "require_materialised", "save_weights"]
+
+
+def require_materialised(module: torch.nn.Module, op: str) -> None:
+    """Refuse ``op`` (e.g. ``"GistNet.save"``) on a module whose parameters live on the
+    ``meta`` device: they have shapes but no values, so a forward would return
+    shapeless placeholders and a save or copy would fail deep inside torch."""
+    p = next(module.parameters(), None)
+    if p is not None and p.device.type == "meta":
+        raise ConfigError(
+            f"{op}: the parameters are on the meta device (shapes, no values); "
+            "materialise them first (to_empty(device=...) then load weights)",
+            field="device",
+            value="meta",
+        )
 
 
 def save_weights(

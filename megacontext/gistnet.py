@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from ._weights import load_weights, save_weights
+from ._weights import load_weights, require_materialised, save_weights
 from .config import config_error
 from .errors import ConfigError
 from .kernels.gist_pool import gist_pool
@@ -194,20 +194,6 @@ class _Core(nn.Module):
         return r @ w_o + self.out_proj.bias.to(h.dtype)
 
 
-def _require_data(module: nn.Module, op: str) -> None:
-    """Refuse ``op`` on a GistNet whose parameters live on the ``meta`` device: they have
-    shapes but no values, so a forward would return shapeless placeholders and a save
-    or copy would fail deep inside torch."""
-    p = next(module.parameters(), None)
-    if p is not None and p.device.type == "meta":
-        raise ConfigError(
-            f"GistNet.{op}: the parameters are on the meta device (shapes, no values); "
-            "materialise them first (to_empty(device=...) then load weights)",
-            field="device",
-            value="meta",
-        )
-
-
 class GistNet(nn.Module):
     """32→1 gist compressor ``[B, bs, d] -> [B, d]`` (see the module docstring).
 
@@ -296,7 +282,7 @@ class GistNet(nn.Module):
                 field="level",
                 value=level,
             )
-        _require_data(self, "forward")
+        require_materialised(self, "GistNet.forward")
         param = self.cores[0].in_proj.weight
         core = self.cores[0 if cfg.shared_levels else level - 1]
         level_embed = None if self.level_embed is None else self.level_embed[level - 1]
@@ -326,7 +312,7 @@ class GistNet(nn.Module):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write weights and config to one safetensors file, atomically (temp + rename)."""
-        _require_data(self, "save")
+        require_materialised(self, "GistNet.save")
         return save_weights(self, path, _FORMAT, _FORMAT_VERSION, self.config.model_dump_json())
 
     @classmethod

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from ._weights import load_weights, save_weights
+from ._weights import load_weights, require_materialised, save_weights
 from .config import config_error
 from .errors import ConfigError
 from .kernels.lens_stage1 import lens_stage1
@@ -257,20 +257,6 @@ class LensBlock(nn.Module):
 # LensNet
 
 
-def _require_data(module: nn.Module, op: str) -> None:
-    """Refuse ``op`` on a LensNet whose parameters live on the ``meta`` device: they have
-    shapes but no values, so a forward would return shapeless placeholders and a save
-    or copy would fail deep inside torch."""
-    p = next(module.parameters(), None)
-    if p is not None and p.device.type == "meta":
-        raise ConfigError(
-            f"LensNet.{op}: the parameters are on the meta device (shapes, no values); "
-            "materialise them first (to_empty(device=...) then load weights)",
-            field="device",
-            value="meta",
-        )
-
-
 class LensNet(nn.Module):
     """Dual cross-attention focus scorer. See the module docstring and docs/lensnet.md.
 
@@ -417,7 +403,7 @@ class LensNet(nn.Module):
         cursor): integer ``[B, N]``; ``mask [B, N]`` bool, True for real entries
         (False = padding, hidden from stage 1; padded entries still get a score).
         """
-        _require_data(self, "forward")
+        require_materialised(self, "LensNet.forward")
         self._check(entries, tail, levels, span, distance, mask)
         x = self.embed(entries, levels, span, distance)
         if self.config.causal:
@@ -466,7 +452,7 @@ class LensNet(nn.Module):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write weights and config to one safetensors file, atomically (temp + rename)."""
-        _require_data(self, "save")
+        require_materialised(self, "LensNet.save")
         return save_weights(self, path, _FORMAT, _FORMAT_VERSION, self.config.model_dump_json())
 
     @classmethod
