@@ -666,6 +666,13 @@ _SHARDS_HELP = "a shard directory (megacontext ingest) with a validation split"
 _OVERRIDES = typer.Option("--set", help="override a config field: key.sub=value (repeatable)")
 
 
+_TRAIN_CONFIG_ARG = typer.Argument(
+    help="training config YAML (configs/train-*.yaml)", show_default=False
+)
+_TEXT_SHARDS_OPT = typer.Option("--text-shards", help=f"ordinary text: {_SHARDS_HELP}")
+_SYNTHETIC_SHARDS_OPT = typer.Option("--synthetic-shards", help=f"long-range tasks: {_SHARDS_HELP}")
+
+
 def _train_config(config: Path, overrides: list[str] | None):
     """The training config ``config`` with ``overrides``, checked as every training
     command needs before any work: a readable UTF-8 text file, a valid config, a
@@ -683,16 +690,9 @@ def _train_config(config: Path, overrides: list[str] | None):
 
 @demo_app.command("train")
 def demo_train(
-    config: Annotated[
-        Path, typer.Argument(help="training config YAML (configs/train-*.yaml)", show_default=False)
-    ],
-    text_shards: Annotated[
-        str, typer.Option("--text-shards", help=f"ordinary text: {_SHARDS_HELP}")
-    ],
-    synthetic_shards: Annotated[
-        str,
-        typer.Option("--synthetic-shards", help=f"long-range tasks: {_SHARDS_HELP}"),
-    ],
+    config: Annotated[Path, _TRAIN_CONFIG_ARG],
+    text_shards: Annotated[str, _TEXT_SHARDS_OPT],
+    synthetic_shards: Annotated[str, _SYNTHETIC_SHARDS_OPT],
     windows: Annotated[int, typer.Option(help="held-out items per set", min=1)] = 6,
     budget: Annotated[int, typer.Option(help="working-context budget W", min=1)] = 512,
     out: Annotated[Path | None, typer.Option(help="write the results JSON here")] = None,
@@ -719,16 +719,9 @@ def demo_train(
 
 @app.command("train-ablation")
 def train_ablation(
-    config: Annotated[
-        Path, typer.Argument(help="training config YAML (configs/train-*.yaml)", show_default=False)
-    ],
-    text_shards: Annotated[
-        str, typer.Option("--text-shards", help=f"ordinary text: {_SHARDS_HELP}")
-    ],
-    synthetic_shards: Annotated[
-        str,
-        typer.Option("--synthetic-shards", help=f"long-range tasks: {_SHARDS_HELP}"),
-    ],
+    config: Annotated[Path, _TRAIN_CONFIG_ARG],
+    text_shards: Annotated[str, _TEXT_SHARDS_OPT],
+    synthetic_shards: Annotated[str, _SYNTHETIC_SHARDS_OPT],
     windows: Annotated[int, typer.Option(help="held-out items per set", min=1)] = 5,
     budget: Annotated[int, typer.Option(help="working-context budget W", min=1)] = 512,
     variants: Annotated[
