@@ -132,11 +132,8 @@ def test_unknown_variant_is_a_config_error(shards):
     with pytest.raises(mc.ConfigError, match="freeze-everything"):
         variant_config(TINY, "freeze-everything")
     # through the CLI a typed error is one line on stderr and exit code 2
-    result = CliRunner().invoke(
-        app,
-        ["train-ablation", TINY, "--text-shards", "x", "--synthetic-shards", "y"]
-        + ["--variants", "freeze-all"],
-    )
+    args = ["train-ablation", TINY, "--text-shards", "x", "--synthetic-shards", "y"]
+    result = CliRunner().invoke(app, [*args, "--variants", "freeze-all"])
     assert result.exit_code == 2
     assert "ConfigError" in result.stderr and "freeze-all" in result.stderr
 
