@@ -605,10 +605,10 @@ def test_ptx_uses_16_byte_accesses():
         "ld.global.b16": 0,
         "st.global.b16": 0,
     }, counts
-    # the re-rotating variant: the key halves are moved with 16-byte accesses too
-    # (2 + 2 loads and stores per thread for a [32, 64] half tile, plus one vector
-    # load each of the deltas and frequencies), and cos/sin are the precise libdevice
-    # functions, not the approximate instructions (whose error grows with the angle)
+    # the re-rotating variant: the key halves are moved with 16-byte accesses too (no
+    # 2- or 8-byte row accesses; the counts are pinned so that a change in code
+    # generation is noticed), and cos/sin are the precise libdevice functions, not the
+    # approximate instructions (whose error grows with the angle)
     proc = subprocess.run(
         [sys.executable, "-c", _PTX_SCRIPT, "rotate"],
         capture_output=True,

@@ -1,25 +1,42 @@
-"""Fused RoPE-preserving KV splice: rebuild a whole multi-layer KV cache in one launch.
+"""Fused RoPE-aware KV splice: rebuild a whole multi-layer KV cache in one launch.
 
 The cache of every layer lives in one preallocated tensor per buffer,
 ``kv [L, 2, B, H, C, D]`` (layers, K/V, batch, kv-heads, capacity slots, head dim),
 keys stored *after* RoPE. When the working context changes (a gist expanded into 32
 tokens, 32 entries collapsed into one gist) every unchanged entry keeps its K/V but
-may move to another slot. Its key was rotated for its *global* position, which does
-not change, so the row is moved bit for bit, not recomputed. The runtime keeps two
-buffers (ping-pong) and writes the new cache into the other one::
+may move to another slot, and, under a bounded position scheme, to another position.
+A row whose position is unchanged is moved bit for bit, not recomputed; a row whose
+position moved by ``delta`` has its key turned by ``delta`` in the same pass (RoPE
+rotations compose: the key rotated for ``p`` and then by ``delta`` is the key for
+``p + delta``). The runtime keeps two buffers (ping-pong) and writes the new cache
+into the other one::
 
     for every l, kv, b, h and slot j < C:
         if index[b, j] >= 0:
-            dst[l, kv, b, h, j, :] = src[l, kv, b, h, index[b, j], :]          # kept row moved
+            row = src[l, kv, b, h, index[b, j], :]                             # kept row moved
+            if kv == 0 and position_delta given and position_delta[b, j] != 0:
+                row = rope_rotate(row, position_delta[b, j], inv_freq)         # key re-rotated
+            dst[l, kv, b, h, j, :] = row
     for every f < F with fresh_slots[b, f] >= 0:
         dst[l, kv, b, h, fresh_slots[b, f], :] = fresh[l, kv, b, h, f, :]      # fresh row scattered
     every other slot of dst is left untouched.
 
+``rope_rotate`` is Hugging Face's ``rotate_half`` layout: with ``theta_i = delta *
+inv_freq[i]`` in fp32 and halves ``x1 = row[:D/2]``, ``x2 = row[D/2:]``,
+``(x1 cos - x2 sin, x2 cos + x1 sin)``, computed in fp32 and rounded once to the cache
+dtype. ``inv_freq [D/2]`` (float32) is the model's own (``megacontext.cache.
+rope_inv_freq``: ``rope_theta`` and the scaling type are in it); the model's
+``attention_scaling`` is already in the stored keys and is not applied again. ``D``
+must be even to rotate.
+
 Shapes: ``src, dst [L, 2, B, H, C, D]``, ``index [B, C]`` (int32/int64),
-``fresh [L, 2, B, H, F, D]``, ``fresh_slots [B, F]`` (int32/int64). fp32, fp16 and
-bf16; rows are copied, never converted (exact equality). Only NaN payloads are not
-promised: Triton's CPU interpreter and some PyTorch CPU gathers canonicalise NaNs (the
-compiled kernel's loads and stores are plain bit moves).
+``fresh [L, 2, B, H, F, D]``, ``fresh_slots [B, F]`` (int32/int64),
+``position_delta [B, C]`` (int32/int64), ``inv_freq [D/2]`` (float32). fp32, fp16 and
+bf16; values, unmoved keys and fresh rows are copied, never converted (exact
+equality); rotated keys are within a rounding of the dtype of the reference (the
+cos/sin implementations differ by ulps). Only NaN payloads are not promised: Triton's
+CPU interpreter and some PyTorch CPU gathers canonicalise NaNs (the compiled kernel's
+loads and stores are plain bit moves).
 
 Contract (what makes one launch correct without ordering between programs): every
 destination slot has at most one writer, i.e. a slot named in ``fresh_slots[b]`` has
@@ -52,6 +69,14 @@ Design (why it looks like this):
 - Slots with ``index < 0`` (free capacity past the live length, or slots waiting for
   a fresh row) are masked out of both the load and the store: the traffic is
   proportional to the live rows, not to the capacity.
+- Re-rotation (``ROTATE``, a compile-time switch, so the plain splice is unchanged):
+  key planes load each row as its two halves (``[BLOCK_C, BLOCK_D/2]`` tiles, still
+  16-byte accesses), read the row's delta and the ``D/2`` frequencies, and compute
+  ``cos``/``sin`` of ``delta * inv_freq`` in fp32 in registers (the precise libdevice
+  functions; no table, so nothing but the rows themselves crosses memory). Value
+  planes take the plain copy path. Rows with delta 0 are stored from the loaded bits.
+  Same launch, same traffic as the plain splice: the rotation is arithmetic on data
+  already in registers, far below the memory time of a copy.
 - Every stride is passed, so ``src``/``dst``/``fresh`` may be arbitrary views (e.g.
   ``buffers[0]`` and ``buffers[1]`` of one ``[2, L, 2, B, H, C, D]`` allocation, or a
   slice of the head dim). Triton specialises a stride equal to 1, so a contiguous
@@ -65,8 +90,9 @@ Design (why it looks like this):
 
 Layout of this file: the Triton kernel, the launcher (shape/dtype/device checks),
 the ``torch.library`` custom op ``megacontext::kv_splice`` (mutates ``dst``) with its
-fake implementation, the CPU run-copy path, the public ``kv_splice`` entry point that
-dispatches, and ``kv_splice_reference`` (plain PyTorch gathers).
+fake implementation, the CPU run-copy path (then an in-place rotation of the keys
+whose delta is non-zero), the public ``kv_splice`` entry point that dispatches,
+:func:`rope_rotate` and ``kv_splice_reference`` (plain PyTorch gathers).
 """
 
 from __future__ import annotations
