@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -147,7 +149,8 @@ def _fill(model, ids, positions, capacity):
     [("tiny-llama", torch.float32), ("tiny-llama", torch.bfloat16), ("llama3", torch.float32)],
 )
 def test_splice_rerotates_kept_keys_to_a_fresh_forward(tiny_base, which, dtype):
-    model = tiny_base.model if which == "tiny-llama" else _llama3_model()
+    # a copy: casting the shared fixture's model would round its rotary buffer for good
+    model = copy.deepcopy(tiny_base.model) if which == "tiny-llama" else _llama3_model()
     model = model.to(dtype)
     mc.patch(model)
     try:
@@ -189,7 +192,6 @@ def test_splice_rerotates_kept_keys_to_a_fresh_forward(tiny_base, which, dtype):
             assert (stale - want).abs().max() > 0.1 * scale
     finally:
         mc.unpatch(model)
-        model.to(torch.float32)
 
 
 def test_many_refocus_steps_keep_every_key_consistent(model):
@@ -293,3 +295,51 @@ def test_rotation_inputs(model):
         MegaContextCache(1, 1, 15, 1, 8, inv_freq=torch.ones(7))
     with pytest.raises(mc.UnsupportedModelError, match="no rotary embedding"):
         rope_inv_freq(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_splice_with_deltas_does_not_synchronise(dtype):
+    # the refocus path on the GPU: index and deltas already on the device, one launch,
+    # no device->host synchronisation (sync debug mode turns one into an error); the
+    # result equals the reference on the CPU, and layer-0 keys a fresh forward
+    from megacontext.kernels.kv_splice import kv_splice_reference
+
+    model = _llama3_model().to("cuda", dtype)
+    mc.patch(model)
+    try:
+        g = torch.Generator().manual_seed(24)
+        B, n, cap = 2, 24, 32
+        ids = torch.randint(0, 256, (B, n), generator=g).cuda()
+        P = (torch.arange(n) * 150).expand(B, n).cuda()
+        cache = _fill(model, ids, P, cap)
+        index = torch.stack([torch.randperm(n, generator=g) for _ in range(B)]).cuda()
+        new_pos = torch.stack([torch.randperm(n, generator=g) for _ in range(B)]).cuda()
+        delta = new_pos - torch.gather(P, 1, index)
+        warm = MegaContextCache.for_model(model, batch_size=B, capacity=cap)
+        warm.splice(index, [n, n], delta)  # compile the kernel outside the checked call
+        before = cache.kv.clone()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cache.splice(index, [n, n], delta)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        full = torch.full((B, cap), -1, dtype=torch.long)
+        full[:, :n] = index.cpu()
+        fdelta = torch.zeros((B, cap), dtype=torch.long)
+        fdelta[:, :n] = delta.cpu()
+        ref = torch.zeros_like(before.cpu())
+        kv_splice_reference(before.cpu(), ref, full, None, None, fdelta, cache.inv_freq.cpu())
+        got = cache.kv[..., :n, :].cpu().float()
+        want = ref[..., :n, :].float()
+        tol = 4e-6 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max()))
+        for b in range(B):
+            fresh = _fill(model, ids[b : b + 1, index[b]], new_pos[b : b + 1], cap)
+            k, f = cache.kv[0, 0, b, :, :n].float(), fresh.kv[0, 0, 0, :, :n].float()
+            scale = f.abs().max()
+            torch.testing.assert_close(k, f, rtol=0, atol=KEY_TOL[dtype] * scale)
+    finally:
+        mc.unpatch(model)

@@ -959,3 +959,30 @@ def test_gpu_rotating_kernel(monkeypatch, dtype):
     ref = dst.clone()
     kv_splice_reference(src, ref, index, fresh, slots, delta, inv)
     _check_rotated(out, ref, src, dst, index, delta, dtype, "cuda rotating kernel")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_rotating_splice_in_a_cuda_graph(monkeypatch):
+    # the splice is one kernel launch with no host work on device values, so a refocus
+    # can be captured once and replayed with new index / delta contents
+    monkeypatch.delenv("MEGACONTEXT_KERNELS", raising=False)
+    src, dst, index, fresh, slots, delta, inv = rotation_case(
+        4, 1, 8, 1024, 128, torch.bfloat16, 900, seed=15, with_fresh=True
+    )
+    out = dst.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile outside the capture
+        kv_splice(src, out, index, fresh, slots, delta, inv)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kv_splice(src, out, index, fresh, slots, delta, inv)
+    delta.copy_(torch.randint(-100, 100, delta.shape, dtype=delta.dtype, device=delta.device))
+    out.copy_(dst)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = dst.clone()
+    kv_splice_reference(src, ref, index, fresh, slots, delta, inv)
+    _check_rotated(out, ref, src, dst, index, delta, torch.bfloat16, "graph replay")
