@@ -58,7 +58,7 @@ FAILED=0
 {
     echo "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo
-    echo "device: $probe"
+    echo "device: ${probe##*$'\n'}"
     echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo
     echo "| step | status | seconds | log |"
