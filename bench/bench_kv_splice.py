@@ -6,6 +6,13 @@ The splice is a realistic one: 8,068 live entries, four gists expanded into 32 t
 each (later rows shift right by 31 at each), so 8,064 kept rows move and 128 fresh
 rows are scattered, giving 8,192 live entries and 32 free slots for decoding.
 
+Each case runs twice: the plain splice, and the re-rotating splice (``rotate``) in
+which every kept key is also turned by its position delta, as under the compact
+position scheme (position = slot, so a row shifted right by ``31 * k`` slots moves
+``31 * k`` positions; the rows before the first expand keep theirs, delta 0).
+Positions move, the bytes do not: a rotating splice moves the same rows (plus the
+``[1, C]`` deltas), so its GB/s column reads against the same memcpy.
+
 Implementations: ``kernel`` (the Triton kernel, CUDA only), ``runs`` (the CPU path of
 ``kv_splice``: one strided ``copy_`` per run of consecutive rows; it reads the index
 on the host), ``eager`` (``kv_splice_reference``), ``compile`` (``torch.compile`` of
@@ -75,6 +82,19 @@ def _inputs(shape: str):
     return src, dst, index, fresh, slots
 
 
+def rotation(shape: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``position_delta [1, C]`` (int32) of the compact scheme (position = slot: a
+    kept row moved from slot ``i`` to ``j`` moves ``j - i`` positions) and the
+    ``inv_freq [D/2]`` of the model's default RoPE (theta 10,000 for SmolLM2,
+    500,000 for Llama-3.1)."""
+    _, _, D = SHAPES[shape]
+    theta = 500000.0 if shape.startswith("llama") else 10000.0
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=index.device) / D)
+    slots = torch.arange(C, dtype=torch.int32, device=index.device)[None]
+    delta = torch.where(index >= 0, slots - index, 0).to(torch.int32)
+    return delta, inv
+
+
 def _bytes(shape: str, impl: str, index: torch.Tensor, slots: torch.Tensor) -> int:
     L, H, D = SHAPES[shape]
     e = torch.tensor([], dtype=DTYPE).element_size()
@@ -87,9 +107,9 @@ def _bytes(shape: str, impl: str, index: torch.Tensor, slots: torch.Tensor) -> i
     return 2 * rows + index.numel() * index.element_size() + slots.numel() * slots.element_size()
 
 
-def _reference_nocheck(src, dst, index, fresh, slots):
+def _reference_nocheck(src, dst, index, fresh, slots, delta=None, inv=None):
     # value checks synchronise (and break a compiled graph); the plan is known-good
-    kv_splice_reference(src, dst, index, fresh, slots, check=False)
+    kv_splice_reference(src, dst, index, fresh, slots, delta, inv, check=False)
 
 
 def _impl(name: str):
@@ -116,29 +136,38 @@ GPU = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device
 IMPLS = [pytest.param("kernel", marks=GPU), "runs", "eager", "compile", "memcpy"]
 
 
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotate"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_kv_splice(benchmark, impl, shape, monkeypatch):
+def test_kv_splice(benchmark, impl, shape, rotate, monkeypatch):
+    if rotate and impl == "memcpy":
+        pytest.skip("memcpy is the same bandwidth ceiling for both")
     if impl == "kernel":
         monkeypatch.setenv("MEGACONTEXT_KERNELS", "triton")
     fn = _impl(impl)
     src, dst, index, fresh, slots = _inputs(shape)
+    extra = rotation(shape, index) if rotate else ()
 
     def run():
-        fn(src, dst, index, fresh, slots)
+        fn(src, dst, index, fresh, slots, *extra)
         _sync()
 
     run()  # compile / JIT / warm caches outside the timing
     if impl != "memcpy":  # the timed function really splices
         expected = torch.zeros_like(src)
-        kv_splice_reference(src, expected, index, fresh, slots)
-        assert torch.equal(dst.view(torch.int16), expected.view(torch.int16)), impl
+        kv_splice_reference(src, expected, index, fresh, slots, *extra)
+        if rotate:  # rotated keys within one bf16 rounding of the reference's
+            assert torch.equal(dst[:, 1].view(torch.int16), expected[:, 1].view(torch.int16))
+            torch.testing.assert_close(dst, expected, rtol=2**-7, atol=2**-7 * 4)
+        else:
+            assert torch.equal(dst.view(torch.int16), expected.view(torch.int16)), impl
         del expected
     L, H, D = SHAPES[shape]
-    benchmark.group = f"kv_splice {shape}"
+    benchmark.group = f"kv_splice {shape}" + (" rotate" if rotate else "")
     benchmark.extra_info.update(
         impl=impl,
         shape=shape,
+        rotate=rotate,
         L=L,
         H=H,
         D=D,
@@ -149,7 +178,7 @@ def test_kv_splice(benchmark, impl, shape, monkeypatch):
         dtype=str(DTYPE).removeprefix("torch."),
         device=torch.cuda.get_device_name() if CUDA else "cpu",
         torch=torch.__version__,
-        bytes=_bytes(shape, impl, index, slots),
+        bytes=_bytes(shape, impl, index, slots) + (C * 4 + D * 2 if rotate else 0),
     )
     rounds = 20 if CUDA else 3
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
@@ -169,7 +198,8 @@ def summarize(path: str) -> str:
     for b in data["benchmarks"]:
         info = b["extra_info"]
         device = info["device"]
-        rows.setdefault(info["shape"], {})[info["impl"]] = {
+        case = info["shape"] + (" rotate" if info.get("rotate") else "")
+        rows.setdefault(case, {})[info["impl"]] = {
             "median": b["stats"]["median"],
             "bytes": info["bytes"],
         }
@@ -180,10 +210,12 @@ def summarize(path: str) -> str:
     if peak:
         head += " kernel % of peak |"
     out = [f"device: {device}", "", head, "|" + "---|" * (head.count("|") - 1)]
-    for shape in SHAPES:
+    for shape in [f"{s}{r}" for s in SHAPES for r in ("", " rotate")]:
         r = rows.get(shape)
         if not r:
             continue
+        if shape.endswith(" rotate") and "memcpy" in rows.get(shape.removesuffix(" rotate"), {}):
+            r = {**r, "memcpy": rows[shape.removesuffix(" rotate")]["memcpy"]}
         cells = []
         for i in impls:
             if i in r:

@@ -2,9 +2,13 @@
 
 All layers' keys and values live in one tensor ``kv[L, 2, B, Hkv, C, D]`` of fixed
 capacity ``C = W_max + K`` (no growth, no reallocation during a session). Keys are
-stored after RoPE: an entry's key was rotated for its global position, which never
-changes, so when the working context (WC) is refocused a kept entry's K/V row is
-*moved* to its new slot, never recomputed.
+stored after RoPE, rotated for the entry's position at the time it was written. When
+the working context (WC) is refocused a kept entry's K/V row is *moved* to its new
+slot, never recomputed; if its position changed too (a bounded position scheme
+re-packs positions), its key is re-rotated by the position delta in the same pass:
+RoPE rotations compose, so the key rotated for ``p`` and then by ``delta`` is the
+key for ``p + delta`` (to the dtype's rounding). The frequencies are the model's own
+(:func:`rope_inv_freq`).
 
 Slot ``j`` of batch row ``b`` holds WC entry ``j``; causal order is slot order. The
 runtime drives writes explicitly: :meth:`plan` says at which slots the next
@@ -15,8 +19,9 @@ Refocus (see ``docs/runtime.md``):
 
 - :meth:`truncate` keeps a prefix (``exact`` mode recomputes the rest);
 - :meth:`splice` moves every kept row to its new slot for all layers in one fused
-  gather (``megacontext.kernels.kv_splice``) into the second buffer and swaps
-  buffers (``splice`` mode then computes only the inserted rows).
+  gather (``megacontext.kernels.kv_splice``) into the second buffer, re-rotating
+  each kept key by its own position delta when one is given, and swaps buffers
+  (``splice`` mode then computes only the inserted rows).
 """
 
 from __future__ import annotations
@@ -26,9 +31,67 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .errors import ConfigError, InputError, InvariantError
+from .errors import ConfigError, InputError, InvariantError, UnsupportedModelError
 
-__all__ = ["MegaContextCache"]
+__all__ = ["MegaContextCache", "rope_inv_freq"]
+
+
+def _head_dim(config: Any) -> int:
+    return int(
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    )
+
+
+def rope_inv_freq(model: Any) -> torch.Tensor:
+    """The RoPE inverse frequencies ``float32 [D/2]`` a transformers model rotates with.
+
+    Read from the model's own rotary embedding (``model.model.rotary_emb.inv_freq``,
+    else the first submodule holding an ``inv_freq`` tensor), never recomputed from
+    ``rope_theta``: whatever ``rope_scaling`` built (``default``, ``linear``,
+    ``llama3``, ``yarn``, ...) is what the forward uses, and the buffer is what it
+    multiplies the positions by (upcast to fp32, as the forward does). The rotary
+    embedding's ``attention_scaling`` multiplies cos and sin; a re-rotation must not
+    apply it again (keys already carry it), so only the frequencies are returned.
+
+    ``dynamic`` scaling recomputes ``inv_freq`` only while a forward sees positions
+    past the trained context (``max_position_embeddings``) and restores the original
+    below it; bounded positions never go there, so the frequencies read here are the
+    ones every key in the cache was rotated with. Under global positions past the
+    trained length (the seed's ablation) keys written at different lengths would
+    carry different frequencies and a re-rotation would not match.
+
+    Raises ``UnsupportedModelError`` when the model has no rotary embedding or one
+    that rotates only part of the head dim (``partial_rotary_factor < 1``).
+    """
+    rotary = None
+    for owner in (getattr(model, "model", None), model):
+        cand = getattr(owner, "rotary_emb", None)
+        if isinstance(getattr(cand, "inv_freq", None), torch.Tensor):
+            rotary = cand
+            break
+    if rotary is None:
+        rotary = next(
+            (
+                m
+                for _, m in model.named_modules()
+                if isinstance(getattr(m, "inv_freq", None), torch.Tensor)
+            ),
+            None,
+        )
+    name = type(model).__name__
+    if rotary is None:
+        raise UnsupportedModelError(
+            f"{name} has no rotary embedding (no module with an inv_freq buffer); the "
+            "cache re-rotates keys with the model's RoPE frequencies"
+        )
+    inv = rotary.inv_freq.detach().to(torch.float32).flatten().clone()
+    head_dim = _head_dim(model.config)
+    if 2 * inv.numel() != head_dim:
+        raise UnsupportedModelError(
+            f"{name}'s rotary embedding has {inv.numel()} frequencies but head_dim is "
+            f"{head_dim}; only RoPE over the whole head dim (D/2 frequencies) is supported"
+        )
+    return inv
 
 
 class _Layer(CacheLayerMixin):
@@ -73,6 +136,8 @@ class MegaContextCache(Cache):
         capacity: slots per sequence (``W_max + K``).
         dtype, device: of the buffers (the model's).
         double_buffer: allocate the second buffer that :meth:`splice` gathers into.
+        inv_freq: the model's RoPE inverse frequencies, float32 ``[head_dim / 2]``
+            (:func:`rope_inv_freq`); needed to :meth:`splice` with position deltas.
     """
 
     def __init__(
@@ -85,6 +150,7 @@ class MegaContextCache(Cache):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         double_buffer: bool = True,
+        inv_freq: torch.Tensor | None = None,
     ):
         sizes = {
             "num_layers": num_layers,
@@ -101,8 +167,18 @@ class MegaContextCache(Cache):
                 field=bad[0],
                 value=sizes[bad[0]],
             )
+        if inv_freq is not None and (head_dim % 2 or tuple(inv_freq.shape) != (head_dim // 2,)):
+            raise ConfigError(
+                f"inv_freq must be [head_dim / 2] = [{head_dim / 2:g}] (RoPE needs an even "
+                f"head_dim), got {tuple(inv_freq.shape)}",
+                field="inv_freq",
+                value=tuple(inv_freq.shape),
+            )
         shape = (num_layers, 2, batch_size, num_kv_heads, capacity, head_dim)
         self.buffers = [torch.zeros(shape, dtype=dtype, device=device)]
+        self.inv_freq = (
+            None if inv_freq is None else inv_freq.to(device=device, dtype=torch.float32)
+        )
         if double_buffer:
             self.buffers.append(torch.zeros(shape, dtype=dtype, device=device))
         self.active = 0
@@ -122,9 +198,10 @@ class MegaContextCache(Cache):
     def for_model(
         cls, model: Any, batch_size: int, capacity: int, double_buffer: bool = True
     ) -> MegaContextCache:
-        """A cache shaped for ``model`` (a transformers causal LM), on its device and dtype."""
+        """A cache shaped for ``model`` (a transformers causal LM), on its device and
+        dtype, holding the model's RoPE frequencies (:func:`rope_inv_freq`)."""
         cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = _head_dim(cfg)
         weight = model.get_input_embeddings().weight
         return cls(
             num_layers=cfg.num_hidden_layers,
@@ -135,6 +212,7 @@ class MegaContextCache(Cache):
             dtype=weight.dtype,
             device=weight.device,
             double_buffer=double_buffer,
+            inv_freq=rope_inv_freq(model),
         )
 
     @classmethod
@@ -166,7 +244,17 @@ class MegaContextCache(Cache):
                     f"holds {first.kv.dtype} on {first.kv.device} (dtype/device)"
                 )
         L, _, _, H, C, D = first.kv.shape
-        out = cls(L, H, D, len(caches), C, first.kv.dtype, first.kv.device, double_buffer=True)
+        out = cls(
+            L,
+            H,
+            D,
+            len(caches),
+            C,
+            first.kv.dtype,
+            first.kv.device,
+            double_buffer=True,
+            inv_freq=first.inv_freq,
+        )
         for b, c in enumerate(caches):
             n = c.lengths[0]
             out.buffers[0][:, :, b : b + 1, :, :n] = c.kv[:, :, :, :, :n]
@@ -299,12 +387,27 @@ class MegaContextCache(Cache):
         self.lengths = list(lengths)
         self.layer_lengths = [max(lengths)] * self.num_layers
 
-    def splice(self, index: torch.Tensor, lengths: list[int]) -> None:
-        """Move kept rows to their new slots, all layers in one gather.
+    def splice(
+        self,
+        index: torch.Tensor,
+        lengths: list[int],
+        position_delta: torch.Tensor | None = None,
+    ) -> None:
+        """Move kept rows to their new slots, all layers in one launch.
 
         ``index`` is int ``[B, C']`` (``C' <= capacity``): new slot ``j`` of row ``b``
         takes old slot ``index[b, j]``, or stays to be written (``-1``, an inserted
         entry). Afterwards row ``b`` holds ``lengths[b]`` entries.
+
+        ``position_delta`` (int ``[B, C']``, optional): new position minus old
+        position of the entry at new slot ``j`` (ignored where ``index`` is -1). Kept
+        keys are re-rotated by it in the same launch (values untouched; a zero delta
+        moves the row bit for bit), so after the splice each kept key is the one a
+        forward at its new position writes, to the cache dtype's rounding. Needs the
+        model's frequencies (a cache made by :meth:`for_model`).
+
+        Work is proportional to the rows kept; nothing here reads device values on
+        the host (no synchronisation on CUDA).
         """
         from .kernels.kv_splice import kv_splice
 
@@ -319,12 +422,31 @@ class MegaContextCache(Cache):
             raise InvariantError(
                 f"the working context needs {max(lengths)} slots but the cache holds {self.capacity}"
             )
-        full = torch.full(
-            (self.num_rows, self.capacity), -1, dtype=torch.long, device=self.kv.device
-        )
-        full[:, : index.shape[1]] = index.to(full.device)
+        device = self.kv.device
+        full = torch.full((self.num_rows, self.capacity), -1, dtype=torch.long, device=device)
+        full[:, : index.shape[1]] = index.to(device)
+        delta = None
+        if position_delta is not None:
+            if self.inv_freq is None:
+                raise ConfigError(
+                    "splice(position_delta=...) needs the model's RoPE frequencies: build "
+                    "the cache with MegaContextCache.for_model(model, ...) or pass inv_freq",
+                    field="inv_freq",
+                    value=None,
+                )
+            if tuple(position_delta.shape) != tuple(index.shape):
+                raise InputError(
+                    f"position_delta must have index's shape {tuple(index.shape)}, "
+                    f"got {tuple(position_delta.shape)}"
+                )
+            if position_delta.is_floating_point() or position_delta.dtype == torch.bool:
+                raise InputError(
+                    f"position_delta must be an integer tensor, got {position_delta.dtype}"
+                )
+            delta = torch.zeros((self.num_rows, self.capacity), dtype=torch.long, device=device)
+            delta[:, : index.shape[1]] = position_delta.to(device)
         src, dst = self.buffers[self.active], self.buffers[1 - self.active]
-        kv_splice(src, dst, full)
+        kv_splice(src, dst, full, None, None, delta, None if delta is None else self.inv_freq)
         if self.pinned:
             # A row of a batch: the other rows read the active buffer, so copy back.
             n = max(lengths)

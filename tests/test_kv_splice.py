@@ -20,11 +20,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_checks import assert_close
 
 from megacontext.errors import BackendUnavailableError, ConfigError
 from megacontext.kernels import kv_splice as ks
 from megacontext.kernels._dispatch import FLOAT_DTYPES, is_interpreted
-from megacontext.kernels.kv_splice import kv_splice, kv_splice_reference
+from megacontext.kernels.kv_splice import kv_splice, kv_splice_reference, rope_rotate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = list(FLOAT_DTYPES)
@@ -564,11 +565,13 @@ from triton.compiler import ASTSource
 from megacontext.kernels.kv_splice import _kv_splice_kernel as k
 
 names = list(inspect.signature(k.fn).parameters)
-ptrs = {"SRC": "*bf16", "DST": "*bf16", "INDEX": "*i32", "FRESH": "*bf16", "SLOTS": "*i32"}
+ptrs = {"SRC": "*bf16", "DST": "*bf16", "INDEX": "*i32", "FRESH": "*bf16", "SLOTS": "*i32",
+        "DELTA": "*i32", "INV_FREQ": "*fp32"}
+rotate = len(sys.argv) > 1 and sys.argv[1] == "rotate"
 # what the launcher passes for a contiguous [L, 2, 1, H, 8224, 128] bf16 cache: unit
 # strides become constexpr 1, the rest are multiples of 16 (Triton's runtime hints)
-const = {"BLOCK_C": 32, "BLOCK_D": 128, "HAS_FRESH": True}
-const.update({n: 1 for n in ("s_d", "d_d", "f_d", "i_c", "sl_f")})
+const = {"BLOCK_C": 32, "BLOCK_D": 128, "BLOCK_H": 64, "HAS_FRESH": True, "ROTATE": rotate}
+const.update({n: 1 for n in ("s_d", "d_d", "f_d", "i_c", "sl_f", "dl_c")})
 sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in names}
 div16 = [n for n in names if n not in const and n not in ("F", "H", "n_kept_blocks")]
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
@@ -577,7 +580,8 @@ ptx = triton.compile(
     target=GPUTarget("cuda", 90, 32),
 ).asm["ptx"]
 print({op: len(re.findall(op + r"\b", ptx)) for op in ("ld.global.v4", "st.global.v4",
-       "ld.global.b16", "st.global.b16")})
+       "ld.global.b16", "st.global.b16", "ld.global.v2", "st.global.v2", "sin.approx",
+       "cos.approx")})
 """
 
 
@@ -595,12 +599,292 @@ def test_ptx_uses_16_byte_accesses():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     counts = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
-    assert counts == {
+    assert {k: counts[k] for k in list(counts)[:4]} == {
         "ld.global.v4": 8,
         "st.global.v4": 8,
         "ld.global.b16": 0,
         "st.global.b16": 0,
     }, counts
+    # the re-rotating variant: the key halves are moved with 16-byte accesses too (no
+    # 2- or 8-byte row accesses; the counts are pinned so that a change in code
+    # generation is noticed), and cos/sin are the precise libdevice functions, not the
+    # approximate instructions (whose error grows with the angle)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PTX_SCRIPT, "rotate"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    assert counts == {
+        "ld.global.v4": 14,
+        "st.global.v4": 12,
+        "ld.global.b16": 0,
+        "st.global.b16": 0,
+        "ld.global.v2": 0,
+        "st.global.v2": 0,
+        "sin.approx": 0,
+        "cos.approx": 0,
+    }, counts
+
+
+# ----------------------------------------------------------------------------------------
+# re-rotating splice (keys turned by each kept row's position delta)
+
+# Tolerances of the rotating kernel against the reference. Both compute the angle as
+# the same fp32 product delta * inv_freq and rotate in fp32; they differ only in the
+# cos/sin implementations (libdevice or NumPy vs PyTorch: a few fp32 ulps) and in
+# fused multiply-adds, so fp32 agrees to a few ulps of the row's magnitude, and
+# fp16/bf16 to one ulp of the stored dtype (a last-bit difference in fp32 can round
+# the other way): fp16 2^-10, bf16 2^-7, relative to max(1, max|x|).
+ROT_TOL = {torch.float32: 4e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+
+
+def _inv_freq(D: int, theta: float = 10000.0) -> torch.Tensor:
+    return (1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D)).to(DEVICE)
+
+
+def rotation_case(L, B, H, C, D, dtype, moved, seed, with_fresh=False, index_dtype=torch.int64):
+    """Random rows (normal, so rotations stay finite), a permutation index keeping
+    ``moved`` of every ``C`` slots, deltas in [-5000, 5000] with a tenth of them 0."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(L, 2, B, H, C, D, generator=g).to(dtype).to(DEVICE)
+    dst = torch.randn(L, 2, B, H, C, D, generator=g).to(dtype).to(DEVICE)
+    index = torch.full((B, C), -1, dtype=torch.int64)
+    for b in range(B):
+        index[b, torch.randperm(C, generator=g)[:moved]] = torch.randperm(C, generator=g)[:moved]
+    delta = torch.randint(-5000, 5001, (B, C), generator=g)
+    delta[torch.rand(B, C, generator=g) < 0.1] = 0
+    fresh = slots = None
+    if with_fresh:
+        holes = [(index[b] < 0).nonzero().flatten() for b in range(B)]
+        F = max(1, min(len(h) for h in holes))
+        slots = torch.full((B, F), -1, dtype=torch.int64)
+        for b, h in enumerate(holes):
+            slots[b, : min(F, len(h))] = h[:F]
+        fresh = torch.randn(L, 2, B, H, F, D, generator=g).to(dtype).to(DEVICE)
+        slots = slots.to(index_dtype).to(DEVICE)
+    return (
+        src,
+        dst,
+        index.to(index_dtype).to(DEVICE),
+        fresh,
+        slots,
+        delta.to(index_dtype).to(DEVICE),
+        _inv_freq(D),
+    )
+
+
+def _check_rotated(out, ref, src, dst, index, delta, dtype, what):
+    """``out`` against the reference: values and zero-delta keys bit-exact, rotated
+    keys to ``ROT_TOL``, holes untouched."""
+    assert_bits_equal(out[:, 1], ref[:, 1], f"{what}: values are moved, never rotated")
+    B, C = index.shape
+    still = ((index < 0) | (delta == 0)).view(1, B, 1, C, 1).expand_as(out[:, 0])
+    assert_bits_equal(out[:, 0][still], ref[:, 0][still], f"{what}: zero-delta keys and holes")
+    assert_close(out, ref, ROT_TOL[dtype], what)
+
+
+# every dtype against odd shapes: L, B, H (GQA kv heads), D (even, a power of two or
+# not), C and the number of kept rows (none, some, all), fresh rows on and off
+_ROT_GRID = [
+    (1, 1, 1, 5, 2, 3, False),
+    (2, 2, 3, 33, 24, 20, True),
+    (3, 1, 5, 70, 64, 70, False),
+    (1, 3, 2, 17, 6, 0, True),
+    (2, 2, 1, 40, 200, 31, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize(
+    "L, B, H, C, D, moved, with_fresh",
+    _ROT_GRID,
+    ids=[f"L{r[0]}-B{r[1]}-H{r[2]}-C{r[3]}-D{r[4]}-m{r[5]}" for r in _ROT_GRID],
+)
+def test_rotating_kernel_matches_reference(force_triton, dtype, L, B, H, C, D, moved, with_fresh):
+    idx_dtype = torch.int32 if C % 2 else torch.int64
+    src, dst, index, fresh, slots, delta, inv = rotation_case(
+        L, B, H, C, D, dtype, moved, seed=C + D, with_fresh=with_fresh, index_dtype=idx_dtype
+    )
+    out, ref = dst.clone(), dst.clone()
+    kv_splice(src, out, index, fresh, slots, delta, inv)
+    kv_splice_reference(src, ref, index, fresh, slots, delta, inv)
+    _check_rotated(out, ref, src, dst, index, delta, dtype, "kernel")
+    # the rotation happened: a kept key with a non-zero delta is not its source row
+    kept = (index >= 0) & (delta != 0)
+    if bool(kept.any()):
+        b, j = (int(v) for v in kept.nonzero()[0])
+        assert not torch.equal(out[:, 0, b, :, j], src[:, 0, b, :, int(index[b, j])])
+    # the CPU path (runs + in-place rotation of the moved keys) agrees as well
+    cpu = [None if t is None else t.cpu() for t in (src, dst, index, fresh, slots, delta, inv)]
+    runs = cpu[1].clone()
+    ks._kv_splice_runs(cpu[0], runs, cpu[2], cpu[3], cpu[4], cpu[5], cpu[6])
+    _check_rotated(runs.to(DEVICE), ref, src, dst, index, delta, dtype, "runs")
+
+
+def test_rotating_several_blocks_per_plane(force_triton):
+    # block_c=16: kept blocks' row masks at the edges, rotated and plain tiles mixed
+    src, dst, index, fresh, slots, delta, inv = rotation_case(
+        2, 2, 3, 70, 24, torch.float32, 50, seed=11, with_fresh=True
+    )
+    out, ref = dst.clone(), dst.clone()
+    ks._kv_splice_launch(src, out, index, fresh, slots, delta, inv, block_c=16)
+    kv_splice_reference(src, ref, index, fresh, slots, delta, inv)
+    _check_rotated(out, ref, src, dst, index, delta, torch.float32, "block_c=16")
+
+
+def test_rope_rotate_formula():
+    # rotate_half layout, literally: pairs (i, i + D/2) turn by delta * inv_freq[i]
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    delta = torch.tensor([0, 7, -300])
+    inv = _inv_freq(8).cpu()
+    y = rope_rotate(x.float(), delta, inv).double()
+    for r in range(3):
+        for i in range(4):
+            t = float(delta[r]) * float(inv[i])
+            c, s_ = (f(torch.tensor(t, dtype=torch.float64)) for f in (torch.cos, torch.sin))
+            a, b = x[r, i], x[r, i + 4]
+            torch.testing.assert_close(y[r, i], a * c - b * s_, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(y[r, i + 4], b * c + a * s_, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[0], x[0].float().double()), "delta 0 keeps the bits"
+    # composition: by a then by b equals by a + b (fp32 angles, small positions)
+    ab = rope_rotate(rope_rotate(x.float(), delta, inv), -2 * delta, inv)
+    torch.testing.assert_close(ab, rope_rotate(x.float(), -delta, inv), rtol=1e-5, atol=1e-5)
+
+
+def _tiny_rope_model(rope_parameters: dict | None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+    )
+    if rope_parameters:
+        kw["rope_parameters"] = rope_parameters
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**kw)).eval()
+
+
+ROPES = {
+    "default": None,
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 1024,
+    },
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    # yarn's attention_scaling (~1.14) multiplies cos and sin: the re-rotation must not
+    # apply it a second time
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 1024,
+    },
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_rerotation_equals_models_own_rope(rope):
+    # a key rotated by the model for p, turned by delta with the frequencies read from
+    # the model, equals the key the model rotates for p + delta
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from megacontext.cache import rope_inv_freq
+
+    model = _tiny_rope_model(ROPES[rope])
+    rotary = model.model.rotary_emb
+    inv = rope_inv_freq(model)
+    assert inv.dtype == torch.float32 and inv.shape == (8,)
+    if rope != "default":
+        # not recomputable from rope_theta alone: the scaling changed the frequencies
+        theta = ROPES[rope]["rope_theta"]
+        plain = 1.0 / theta ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+        assert not torch.allclose(inv, plain)
+    if rope == "yarn":
+        assert rotary.attention_scaling > 1.05
+    g = torch.Generator().manual_seed(13)
+    k = torch.randn(1, 2, 64, 16, generator=g)  # [B, Hkv, n, D]
+    p = torch.randint(0, 4096, (1, 64), generator=g)
+    delta = torch.randint(-4000, 4001, (1, 64), generator=g).clamp(min=-p)
+    delta[0, :4] = 0
+
+    def rope_at(pos):
+        cos, sin = rotary(k, pos)
+        return apply_rotary_pos_emb(k, k, cos, sin)[1]
+
+    turned = rope_rotate(rope_at(p), delta[0], inv)
+    expected = rope_at(p + delta)
+    # fp32 angles: each of p * f, delta * f and (p + delta) * f is rounded to fp32
+    # (|error| <= ulp(8192) / 2 ~ 5e-4 rad at f <= 1), so the keys agree to ~1e-3 of
+    # their magnitude; with the wrong frequencies they are off by O(1)
+    scale = expected.abs().max()
+    torch.testing.assert_close(turned, expected, rtol=0, atol=2e-3 * scale)
+    assert torch.equal(turned[:, :, :4], rope_at(p)[:, :, :4])
+    if rope != "default":
+        wrong = rope_rotate(rope_at(p), delta[0], plain)
+        assert (wrong - expected).abs().max() > 0.05 * scale
+
+
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        (dict(inv_freq=None), "inv_freq", "position_delta and inv_freq must be given together"),
+        (dict(position_delta=None), "position_delta", "must be given together"),
+        (dict(position_delta=torch.zeros(2, 4, dtype=torch.long)), "position_delta", r"\[2, 5\]"),
+        (dict(position_delta=torch.zeros(2, 5)), "position_delta", "int32 or int64"),
+        (dict(inv_freq=torch.ones(3)), "inv_freq", r"float32 \[D/2\] = \[4\]"),
+        (dict(inv_freq=torch.ones(4, dtype=torch.float64)), "inv_freq", "float32"),
+        (
+            dict(
+                src=torch.zeros(1, 2, 2, 1, 5, 7),
+                dst=torch.zeros(1, 2, 2, 1, 5, 7),
+                fresh=torch.zeros(1, 2, 2, 1, 2, 7),
+            ),
+            "src",
+            "even head dim.*D = 7",
+        ),
+    ],
+)
+def test_bad_rotation_inputs(force_triton, change, field, message):
+    args = _ok()
+    args["position_delta"] = torch.zeros(2, 5, dtype=torch.long, device=DEVICE)
+    args["inv_freq"] = torch.ones(4, device=DEVICE)
+    args.update({k: v if v is None else v.to(DEVICE) for k, v in change.items()})
+    with pytest.raises(ConfigError, match=message) as info:
+        kv_splice(**args)
+    assert info.value.field == field
+
+
+def test_rotating_opcheck_and_compile(force_triton):
+    src, dst, index, fresh, slots, delta, inv = rotation_case(
+        1, 2, 1, 5, 8, torch.bfloat16, 4, seed=14, with_fresh=True
+    )
+    op = torch.ops.megacontext.kv_splice.default
+    torch.library.opcheck(op, (src, dst, index, fresh, slots, delta, inv))
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def refocus(src, dst, index, delta, inv):
+        kv_splice(src, dst, index, None, None, delta, inv)
+        return dst[0, 0].float().sum()
+
+    out, ref = dst.clone(), dst.clone()
+    refocus(src, out, index, delta, inv)
+    kv_splice_reference(src, ref, index, None, None, delta, inv)
+    _check_rotated(out, ref, src, dst, index, delta, torch.bfloat16, "compiled")
 
 
 # ----------------------------------------------------------------------------------------
@@ -642,3 +926,63 @@ def test_gpu_compiled_kernel(monkeypatch, L, H, D):
     ref0 = torch.zeros_like(src)
     kv_splice_reference(src, ref0, index, fresh, slots)
     assert_bits_equal(buf[1], ref0, "ping-pong views")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_gpu_rotating_kernel(monkeypatch, dtype):
+    # the compiled kernel (libdevice cos/sin, fused multiply-adds) on a Llama-8B-shaped
+    # cache with a realistic refocus: four expands shift runs of rows, every kept row
+    # moves by its own delta (positions re-packed after each expand)
+    monkeypatch.delenv("MEGACONTEXT_KERNELS", raising=False)
+    assert not is_interpreted(ks._kv_splice_kernel), "compiled, not interpreted"
+    L, H, D, C = 32, 8, 128, 8192 + 32
+    ids = _Ids(100_000)
+    old = list(range(8068))
+    new = old
+    for p in (100, 2000, 5000, 7000):
+        new = expand(new, p, ids)
+    index, slots = plan_from_entries([old], [new], C)
+    index, slots = index.cuda(), slots.cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    src, dst = (
+        torch.randn(L, 2, 1, H, C, D, device="cuda", generator=g).to(dtype) for _ in range(2)
+    )
+    fresh = torch.randn(L, 2, 1, H, slots.shape[1], D, device="cuda", generator=g).to(dtype)
+    delta = torch.randint(-8192, 8193, (1, C), device="cuda", generator=g)
+    delta[:, ::7] = 0
+    inv = _inv_freq(D, 500000.0)
+    out = dst.clone()
+    kv_splice(src, out, index.int(), fresh, slots.int(), delta.int(), inv, check=True)
+    torch.cuda.synchronize()
+    ref = dst.clone()
+    kv_splice_reference(src, ref, index, fresh, slots, delta, inv)
+    _check_rotated(out, ref, src, dst, index, delta, dtype, "cuda rotating kernel")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_rotating_splice_in_a_cuda_graph(monkeypatch):
+    # the splice is one kernel launch with no host work on device values, so a refocus
+    # can be captured once and replayed with new index / delta contents
+    monkeypatch.delenv("MEGACONTEXT_KERNELS", raising=False)
+    src, dst, index, fresh, slots, delta, inv = rotation_case(
+        4, 1, 8, 1024, 128, torch.bfloat16, 900, seed=15, with_fresh=True
+    )
+    out = dst.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile outside the capture
+        kv_splice(src, out, index, fresh, slots, delta, inv)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kv_splice(src, out, index, fresh, slots, delta, inv)
+    delta.copy_(torch.randint(-100, 100, delta.shape, dtype=delta.dtype, device=delta.device))
+    out.copy_(dst)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = dst.clone()
+    kv_splice_reference(src, ref, index, fresh, slots, delta, inv)
+    _check_rotated(out, ref, src, dst, index, delta, torch.bfloat16, "graph replay")

@@ -1,25 +1,42 @@
-"""Fused RoPE-preserving KV splice: rebuild a whole multi-layer KV cache in one launch.
+"""Fused RoPE-aware KV splice: rebuild a whole multi-layer KV cache in one launch.
 
 The cache of every layer lives in one preallocated tensor per buffer,
 ``kv [L, 2, B, H, C, D]`` (layers, K/V, batch, kv-heads, capacity slots, head dim),
 keys stored *after* RoPE. When the working context changes (a gist expanded into 32
 tokens, 32 entries collapsed into one gist) every unchanged entry keeps its K/V but
-may move to another slot. Its key was rotated for its *global* position, which does
-not change, so the row is moved bit for bit, not recomputed. The runtime keeps two
-buffers (ping-pong) and writes the new cache into the other one::
+may move to another slot, and, under a bounded position scheme, to another position.
+A row whose position is unchanged is moved bit for bit, not recomputed; a row whose
+position moved by ``delta`` has its key turned by ``delta`` in the same pass (RoPE
+rotations compose: the key rotated for ``p`` and then by ``delta`` is the key for
+``p + delta``). The runtime keeps two buffers (ping-pong) and writes the new cache
+into the other one::
 
     for every l, kv, b, h and slot j < C:
         if index[b, j] >= 0:
-            dst[l, kv, b, h, j, :] = src[l, kv, b, h, index[b, j], :]          # kept row moved
+            row = src[l, kv, b, h, index[b, j], :]                             # kept row moved
+            if kv == 0 and position_delta given and position_delta[b, j] != 0:
+                row = rope_rotate(row, position_delta[b, j], inv_freq)         # key re-rotated
+            dst[l, kv, b, h, j, :] = row
     for every f < F with fresh_slots[b, f] >= 0:
         dst[l, kv, b, h, fresh_slots[b, f], :] = fresh[l, kv, b, h, f, :]      # fresh row scattered
     every other slot of dst is left untouched.
 
+``rope_rotate`` is Hugging Face's ``rotate_half`` layout: with ``theta_i = delta *
+inv_freq[i]`` in fp32 and halves ``x1 = row[:D/2]``, ``x2 = row[D/2:]``,
+``(x1 cos - x2 sin, x2 cos + x1 sin)``, computed in fp32 and rounded once to the cache
+dtype. ``inv_freq [D/2]`` (float32) is the model's own (``megacontext.cache.
+rope_inv_freq``: ``rope_theta`` and the scaling type are in it); the model's
+``attention_scaling`` is already in the stored keys and is not applied again. ``D``
+must be even to rotate.
+
 Shapes: ``src, dst [L, 2, B, H, C, D]``, ``index [B, C]`` (int32/int64),
-``fresh [L, 2, B, H, F, D]``, ``fresh_slots [B, F]`` (int32/int64). fp32, fp16 and
-bf16; rows are copied, never converted (exact equality). Only NaN payloads are not
-promised: Triton's CPU interpreter and some PyTorch CPU gathers canonicalise NaNs (the
-compiled kernel's loads and stores are plain bit moves).
+``fresh [L, 2, B, H, F, D]``, ``fresh_slots [B, F]`` (int32/int64),
+``position_delta [B, C]`` (int32/int64), ``inv_freq [D/2]`` (float32). fp32, fp16 and
+bf16; values, unmoved keys and fresh rows are copied, never converted (exact
+equality); rotated keys are within a rounding of the dtype of the reference (the
+cos/sin implementations differ by ulps). Only NaN payloads are not promised: Triton's
+CPU interpreter and some PyTorch CPU gathers canonicalise NaNs (the compiled kernel's
+loads and stores are plain bit moves).
 
 Contract (what makes one launch correct without ordering between programs): every
 destination slot has at most one writer, i.e. a slot named in ``fresh_slots[b]`` has
@@ -52,6 +69,14 @@ Design (why it looks like this):
 - Slots with ``index < 0`` (free capacity past the live length, or slots waiting for
   a fresh row) are masked out of both the load and the store: the traffic is
   proportional to the live rows, not to the capacity.
+- Re-rotation (``ROTATE``, a compile-time switch, so the plain splice is unchanged):
+  key planes load each row as its two halves (``[BLOCK_C, BLOCK_D/2]`` tiles, still
+  16-byte accesses), read the row's delta and the ``D/2`` frequencies, and compute
+  ``cos``/``sin`` of ``delta * inv_freq`` in fp32 in registers (the precise libdevice
+  functions; no table, so nothing but the rows themselves crosses memory). Value
+  planes take the plain copy path. Rows with delta 0 are stored from the loaded bits.
+  Same launch, same traffic as the plain splice: the rotation is arithmetic on data
+  already in registers, far below the memory time of a copy.
 - Every stride is passed, so ``src``/``dst``/``fresh`` may be arbitrary views (e.g.
   ``buffers[0]`` and ``buffers[1]`` of one ``[2, L, 2, B, H, C, D]`` allocation, or a
   slice of the head dim). Triton specialises a stride equal to 1, so a contiguous
@@ -65,8 +90,9 @@ Design (why it looks like this):
 
 Layout of this file: the Triton kernel, the launcher (shape/dtype/device checks),
 the ``torch.library`` custom op ``megacontext::kv_splice`` (mutates ``dst``) with its
-fake implementation, the CPU run-copy path, the public ``kv_splice`` entry point that
-dispatches, and ``kv_splice_reference`` (plain PyTorch gathers).
+fake implementation, the CPU run-copy path (then an in-place rotation of the keys
+whose delta is non-zero), the public ``kv_splice`` entry point that dispatches,
+:func:`rope_rotate` and ``kv_splice_reference`` (plain PyTorch gathers).
 """
 
 from __future__ import annotations
@@ -88,7 +114,7 @@ from ._dispatch import (
 
 triton, tl = import_triton()  # optional: importing this module must not need it
 
-__all__ = ["kv_splice", "kv_splice_reference"]
+__all__ = ["kv_splice", "kv_splice_reference", "rope_rotate"]
 
 # elements per program tile: 32 per thread at 4 warps
 _TILE = 4096
@@ -97,16 +123,26 @@ _MAX_GRID_YZ = 65535
 if triton is not None:
 
     @triton.jit
+    def _move_rows(src_plane, dst_plane, idx, rj, keep, rd, mask_d, s_c, s_d, d_c, d_d):
+        """Bit-exact row gather of one tile: ``dst[rj] = src[idx]`` where ``keep``."""
+        mask = keep[:, None] & mask_d[None, :]
+        rows = tl.load(src_plane + idx[:, None] * s_c + rd[None, :] * s_d, mask=mask)
+        tl.store(dst_plane + rj[:, None] * d_c + rd[None, :] * d_d, rows, mask=mask)
+
+    @triton.jit
     def _kv_splice_kernel(
         SRC,  # [L, 2, B, H, C, D]
         DST,  # [L, 2, B, H, C, D]
         INDEX,  # [B, C] int32/int64
         FRESH,  # [L, 2, B, H, F, D] (unused when HAS_FRESH is False)
         SLOTS,  # [B, F] int32/int64 (unused when HAS_FRESH is False)
+        DELTA,  # [B, C] int32/int64 position deltas (unused when ROTATE is False)
+        INV_FREQ,  # [D/2] float32 RoPE inverse frequencies (unused when ROTATE is False)
         C,
         F,
         H,
         D,
+        HALF,
         n_kept_blocks,
         s_l,
         s_kv,
@@ -130,9 +166,13 @@ if triton is not None:
         i_c,
         sl_b,
         sl_f,
+        dl_b,
+        dl_c,
         BLOCK_C: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        BLOCK_H: tl.constexpr,
         HAS_FRESH: tl.constexpr,
+        ROTATE: tl.constexpr,
     ):
         pid_r = tl.program_id(0)
         plane = tl.program_id(1).to(tl.int64)  # (l * 2 + kv) * H + h
@@ -151,10 +191,37 @@ if triton is not None:
             idx = tl.load(INDEX + b * i_b + rj * i_c, mask=in_c, other=-1).to(tl.int64)
             # idx >= C is out of contract (check=True reports it); masking keeps it in bounds
             keep = in_c & (idx >= 0) & (idx < C)
-            mask = keep[:, None] & mask_d[None, :]
             src_plane = SRC + layer * s_l + kv * s_kv + b * s_b + h * s_h
-            rows = tl.load(src_plane + idx[:, None] * s_c + rd[None, :] * s_d, mask=mask)
-            tl.store(dst_plane + rj[:, None] * d_c + rd[None, :] * d_d, rows, mask=mask)
+            if ROTATE:
+                if kv == 0:
+                    # keys: RoPE rotation by each row's own delta, pairs (i, i + D/2)
+                    # (HF's rotate_half layout): y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin
+                    rh = tl.arange(0, BLOCK_H).to(tl.int64)
+                    mask_h = rh < HALF
+                    mask = keep[:, None] & mask_h[None, :]
+                    delta = tl.load(DELTA + b * dl_b + rj * dl_c, mask=keep, other=0)
+                    freq = tl.load(INV_FREQ + rh, mask=mask_h, other=0.0)
+                    angle = delta.to(tl.float32)[:, None] * freq[None, :]
+                    cos = tl.cos(angle)
+                    sin = tl.sin(angle)
+                    row = src_plane + idx[:, None] * s_c
+                    x1 = tl.load(row + rh[None, :] * s_d, mask=mask)
+                    x2 = tl.load(row + (rh + HALF)[None, :] * s_d, mask=mask)
+                    a = x1.to(tl.float32)
+                    c = x2.to(tl.float32)
+                    y1 = (a * cos - c * sin).to(x1.dtype)
+                    y2 = (c * cos + a * sin).to(x2.dtype)
+                    # a row that does not move in position keeps its bits
+                    moved = (delta != 0)[:, None]
+                    y1 = tl.where(moved, y1, x1)
+                    y2 = tl.where(moved, y2, x2)
+                    out = dst_plane + rj[:, None] * d_c
+                    tl.store(out + rh[None, :] * d_d, y1, mask=mask)
+                    tl.store(out + (rh + HALF)[None, :] * d_d, y2, mask=mask)
+                else:
+                    _move_rows(src_plane, dst_plane, idx, rj, keep, rd, mask_d, s_c, s_d, d_c, d_d)
+            else:
+                _move_rows(src_plane, dst_plane, idx, rj, keep, rd, mask_d, s_c, s_d, d_c, d_d)
         elif HAS_FRESH:
             rf = ((pid_r - n_kept_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
             in_f = rf < F
@@ -249,6 +316,51 @@ def _check_int(
         )
 
 
+def _check_rotation(
+    src: torch.Tensor,
+    position_delta: torch.Tensor | None,
+    inv_freq: torch.Tensor | None,
+) -> bool:
+    """Checks of the re-rotation arguments (metadata only). Returns whether to rotate."""
+    if (position_delta is None) != (inv_freq is None):
+        missing = "inv_freq" if inv_freq is None else "position_delta"
+        raise ConfigError(
+            "kv_splice: position_delta and inv_freq must be given together " f"({missing} is None)",
+            field=missing,
+            value=None,
+        )
+    if position_delta is None:
+        return False
+    _, _, B, _, C, D = src.shape
+    if D % 2:
+        raise ConfigError(
+            f"kv_splice: re-rotating keys needs an even head dim (RoPE rotates pairs "
+            f"(i, i + D/2)), got D = {D}",
+            field="src",
+            value=D,
+        )
+    _check_int(position_delta, "position_delta", (B, C), "[B, C]", src.device)
+    if (
+        not isinstance(inv_freq, torch.Tensor)
+        or tuple(inv_freq.shape) != (D // 2,)
+        or inv_freq.dtype != torch.float32
+    ):
+        got = f"{shape_of(inv_freq)} {getattr(inv_freq, 'dtype', '')}".strip()
+        raise ConfigError(
+            f"kv_splice: inv_freq must be a float32 [D/2] = [{D // 2}] tensor (the model's "
+            f"RoPE inverse frequencies), got {got}",
+            field="inv_freq",
+            value=shape_of(inv_freq),
+        )
+    if inv_freq.device != src.device:
+        raise ConfigError(
+            f"kv_splice: inv_freq is on {inv_freq.device} but src is on {src.device}",
+            field="inv_freq",
+            value=str(inv_freq.device),
+        )
+    return True
+
+
 def _check_values(C: int, index: torch.Tensor, fresh_slots: torch.Tensor | None) -> None:
     """Value checks (index < C, fresh_slots < C, one writer per slot). Synchronises on CUDA."""
     bad = index >= C
@@ -338,10 +450,14 @@ def _kv_splice_launch(
     index: torch.Tensor,
     fresh: torch.Tensor | None,
     fresh_slots: torch.Tensor | None,
+    position_delta: torch.Tensor | None = None,
+    inv_freq: torch.Tensor | None = None,
     block_c: int | None = None,
 ) -> None:
-    """Launch the kernel (one launch for all layers, K and V, kept and fresh rows)."""
+    """Launch the kernel (one launch for all layers, K and V, kept and fresh rows,
+    keys re-rotated when ``position_delta`` is given)."""
     L, B, H, C, D, F = _check_inputs(src, dst, index, fresh, fresh_slots)
+    rotate = _check_rotation(src, position_delta, inv_freq)
     require_runnable("kv_splice", _kv_splice_kernel, src, "src")
     _check_memory(src, dst, fresh)
     if dst.numel() == 0:
@@ -364,6 +480,9 @@ def _kv_splice_launch(
     )  # unused by the kernel when there are no fresh rows
     fs = f.stride() if has_fresh else (0,) * 6
     ss = sl.stride() if has_fresh else (0, 0)
+    # unused by the kernel when not rotating
+    delta, freq = (position_delta, inv_freq) if rotate else (index, dst)
+    ds = delta.stride() if rotate else (0, 0)
     with device_guard(src):
         _kv_splice_kernel[(n_kept + n_fresh, planes, B)](
             src,
@@ -371,19 +490,25 @@ def _kv_splice_launch(
             index,
             f,
             sl,
+            delta,
+            freq,
             C,
             F,
             H,
             D,
+            D // 2,
             n_kept,
             *src.stride(),
             *dst.stride(),
             *fs,
             *index.stride(),
             *ss,
+            *ds,
             BLOCK_C=block_c,
             BLOCK_D=block_d,
+            BLOCK_H=triton.next_power_of_2(max(D // 2, 1)),
             HAS_FRESH=has_fresh,
+            ROTATE=rotate,
             num_warps=4,
         )
 
@@ -399,9 +524,11 @@ def _kv_splice_op(
     index: torch.Tensor,
     fresh: torch.Tensor | None,
     fresh_slots: torch.Tensor | None,
+    position_delta: torch.Tensor | None = None,
+    inv_freq: torch.Tensor | None = None,
 ) -> None:
     """Write the splice of ``src`` (and ``fresh``) into ``dst`` by the Triton kernel."""
-    _kv_splice_launch(src, dst, index, fresh, fresh_slots)
+    _kv_splice_launch(src, dst, index, fresh, fresh_slots, position_delta, inv_freq)
 
 
 @_kv_splice_op.register_fake
@@ -411,8 +538,11 @@ def _(
     index: torch.Tensor,
     fresh: torch.Tensor | None,
     fresh_slots: torch.Tensor | None,
+    position_delta: torch.Tensor | None = None,
+    inv_freq: torch.Tensor | None = None,
 ) -> None:
     _check_inputs(src, dst, index, fresh, fresh_slots)
+    _check_rotation(src, position_delta, inv_freq)
 
 
 # ----------------------------------------------------------------------------------------
@@ -445,6 +575,8 @@ def _kv_splice_runs(
     index: torch.Tensor,
     fresh: torch.Tensor | None,
     fresh_slots: torch.Tensor | None,
+    position_delta: torch.Tensor | None = None,
+    inv_freq: torch.Tensor | None = None,
 ) -> None:
     """``kv_splice`` on the CPU: one strided ``copy_`` per run of consecutive rows.
 
@@ -454,8 +586,12 @@ def _kv_splice_runs(
     per-element indexing cost. A batch row with more than ``_MAX_RUNS`` runs (an
     arbitrary permutation) falls back to ``index_select`` + ``index_copy_``. Reads the
     index on the host, so on CUDA it would synchronise: used for CPU tensors only.
+    With ``position_delta``, the kept keys whose delta is non-zero are then rotated
+    in place in ``dst`` (one gather, :func:`rope_rotate`, one scatter per batch row):
+    the work is proportional to the rows that moved in position.
     """
     _, B, _, _, _, F = _check_inputs(src, dst, index, fresh, fresh_slots)
+    rotate = _check_rotation(src, position_delta, inv_freq)
     _check_memory(src, dst, fresh)
     planes = [(index, src)]
     if fresh is not None and F > 0:
@@ -478,6 +614,14 @@ def _kv_splice_runs(
                     out[:, :, :, i : i + n].copy_(rows_b[:, :, :, t : t + n])
                 else:
                     out[:, :, :, t : t + n].copy_(rows_b[:, :, :, i : i + n])
+        if rotate:
+            assert position_delta is not None and inv_freq is not None
+            # fresh slots have index < 0 (the contract), so only kept keys turn
+            at = ((index[b] >= 0) & (position_delta[b] != 0)).nonzero().flatten()
+            if at.numel():
+                keys = out[:, 0]  # [L, H, C, D]
+                moved = rope_rotate(keys.index_select(2, at), position_delta[b, at], inv_freq)
+                keys.index_copy_(2, at, moved)
 
 
 # ----------------------------------------------------------------------------------------
@@ -490,6 +634,8 @@ def kv_splice(
     index: torch.Tensor,
     fresh: torch.Tensor | None = None,
     fresh_slots: torch.Tensor | None = None,
+    position_delta: torch.Tensor | None = None,
+    inv_freq: torch.Tensor | None = None,
     *,
     check: bool = False,
 ) -> None:
@@ -505,6 +651,12 @@ def kv_splice(
         fresh_slots: ``[B, F]`` int32/int64 destination slot of each fresh row
             (negative: skip it); required with ``fresh``. Fresh slots must have
             ``index < 0`` and must not repeat.
+        position_delta: optional ``[B, C]`` int32/int64: new position minus old
+            position of the kept row at destination slot ``j`` (ignored where
+            ``index < 0``). The kept *keys* are then rotated by it (values untouched;
+            a zero delta moves the row bit for bit). Needs an even ``D``.
+        inv_freq: ``[D/2]`` float32 RoPE inverse frequencies (the model's own, see
+            :func:`megacontext.cache.rope_inv_freq`); required with ``position_delta``.
         check: verify value ranges and the one-writer-per-slot contract on the host
             (a device->host synchronisation on CUDA; for debugging). Without it the
             CUDA path never synchronises.
@@ -515,17 +667,49 @@ def kv_splice(
     ``=triton`` the kernel (see ``megacontext.kernels._dispatch``).
     """
     _, _, _, C, _, _ = _check_inputs(src, dst, index, fresh, fresh_slots)
+    _check_rotation(src, position_delta, inv_freq)
     if not use_triton(src, dst, index, op="kv_splice"):
         on_cpu = src.device.type == "cpu"
         if on_cpu and kernel_mode() == "auto":
             _check_values(C, index, fresh_slots)
-            _kv_splice_runs(src, dst, index, fresh, fresh_slots)
+            _kv_splice_runs(src, dst, index, fresh, fresh_slots, position_delta, inv_freq)
         else:
-            kv_splice_reference(src, dst, index, fresh, fresh_slots, check=check or on_cpu)
+            kv_splice_reference(
+                src,
+                dst,
+                index,
+                fresh,
+                fresh_slots,
+                position_delta,
+                inv_freq,
+                check=check or on_cpu,
+            )
         return
     if check:
         _check_values(C, index, fresh_slots)
-    _kv_splice_op(src, dst, index, fresh, fresh_slots)
+    _kv_splice_op(src, dst, index, fresh, fresh_slots, position_delta, inv_freq)
+
+
+def rope_rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE-rotate rows ``x [..., n, D]`` by ``delta [..., n]`` positions (broadcast),
+    in ``x``'s dtype with fp32 math, in Hugging Face's ``rotate_half`` layout.
+
+    With ``theta_i = delta * inv_freq[i]`` (fp32) and halves ``x1 = x[..., :D/2]``,
+    ``x2 = x[..., D/2:]``::
+
+        y1 = x1 cos(theta) - x2 sin(theta),   y2 = x2 cos(theta) + x1 sin(theta)
+
+    Rotations compose: a key rotated for position ``p`` (``k cos + rotate_half(k)
+    sin`` at ``p``, times the model's ``attention_scaling``) rotated by ``delta``
+    is the key for ``p + delta``; the scaling is already in ``x``, so this applies
+    none. Rows with ``delta == 0`` are returned bit for bit.
+    """
+    half = x.shape[-1] // 2
+    angle = delta.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return torch.where((delta != 0)[..., None], y, x)
 
 
 def kv_splice_reference(
@@ -534,10 +718,13 @@ def kv_splice_reference(
     index: torch.Tensor,
     fresh: torch.Tensor | None = None,
     fresh_slots: torch.Tensor | None = None,
+    position_delta: torch.Tensor | None = None,
+    inv_freq: torch.Tensor | None = None,
     *,
     check: bool = True,
 ) -> None:
-    """Plain PyTorch ``kv_splice`` (gather kept rows, then place fresh rows), in place.
+    """Plain PyTorch ``kv_splice`` (gather kept rows, rotate kept keys by their
+    ``position_delta`` with :func:`rope_rotate`, then place fresh rows), in place.
 
     Same contract as :func:`kv_splice`; where fresh slots collide with kept rows the
     fresh row wins (the formula's order). ``check`` (default on) validates the values
@@ -545,13 +732,19 @@ def kv_splice_reference(
     compiled caller passes ``check=False``.
     """
     L, B, H, C, D, F = _check_inputs(src, dst, index, fresh, fresh_slots)
+    rotate = _check_rotation(src, position_delta, inv_freq)
     if check:
         _check_values(C, index, fresh_slots)
     full = (L, 2, B, H, C, D)
     keep = (index >= 0).view(1, 1, B, 1, C, 1)
     rows = index.clamp(min=0).long().view(1, 1, B, 1, C, 1).expand(full)
+    moved = src.gather(4, rows)
+    if rotate:
+        assert position_delta is not None and inv_freq is not None
+        delta = torch.where(index >= 0, position_delta, 0).view(1, B, 1, C)
+        moved[:, 0] = rope_rotate(moved[:, 0], delta, inv_freq)
     # torch.where reads src and dst whole: a reference, not a bandwidth-optimal copy
-    dst.copy_(torch.where(keep, src.gather(4, rows), dst))
+    dst.copy_(torch.where(keep, moved, dst))
     if fresh is None or F == 0:
         return
     # inverse map slot -> fresh row (-1: none); skipped rows land in a dump column C
