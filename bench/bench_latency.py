@@ -48,9 +48,9 @@ def _base() -> mc.Base:
         return mc.load_base(MODEL)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tiny = mc.load_base("tiny-llama", device="cpu")
+    tokenizer = byte_tokenizer()
     cfg = LlamaConfig(
-        vocab_size=tiny.vocab_size,
+        vocab_size=128256,  # Llama 3.1's; the byte tokenizer uses the first 257 ids
         hidden_size=4096,
         intermediate_size=14336,
         num_hidden_layers=32,
@@ -62,7 +62,23 @@ def _base() -> mc.Base:
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     model.requires_grad_(False)
-    return mc.Base(model=model, tokenizer=tiny.tokenizer, name="llama-8b-random")
+    return mc.Base(model=model, tokenizer=tokenizer, name="llama-8b-random")
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (256 byte tokens + ``</s>``): the random
+    8B-shaped model needs real token ids of real text, not a vocabulary, and the GPU
+    machine has no network and cannot carry the SmolLM2 package that holds the
+    tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["</s>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
