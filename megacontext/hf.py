@@ -501,7 +501,9 @@ class Chat:
     of the previous rendering followed by the reply as generated; when the new
     rendering extends that text (any append-only template), only the extension is
     tokenized and ingested. When it does not (a template that rewrites earlier
-    turns), the conversation is re-read into a new session.
+    turns), the conversation is re-read into a new session. Each turn runs
+    ``model.generate`` with :attr:`MegaContextForCausalLM.sessions` set to this
+    conversation's session, so several chats can share one model, one turn at a time.
 
     Args:
         model: the :class:`MegaContextForCausalLM`.
