@@ -44,6 +44,8 @@ _LAZY: dict[str, str] = {
     "MegaContext": "runtime",
     "Session": "runtime",
     "SessionBatch": "runtime",
+    "MegaContextForCausalLM": "hf",
+    "Chat": "hf",
     "Trainer": "train",
     "TrainConfig": "train",
     "MegaContextCache": "cache",
@@ -84,6 +86,8 @@ __all__ = [
     "MegaContext",
     "Session",
     "SessionBatch",
+    "MegaContextForCausalLM",
+    "Chat",
     "Trainer",
     "TrainConfig",
     "MegaContextCache",
@@ -103,6 +107,7 @@ if TYPE_CHECKING:
     from .config import MegaContextConfig
     from .data import ShardDataset, build_shards
     from .gistnet import GistNet, GistNetConfig
+    from .hf import Chat, MegaContextForCausalLM
     from .hook import patch, patched, unpatch
     from .lensnet import LensNet, LensNetConfig
     from .nll import token_nll

@@ -812,6 +812,17 @@ class SessionBatch:
         self.cache.set_lengths(held)
 
     @torch.no_grad()
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Append ``tokens[b]`` to session ``b``, all with one batched forward (a
+        session whose block completes refocuses). Returns float32 ``[B, V]``: each
+        session's next-token logits afterwards (on the base model's device)."""
+        tokens = [int(t) for t in tokens]
+        if len(tokens) != len(self.sessions):
+            raise InputError(f"step() needs {len(self.sessions)} tokens, got {len(tokens)}")
+        self._step(tokens)
+        return torch.stack([s.next_token_logits() for s in self.sessions])
+
+    @torch.no_grad()
     def generate(
         self,
         max_new_tokens: int,

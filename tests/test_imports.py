@@ -64,8 +64,9 @@ LAYERS: dict[str, int] = {
     "megacontext.runtime": 4,
     "megacontext.telemetry": 4,
     "megacontext.walkthrough": 4,
-    # 5: training and evaluation, side by side
+    # 5: the runtime's users: training, evaluation, the transformers adapter
     "megacontext.train": 5,
+    "megacontext.hf": 5,
     "megacontext.eval": 5,
     # 6: the command line
     "megacontext.cli": 6,
