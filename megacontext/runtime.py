@@ -24,10 +24,7 @@ KV refocus modes (``config.kv_mode``):
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -35,7 +32,7 @@ from typing import Any
 
 import torch
 
-from . import profiling
+from . import profiling, session_store
 from .allocator import Action, FocusAllocator
 from .base import Base, cache_kwarg, load_base
 from .cache import MegaContextCache
@@ -52,7 +49,6 @@ __all__ = ["PHASES", "MegaContext", "Session", "SessionBatch"]
 
 PHASES = ("gist", "lens", "allocator", "cache", "decode")
 _KEEP: Any = object()  # with_config(): "carry this module over"
-_SESSION_FORMAT = 1
 
 
 class _Phases:
@@ -168,39 +164,59 @@ class MegaContext:
     ) -> Session:
         """Resume a session saved with :meth:`Session.save` (any process).
 
-        The base model is loaded by name unless given; GistNet and LensNet weights
-        saved with the session are loaded unless given.
+        Every file is checked first (``docs/reliability.md``: checksums, fields,
+        shapes, token ids); a problem raises :class:`StorageError` naming the file
+        and the field. ``base``: the base model; ``None`` loads the one session.json
+        names only when it is a built-in model (``smollm2-135m``, ``tiny-llama``):
+        a session file never makes ``open`` load an arbitrary folder or hub id. A
+        given base must carry the saved name. GistNet and LensNet weights saved with
+        the session are loaded unless given; one the session ran with but could not
+        save (no ``save`` method) must be given.
         """
-        path = Path(path)
-        meta_path = path / "session.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            raise StorageError(f"{meta_path}: not a saved session", path=str(meta_path)) from None
-        except json.JSONDecodeError as exc:
-            raise StorageError(
-                f"{meta_path}: invalid JSON ({exc})", path=str(meta_path), field="session.json"
-            ) from None
-        if meta.get("format") != _SESSION_FORMAT:
-            raise StorageError(
-                f"{meta_path}: unknown session format {meta.get('format')!r}",
-                path=str(meta_path),
-                field="format",
-            )
-        config = MegaContextConfig(**meta["config"])
+        from .base import DEFAULT_MODEL
+
+        stored = session_store.read_session(
+            path, load_modules={"gistnet": gistnet is None, "lensnet": lensnet is None}
+        )
+        meta_path = stored.meta_path
+        saved_base = stored.base_name
         if base is None:
-            base = load_base(meta["base"])
-        if gistnet is None and (path / "gistnet.safetensors").is_file():
-            from .gistnet import GistNet
-
-            gistnet = GistNet.load(path / "gistnet.safetensors")
-        if lensnet is None and (path / "lensnet.safetensors").is_file():
-            from .lensnet import LensNet
-
-            lensnet = LensNet.load(path / "lensnet.safetensors")
-        system = cls(base, gistnet, lensnet, config, allocator_backend=meta["allocator_backend"])
+            if saved_base not in (DEFAULT_MODEL, "tiny-llama"):
+                raise StorageError(
+                    f"{meta_path}: the session was saved with base model {saved_base!r}, "
+                    "which is not built in; pass base=load_base(...) to open it (a session "
+                    "file never chooses which model folder or hub id is loaded)",
+                    path=str(meta_path),
+                    field="base",
+                )
+            base = load_base(saved_base)
+        elif base.name != saved_base:
+            raise StorageError(
+                f"{meta_path}: the session was saved with base model {saved_base!r}, "
+                f"not {base.name!r} (its KV rows and gists belong to that model)",
+                path=str(meta_path),
+                field="base",
+            )
+        given = {"gistnet": gistnet, "lensnet": lensnet}
+        for name, state in stored.module_record.items():
+            if given[name] is None and state == "unsaved":
+                raise StorageError(
+                    f"{meta_path}: the session ran with a {name} that has no save(); "
+                    f"pass {name}= to open it",
+                    path=str(meta_path),
+                    field=f"modules.{name}",
+                )
+        gistnet = gistnet if gistnet is not None else stored.modules.get("gistnet")
+        lensnet = lensnet if lensnet is not None else stored.modules.get("lensnet")
+        system = cls(
+            base,
+            gistnet,
+            lensnet,
+            stored.config,
+            allocator_backend=stored.meta["allocator_backend"],
+        )
         session = Session(system, telemetry=telemetry)
-        session._restore(path, meta)
+        session._restore(stored)
         return session
 
 
@@ -247,6 +263,8 @@ class Session:
         self._blocks_since_refocus = 0
         self._next_logits: torch.Tensor | None = None
         self._cache_kw = cache_kwarg(self.base.model)
+        # resolved path -> the commit id this session last read or wrote there
+        self._commits: dict[str, str] = {}
 
     # ------------------------------------------------------------------ focus state
 
@@ -644,93 +662,97 @@ class Session:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Persist the session (tree, WC, allocator state, KV cache rows, modules'
-        weights, config) atomically into directory ``path``."""
-        from safetensors.torch import save_file
+        weights, config) into directory ``path`` as a new committed version.
 
+        ``path`` must be new, an empty folder or a saved session; anything else
+        raises :class:`StorageError` (``field="path"``) and is left untouched. A
+        crash at any point leaves the previous or the new version readable. A save
+        to a path someone else saved to since this session opened (or last saved)
+        it is refused (``field="generation"``); see ``docs/reliability.md``.
+        """
         if self.wc is None:
             raise InputError("nothing to save: the session has no history")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            self.tree.save(tmp / "tree")
-            allocator = self.allocator.state_dict()
-            cache = self.cache.state_dict()
-            if cache["lengths"] != [len(self.wc)]:
-                raise InvariantError(
-                    f"the cache holds {cache['lengths']} rows, the working context "
-                    f"{len(self.wc)} entries"
-                )
-            tensors = {
-                "wc_levels": self.wc.levels.cpu().contiguous(),
-                "wc_nodes": self.wc.nodes.cpu().contiguous(),
-                "allocator_state": allocator["state"].contiguous(),
-                "kv": cache["kv"],
-                "next_logits": self._next_logits.cpu().contiguous(),
-            }
-            save_file(tensors, str(tmp / "state.safetensors"))
-            for name in ("gistnet", "lensnet"):
-                module = getattr(self.system, name)
-                if module is not None and hasattr(module, "save"):
-                    module.save(tmp / f"{name}.safetensors")
-            meta = {
-                "format": _SESSION_FORMAT,
-                "base": self.base.name,
-                "config": self.config.model_dump(),
-                "allocator_backend": self.system.allocator_backend,
-                "allocator_caps": allocator["caps"],
-                "iteration": self.iteration,
-                "blocks_since_refocus": self._blocks_since_refocus,
-                "residencies": self.residencies,
-                "num_tokens": self.num_tokens,
-            }
-            (tmp / "session.json").write_text(json.dumps(meta, indent=1))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        assert self._next_logits is not None
+        allocator = self.allocator.state_dict()
+        cache = self.cache.state_dict()
+        if cache["lengths"] != [len(self.wc)]:
+            raise InvariantError(
+                f"the cache holds {cache['lengths']} rows, the working context "
+                f"{len(self.wc)} entries"
+            )
+        tensors = {
+            "wc_levels": self.wc.levels,
+            "wc_nodes": self.wc.nodes,
+            "allocator_state": allocator["state"],
+            "kv": cache["kv"],
+            "next_logits": self._next_logits,
+        }
+        meta = {
+            "base": self.base.name,
+            "config": self.config.model_dump(),
+            "allocator_backend": self.system.allocator_backend,
+            "allocator_caps": allocator["caps"],
+            "iteration": self.iteration,
+            "blocks_since_refocus": self._blocks_since_refocus,
+            "residencies": self.residencies,
+            "num_tokens": self.num_tokens,
+        }
+        key = session_store.session_key(path)
+        commit = session_store.write_session(
+            path,
+            tree=self.tree,
+            tensors=tensors,
+            meta=meta,
+            modules={"gistnet": self.system.gistnet, "lensnet": self.system.lensnet},
+            expect_commit=self._commits.get(key),
+        )
+        self._commits[key] = commit.commit
+        return commit.path
 
-    def _restore(self, path: Path, meta: dict[str, Any]) -> None:
-        from safetensors.torch import load_file
-
-        with MegaContextTree.open(path / "tree", mode="r") as disk:
-            self.tree = disk.to_ram()
-        st = load_file(str(path / "state.safetensors"))
+    def _restore(self, stored: session_store.StoredSession) -> None:
+        st = stored.tensors
+        stored.check_state(
+            vocab_size=self.base.vocab_size,
+            logits_size=int(self.base.model.config.vocab_size),
+            kv_shape=tuple(self.cache.kv.shape),
+            capacity=self.capacity,
+        )
+        if stored.tree.dim != self.base.dim:
+            raise stored.error(
+                "dim",
+                f"the tree's width {stored.tree.dim} is not the base model's {self.base.dim}",
+                file="tree/metadata.json",
+            )
+        self.tree = stored.tree
         cfg = self.config
         self.wc = WorkingContext(
             st["wc_levels"],
             st["wc_nodes"],
             block_size=cfg.block_size,
             max_level=cfg.levels,
-            w_max=cfg.w_max,
+            # Between refocuses a live WC holds up to K decoded entries past w_max
+            # (the cache has those slots): every state a session can be in reopens.
+            w_max=self.capacity,
             recent_tokens=cfg.protected_tokens,
             num_tokens=self.tree.num_tokens,
         )
-        self.wc.check(self.tree)
+        try:
+            self.wc.check(self.tree)
+        except InvariantError as e:
+            raise stored.error("wc_levels", f"not a legal working context: {e}") from None
+        self.wc.w_max = cfg.w_max
+        meta = stored.meta
         self.allocator.load_state_dict(
-            {"state": st["allocator_state"], "caps": meta["allocator_caps"]}
+            {"state": st["allocator_state"].to(torch.int64), "caps": meta["allocator_caps"]}
         )
         kv = st["kv"]
-        n = kv.shape[4]
-        if n != len(self.wc):
-            raise StorageError(
-                f"{path}: cache rows ({n}) disagree with the working context ({len(self.wc)})",
-                path=str(path),
-                field="kv",
-            )
-        self.cache.load_state_dict({"kv": kv, "lengths": [n]})
-        self._next_logits = st["next_logits"].to(self.base.device)
+        self.cache.load_state_dict({"kv": kv, "lengths": [kv.shape[4]]})
+        self._next_logits = st["next_logits"].to(self.base.device, torch.float32)
         self.iteration = int(meta["iteration"])
         self._blocks_since_refocus = int(meta["blocks_since_refocus"])
         self.residencies = list(meta["residencies"])
+        if stored.commit is not None:
+            self._commits[session_store.session_key(stored.path)] = stored.commit.commit
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> int:
