@@ -140,10 +140,13 @@ def _checksums(directory: Path) -> dict[str, dict[str, Any]]:
 
 
 def _verify(directory: Path, files: dict[str, Any], meta_path: Path) -> None:
+    root = directory.resolve()
     for rel, want in files.items():
         full = directory / rel
-        if not full.is_file() or full.is_symlink():
+        if not full.is_file():
             raise _err(full, rel, f"missing: {meta_path} lists it")
+        if not full.resolve().is_relative_to(root):
+            raise _err(full, rel, f"a link out of the session folder {root}; refusing it")
         got = file_checksum(full)
         if got["size"] != want["size"]:
             raise _err(

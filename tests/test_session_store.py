@@ -369,3 +369,15 @@ def test_format1_sessions_open_and_convert(tiny_base, tmp_path):
     assert e.value.field == "format"
     with pytest.raises(mc.StorageError, match="not a saved session"):
         s.save(other)  # an unknown format is not ours to replace
+
+
+def test_a_link_out_of_the_session_folder_is_refused(tiny_base, tmp_path):
+    path, _ = _saved(tiny_base, tmp_path)
+    state = _version(path) / "state.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(state.read_bytes())
+    state.unlink()
+    state.symlink_to(outside)
+    with pytest.raises(mc.StorageError, match="link out of the session folder") as e:
+        _open(path, tiny_base)
+    assert e.value.field == "state.safetensors"
