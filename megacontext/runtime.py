@@ -24,6 +24,8 @@ KV refocus modes (``config.kv_mode``):
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -297,27 +299,17 @@ class Session:
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.focus.embed(ids)
 
-    def _validate_ids(self, ids: Any) -> torch.Tensor:
+    def _validate_ids(self, ids: Any, arg: str = "text_or_ids") -> torch.Tensor:
+        """Text or token ids -> int64 ``[n]`` (n >= 1) on the CPU, or InputError naming
+        ``arg``: only ``str`` (tokenized) or a 1-D sequence/tensor of integer ids
+        inside the vocabulary."""
         if isinstance(ids, str):
             if not ids:
-                raise InputError("cannot ingest empty text")
+                raise InputError(f"{arg}: cannot ingest empty text")
             ids = self.base.encode(ids)
             if ids.numel() == 0:
-                raise InputError("the text encodes to no tokens")
-        ids = torch.as_tensor(ids)
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
-        ids = ids.to(torch.long).flatten().cpu()
-        if ids.numel() == 0:
-            raise InputError("cannot ingest an empty sequence of token ids")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.base.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise InputError(
-                f"token id {bad} is outside the vocabulary of {self.base.name} "
-                f"(0..{self.base.vocab_size - 1})"
-            )
-        return ids
+                raise InputError(f"{arg}: the text encodes to no tokens")
+        return _check_ids(ids, arg, self.base.vocab_size, self.base.name)
 
     def _forward(
         self,
@@ -502,6 +494,9 @@ class Session:
         Returns the number of tokens ingested. On an error the session is unchanged.
         """
         ids = self._validate_ids(text_or_ids)
+        chunk_tokens = _check_int(chunk_tokens, "chunk_tokens", 1)
+        if progress is not None and not callable(progress):
+            raise InputError(f"progress must be callable(done, total) or None, got {progress!r}")
         ph = self._phases
         snapshot = self._snapshot()
         try:
@@ -602,13 +597,19 @@ class Session:
         (which is kept in the returned text). Returns the generated text."""
         if self.wc is None or self._next_logits is None:
             raise InputError("generate() needs a history: call ingest() first")
-        if max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise InputError(
-                f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}"
-            )
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        max_new_tokens = _check_int(max_new_tokens, "max_new_tokens", 0)
+        temperature = _check_float(temperature, "temperature", 0.0, math.inf, low_open=False)
+        top_p = _check_float(top_p, "top_p", 0.0, 1.0, low_open=True)
+        if stop is None or isinstance(stop, str):
+            stops = [] if stop is None else [stop]
+        elif isinstance(stop, (list, tuple)) and all(isinstance(x, str) for x in stop):
+            stops = list(stop)
+        else:
+            raise InputError(f"stop must be a string, a list of strings or None, got {stop!r}")
+        if seed is not None:
+            seed = _check_int(seed, "seed", -(2**63), 2**64 - 1)
+        if not isinstance(stop_at_eos, bool):
+            raise InputError(f"stop_at_eos must be True or False, got {stop_at_eos!r}")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = self.base.tokenizer.eos_token_id
         out: list[int] = []
@@ -631,7 +632,7 @@ class Session:
         (float32 ``[n]``, nats) under the logits the session held before it."""
         if self.wc is None or self._next_logits is None:
             raise InputError("feed() needs a history: call ingest() first")
-        ids = self._validate_ids(ids)
+        ids = self._validate_ids(ids, "ids")
         nll = torch.empty(ids.numel(), dtype=torch.float32)
         for i, tok in enumerate(ids.tolist()):
             nll[i] = -torch.log_softmax(self._next_logits, -1)[tok]
@@ -651,10 +652,8 @@ class Session:
         is not changed)."""
         if self.wc is None:
             raise InputError("loss_at_h() needs a history: call ingest() first")
-        targets = self._validate_ids(ids)
-        h = self.config.horizon if horizon is None else horizon
-        if h <= 0:
-            raise InputError(f"horizon must be > 0, got {h}")
+        targets = self._validate_ids(ids, "ids")
+        h = self.config.horizon if horizon is None else _check_int(horizon, "horizon", 1)
         targets = targets[:h]
         return float(wc_nll(self.base, self.wc, self.tree, targets, self.num_tokens).mean())
 
@@ -753,6 +752,81 @@ class Session:
         self.residencies = list(meta["residencies"])
         if stored.commit is not None:
             self._commits[session_store.session_key(stored.path)] = stored.commit.commit
+
+
+def _check_ids(ids: Any, arg: str, vocab_size: int, model: str) -> torch.Tensor:
+    """Token ids -> int64 ``[n]`` (n >= 1) on the CPU, or InputError naming ``arg``."""
+    if ids is None or isinstance(ids, (bytes, bytearray, memoryview, dict, set)):
+        hint = " (decode bytes to text first)" if isinstance(ids, (bytes, bytearray)) else ""
+        raise InputError(
+            f"{arg} must be text or a 1-D sequence of token ids, got {type(ids).__name__}{hint}"
+        )
+    if not torch.is_tensor(ids):
+        if isinstance(ids, (list, tuple)) and len(ids) == 0:
+            raise InputError(f"{arg}: cannot ingest an empty sequence of token ids")
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise InputError(
+                f"{arg} must be a 1-D sequence of integer token ids "
+                f"(0..{vocab_size - 1}); could not read it ({e})"
+            ) from None
+    if ids.dim() != 1:
+        raise InputError(
+            f"{arg} must be 1-D token ids [n], got shape {tuple(ids.shape)} "
+            "(pass one sequence per call; a batch is not flattened)"
+        )
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise InputError(f"{arg}: token ids must be integers, got dtype {ids.dtype}")
+    if ids.numel() == 0:
+        raise InputError(f"{arg}: cannot ingest an empty sequence of token ids")
+    ids = ids.detach().cpu()
+    if ids.dtype == torch.uint64:
+        # uint64 ids >= 2**63 would wrap to negative in int64: report the real value
+        top = int(ids.numpy().max())
+        if top >= vocab_size:
+            raise InputError(
+                f"{arg}: token id {top} is outside the vocabulary of {model} "
+                f"(0..{vocab_size - 1})"
+            )
+    ids = ids.to(torch.long)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise InputError(
+            f"{arg}: token id {bad} is outside the vocabulary of {model} (0..{vocab_size - 1})"
+        )
+    return ids
+
+
+def _check_int(value: Any, arg: str, low: int, high: int | None = None) -> int:
+    """An integer (``int``, numpy or 0-d tensor integer; not bool, not float) in
+    ``[low, high]``, or InputError naming ``arg``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise InputError(f"{arg} must be an integer, got {value!r}") from None
+    if v < low or (high is not None and v > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise InputError(f"{arg} must be an integer {bound}, got {v}")
+    return v
+
+
+def _check_float(value: Any, arg: str, low: float, high: float, low_open: bool) -> float:
+    """A finite real in ``(low, high]`` / ``[low, high]``, or InputError naming ``arg``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)  # numpy / 0-d tensor scalars
+        except (TypeError, ValueError):
+            raise InputError(f"{arg} must be a number, got {value!r}") from None
+    v = float(value)
+    inside = (v > low if low_open else v >= low) and v <= high
+    if not math.isfinite(v) or not inside:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise InputError(f"{arg} must be a finite number in {interval}, got {value!r}")
+    return v
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> int:
