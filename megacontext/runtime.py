@@ -267,6 +267,9 @@ class Session:
         self._cache_kw = cache_kwarg(self.base.model)
         # resolved path -> the commit id this session last read or wrote there
         self._commits: dict[str, str] = {}
+        # bumped whenever cached rows may be rewritten (not when one is appended), so
+        # a rollback knows whether the rows it kept are still intact
+        self._cache_epoch = 0
 
     # ------------------------------------------------------------------ focus state
 
@@ -344,6 +347,7 @@ class Session:
     def _prefill(self, start: int, chunk: int = 256) -> None:
         """Recompute the cache for WC entries ``[start, N)`` (exact)."""
         assert self.wc is not None
+        self._cache_epoch += 1
         n = len(self.wc)
         self.cache.truncate([start])
         if start >= n:
@@ -385,10 +389,20 @@ class Session:
         """LensNet's scores ``[N]`` for the current WC (zeros with no LensNet)."""
         return self.focus.scores()
 
+    @torch.no_grad()
     def refocus(self) -> list[Action]:
-        """One refocus iteration: LensNet scores, allocator step, KV update, telemetry."""
+        """One refocus iteration: LensNet scores, allocator step, KV update, telemetry.
+        On an error the session is restored as :meth:`generate` describes."""
         if self.wc is None:
             raise InputError("nothing to refocus: ingest some history first")
+        snapshot = self._snapshot()
+        try:
+            return self._refocus()
+        except BaseException:
+            self._rollback(snapshot)
+            raise
+
+    def _refocus(self) -> list[Action]:
         res = self.focus.refocus()
         with self._phases("cache"):
             if res.changed:
@@ -400,6 +414,7 @@ class Session:
 
     def _update_cache(self, old_levels, old_nodes, force_exact: bool = False) -> None:
         assert self.wc is not None
+        self._cache_epoch += 1
         n = len(self.wc)
         if self.config.kv_mode == "exact" or force_exact:
             first = self._first_difference(old_levels, old_nodes, self.wc.levels, self.wc.nodes)
@@ -521,21 +536,39 @@ class Session:
         return int(ids.numel())
 
     def _snapshot(self) -> dict[str, Any]:
+        """What :meth:`_rollback` needs to undo a call: O(WC + allocator state), no KV."""
         return {
             "num_tokens": self.tree.num_tokens,
             "wc": None if self.wc is None else self.wc.clone(),
             "logits": self._next_logits,
             "cache_lengths": list(self.cache.lengths),
+            "cache_epoch": self._cache_epoch,
+            "allocator": self.allocator.state_dict(),
+            "counters": (self.iteration, self._blocks_since_refocus),
+            "lists": (len(self.history), len(self.actions), len(self.residencies)),
         }
 
     def _rollback(self, snap: dict[str, Any]) -> None:
+        """Restore the session to ``snap``: tree, WC, allocator, counters and logits
+        exactly; the KV rows too when no refocus rewrote them since, else they are
+        recomputed from the WC (equal to a fresh forward, as in ``exact`` mode)."""
         if self.tree.num_tokens != snap["num_tokens"]:
             self.tree.truncate(snap["num_tokens"])
         self.wc = snap["wc"]
+        self.allocator.load_state_dict(snap["allocator"])
+        self.iteration, self._blocks_since_refocus = snap["counters"]
+        n_history, n_actions, n_residencies = snap["lists"]
+        del self.history[n_history:], self.actions[n_actions:]
+        del self.residencies[n_residencies:]
+        if self.wc is None:
+            self.cache.truncate([0])
+        else:
+            if self._cache_epoch == snap["cache_epoch"]:
+                # only rows past the old WC were written: the kept rows are intact
+                self.cache.truncate(snap["cache_lengths"])
+            else:
+                self._prefill(0)
         self._next_logits = snap["logits"]
-        if self.wc is not None:
-            # Cache contents past the first changed entry may be overwritten: recompute.
-            self._prefill(0)
 
     def _append_token(self, token: int) -> torch.Tensor:
         slot, position = self.begin_decode(token)
@@ -594,7 +627,13 @@ class Session:
         """Decode up to ``max_new_tokens`` tokens after the history; every K tokens the
         block is gisted, scored, refocused. ``temperature=0`` is greedy; ``top_p``
         nucleus-samples; generation stops at the EOS token or any ``stop`` string
-        (which is kept in the returned text). Returns the generated text."""
+        (which is kept in the returned text). Returns the generated text.
+
+        All or nothing: when the call fails (e.g. the budget cannot hold the longer
+        history: ``ConfigError``) or is interrupted, every token it appended is
+        dropped and the session is as before the call (tree, WC, allocator state,
+        counters, next-token logits exactly; KV rows a refocus rewrote are recomputed
+        from the WC). Telemetry rows already sent to a sink stay sent."""
         if self.wc is None or self._next_logits is None:
             raise InputError("generate() needs a history: call ingest() first")
         max_new_tokens = _check_int(max_new_tokens, "max_new_tokens", 0)
@@ -613,30 +652,41 @@ class Session:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = self.base.tokenizer.eos_token_id
         out: list[int] = []
-        for _ in range(max_new_tokens):
-            token = _sample(self._next_logits, temperature, top_p, gen)
-            out.append(token)
-            self._append_token(token)
-            if stop_at_eos and eos is not None and token == eos:
-                break
-            if stops:
-                text = self.base.decode(out)
-                if any(s in text for s in stops):
+        snapshot = self._snapshot()
+        try:
+            for _ in range(max_new_tokens):
+                token = _sample(self._next_logits, temperature, top_p, gen)
+                out.append(token)
+                self._append_token(token)
+                if stop_at_eos and eos is not None and token == eos:
                     break
+                if stops:
+                    text = self.base.decode(out)
+                    if any(s in text for s in stops):
+                        break
+        except BaseException:
+            self._rollback(snapshot)
+            raise
         return self.base.decode(out)
 
     @torch.no_grad()
     def feed(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Teacher-forced decode: append ``ids`` one token at a time exactly as
         :meth:`generate` would (refocus every K tokens) and return each token's NLL
-        (float32 ``[n]``, nats) under the logits the session held before it."""
+        (float32 ``[n]``, nats) under the logits the session held before it. All or
+        nothing, as :meth:`generate`."""
         if self.wc is None or self._next_logits is None:
             raise InputError("feed() needs a history: call ingest() first")
         ids = self._validate_ids(ids, "ids")
         nll = torch.empty(ids.numel(), dtype=torch.float32)
-        for i, tok in enumerate(ids.tolist()):
-            nll[i] = -torch.log_softmax(self._next_logits, -1)[tok]
-            self._append_token(tok)
+        snapshot = self._snapshot()
+        try:
+            for i, tok in enumerate(ids.tolist()):
+                nll[i] = -torch.log_softmax(self._next_logits, -1)[tok]
+                self._append_token(tok)
+        except BaseException:
+            self._rollback(snapshot)
+            raise
         return nll
 
     def next_token_logits(self) -> torch.Tensor:

@@ -20,7 +20,7 @@ def _state(s):
         s.num_tokens,
         None if s.wc is None else (s.wc.levels.tolist(), s.wc.nodes.tolist()),
         None if s._next_logits is None else s.next_token_logits(),
-        s.allocator._state.clone(),
+        s.allocator.state_dict()["state"],
         s.cache.kv[..., :n, :].clone(),
         s.iteration,
         len(s.history),
@@ -136,3 +136,57 @@ def test_bad_horizon_and_progress(tiny_base):
     # numpy and 0-d tensor integers are integers
     assert isinstance(s.loss_at_h(_ids(10), horizon=np.int32(4)), float)
     assert isinstance(s.generate(torch.tensor(2), seed=np.int64(3), temperature=0.5), str)
+
+
+def _small(base):
+    cfg = mc.MegaContextConfig(
+        model=base.name, block_size=8, levels=1, recent_tokens=16, w_max=40, kv_mode="splice"
+    )
+    from test_session_store import RuleScorer
+
+    s = mc.MegaContext(base, None, RuleScorer(), cfg).session()
+    s.ingest(_ids(184))  # the coarsest WC of 216 tokens no longer fits in 40 entries
+    return s
+
+
+@pytest.mark.parametrize("call", ["generate", "feed"])
+def test_a_call_that_overflows_the_budget_changes_nothing(tiny_base, tmp_path, call):
+    s, twin = _small(tiny_base), _small(tiny_base)
+    s.generate(3), twin.generate(3)
+    before = _state(s)
+    with pytest.raises(mc.ConfigError, match="w_max=40 cannot hold"):
+        if call == "generate":
+            s.generate(60)
+        else:
+            s.feed(_ids(60, seed=4))
+    after = _state(s)
+    assert _same(after[:4], before[:4]) and _same(after[5:], before[5:])
+    torch.testing.assert_close(after[4], before[4], rtol=0, atol=1e-5)
+    assert len(s.wc) <= s.config.w_max + s.config.block_size
+    s.save(tmp_path / "sess")  # savable, and reopens
+    r = mc.MegaContext.open(tmp_path / "sess", base=tiny_base, lensnet=s.system.lensnet)
+    assert torch.equal(r.next_token_logits(), s.next_token_logits())
+    assert s.generate(20) == twin.generate(20)  # and it decodes on as if nothing failed
+    torch.testing.assert_close(s.next_token_logits(), twin.next_token_logits())
+
+
+def test_an_interrupted_generate_changes_nothing(tiny_base, monkeypatch):
+    from megacontext import runtime
+
+    s = _small(tiny_base)
+    before = _state(s)
+    calls = []
+    real = runtime._sample
+
+    def sample(*args):
+        calls.append(1)
+        if len(calls) == 12:  # after a refocus (every 8 tokens) rewrote cached rows
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(runtime, "_sample", sample)
+    with pytest.raises(KeyboardInterrupt):
+        s.generate(20)
+    after = _state(s)
+    assert _same(after[:4], before[:4]) and _same(after[5:], before[5:])
+    torch.testing.assert_close(after[4], before[4], rtol=0, atol=1e-5)

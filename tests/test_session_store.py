@@ -139,7 +139,7 @@ def test_save_after_every_decoded_token_reopens_identically(tiny_base, tmp_path,
         r = _open(path, tiny_base)
         assert torch.equal(r.next_token_logits(), logits[-1]), i
         assert torch.equal(r.wc.levels, s.wc.levels) and torch.equal(r.wc.nodes, s.wc.nodes)
-        assert torch.equal(r.allocator._state, s.allocator._state)
+        assert torch.equal(r.allocator.state_dict()["state"], s.allocator.state_dict()["state"])
         n = len(s.wc)
         assert torch.equal(r.cache.kv[..., :n, :], s.cache.kv[..., :n, :])
         if i % 12 == 0:
@@ -328,7 +328,7 @@ def _save_format1(s, path: Path) -> None:
         {
             "wc_levels": s.wc.levels.contiguous(),
             "wc_nodes": s.wc.nodes.contiguous(),
-            "allocator_state": s.allocator._state.contiguous(),
+            "allocator_state": s.allocator.state_dict()["state"],
             "kv": s.cache.kv[:, :, :, :, :n].contiguous(),
             "next_logits": s._next_logits.contiguous(),
         },
@@ -339,7 +339,7 @@ def _save_format1(s, path: Path) -> None:
         "base": s.base.name,
         "config": s.config.model_dump(),
         "allocator_backend": s.system.allocator_backend,
-        "allocator_caps": list(s.allocator._caps),
+        "allocator_caps": s.allocator.state_dict()["caps"],
         "iteration": s.iteration,
         "blocks_since_refocus": s._blocks_since_refocus,
         "residencies": s.residencies,
