@@ -36,7 +36,7 @@ import torch
 
 from . import profiling, session_store
 from .allocator import Action, FocusAllocator
-from .base import Base, cache_kwarg, load_base
+from .base import DEFAULT_MODEL, Base, cache_kwarg, load_base
 from .cache import MegaContextCache
 from .checkpoint import read_checkpoint
 from .config import MegaContextConfig
@@ -175,8 +175,6 @@ class MegaContext:
         the session are loaded unless given; one the session ran with but could not
         save (no ``save`` method) must be given.
         """
-        from .base import DEFAULT_MODEL
-
         stored = session_store.read_session(
             path, load_modules={"gistnet": gistnet is None, "lensnet": lensnet is None}
         )
@@ -978,8 +976,11 @@ class SessionBatch:
     ) -> list[str]:
         """Decode ``max_new_tokens`` tokens for every session (no early stop, so the
         rows stay in step); returns each session's generated text."""
-        if max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        max_new_tokens = _check_int(max_new_tokens, "max_new_tokens", 0)
+        temperature = _check_float(temperature, "temperature", 0.0, math.inf, low_open=False)
+        top_p = _check_float(top_p, "top_p", 0.0, 1.0, low_open=True)
+        if seed is not None:
+            seed = _check_int(seed, "seed", -(2**63), 2**64 - 1)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         outs: list[list[int]] = [[] for _ in self.sessions]
         for _ in range(max_new_tokens):

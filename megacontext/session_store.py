@@ -53,6 +53,8 @@ import torch
 
 from .config import MegaContextConfig
 from .errors import ConfigError, StorageError
+from .gistnet import GistNet
+from .lensnet import LensNet
 from .tree import MegaContextTree
 
 __all__ = [
@@ -752,14 +754,7 @@ def _read_version(
         if record[name] == "saved" and want.get(name):
             if not file.is_file():
                 raise _err(file, name, f"missing: {META} records the session ran a {name}")
-            if name == "gistnet":
-                from .gistnet import GistNet
-
-                modules[name] = GistNet.load(file)
-            else:
-                from .lensnet import LensNet
-
-                modules[name] = LensNet.load(file)
+            modules[name] = (GistNet if name == "gistnet" else LensNet).load(file)
     return StoredSession(
         path=target,
         meta_path=meta_path,

@@ -190,3 +190,18 @@ def test_an_interrupted_generate_changes_nothing(tiny_base, monkeypatch):
     after = _state(s)
     assert _same(after[:4], before[:4]) and _same(after[5:], before[5:])
     torch.testing.assert_close(after[4], before[4], rtol=0, atol=1e-5)
+
+
+def test_batch_generate_arguments_are_named(tiny_base):
+    a, b = _session(tiny_base), _session(tiny_base)
+    a.ingest(_ids(200)), b.ingest(_ids(150, seed=1))
+    batch = a.system.batch([a, b])
+    for kwargs, arg in (
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"max_new_tokens": 2, "temperature": math.nan}, "temperature"),
+        ({"max_new_tokens": 2, "top_p": 0}, "top_p"),
+        ({"max_new_tokens": 2, "seed": "s"}, "seed"),
+    ):
+        with pytest.raises(mc.InputError, match=arg):
+            batch.generate(**kwargs)
+    assert a.num_tokens == 200 and b.num_tokens == 150
