@@ -370,6 +370,14 @@ def write_session(
     if kind == "file":
         raise _err(target, "path", "is a file, not a session directory; refusing to replace it")
     if kind == "other":
+        if _is_legacy_meta(target):
+            foreign = sorted(n for n in os.listdir(target) if n not in _LEGACY_NAMES)
+            raise _err(
+                target,
+                "path",
+                f"is a format-1 session folder that also holds {foreign}; refusing to "
+                "replace them: save into a new or empty folder",
+            )
         raise _err(
             target,
             "path",
@@ -385,14 +393,16 @@ def write_session(
             if expect_commit is not None:
                 raise
             head = None  # an unreadable HEAD is replaced by an explicit fresh save
-        if expect_commit is not None and (head is None or head.commit != expect_commit):
-            now = "no committed session" if head is None else f"generation {head.generation}"
+        # No committed session there (the folder was emptied or removed): nobody's
+        # update can be lost.
+        if expect_commit is not None and head is not None and head.commit != expect_commit:
             raise _err(
                 target / HEAD,
                 "generation",
                 f"stale save refused: this session was read or last saved at commit "
-                f"{expect_commit}, but the directory now holds {now} (another writer "
-                "saved since); open it again, or save to another path",
+                f"{expect_commit}, but the directory now holds generation "
+                f"{head.generation} (commit {head.commit}: another writer saved since); "
+                "open it again, or save to another path",
             )
         _clean(target, keep=head.version if head else None)
         gen = (head.generation if head else 0) + 1
@@ -567,20 +577,26 @@ def read_session(
         raise _err(target, "path", f"no such session directory (no {HEAD} or {META})")
     if kind == "file":
         raise _err(target, "path", "is a file, not a session directory")
-    if kind == "legacy":
-        return _read_version(target, target, 1, None, want)
     if kind != "session":
         legacy = target / META
-        if legacy.is_file():
-            # session.json at the top but not a readable format-1 session: say why
-            data = _read_json(legacy, META)
+        if not legacy.is_file():
+            raise _err(target, "path", f"not a saved session (no {MARKER}, {HEAD} or {META})")
+        # session.json at the top: format 1 (files a user added beside it are ignored)
+        data = _read_json(legacy, META)
+        if data.get("format") == 1:
+            return _read_version(target, target, 1, None, want)
+        if data.get("format") == FORMAT_VERSION and (target.parent / MARKER).is_file():
             raise _err(
-                legacy,
-                "format",
-                f"unknown session format {data.get('format')!r} (this megacontext reads "
-                f"formats 1 and {FORMAT_VERSION})",
+                target,
+                "path",
+                f"is a version folder inside the saved session {target.parent}; open that",
             )
-        raise _err(target, "path", f"not a saved session (no {MARKER}, {HEAD} or {META})")
+        raise _err(
+            legacy,
+            "format",
+            f"unknown session format {data.get('format')!r} (this megacontext reads "
+            f"formats 1 and {FORMAT_VERSION})",
+        )
     with _locked(target, exclusive=False, timeout=timeout):
         head = _read_head(target)
         if head is None:

@@ -4,6 +4,7 @@ bad files are named, and a crash or a second writer never loses a committed sess
 from __future__ import annotations
 
 import json
+import shutil
 import zlib
 from pathlib import Path
 
@@ -381,3 +382,28 @@ def test_a_link_out_of_the_session_folder_is_refused(tiny_base, tmp_path):
     with pytest.raises(mc.StorageError, match="link out of the session folder") as e:
         _open(path, tiny_base)
     assert e.value.field == "state.safetensors"
+
+
+def test_format1_folder_with_user_files_and_version_folders(tiny_base, tmp_path):
+    s = _session(tiny_base)
+    s.ingest(_ids(300))
+    old = tmp_path / "old"
+    _save_format1(s, old)
+    (old / "README").write_text("mine")
+    assert _open(old, tiny_base).num_tokens == 300  # a file beside it changes nothing
+    with pytest.raises(mc.StorageError, match="README") as e:
+        s.save(old)  # but a save would have to replace it
+    assert e.value.field == "path" and (old / "README").read_text() == "mine"
+    new = tmp_path / "new"
+    s.save(new)
+    with pytest.raises(mc.StorageError, match="version folder") as e:
+        _open(_version(new), tiny_base)
+    assert e.value.field == "path"
+
+
+def test_a_session_saves_again_where_its_folder_was_removed(tiny_base, tmp_path):
+    path, _ = _saved(tiny_base, tmp_path)
+    r = _open(path, tiny_base)
+    shutil.rmtree(path)  # nothing committed there any more: no update can be lost
+    r.save(path)
+    assert _open(path, tiny_base).num_tokens == r.num_tokens
