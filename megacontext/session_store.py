@@ -503,20 +503,17 @@ class StoredSession:
         session holds up to ``K`` decoded entries past ``w_max`` between refocuses).
         """
         t = self.tensors
-        tokens = self.tree.tokens(0, self.tree.num_tokens) if self.tree.num_tokens else None
-        if tokens is not None and int(tokens.max()) >= vocab_size:
-            bad = int(torch.nonzero(tokens >= vocab_size)[0])
-            raise self.error(
-                "tokens",
-                f"token {bad} has id {int(tokens[bad])}, outside the vocabulary "
-                f"(0..{vocab_size - 1})",
-                file="tree/LOD0.ctx",
-            )
-        for level in range(1, self.tree.levels + 1):
-            gists = self.tree.gists(level)
-            if gists.numel() and not bool(torch.isfinite(gists).all()):
+        # in chunks: an int64 copy of a long history's ids would double its memory
+        step = 1 << 24
+        for start in range(0, self.tree.num_tokens, step):
+            chunk = self.tree.tokens(start, min(self.tree.num_tokens, start + step))
+            if int(chunk.max()) >= vocab_size:
+                bad = start + int(torch.nonzero(chunk >= vocab_size)[0])
                 raise self.error(
-                    "gists", f"LOD{level} holds NaN or inf gists", file=f"tree/LOD{level}.ctx"
+                    "tokens",
+                    f"token {bad} has id {int(chunk[bad - start])}, outside the vocabulary "
+                    f"(0..{vocab_size - 1})",
+                    file="tree/LOD0.ctx",
                 )
         n = int(t["wc_levels"].shape[0])
         if n > capacity:
