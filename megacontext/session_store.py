@@ -17,7 +17,7 @@ A save writes the new version into ``.v<gen>.tmp-*`` inside the directory, fsync
 renames it to ``v<gen>``, then replaces ``HEAD.json`` atomically (temp file, fsync,
 ``os.replace``, fsync of the directory) and only then removes the previous version.
 A reader therefore sees the old or the new version whatever point a save is killed
-at. Leftovers of killed saves (``.v*.tmp-*``, ``.HEAD.json.tmp-*``, version folders
+at. Leftovers of killed saves (``.v*.tmp-*``, ``.HEAD.json.*.tmp``, version folders
 ``HEAD.json`` does not name) are removed by the next save or open.
 
 Concurrency: a save holds an exclusive ``flock`` on the lock file for its whole
@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from ._atomic import atomic_write_bytes, fsync_dir, fsync_tree
 from .config import MegaContextConfig
 from .errors import ConfigError, StorageError
 from .gistnet import GistNet
@@ -81,7 +82,9 @@ LOCK_TIMEOUT_S = 30.0
 # What a format-1 session folder may hold (anything else: not ours to replace).
 _LEGACY_NAMES = frozenset({META, STATE, "tree", "gistnet.safetensors", "lensnet.safetensors"})
 _VERSION_RE = re.compile(r"^v\d{8,}$")
-_TMP_RE = re.compile(r"^\.v\d{8,}\.tmp-[A-Za-z0-9_]+$|^\.HEAD\.json\.tmp-[A-Za-z0-9_]+$")
+# temp names of a killed save: the version being written, and HEAD.json's temp file
+# (megacontext._atomic names it ".HEAD.json.<random>.tmp")
+_TMP_RE = re.compile(r"^\.v\d{8,}\.tmp-[A-Za-z0-9_]+$|^\.HEAD\.json\.[A-Za-z0-9_]+\.tmp$")
 _CHUNK = 16 << 20
 
 
@@ -161,41 +164,6 @@ def _verify(directory: Path, files: dict[str, Any], meta_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------ files
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(directory: Path) -> None:
-    for root, _, files in os.walk(directory):
-        for name in files:
-            fd = os.open(Path(root) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(root))
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write ``path`` atomically: temp file in the same folder, fsync, replace, fsync dir."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(data, indent=1).encode("utf-8") + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _read_json(path: Path, field_: str) -> dict[str, Any]:
@@ -426,7 +394,7 @@ def write_session(
                     record[name] = "saved"
                 else:
                     record[name] = "unsaved"
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             files = _checksums(tmp)
             full_meta = {"format": FORMAT_VERSION, **meta, "modules": record, "files": files}
             meta_bytes = json.dumps(full_meta, indent=1).encode("utf-8") + b"\n"
@@ -434,22 +402,20 @@ def write_session(
                 f.write(meta_bytes)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             _checkpoint("written")
             os.rename(tmp, final)
-            _fsync_dir(target)
+            fsync_dir(target)
             _checkpoint("renamed")
-            _write_json(
-                target / HEAD,
-                {
-                    "format": FORMAT_NAME,
-                    "format_version": FORMAT_VERSION,
-                    "generation": gen,
-                    "commit": commit,
-                    "version": version,
-                    META: {"size": len(meta_bytes), "crc32": f"{zlib.crc32(meta_bytes):08x}"},
-                },
-            )
+            head_data = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "generation": gen,
+                "commit": commit,
+                "version": version,
+                META: {"size": len(meta_bytes), "crc32": f"{zlib.crc32(meta_bytes):08x}"},
+            }
+            atomic_write_bytes(target / HEAD, json.dumps(head_data, indent=1).encode() + b"\n")
             committed = True
             _checkpoint("committed")
         finally:

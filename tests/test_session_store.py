@@ -407,3 +407,18 @@ def test_a_session_saves_again_where_its_folder_was_removed(tiny_base, tmp_path)
     shutil.rmtree(path)  # nothing committed there any more: no update can be lost
     r.save(path)
     assert _open(path, tiny_base).num_tokens == r.num_tokens
+
+
+def test_leftovers_of_killed_saves_are_removed_and_nothing_else(tiny_base, tmp_path):
+    path, _ = _saved(tiny_base, tmp_path)
+    (path / ".HEAD.json.k3x_9q.tmp").write_text("{")  # a HEAD write killed mid-way
+    (path / ".v00000002.tmp-a1b2").mkdir()  # a version write killed mid-way
+    (path / ".v00000002.tmp-a1b2" / "state.safetensors").write_bytes(b"partial")
+    (path / "v00000007").mkdir()  # a version renamed in, HEAD never swapped
+    keep = [".HEAD.json.notes", "v7-draft", "my.tmp"]
+    for name in keep:
+        (path / name).write_text("mine")
+    _open(path, tiny_base)
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        [HEAD, MARKER, _version(path).name, *keep]
+    )
