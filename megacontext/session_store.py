@@ -355,12 +355,9 @@ def write_session(
     target.mkdir(parents=True, exist_ok=True)
     with _locked(target, exclusive=True, timeout=timeout):
         _checkpoint("locked")
-        try:
-            head = _read_head(target)
-        except StorageError:
-            if expect_commit is not None:
-                raise
-            head = None  # an unreadable HEAD is replaced by an explicit fresh save
+        # An unreadable HEAD.json (corrupt, or a newer format) raises: a session this
+        # version cannot read is not replaced.
+        head = _read_head(target)
         # No committed session there (the folder was emptied or removed): nobody's
         # update can be lost.
         if expect_commit is not None and head is not None and head.commit != expect_commit:
@@ -421,7 +418,13 @@ def write_session(
         finally:
             if not committed:
                 shutil.rmtree(tmp, ignore_errors=True)
-                shutil.rmtree(final, ignore_errors=True)
+                # HEAD.json may already name the new version (its replace succeeded,
+                # the fsync after it failed): then it is the session, keep it
+                with contextlib.suppress(StorageError):
+                    now = _read_head(target)
+                    committed = now is not None and now.version == version
+                if not committed:
+                    shutil.rmtree(final, ignore_errors=True)
         _clean(target, keep=version)
         _checkpoint("cleaned")
     return Commit(target, gen, commit)

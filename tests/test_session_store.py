@@ -255,7 +255,7 @@ def test_module_files_saved_and_missing(tiny_base, tmp_path):
 
 
 def test_bad_session_files_are_typed_errors(tiny_base, tmp_path):
-    path, _ = _saved(tiny_base, tmp_path)
+    path, s = _saved(tiny_base, tmp_path)
     meta_path = _version(path) / "session.json"
     good = meta_path.read_bytes()
     cases = [
@@ -298,6 +298,13 @@ def test_bad_session_files_are_typed_errors(tiny_base, tmp_path):
     with pytest.raises(mc.StorageError, match="format 3") as e:
         _open(path, tiny_base)
     assert e.value.field == "format_version"
+    fresh = _session(tiny_base)
+    fresh.ingest(_ids(100))
+    for who in (s, fresh):  # a session this version cannot read is never replaced
+        with pytest.raises(mc.StorageError, match="format 3") as e:
+            who.save(path)
+        assert e.value.field == "format_version"
+    assert json.loads((path / HEAD).read_text())["format_version"] == 3
 
 
 def test_the_saved_base_never_chooses_what_is_loaded(tiny_base, tmp_path, monkeypatch):
