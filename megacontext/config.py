@@ -83,6 +83,9 @@ class MegaContextConfig(BaseModel):
     score exceeds ``tau_expand``, collapse below ``-tau_collapse``; a node changed
     less than ``cooldown_steps`` steps ago, or resident at its LOD for fewer than
     ``min_residency`` steps, is not flipped. ``horizon`` is H of Loss@H.
+    Positions: ``positions`` names the RoPE scheme of the WC entries
+    (:func:`megacontext.working_context.entry_positions`); a bounded scheme keeps
+    every position below ``max_position`` (default: the base model's trained context).
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
@@ -107,6 +110,18 @@ class MegaContextConfig(BaseModel):
         description="protected LOD0 tail; None = 2 blocks (the partial block is always kept)",
     )
     kv_mode: Literal["splice", "exact"] = "splice"
+    positions: Literal["hybrid", "compact", "global"] = Field(
+        "hybrid",
+        description="RoPE positions of WC entries: hybrid (recent tokens at true "
+        "distances, older entries compacted and pushed back within max_position), compact "
+        "(entry i at i) or global (token index / gist span centre, unbounded)",
+    )
+    max_position: int | None = Field(
+        None,
+        gt=0,
+        description="bound on RoPE positions; None = the base model's "
+        "max_position_embeddings (checked against the model when the system is built)",
+    )
     seed: int = 0
 
     @field_validator("block_size")

@@ -32,9 +32,18 @@ from .allocator import Action, FocusAllocator
 from .config import MegaContextConfig
 from .lensnet import LensNetConfig
 from .tree import MegaContextTree, mean_pool
-from .working_context import WorkingContext
+from .working_context import WorkingContext, entry_positions
 
-__all__ = ["FocusLoop", "FocusStep", "gist_fn", "lens_inputs", "lens_tail", "tail_size"]
+__all__ = [
+    "FocusLoop",
+    "FocusStep",
+    "gist_fn",
+    "lens_inputs",
+    "lens_tail",
+    "position_bound",
+    "position_gap",
+    "tail_size",
+]
 
 Phase = Callable[[str], AbstractContextManager[Any]]
 
@@ -48,6 +57,29 @@ def tail_size(lensnet: Any) -> int:
     :class:`~megacontext.lensnet.LensNetConfig` default for a scorer without one)."""
     size = getattr(getattr(lensnet, "config", None), "tail_size", None)
     return int(size if size is not None else LensNetConfig.model_fields["tail_size"].default)
+
+
+def position_bound(config: MegaContextConfig, base: Any = None) -> int | None:
+    """The bound on RoPE positions: ``config.max_position``, else the base model's
+    ``max_position_embeddings`` (``base.max_positions``), else ``None`` (unknown)."""
+    if config.max_position is not None:
+        return int(config.max_position)
+    known = int(getattr(base, "max_positions", 0) or 0)
+    return known or None
+
+
+def position_gap(config: MegaContextConfig, base: Any = None) -> int:
+    """``max_gap`` of the ``hybrid`` scheme: how far the far memory may be pushed back,
+    ``bound - w_max - block_size - horizon``, so a WC of up to ``w_max + block_size``
+    entries (a decoded block past the budget) and ``horizon`` tokens after it stay
+    below the bound. 0 for the other schemes; with no known bound, as if it were
+    ``w_max + block_size + horizon`` (``hybrid`` then equals ``compact``)."""
+    if config.positions != "hybrid":
+        return 0
+    bound = position_bound(config, base)
+    if bound is None:
+        return 0
+    return max(bound - config.w_max - config.block_size - config.horizon, 0)
 
 
 def tree_dtype(base: Any) -> torch.dtype:
@@ -192,6 +224,7 @@ class FocusLoop:
         self.allocator = FocusAllocator(config, backend=allocator_backend)
         self.gist = gist_fn(gistnet)
         self.tail_size = tail_size(lensnet)
+        self.max_gap = position_gap(config, base)
 
     @property
     def num_tokens(self) -> int:
@@ -233,6 +266,42 @@ class FocusLoop:
         cfg = self.config
         self.wc = WorkingContext.from_tree(self.tree, cfg.w_max, cfg.protected_tokens)
         return self.wc
+
+    # ------------------------------------------------------------------ positions
+
+    def positions(self, wc: WorkingContext | None = None) -> torch.Tensor:
+        """int64 ``[N]``: the RoPE positions of ``wc``'s entries (default: the current
+        WC) under ``config.positions`` (:func:`~megacontext.working_context.entry_positions`)."""
+        wc = self.wc if wc is None else wc
+        assert wc is not None
+        return wc.positions(self.config.positions, self.max_gap)
+
+    def next_position(self) -> int:
+        """The RoPE position of the next token after the current WC."""
+        assert self.wc is not None
+        return self.wc.next_position(self.config.positions, self.max_gap)
+
+    def position_delta(
+        self, old_levels: torch.Tensor, old_nodes: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """int64 ``[N]``: for each entry of the current WC, its position minus the
+        position it had in the previous WC ``(old_levels, old_nodes)``, where it sat
+        at slot ``index[j]`` (``-1``: a new entry, delta 0). A cached key rotated for
+        the old position, rotated again by this delta, is the key for the new one."""
+        assert self.wc is not None
+        old, _ = entry_positions(
+            old_levels.cpu(),
+            old_nodes.cpu(),
+            self.config.block_size,
+            self.config.positions,
+            max_gap=self.max_gap,
+        )
+        new = self.positions().cpu()
+        index = index.cpu().to(torch.int64)
+        kept = index >= 0
+        delta = torch.zeros_like(new)
+        delta[kept] = new[kept] - old[index[kept]]
+        return delta
 
     # ------------------------------------------------------------------ focus
 

@@ -351,7 +351,7 @@ class Session:
         if start >= n:
             return
         embeds = self.wc.embeddings(self.base, self.tree)
-        positions = self.wc.positions()
+        positions = self.focus.positions()
         for s in range(start, n, chunk):
             e = min(n, s + chunk)
             logits = self._forward(embeds[s:e], positions[s:e], torch.arange(s, e), e)

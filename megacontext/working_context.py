@@ -22,7 +22,7 @@ import torch
 
 from .errors import ConfigError, InvariantError
 
-__all__ = ["WorkingContext", "protected_start"]
+__all__ = ["POSITION_SCHEMES", "WorkingContext", "entry_positions", "protected_start"]
 
 LEVEL_DTYPE = torch.int32
 NODE_DTYPE = torch.int64
@@ -46,6 +46,67 @@ def protected_start(num_tokens: int, recent_tokens: int, block_size: int) -> int
     out to whole blocks, which always include the partial block ``[T//bs*bs, T)``.
     """
     return max(num_tokens - recent_tokens, 0) // block_size * block_size
+
+
+POSITION_SCHEMES = ("hybrid", "compact", "global")
+
+
+def entry_positions(
+    levels: torch.Tensor,
+    nodes: torch.Tensor,
+    block_size: int,
+    scheme: str = "global",
+    *,
+    max_gap: int = 0,
+) -> tuple[torch.Tensor, int]:
+    """The RoPE positions of WC entries ``(levels [N], nodes [N])`` and of the next
+    token after them: ``(positions int64 [N], next_position)``. The one definition
+    every reader of a WC uses (runtime, trainer, eval views).
+
+    - ``global``: a token its index ``t``, a gist the centre of its span
+      ``node * bs**l + bs**l // 2``; the next token ``T`` (the end of the last entry).
+      Unbounded: a history past the base model's trained context feeds it rotations
+      it has never seen.
+    - ``compact``: entry ``i`` at ``i``, the next token at ``N``. Bounded by the WC
+      length; consecutive tokens keep their true distance, a gist counts as one step
+      however many tokens it covers.
+    - ``hybrid``: the recent window (the trailing run of LOD0 entries, first token
+      ``t0``, ``n_far`` entries before it) at true distances, everything before it
+      compacted in order and pushed back by a gap: entry ``i < n_far`` at ``i``,
+      tail entry ``i >= n_far`` at ``i + gap`` with
+      ``gap = min(t0 - n_far, max_gap)``, the next token at ``N + gap``. While the
+      history is short (``gap < max_gap``) every tail token sits at its own index
+      (as under ``global``) and far entries keep their order; past that the far
+      memory stays ``max_gap`` further back than under ``compact``, so the bound is
+      ``N + max_gap``.
+    """
+    if scheme not in POSITION_SCHEMES:
+        raise ConfigError(
+            f"unknown position scheme {scheme!r}; expected one of {POSITION_SCHEMES}",
+            field="positions",
+            value=scheme,
+        )
+    n = int(levels.shape[0])
+    dev = nodes.device
+    if scheme == "compact":
+        return torch.arange(n, dtype=torch.int64, device=dev), n
+    if scheme == "hybrid":
+        pos = torch.arange(n, dtype=torch.int64, device=dev)
+        far = torch.nonzero(levels != 0)
+        n_far = int(far[-1, 0]) + 1 if far.numel() else 0
+        if n_far == n:
+            return pos, n
+        t0 = int(nodes[n_far])
+        gap = max(min(t0 - n_far, int(max_gap)), 0)
+        pos[n_far:] += gap
+        return pos, n + gap
+    spans = torch.pow(
+        torch.tensor(block_size, dtype=torch.int64, device=dev),
+        levels.to(torch.int64),
+    )
+    starts = nodes.to(torch.int64) * spans
+    end = int(starts[-1] + spans[-1]) if n else 0
+    return starts + spans // 2, end
 
 
 def _default_recent(recent_tokens: int | None, block_size: int) -> int:
@@ -269,10 +330,17 @@ class WorkingContext:
         """int64 [N]: first token of each entry, ``node * span``."""
         return self.nodes * self.spans
 
-    def positions(self) -> torch.Tensor:
-        """int64 [N] RoPE positions: a token its index, a gist ``start + span // 2``."""
-        spans = self.spans
-        return self.nodes * spans + spans // 2
+    def positions(self, scheme: str = "global", max_gap: int = 0) -> torch.Tensor:
+        """int64 [N] RoPE positions under ``scheme`` (:func:`entry_positions`);
+        ``global``: a token its index, a gist ``start + span // 2``."""
+        return entry_positions(self.levels, self.nodes, self.block_size, scheme, max_gap=max_gap)[0]
+
+    def next_position(self, scheme: str = "global", max_gap: int = 0) -> int:
+        """The RoPE position of the next token after the WC under ``scheme``
+        (``num_tokens`` under ``global``; see :func:`entry_positions`)."""
+        if scheme == "global":
+            return self.num_tokens
+        return entry_positions(self.levels, self.nodes, self.block_size, scheme, max_gap=max_gap)[1]
 
     @property
     def protected_start(self) -> int:

@@ -12,8 +12,8 @@ Methods (``W < T``; with ``T <= W`` every method reads the whole history):
 
 - ``full``: the base model reading all ``T`` tokens, positions ``0..T-1``; only
   when ``T + H`` fits the model's context (else absent).
-- ``truncation``: the last ``W`` tokens at their original positions (RoPE is
-  relative, so this equals re-indexing them from 0).
+- ``truncation``: the last ``W`` tokens re-indexed ``0..W-1`` (RoPE is relative,
+  so this equals their original positions, and stays in the trained context).
 - ``streaming`` (StreamingLLM, Xiao et al. 2023): the first 4 tokens (attention
   sinks) plus the last ``W − 4``, **re-indexed contiguously** ``0..W-1`` (the
   paper assigns positions by place in the cache), targets from ``W``.
@@ -21,11 +21,15 @@ Methods (``W < T``; with ``T <= W`` every method reads the whole history):
   sinks, a recent window of the last ``W // 2`` tokens, and between them whole
   32-token blocks of the middle history retrieved by relevance, as many as fit,
   the remainder given to the recent window so exactly ``W`` entries are read.
+  Positions are InfLLM's: the recent window at true distances (``1..L`` for a
+  window of ``L``, targets from ``L + 1``), every far token (sinks and retrieved
+  blocks) at one fixed position ``0``, so far memory sits at the window's distance
+  from the history's end however far back it was read.
   Each block's representative key is the mean of its tokens' input embeddings
   (centred by the history's mean embedding); the query is the centred embeddings
   of the last 64 history tokens (the tail, e.g. the question); a block's score is
   the mean over query tokens of the cosine similarity; the top-k blocks are kept in
-  history order. Positions are re-indexed contiguously (sinks, blocks, window).
+  history order.
   Unlike InfLLM this uses input embeddings rather than attention keys of every
   layer, and retrieves once per query instead of per decoding chunk.
 - ``mc_recency``: MegaContext with the system's gists and no LensNet (the
@@ -120,7 +124,9 @@ def truncation_view(base: Any, history: Any, budget: int) -> View:
     _check_budget(budget)
     T = ids.numel()
     s = max(0, T - budget)
-    return View("truncation", base.embed(ids[s:]), torch.arange(s, T), T)
+    # re-indexed from 0: equal in exact arithmetic (RoPE is relative), and it keeps
+    # every position inside the trained context whatever T is
+    return View("truncation", base.embed(ids[s:]), torch.arange(T - s), T - s)
 
 
 def streaming_view(base: Any, history: Any, budget: int, sinks: int = SINKS) -> View:
@@ -179,8 +185,12 @@ def infllm_view(
     parts = [ids[:sinks], *[ids[s : s + block] for s in chosen], ids[T - final_window :]]
     keep = torch.cat(parts)
     n = keep.numel()
+    far = n - final_window
+    positions = torch.cat(
+        [torch.zeros(far, dtype=torch.int64), torch.arange(1, final_window + 1)]
+    )
     meta = {"blocks": chosen, "block_scores": scores, "window": final_window, "sinks": sinks}
-    return View("infllm", base.embed(keep), torch.arange(n), n, meta)
+    return View("infllm", base.embed(keep), positions, final_window + 1, meta)
 
 
 def untrained_system(base: Any, config: Any = None, *, seed: int = 0, lens: bool = True) -> Any:
@@ -219,7 +229,8 @@ def session_view(
     embeds = wc.embeddings(session.base, session.tree)
     levels = torch.bincount(wc.levels.cpu().long(), minlength=wc.max_level + 1).tolist()
     meta = {"per_level": levels, "actions": len(session.actions)}
-    return View(name, embeds, wc.positions().cpu(), session.num_tokens, meta, session)
+    positions = session.focus.positions().cpu()
+    return View(name, embeds, positions, session.focus.next_position(), meta, session)
 
 
 def mc_view(system: Any, history: Any, budget: int) -> View:

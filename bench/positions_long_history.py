@@ -1,0 +1,359 @@
+"""Histories far past the base model's context: next-64-token NLL per method.
+
+On the embedded model (SmolLM2-135M, trained to 8,192 positions), for real code
+(standard-library modules concatenated in name order) and real prose (the text of
+``pydoc_data.topics``), the 64 tokens ending at a fixed point ``E`` of the text are
+scored after the ``T`` tokens before them, ``T`` in 4k/16k/32k/128k, at budgets
+``W`` in 1,024/4,096, for:
+
+- ``truncation`` — the last ``W`` tokens (re-indexed from 0);
+- ``streaming`` — StreamingLLM: 4 sinks + the last ``W - 4``, positions in the cache;
+- ``infllm`` — InfLLM-style: sinks + retrieved blocks at one fixed position, the
+  recent window at true distances (:func:`megacontext.eval.peers.infllm_view`);
+- ``mc_hybrid`` / ``mc_global`` / ``mc_compact`` — recency-only MegaContext
+  (mean-pool gists, no LensNet: the recency WC of the session at ``w_max = W``)
+  with ``positions`` = ``hybrid`` (the default) / ``global`` / ``compact``; one
+  tree and one WC, read under each scheme (compact at ``W = 1,024`` only).
+
+The same targets are read after every ``T``, so a row's NLL moves only with what
+the method does with the longer history. Truncation reads the same ``W`` tokens for
+every ``T >= W`` and is scored once per ``(corpus, target, W)``; at ``T = W`` every
+method reads the whole history and equals truncation.
+
+Also a pass key stated ~30k tokens back in a 32k prose history
+(:func:`megacontext.synthetic.passkey`): the answer's NLL per method. And the wall
+time and peak RSS of a real ``Session.ingest`` of the 128k code history.
+
+Every finished row is appended to ``rows.parquet`` at once, and ``results.md`` and
+``nll_vs_history.png`` are rewritten, so an interrupted run still reports what it
+measured. Run (one process, two threads)::
+
+    OMP_NUM_THREADS=2 uv run python bench/positions_long_history.py \\
+        --out docs/results/2026-12-04-cpu-positions
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+import megacontext as mc
+from megacontext.eval.peers import (
+    View,
+    infllm_view,
+    streaming_view,
+    truncation_view,
+    view_nll,
+)
+from megacontext.focus import FocusLoop, position_gap
+from megacontext.working_context import WorkingContext, entry_positions
+
+H = 64
+LENGTHS = (4096, 16384, 32768, 131072)
+BUDGETS = (1024, 4096)
+PASSKEY_T, PASSKEY_BACK = 32768, 30000
+SCHEMES = ("hybrid", "global", "compact")
+METHODS = ("truncation", "streaming", "infllm", *(f"mc_{s}" for s in SCHEMES))
+# compact is scored at the smaller budget only (time on a shared 2-core CPU)
+COMPACT_BUDGETS = (1024,)
+
+
+def code_ids(base: mc.Base, need: int) -> torch.Tensor:
+    """Top-level standard-library modules in name order, until ``need`` tokens."""
+    parts, n = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        ids = base.encode(text.strip() + "\n\n\n")
+        parts.append(ids)
+        n += ids.numel()
+        if n >= need:
+            break
+    return torch.cat(parts)[:need]
+
+
+def prose_ids(base: mc.Base, need: int) -> tuple[torch.Tensor, int]:
+    """The pydoc topics text; repeated when shorter than ``need`` (returns how often)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k].strip() for k in sorted(topics))
+    ids = base.encode(text)
+    reps = -(-need // ids.numel())
+    sep = base.encode("\n\n")
+    return torch.cat([torch.cat([ids, sep])] * reps)[:need], reps
+
+
+def mc_views(base: mc.Base, history: torch.Tensor, budgets, loop: FocusLoop | None = None):
+    """``{(W, scheme): View}``: the recency WC of a session at ``w_max = W`` over
+    ``history`` (FocusLoop ingest: tree + recency rebuild, what ``Session.ingest``
+    does before its prefill), read under both position schemes."""
+    if loop is None:
+        cfg = mc.MegaContextConfig(model=base.name, w_max=min(budgets))
+        loop = FocusLoop(base, None, None, cfg)
+        loop.ingest(history)
+    out = {}
+    for w in budgets:
+        wc = WorkingContext.from_tree(loop.tree, w, loop.config.protected_tokens)
+        wc.check(loop.tree)
+        emb = wc.embeddings(base, loop.tree)
+        per_level = torch.bincount(wc.levels.long(), minlength=wc.max_level + 1).tolist()
+        for scheme in SCHEMES:
+            cfg = mc.MegaContextConfig(model=base.name, w_max=w, positions=scheme)
+            gap = position_gap(cfg, base)
+            pos, nxt = entry_positions(wc.levels, wc.nodes, wc.block_size, scheme, max_gap=gap)
+            meta = {"per_level": per_level, "max_gap": gap}
+            out[(w, scheme)] = View(f"mc_{scheme}", emb, pos, nxt, meta)
+    return out
+
+
+class Run:
+    def __init__(self, out: Path, base: mc.Base):
+        self.out, self.base = out, base
+        out.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        self.extra: dict[str, str] = {}
+
+    def score(self, view: View, targets: torch.Tensor, **key) -> float:
+        t0 = time.perf_counter()
+        nll = view_nll(self.base, view, targets)
+        row = {
+            **key,
+            "method": key.get("method", view.method),
+            "nll": float(nll.mean()),
+            "entries": view.entries,
+            "max_position": int(max(int(view.positions.max()), view.next_position + H - 2)),
+            "forward_s": time.perf_counter() - t0,
+        }
+        self.rows.append(row)
+        self.flush()
+        print(row, flush=True)
+        return row["nll"]
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(self.rows), self.out / "rows.parquet")
+        (self.out / "results.md").write_text(render(self.rows, self.extra))
+        plot(self.rows, self.out / "nll_vs_history.png")
+
+
+def grid_rows(rows: list[dict]) -> list[dict]:
+    """The continuation rows with truncation (scored once per target and W) repeated
+    at every T >= W, and every method at T = W equal to truncation (each reads the
+    whole history there)."""
+    out = []
+    for r in rows:
+        if r["task"] != "continuation":
+            continue
+        if r["method"] != "truncation":
+            out.append(r)
+            continue
+        for T in LENGTHS:
+            if T >= r["W"]:
+                out.append({**r, "T": T})
+                if T == r["W"]:
+                    out += [{**r, "T": T, "method": m} for m in METHODS[1:]]
+    return out
+
+
+def _mean(rows: list[dict], **key) -> float | None:
+    vals = [r["nll"] for r in rows if all(r[k] == v for k, v in key.items())]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _fmt(x: float | None, sign: bool = False) -> str:
+    return "" if x is None else (f"{x:+.3f}" if sign else f"{x:.3f}")
+
+
+def render(rows: list[dict], extra: dict[str, str]) -> str:
+    lines = ["# Next-64-token NLL after long histories (nats; mean over targets)", ""]
+    g = grid_rows(rows)
+    for corpus in ("code", "prose"):
+        for W in BUDGETS:
+            sub = [r for r in g if r["corpus"] == corpus and r["W"] == W]
+            if not sub:
+                continue
+            Ts = sorted({r["T"] for r in sub})
+            n = {T: len({r["target"] for r in sub if r["T"] == T}) for T in Ts}
+            lines += [f"## {corpus}, W = {W:,}", ""]
+            lines.append("| method | " + " | ".join(f"T={T:,} (n={n[T]})" for T in Ts) + " |")
+            lines.append("|---|" + "---:|" * len(Ts))
+            for m in METHODS:
+                lines.append(
+                    f"| {m} | " + " | ".join(_fmt(_mean(sub, method=m, T=T)) for T in Ts) + " |"
+                )
+            diffs = []
+            for T in Ts:
+                a, b = _mean(sub, method="mc_hybrid", T=T), _mean(sub, method="truncation", T=T)
+                diffs.append(None if a is None or b is None else a - b)
+            lines.append(
+                "| mc_hybrid − truncation | " + " | ".join(_fmt(d, True) for d in diffs) + " |"
+            )
+            lines.append("")
+    if g:
+        lines += ["## Largest position fed (any T, targets included)", ""]
+        lines += ["| method | " + " | ".join(f"W={W:,}" for W in BUDGETS) + " |"]
+        lines += ["|---|" + "---:|" * len(BUDGETS)]
+        for m in METHODS:
+            cells = []
+            for W in BUDGETS:
+                ps = [r["max_position"] for r in g if r["method"] == m and r["W"] == W]
+                cells.append(f"{max(ps):,}" if ps else "")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    pk = [r for r in rows if r["task"] == "passkey"]
+    if pk:
+        lines += ["## Pass key ~30k tokens back in a 32k prose history: answer NLL", ""]
+        lines += ["| method | " + " | ".join(f"W={W:,}" for W in BUDGETS) + " |"]
+        lines += ["|---|" + "---:|" * len(BUDGETS)]
+        for m in METHODS:
+            cells = [_fmt(_mean(pk, method=m, W=W)) for W in BUDGETS]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for k, v in extra.items():
+        lines.append(f"- {k}: {v}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    g = grid_rows(rows)
+    keys = sorted({(r["corpus"], r["W"]) for r in g})
+    if not keys:
+        return
+    fig = Figure(figsize=(4.2 * len(keys), 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, (corpus, W) in zip(axes, keys, strict=True):
+        sub = [r for r in g if r["corpus"] == corpus and r["W"] == W]
+        for m in METHODS:
+            Ts = sorted({r["T"] for r in sub if r["method"] == m})
+            if Ts:
+                ax.plot(Ts, [_mean(sub, method=m, T=T) for T in Ts], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("history length T (tokens)")
+        ax.set_title(f"{corpus}, W = {W:,}")
+    axes[0].set_ylabel("NLL of the next 64 tokens (nats)")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def continuation(run: Run, corpus: str, ids: torch.Tensor, ends, budgets, lengths) -> None:
+    base = run.base
+    for e in ends:
+        targets = ids[e - H : e]
+        for W in budgets:
+            key = dict(task="continuation", corpus=corpus, target=e, W=W)
+            run.score(truncation_view(base, ids[e - H - W : e - H], W), targets, T=W, **key)
+        for T in lengths:
+            hist = ids[e - H - T : e - H]
+            loop = None
+            if T == max(LENGTHS) and corpus == "code" and e == ends[0]:
+                loop = timed_session_ingest(run, hist)
+            views = None
+            for W in budgets:
+                if T <= W:
+                    continue
+                key = dict(task="continuation", corpus=corpus, target=e, W=W, T=T)
+                run.score(streaming_view(base, hist, W), targets, **key)
+                run.score(infllm_view(base, hist, W), targets, **key)
+                if views is None:
+                    views = mc_views(base, hist, [w for w in budgets if w < T], loop)
+                for scheme in SCHEMES:
+                    if scheme != "compact" or W in COMPACT_BUDGETS:
+                        run.score(views[(W, scheme)], targets, **key)
+
+
+def timed_session_ingest(run: Run, hist: torch.Tensor) -> FocusLoop:
+    """A real session (default ``positions="hybrid"``, w_max 1,024) ingesting the history:
+    wall time and the process's peak RSS; its focus loop serves the MC views."""
+    base = run.base
+    cfg = mc.MegaContextConfig(model=base.name, w_max=min(BUDGETS))
+    session = mc.MegaContext(base, None, None, cfg).session()
+    t0 = time.perf_counter()
+    session.ingest(hist)
+    dt = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    pos = session.focus.positions()
+    run.extra["128k ingest (Session.ingest, w_max 1,024, hybrid)"] = (
+        f"{dt:.1f} s ({hist.numel() / dt:,.0f} tokens/s), peak RSS {rss:,.0f} MiB, "
+        f"WC {session.wc}, largest position {int(pos.max())}"
+    )
+    return session.focus
+
+
+def passkey(run: Run, budgets) -> None:
+    from megacontext.synthetic import passkey as make
+
+    base = run.base
+    length = PASSKEY_T
+    task = make(base.tokenizer, length=length, depth=1 - PASSKEY_BACK / length, seed=0)
+    ids = base.encode(task.context)
+    targets = base.encode(task.target)
+    at = int(task.meta["needle_span"][0])
+    run.extra["pass key"] = (
+        f"{task.meta.get('answer')} stated at token ~{at} of {ids.numel():,} "
+        f"(~{ids.numel() - at:,} back); answer {targets.numel()} tokens"
+    )
+    views = mc_views(base, ids, budgets)
+    for W in budgets:
+        key = dict(task="passkey", corpus="prose", target=0, W=W, T=ids.numel())
+        run.score(truncation_view(base, ids, W), targets, **key)
+        run.score(streaming_view(base, ids, W), targets, **key)
+        run.score(infllm_view(base, ids, W), targets, **key)
+        for scheme in SCHEMES:
+            if scheme != "compact" or W in COMPACT_BUDGETS:
+                run.score(views[(W, scheme)], targets, **key)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--targets", type=int, default=2, help="target windows per corpus")
+    ap.add_argument("--smoke", action="store_true", help="tiny grid to check the script")
+    args = ap.parse_args()
+    global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK
+    if args.smoke:
+        LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK = (512, 2048), (256, 512), 2048, 1800
+        global COMPACT_BUDGETS
+        COMPACT_BUDGETS = (256,)
+    torch.manual_seed(0)
+    base = mc.load_base("smollm2-135m")
+    run = Run(args.out, base)
+    run.extra["machine"] = (
+        f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{base.name} ({base.dtype}, trained to {base.max_positions:,} positions)"
+    )
+    need = max(LENGTHS) + H + 4096 * (args.targets - 1)
+    code = code_ids(base, need)
+    prose, reps = prose_ids(base, need)
+    run.extra["texts"] = (
+        f"code: {code.numel():,} tokens of stdlib modules; prose: pydoc topics "
+        f"({prose.numel():,} tokens, the text repeated {reps}x to reach 128k)"
+    )
+    ends = [need - 4096 * i for i in range(args.targets)]
+    # most important first: one target per corpus over the whole grid, the pass key,
+    # then the further targets
+    for corpus, ids in (("code", code), ("prose", prose)):
+        continuation(run, corpus, ids, ends[:1], BUDGETS, LENGTHS)
+    passkey(run, BUDGETS)
+    # further targets at the smaller budget only (time on a shared 2-core CPU)
+    for corpus, ids in (("code", code), ("prose", prose)):
+        continuation(run, corpus, ids, ends[1:], BUDGETS[:1], LENGTHS)
+    run.extra["done"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    run.flush()
+
+
+if __name__ == "__main__":
+    main()
