@@ -30,6 +30,7 @@ import torch
 
 from .allocator import Action, FocusAllocator
 from .config import MegaContextConfig
+from .errors import ConfigError
 from .lensnet import LensNetConfig
 from .tree import MegaContextTree, mean_pool
 from .working_context import WorkingContext, entry_positions
@@ -40,6 +41,7 @@ __all__ = [
     "gist_fn",
     "lens_inputs",
     "lens_tail",
+    "check_positions",
     "position_bound",
     "position_gap",
     "tail_size",
@@ -66,6 +68,35 @@ def position_bound(config: MegaContextConfig, base: Any = None) -> int | None:
         return int(config.max_position)
     known = int(getattr(base, "max_positions", 0) or 0)
     return known or None
+
+
+def check_positions(config: MegaContextConfig, base: Any) -> None:
+    """Check the position fields against the base model (the config alone does not
+    know it). Raises :class:`~megacontext.errors.ConfigError` when ``max_position``
+    exceeds the model's ``max_position_embeddings``, or when a bounded scheme
+    (``hybrid``, ``compact``) cannot keep a WC of ``w_max + block_size`` entries (the
+    budget plus one decoded block, the cache's capacity) below the bound."""
+    known = int(getattr(base, "max_positions", 0) or 0)
+    name = getattr(base, "name", "the base model")
+    if config.max_position is not None and known and config.max_position > known:
+        raise ConfigError(
+            f"invalid value for field 'max_position': {config.max_position} (above the "
+            f"{known} positions {name} supports)",
+            field="max_position",
+            value=config.max_position,
+        )
+    bound = position_bound(config, base)
+    if config.positions != "global" and bound is not None:
+        need = config.w_max + config.block_size
+        if need > bound:
+            raise ConfigError(
+                f"invalid value for field 'w_max': {config.w_max} (positions={config.positions!r} "
+                f"keeps positions below {bound}, but w_max plus a decoded block of "
+                f"{config.block_size} needs {need}; lower w_max to <= "
+                f"{bound - config.block_size} or use positions='global')",
+                field="w_max",
+                value=config.w_max,
+            )
 
 
 def position_gap(config: MegaContextConfig, base: Any = None) -> int:
@@ -224,6 +255,7 @@ class FocusLoop:
         self.allocator = FocusAllocator(config, backend=allocator_backend)
         self.gist = gist_fn(gistnet)
         self.tail_size = tail_size(lensnet)
+        check_positions(config, base)
         self.max_gap = position_gap(config, base)
 
     @property

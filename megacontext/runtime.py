@@ -8,8 +8,9 @@
 
 with telemetry every refocus iteration. The base model is patched with the
 drop-in hook (:func:`megacontext.patch`) and reads the working context (WC)
-through ``inputs_embeds`` with each entry's global position as ``position_ids``
-and an explicit mask in WC order; keys live after RoPE in a preallocated
+through ``inputs_embeds`` with the focus loop's positions as ``position_ids``
+(``config.positions``, :func:`megacontext.working_context.entry_positions`) and an
+explicit mask in WC order; keys live after RoPE in a preallocated
 :class:`~megacontext.cache.MegaContextCache` of ``W_max + K`` slots.
 
 KV refocus modes (``config.kv_mode``):
@@ -41,11 +42,11 @@ from .cache import MegaContextCache
 from .checkpoint import read_checkpoint
 from .config import MegaContextConfig
 from .errors import ConfigError, InputError, InvariantError, StorageError
-from .focus import FocusLoop, FocusStep
+from .focus import FocusLoop, FocusStep, check_positions
 from .hook import patch
 from .nll import nll_after
 from .tree import MegaContextTree
-from .working_context import WorkingContext
+from .working_context import WorkingContext, entry_positions
 
 __all__ = ["PHASES", "MegaContext", "Session", "SessionBatch"]
 
@@ -115,6 +116,7 @@ class MegaContext:
                 value=ldim,
             )
         patch(base.model)
+        check_positions(self.config, base)
 
     def with_config(
         self,
@@ -218,6 +220,13 @@ class MegaContext:
         session = Session(system, telemetry=telemetry)
         session._restore(stored)
         return session
+
+
+def _splice_rerotates(cache: Any) -> bool:
+    """Whether ``cache.splice`` takes ``position_delta`` (re-rotates kept keys)."""
+    import inspect
+
+    return "position_delta" in inspect.signature(cache.splice).parameters
 
 
 class Session:
@@ -422,10 +431,17 @@ class Session:
             return
         index = self._kept_index(old_levels, old_nodes)
         index[-1] = -1
-        self.cache.splice(index[None], [n])
+        delta = self.focus.position_delta(old_levels, old_nodes, index)
+        if _splice_rerotates(self.cache):
+            self.cache.splice(index[None], [n], position_delta=delta[None].to(self.base.device))
+        else:
+            # This cache cannot re-rotate keys: a kept entry whose position moved is
+            # recomputed instead (a key rotated for its old position is wrong).
+            index = torch.where(delta != 0, torch.full_like(index, -1), index)
+            self.cache.splice(index[None], [n])
         fresh = torch.nonzero(index < 0).squeeze(1)
         embeds = self.wc.embeddings(self.base, self.tree)
-        positions = self.wc.positions()
+        positions = self.focus.positions()
         logits = self._forward(embeds[fresh], positions[fresh], fresh, n)
         self._next_logits = logits[-1]
 
@@ -587,10 +603,11 @@ class Session:
     def begin_decode(self, token: int) -> tuple[int, int]:
         """Decode step, first half: append ``token`` to the history (tree and WC).
         Returns ``(slot, position)``: the cache slot the token's K/V must be written
-        to (its WC index, ``len(wc) - 1``) and its global position."""
+        to (its WC index, ``len(wc) - 1``) and its RoPE position (the next position
+        after the WC under ``config.positions``; its global index under ``global``)."""
         if self.wc is None:
             raise InputError("decoding needs a history: call ingest() first")
-        position = self.num_tokens
+        position = self.focus.next_position()
         self.focus.append(torch.tensor([token]))
         return len(self.wc) - 1, position
 
@@ -703,7 +720,16 @@ class Session:
         targets = self._validate_ids(ids, "ids")
         h = self.config.horizon if horizon is None else _check_int(horizon, "horizon", 1)
         targets = targets[:h]
-        return float(wc_nll(self.base, self.wc, self.tree, targets, self.num_tokens).mean())
+        nll = wc_nll(
+            self.base,
+            self.wc,
+            self.tree,
+            targets,
+            self.num_tokens,
+            positions=self.config.positions,
+            max_gap=self.focus.max_gap,
+        )
+        return float(nll.mean())
 
     # ------------------------------------------------------------------ persistence
 
@@ -895,13 +921,21 @@ def wc_nll(
     tree: MegaContextTree,
     targets: torch.Tensor,
     cursor: int,
+    *,
+    positions: str = "global",
+    max_gap: int = 0,
 ) -> torch.Tensor:
-    """NLL ``[H]`` of ``targets`` (the tokens right after the history) given ``wc``:
-    one forward over the WC's embeddings followed by the targets' embeddings, each
-    at its global position (gists at their span centres); see
+    """NLL ``[H]`` of ``targets`` (the tokens right after the history, ``cursor`` =
+    the first one's global index) given ``wc``: one forward over the WC's embeddings
+    followed by the targets' embeddings, at the positions of scheme ``positions``
+    (:func:`~megacontext.working_context.entry_positions`; under ``global`` each at
+    its global position, gists at their span centres, targets from ``cursor``; under
+    a bounded scheme the targets follow at the WC's next position); see
     :func:`megacontext.nll.nll_after`."""
-    context = (wc.embeddings(base, tree), wc.positions())
-    return nll_after(base, [context], [targets], [cursor])[0]
+    pos, nxt = entry_positions(wc.levels, wc.nodes, wc.block_size, positions, max_gap=max_gap)
+    start = cursor if positions == "global" else nxt
+    context = (wc.embeddings(base, tree), pos.cpu())
+    return nll_after(base, [context], [targets], [start])[0]
 
 
 class SessionBatch:

@@ -94,7 +94,8 @@ def test_mc_view_equals_runtime_wc_nll(base, system, data):
     hist, tgt = data
     v = build_view(base, hist, W, "megacontext", system)
     s = v.session
-    ref = wc_nll(base, s.wc, s.tree, tgt, s.num_tokens)
+    kw = {"positions": s.config.positions, "max_gap": s.focus.max_gap}
+    ref = wc_nll(base, s.wc, s.tree, tgt, s.num_tokens, **kw)
     torch.testing.assert_close(view_nll(base, v, tgt), ref.cpu().float(), rtol=1e-4, atol=1e-4)
     assert s.wc.cost <= W and s.config.w_max == W
 
@@ -110,7 +111,12 @@ def test_infllm_layout(base):
     blocks = v.meta["blocks"]
     assert blocks == sorted(blocks) and all((b - 4) % 32 == 0 for b in blocks)
     assert v.meta["window"] + 4 + 32 * len(blocks) == W
-    assert torch.equal(v.positions, torch.arange(W))
+    # InfLLM's positions: sinks and blocks at one fixed position 0, the window at
+    # true distances 1..L, the targets from L + 1
+    far = 4 + 32 * len(blocks)
+    assert torch.equal(v.positions[:far], torch.zeros(far, dtype=torch.long))
+    assert torch.equal(v.positions[far:], torch.arange(1, v.meta["window"] + 1))
+    assert v.next_position == v.meta["window"] + 1
     # short history: read everything
     assert infllm_view(base, hist[:100], W).entries == 100
 
@@ -120,7 +126,7 @@ def test_view_generate_is_greedy(base, data):
     v = build_view(base, hist, W, "truncation")
     text = view_generate(base, v, 5, stop=("\x00never",))
     ids = hist[T - W :].clone()
-    pos = torch.arange(T - W, T)
+    pos = torch.arange(W)  # truncation re-indexes the window from 0
     want = []
     for _ in range(5):
         logits = base.model(input_ids=ids[None], position_ids=pos[None]).logits[0, -1]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import megacontext as mc
+from megacontext.focus import position_gap
 from megacontext.runtime import wc_nll
 from megacontext.train.labels import (
     LABEL_COLUMNS,
@@ -66,15 +67,16 @@ def test_batched_labels_match_unbatched_recomputation(setup):
     base, cfg, tree, window, snap = setup
     rows = label_snapshot(base, tree, window, snap, cfg, batch=5, temperature=0.05)
     assert len(rows) == len(candidates(snap.levels, snap.nodes, snap.cursor, cfg))
+    kw = {"positions": cfg.positions, "max_gap": position_gap(cfg, base)}
     with torch.no_grad():
         ref = wc_nll(
-            base, _wc(snap.levels, snap.nodes, snap.cursor), tree, snap.targets, snap.cursor
+            base, _wc(snap.levels, snap.nodes, snap.cursor), tree, snap.targets, snap.cursor, **kw
         )
     for r in rows[:: max(1, len(rows) // 6)] + rows[-1:]:
         c = Candidate(r["kind"], r["entry"], r["level"], r["node"])
         lv, nd = apply_candidate(snap.levels, snap.nodes, c, BS)
         with torch.no_grad():
-            nll = wc_nll(base, _wc(lv, nd, snap.cursor), tree, snap.targets, snap.cursor)
+            nll = wc_nll(base, _wc(lv, nd, snap.cursor), tree, snap.targets, snap.cursor, **kw)
         dnll = float(nll.mean() - ref.mean())
         # fp32 on the CPU; padding and batching change the summation order only
         assert r["dnll"] == pytest.approx(dnll, abs=2e-5)

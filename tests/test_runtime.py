@@ -32,7 +32,8 @@ def _ids(n, seed=0):
 def _fresh_logits(base, session):
     wc = session.wc
     out = base.model(
-        inputs_embeds=wc.embeddings(base, session.tree)[None], position_ids=wc.positions()[None]
+        inputs_embeds=wc.embeddings(base, session.tree)[None],
+        position_ids=session.focus.positions()[None],
     )
     return out.logits[0, -1].float()
 
@@ -114,11 +115,12 @@ def test_loss_at_h_matches_definition_and_changes_nothing(tiny_base):
     targets = _ids(64, seed=5)
     logits = s.next_token_logits()
     got = s.loss_at_h(targets)
-    expected = wc_nll(tiny_base, s.wc, s.tree, targets, s.num_tokens).mean()
+    kw = {"positions": s.config.positions, "max_gap": s.focus.max_gap}
+    expected = wc_nll(tiny_base, s.wc, s.tree, targets, s.num_tokens, **kw).mean()
     assert got == pytest.approx(float(expected), rel=1e-6)
     # the first target's NLL comes from the same logits the session decodes from
     first = -torch.log_softmax(logits, -1)[targets[0]]
-    nll = wc_nll(tiny_base, s.wc, s.tree, targets, s.num_tokens)
+    nll = wc_nll(tiny_base, s.wc, s.tree, targets, s.num_tokens, **kw)
     assert float(nll[0]) == pytest.approx(float(first), abs=1e-4)
     assert torch.equal(s.next_token_logits(), logits) and s.num_tokens == 700
     assert s.loss_at_h(targets, horizon=8) == pytest.approx(float(nll[:8].mean()), rel=1e-5)

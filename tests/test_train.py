@@ -81,6 +81,11 @@ def state(trainer) -> dict[str, str]:
 # ------------------------------------------------------------------ forward
 
 
+def _global(bs: int) -> mc.MegaContextConfig:
+    """A config whose positions are the seed's global ones (what these tests assert)."""
+    return mc.MegaContextConfig(block_size=bs, positions="global")
+
+
 def test_online_gists_get_gradients_at_both_levels(tiny_base):
     bs = 8
     g = mc.GistNet(tiny_base.dim, block_size=bs, width=32, depth=1, heads=2, seed=0)
@@ -98,7 +103,7 @@ def test_online_gists_get_gradients_at_both_levels(tiny_base):
     nodes = torch.tensor([0, *range(8, 16), *range(128, 132)])
     emb = wc_embeddings(tiny_base, tokens, levels, nodes, bs, gists=g)
     logp = forward_rows(
-        tiny_base, [(emb, wc_positions(levels, nodes, bs))], [tokens[132:140]], [132]
+        tiny_base, [(emb, wc_positions(levels, nodes, _global(bs))[0])], [tokens[132:140]], [132]
     )
     loss = -logp[0].gather(-1, tokens[132:140, None]).mean()
     loss.backward()
@@ -113,7 +118,9 @@ def test_forward_rows_padding_equals_single_rows(tiny_base):
     rows, tgts = [], []
     for n in (20, 33, 50):
         lv, nd = torch.zeros(n, dtype=torch.long), torch.arange(60 - n, 60)
-        rows.append((wc_embeddings(tiny_base, tokens, lv, nd, 8), wc_positions(lv, nd, 8)))
+        rows.append(
+            (wc_embeddings(tiny_base, tokens, lv, nd, 8), wc_positions(lv, nd, _global(8))[0])
+        )
         tgts.append(tokens[60:68])
     with torch.no_grad():
         batched = forward_rows(tiny_base, rows, tgts, [60] * 3)
@@ -123,7 +130,7 @@ def test_forward_rows_padding_equals_single_rows(tiny_base):
         # the WC holding every token is the full-context model
         full = full_context_logp(tiny_base, tokens, 60, 8)
         lv, nd = torch.zeros(60, dtype=torch.long), torch.arange(60)
-        row = (wc_embeddings(tiny_base, tokens, lv, nd, 8), wc_positions(lv, nd, 8))
+        row = (wc_embeddings(tiny_base, tokens, lv, nd, 8), wc_positions(lv, nd, _global(8))[0])
         torch.testing.assert_close(
             forward_rows(tiny_base, [row], [tokens[60:68]], [60])[0], full, atol=1e-4, rtol=1e-4
         )

@@ -186,9 +186,7 @@ def infllm_view(
     keep = torch.cat(parts)
     n = keep.numel()
     far = n - final_window
-    positions = torch.cat(
-        [torch.zeros(far, dtype=torch.int64), torch.arange(1, final_window + 1)]
-    )
+    positions = torch.cat([torch.zeros(far, dtype=torch.int64), torch.arange(1, final_window + 1)])
     meta = {"blocks": chosen, "block_scores": scores, "window": final_window, "sinks": sinks}
     return View("infllm", base.embed(keep), positions, final_window + 1, meta)
 

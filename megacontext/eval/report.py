@@ -317,8 +317,9 @@ def _runtime_section(rows: list[dict], tel: list[dict], out: Path, lines: list[s
             "",
             f"Positional consistency (exact KV mode, a random scorer forcing swaps): "
             f"{p.get('refocus_checked')} refocus states checked after {p.get('actions')} "
-            f"actions, {p.get('gists_checked')} gist entries; every position equals its span "
-            f"centre and the cached layer-0 keys match RoPE at it (max |Δk| = "
+            f"actions, {p.get('gists_checked')} gist entries; every position is the one the "
+            f"config's position scheme defines and the cached layer-0 keys match RoPE at it "
+            f"(max |Δk| = "
             f"{p.get('max_key_err', math.nan):.2e}).",
         ]
     lines.append("")

@@ -356,7 +356,9 @@ def positional_consistency(
 ) -> dict[str, Any]:
     """Run a real session (``exact`` KV mode, a random scorer forcing swaps) over
     ``history`` then teacher-forced ``decode`` tokens; after every refocus check
-    that each WC entry's position is ``start + span // 2`` and that its cached
+    that each WC entry's position is the one ``config.positions`` defines
+    (:func:`~megacontext.working_context.entry_positions`; ``start + span // 2``
+    under ``global``), below the bound under a bounded scheme, and that its cached
     layer-0 key equals RoPE(k_proj(norm(embedding)), that position) (layer-0 keys
     depend only on the entry and its position). Raises InvariantError on the first
     mismatch; returns counts."""
@@ -370,18 +372,35 @@ def positional_consistency(
     attn = layer.self_attn
     checks = {"refocus_checked": 0, "actions": 0, "gists_checked": 0, "max_key_err": 0.0}
 
+    from ..focus import position_bound, position_gap
+    from ..working_context import entry_positions
+
+    bound = position_bound(cfg, base) if cfg.positions != "global" else None
+
     def check() -> None:
         wc = session.wc
-        spans = wc.spans.cpu()
-        want = wc.starts.cpu() + spans // 2
-        if not torch.equal(wc.positions().cpu(), want):
-            bad = int(torch.nonzero(wc.positions().cpu() != want)[0, 0])
-            raise InvariantError(f"entry {bad}: position != span centre", entry=bad)
+        want, _ = entry_positions(
+            wc.levels.cpu(),
+            wc.nodes.cpu(),
+            wc.block_size,
+            cfg.positions,
+            max_gap=position_gap(cfg, base),
+        )
+        got = session.focus.positions().cpu()
+        if not torch.equal(got, want):
+            bad = int(torch.nonzero(got != want)[0, 0])
+            raise InvariantError(
+                f"entry {bad}: position {int(got[bad])} != {int(want[bad])} "
+                f"(positions={cfg.positions!r})",
+                entry=bad,
+            )
+        if bound is not None and int(got.max()) >= bound:
+            raise InvariantError(f"position {int(got.max())} is not below the bound {bound}")
         n = len(wc)
         x = layer.input_layernorm(wc.embeddings(base, session.tree)[None].to(base.dtype))
         hd = attn.head_dim
         k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
-        cos, sin = base.model.model.rotary_emb(x, wc.positions()[None].to(base.device))
+        cos, sin = base.model.model.rotary_emb(x, got[None].to(base.device))
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
@@ -389,7 +408,9 @@ def positional_consistency(
         err = float((cached - k).abs().max())
         checks["max_key_err"] = max(checks["max_key_err"], err)
         if err > atol * max(1.0, float(k.abs().max())):
-            raise InvariantError(f"cached layer-0 keys differ from RoPE at span centres by {err}")
+            raise InvariantError(
+                f"cached layer-0 keys differ from RoPE at their positions by {err}"
+            )
         checks["refocus_checked"] += 1
         checks["gists_checked"] += int((wc.levels > 0).sum())
 

@@ -12,7 +12,8 @@ A WC is given by its entries ``(levels [N], nodes [N])`` over a history of token
 
 :func:`forward_rows` runs many WCs (rows) in one forward of the base model through
 :func:`megacontext.nll.nll_after`: each row is ``entries ++ E[targets[:-1]]`` at the
-entries' global positions followed by ``cursor, cursor+1, ...``, left-padded with an
+entries' positions (:func:`wc_positions`, the runtime's scheme) followed by
+``start, start+1, ...``, left-padded with an
 explicit mask, so the last ``H`` positions of every row predict its ``H`` targets.
 
 Loss@H (nats): ``nll`` = mean over the H targets of ``-log p(target)``; ``kl`` =
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..nll import nll_after
 from ..tree import mean_pool
+from ..working_context import entry_positions
 
 __all__ = [
     "forward_rows",
@@ -42,10 +44,22 @@ __all__ = [
 ]
 
 
-def wc_positions(levels: torch.Tensor, nodes: torch.Tensor, block_size: int) -> torch.Tensor:
-    """int64 ``[N]``: a token its index, a gist the centre of its span."""
-    spans = torch.pow(torch.tensor(block_size), levels.cpu().to(torch.int64))
-    return nodes.cpu().to(torch.int64) * spans + spans // 2
+def wc_positions(
+    levels: torch.Tensor, nodes: torch.Tensor, config: Any, base: Any = None
+) -> tuple[torch.Tensor, int]:
+    """``(positions int64 [N], start)``: the RoPE positions of the entries and of the
+    first target under ``config.positions`` — the runtime's positions
+    (:meth:`megacontext.focus.FocusLoop.positions`, the same
+    :func:`~megacontext.working_context.entry_positions` and ``max_gap`` from
+    ``base``'s context), so training reads what inference reads. Under ``global``:
+    a token its index, a gist the centre of its span, ``start`` the history length."""
+    from ..focus import position_gap
+
+    gap = position_gap(config, base)
+    pos, start = entry_positions(
+        levels.cpu(), nodes.cpu(), config.block_size, config.positions, max_gap=gap
+    )
+    return pos, start
 
 
 def _gist_call(gistnet: Any, x: torch.Tensor, level: int) -> torch.Tensor:

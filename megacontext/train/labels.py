@@ -171,7 +171,8 @@ def label_snapshot(
 
     def row(levels: torch.Tensor, nodes: torch.Tensor):
         emb = wc_embeddings(base, tokens, levels, nodes, bs, gists="tree", tree=tree)
-        return emb, wc_positions(levels, nodes, bs)
+        pos, start = wc_positions(levels, nodes, cfg, base)
+        return emb, pos, start
 
     tgt = snap.targets
     pending: list[Any] = [None, *cands]  # None = the snapshot itself, in the first chunk
@@ -180,14 +181,17 @@ def label_snapshot(
     for c0 in range(0, len(pending), batch):
         chunk = pending[c0 : c0 + batch]
         rows = []
+        starts: list[int] = []
         for cand in chunk:
             lv, nd = (
                 (snap.levels, snap.nodes)
                 if cand is None
                 else apply_candidate(snap.levels, snap.nodes, cand, bs)
             )
-            rows.append(row(lv, nd))
-        logp = forward_rows(base, rows, [tgt] * len(rows), [snap.cursor] * len(rows))
+            emb, pos, start = row(lv, nd)
+            rows.append((emb, pos))
+            starts.append(start)
+        logp = forward_rows(base, rows, [tgt] * len(rows), starts)
         nll = -logp.gather(-1, tgt.to(logp.device)[None, :, None].expand(len(rows), -1, 1))[..., 0]
         if logp_s is None:
             logp_s, nll_s = logp[0], nll[0].mean()

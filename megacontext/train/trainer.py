@@ -384,13 +384,9 @@ class Trainer:
                 )
                 s = snaps[-1]
                 emb = wc_embeddings(self.base, w, s.levels, s.nodes, mc.block_size, "tree", tree)
+                pos, start = wc_positions(s.levels, s.nodes, mc, self.base)
                 with self._autocast():
-                    logp = forward_rows(
-                        self.base,
-                        [(emb, wc_positions(s.levels, s.nodes, mc.block_size))],
-                        [s.targets],
-                        [s.cursor],
-                    )[0]
+                    logp = forward_rows(self.base, [(emb, pos)], [s.targets], [start])[0]
                 losses.append(float(-logp.gather(-1, s.targets.to(logp.device)[:, None]).mean()))
             out[b] = float(np.mean(losses))
         return out
