@@ -313,6 +313,30 @@ class FocusLoop:
         assert self.wc is not None
         return self.wc.next_position(self.config.positions, self.max_gap)
 
+    def positions_of(self, levels: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """int64 ``[N]`` (CPU): the positions of entries ``(levels, nodes)`` (e.g. the
+        WC before a refocus) under this loop's scheme."""
+        cfg = self.config
+        return entry_positions(
+            levels.cpu(), nodes.cpu(), cfg.block_size, cfg.positions, max_gap=self.max_gap
+        )[0]
+
+    def first_change(self, old_levels: torch.Tensor, old_nodes: torch.Tensor) -> int:
+        """The first index at which the current WC differs from ``(old_levels,
+        old_nodes)`` in an entry *or its position*: the cache rows before it are
+        exactly what a fresh forward computes (same entries at the same positions,
+        attending to the same rows). Under ``hybrid`` a refocus can move entries that
+        precede every structural change (tail tokens that a new gist after them turns
+        into far memory), so the structural difference alone is not enough."""
+        assert self.wc is not None
+        new_l, new_n = self.wc.levels.cpu(), self.wc.nodes.cpu()
+        old_l, old_n = old_levels.cpu(), old_nodes.cpu()
+        m = min(len(old_l), len(new_l))
+        same = (old_l[:m] == new_l[:m]) & (old_n[:m] == new_n[:m])
+        same &= self.positions_of(old_l, old_n)[:m] == self.positions().cpu()[:m]
+        diff = torch.nonzero(~same)
+        return int(diff[0, 0]) if diff.numel() else m
+
     def position_delta(
         self, old_levels: torch.Tensor, old_nodes: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
@@ -321,13 +345,7 @@ class FocusLoop:
         at slot ``index[j]`` (``-1``: a new entry, delta 0). A cached key rotated for
         the old position, rotated again by this delta, is the key for the new one."""
         assert self.wc is not None
-        old, _ = entry_positions(
-            old_levels.cpu(),
-            old_nodes.cpu(),
-            self.config.block_size,
-            self.config.positions,
-            max_gap=self.max_gap,
-        )
+        old = self.positions_of(old_levels, old_nodes)
         new = self.positions().cpu()
         index = index.cpu().to(torch.int64)
         kept = index >= 0

@@ -15,9 +15,11 @@ explicit mask in WC order; keys live after RoPE in a preallocated
 
 KV refocus modes (``config.kv_mode``):
 
-- ``exact``: keep the cache before the first changed entry, recompute the rest;
-  equals a fresh forward over the new WC.
-- ``splice``: keep every unchanged entry's K/V (moved, not recomputed), compute
+- ``exact``: keep the cache before the first changed entry (an entry or its
+  position), recompute the rest; equals a fresh forward over the new WC.
+- ``splice``: keep every unchanged entry's K/V (moved, not recomputed; a kept key
+  whose position moved is re-rotated by the cache, or recomputed by a cache that
+  cannot re-rotate), compute
   only the inserted entries (and the decode cursor's entry, so the next-token
   logits see the new context), each attending to the entries before it.
 """
@@ -366,13 +368,6 @@ class Session:
             logits = self._forward(embeds[s:e], positions[s:e], torch.arange(s, e), e)
         self._next_logits = logits[-1]
 
-    @staticmethod
-    def _first_difference(a_levels, a_nodes, b_levels, b_nodes) -> int:
-        n = min(len(a_levels), len(b_levels))
-        same = (a_levels[:n] == b_levels[:n]) & (a_nodes[:n] == b_nodes[:n])
-        diff = torch.nonzero(~same)
-        return int(diff[0, 0]) if diff.numel() else n
-
     def _kept_index(self, old_levels, old_nodes) -> torch.Tensor:
         """For each new WC entry, its slot in the old WC, or -1 when it is new."""
         assert self.wc is not None
@@ -424,7 +419,7 @@ class Session:
         self._cache_epoch += 1
         n = len(self.wc)
         if self.config.kv_mode == "exact" or force_exact:
-            first = self._first_difference(old_levels, old_nodes, self.wc.levels, self.wc.nodes)
+            first = self.focus.first_change(old_levels, old_nodes)
             # The cursor's entry is always recomputed so the next-token logits read
             # the new context.
             self._prefill(min(first, n - 1))
@@ -532,13 +527,7 @@ class Session:
             old = self.focus.ingest(ids, chunk_tokens, progress)
             assert self.wc is not None
             with ph("cache"):
-                first = (
-                    0
-                    if old is None
-                    else self._first_difference(
-                        old.levels, old.nodes, self.wc.levels, self.wc.nodes
-                    )
-                )
+                first = 0 if old is None else self.focus.first_change(old.levels, old.nodes)
                 self._prefill(min(first, len(self.wc) - 1))
             self.wc.check(self.tree)
             self._blocks_since_refocus += ids.numel() // self.config.block_size

@@ -35,7 +35,9 @@ def test_positional_consistency_catches_a_wrong_key(base, monkeypatch):
     real = WorkingContext.positions
     # a checker fed shifted gist positions must see the cached keys disagree
     monkeypatch.setattr(
-        WorkingContext, "positions", lambda self: real(self) + (self.levels > 0).long()
+        WorkingContext,
+        "positions",
+        lambda self, *a: real(self, *a) + (self.levels > 0).long(),
     )
     with pytest.raises(InvariantError):
         positional_consistency(base, system, ids[:320], ids[320:], budget=128)

@@ -120,7 +120,7 @@ class Full(Peer):
 
 
 class Truncation(Peer):
-    """The last ``W`` tokens at their own positions."""
+    """The last ``W`` tokens, re-indexed from 0 (RoPE is relative)."""
 
     name = "truncation"
 
@@ -138,7 +138,8 @@ class Streaming(Peer):
 
 
 class InfLLM(Peer):
-    """InfLLM-style block retrieval (sinks, retrieved blocks, a recent window)."""
+    """InfLLM-style block retrieval (sinks, retrieved blocks, a recent window); far
+    tokens at one fixed position, the window at true distances (InfLLM's scheme)."""
 
     name = "infllm"
 
