@@ -242,10 +242,26 @@ def plot(rows: list[dict], path: Path) -> None:
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for ax, (corpus, W) in zip(axes, keys, strict=True):
         sub = [r for r in g if r["corpus"] == corpus and r["W"] == W]
+        # the y range holds every method but mc_global, whose points past it are
+        # drawn at the top edge with their value written beside them
+        near = [r["nll"] for r in sub if r["method"] != "mc_global"]
+        top = max(near) + 0.35
         for m in METHODS:
             Ts = sorted({r["T"] for r in sub if r["method"] == m})
             if Ts:
-                ax.plot(Ts, [_mean(sub, method=m, T=T) for T in Ts], marker="o", label=m)
+                ys = [_mean(sub, method=m, T=T) for T in Ts]
+                line = ax.plot(Ts, [min(y, top) for y in ys], marker="o", label=m)[0]
+                for T, y in zip(Ts, ys, strict=True):
+                    if y > top:
+                        ax.annotate(
+                            f"{y:.1f}",
+                            (T, top),
+                            textcoords="offset points",
+                            xytext=(4, -10),
+                            fontsize=7,
+                            color=line.get_color(),
+                        )
+        ax.set_ylim(min(near) - 0.1, top + 0.02)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("history length T (tokens)")
         ax.set_title(f"{corpus}, W = {W:,}")
@@ -331,7 +347,19 @@ def main() -> None:
     ap.add_argument(
         "--resume", action="store_true", help="keep the rows already in OUT/rows.parquet"
     )
+    ap.add_argument(
+        "--render", action="store_true", help="only rewrite the table and plot of OUT's rows"
+    )
     args = ap.parse_args()
+    if args.render:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(args.out / "rows.parquet").to_pylist()
+        old = (args.out / "results.md").read_text().splitlines()
+        extra = dict(ln[2:].split(": ", 1) for ln in old if ln.startswith("- ") and ": " in ln)
+        (args.out / "results.md").write_text(render(rows, extra))
+        plot(rows, args.out / "nll_vs_history.png")
+        return
     global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK
     if args.smoke:
         LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK = (512, 2048), (256, 512), 2048, 1800
