@@ -11,8 +11,8 @@ targets and the same budget ``W`` (see :mod:`megacontext.eval.peers`).
   question; generated-answer F1 / accuracy with LongBench's metric).
 - :func:`boundary_suite`: the same needle at a block edge, straddling one, and
   mid-block (bar: no jump > 0.2 ΔNLL between placements), plus
-  :func:`positional_consistency` (gists' RoPE positions are their span centres after
-  a real sequence of swaps, checked on the cached layer-0 keys).
+  :func:`positional_consistency` (every entry's RoPE position is the config's scheme's
+  after a real sequence of swaps, checked on the cached layer-0 keys).
 - :func:`runtime_suite`: decode through a session and the frozen baseline;
   latency per block, swap rate, residency, expand/collapse mass (telemetry rows).
 
