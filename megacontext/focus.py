@@ -70,12 +70,15 @@ def position_bound(config: MegaContextConfig, base: Any = None) -> int | None:
     return known or None
 
 
-def check_positions(config: MegaContextConfig, base: Any) -> None:
+def check_positions(config: MegaContextConfig, base: Any, *, budget: bool = True) -> None:
     """Check the position fields against the base model (the config alone does not
     know it). Raises :class:`~megacontext.errors.ConfigError` when ``max_position``
-    exceeds the model's ``max_position_embeddings``, or when a bounded scheme
-    (``hybrid``, ``compact``) cannot keep a WC of ``w_max + block_size`` entries (the
-    budget plus one decoded block, the cache's capacity) below the bound."""
+    exceeds the model's ``max_position_embeddings``, or (``budget``) when a bounded
+    scheme (``hybrid``, ``compact``) cannot keep a WC of ``w_max + block_size``
+    entries (the budget plus one decoded block, the cache's capacity) below the bound.
+    A :class:`~megacontext.runtime.MegaContext` checks the bound when it is built and
+    the budget when a session (a :class:`FocusLoop`) is: a system is also a template
+    whose budget callers set per session (``with_config(w_max=...)``)."""
     known = int(getattr(base, "max_positions", 0) or 0)
     name = getattr(base, "name", "the base model")
     if config.max_position is not None and known and config.max_position > known:
@@ -86,7 +89,7 @@ def check_positions(config: MegaContextConfig, base: Any) -> None:
             value=config.max_position,
         )
     bound = position_bound(config, base)
-    if config.positions != "global" and bound is not None:
+    if budget and config.positions != "global" and bound is not None:
         need = config.w_max + config.block_size
         if need > bound:
             raise ConfigError(

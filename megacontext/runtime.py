@@ -118,7 +118,7 @@ class MegaContext:
                 value=ldim,
             )
         patch(base.model)
-        check_positions(self.config, base)
+        check_positions(self.config, base, budget=False)
 
     def with_config(
         self,

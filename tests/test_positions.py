@@ -123,13 +123,16 @@ def test_the_bound_is_checked_against_the_model(tiny_base):
     with pytest.raises(mc.ConfigError) as e:
         mc.MegaContext(tiny_base, None, None, cfg)
     assert e.value.field == "max_position" and e.value.value == known + 1
-    # a bounded scheme needs room for the budget plus a decoded block
+    # a bounded scheme needs room for the budget plus a decoded block; a system is a
+    # template (eval sets its budget per session), so its sessions check that
     cfg = mc.MegaContextConfig(model=tiny_base.name, w_max=256, max_position=256 + 31)
+    system = mc.MegaContext(tiny_base, None, None, cfg)
     with pytest.raises(mc.ConfigError) as e:
-        mc.MegaContext(tiny_base, None, None, cfg)
+        system.session()
     assert e.value.field == "w_max"
+    system.with_config(w_max=128).session()
     # global is the unbounded ablation: no such requirement
-    mc.MegaContext(tiny_base, None, None, cfg.replace(positions="global"))
+    mc.MegaContext(tiny_base, None, None, cfg.replace(positions="global")).session()
     # the default bound is the model's trained context
     small = SimpleNamespace(max_positions=8192, name="m")
     cfg = mc.MegaContextConfig(w_max=1024)
