@@ -18,8 +18,7 @@ KV refocus modes (``config.kv_mode``):
 - ``exact``: keep the cache before the first changed entry (an entry or its
   position), recompute the rest; equals a fresh forward over the new WC.
 - ``splice``: keep every unchanged entry's K/V (moved, not recomputed; a kept key
-  whose position moved is re-rotated by the cache, or recomputed by a cache that
-  cannot re-rotate), compute
+  whose position moved is re-rotated by the cache's splice), compute
   only the inserted entries (and the decode cursor's entry, so the next-token
   logits see the new context), each attending to the entries before it.
 """
@@ -224,13 +223,6 @@ class MegaContext:
         return session
 
 
-def _splice_rerotates(cache: Any) -> bool:
-    """Whether ``cache.splice`` takes ``position_delta`` (re-rotates kept keys)."""
-    import inspect
-
-    return "position_delta" in inspect.signature(cache.splice).parameters
-
-
 class Session:
     """One history read through the budget. Create with :meth:`MegaContext.session`.
 
@@ -426,14 +418,10 @@ class Session:
             return
         index = self._kept_index(old_levels, old_nodes)
         index[-1] = -1
+        # kept entries whose position moved (compact/hybrid) are re-rotated in the
+        # splice's one launch, not recomputed
         delta = self.focus.position_delta(old_levels, old_nodes, index)
-        if _splice_rerotates(self.cache):
-            self.cache.splice(index[None], [n], position_delta=delta[None].to(self.base.device))
-        else:
-            # This cache cannot re-rotate keys: a kept entry whose position moved is
-            # recomputed instead (a key rotated for its old position is wrong).
-            index = torch.where(delta != 0, torch.full_like(index, -1), index)
-            self.cache.splice(index[None], [n])
+        self.cache.splice(index[None], [n], position_delta=delta[None])
         fresh = torch.nonzero(index < 0).squeeze(1)
         embeds = self.wc.embeddings(self.base, self.tree)
         positions = self.focus.positions()

@@ -190,6 +190,15 @@ def test_long_history_session_stays_bounded_and_consistent(tiny_base, mode):
         min_residency=0,
     )
     s = mc.MegaContext(tiny_base, None, _RandomLens(1), cfg, allocator_backend="python").session()
+    moved = []  # kept entries re-rotated per splice
+    splice = s.cache.splice
+
+    def spy(index, lengths, position_delta=None):
+        assert position_delta is not None
+        moved.append(int(((index >= 0) & (position_delta != 0)).sum()))
+        return splice(index, lengths, position_delta=position_delta)
+
+    s.cache.splice = spy
     s.ingest(torch.randint(0, 49152, (18000,), generator=torch.Generator().manual_seed(0)))
     checked = 0
     for step in range(6):
@@ -203,6 +212,8 @@ def test_long_history_session_stays_bounded_and_consistent(tiny_base, mode):
         checked += 1
     assert checked == 6 and s.num_tokens == 18048
     assert sum(r["n_expand"] + r["n_collapse"] for r in s.history) > 0
+    if mode == "splice":  # keys really moved, and were re-rotated rather than recomputed
+        assert moved and sum(moved) > 0
     # the history is far past the bound: global would have fed positions near 18k
     assert int(s.wc.positions("global").max()) > 50 * bound
 
