@@ -402,6 +402,28 @@ def nll(
         )
 
 
+def _default_budget(cfg, base):
+    """The default budget, lowered to the largest multiple of the block size that a
+    bounded position scheme can hold below the model's trained context with one
+    decoded block and ``horizon`` targets after it (SmolLM2-135M: 8,096 instead of
+    8,192). A budget the user chose is never changed: an impossible one is an error."""
+    from .focus import position_bound
+
+    bound = position_bound(cfg, base)
+    if cfg.positions == "global" or bound is None:
+        return cfg
+    room = bound - cfg.block_size - cfg.horizon
+    if cfg.w_max <= room:
+        return cfg
+    fit = room // cfg.block_size * cfg.block_size
+    err_console.print(
+        f"w_max {cfg.w_max} -> {fit}: the largest budget whose positions stay below "
+        f"{base.name}'s {bound} (positions={cfg.positions}); set --w-max to choose",
+        markup=False,
+    )
+    return cfg.replace(w_max=fit)
+
+
 def _build_session(
     model: str,
     config_path: Path | None,
@@ -426,6 +448,8 @@ def _build_session(
     _check_weights(gistnet_path, "--gistnet")
     _check_weights(lensnet_path, "--lensnet")
     base = load_base(cfg.model, device=device)
+    if w_max is None and config_path is None:
+        cfg = _default_budget(cfg, base)
     _check_kv_memory(base, cfg)
     gistnet = lensnet = None
     if gistnet_path is not None:

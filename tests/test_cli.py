@@ -5,8 +5,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
+import megacontext as mc
 from megacontext.cli import app, collect_info
 
 runner = CliRunner()
@@ -138,3 +140,20 @@ def test_one_command_line_for_the_demo_ablation_data_labels_and_costs(capsys):
     for command in (["demo", "train"], ["train-ablation"], ["ingest"], ["label"]):
         assert run_alias(command, ["--help"]) == 0
         assert "Usage: megacontext " + " ".join(command) in capsys.readouterr().out
+
+
+def test_default_budget_fits_the_models_positions(tiny_base):
+    from megacontext.cli import _default_budget
+    from megacontext.focus import check_positions
+
+    bound = tiny_base.max_positions
+    cfg = mc.MegaContextConfig(model="tiny-llama", w_max=bound)  # the default's shape
+    fitted = _default_budget(cfg, tiny_base)
+    assert fitted.w_max == (bound - cfg.block_size - cfg.horizon) // cfg.block_size * cfg.block_size
+    check_positions(fitted, tiny_base)  # a session can be built on it
+    with pytest.raises(mc.ConfigError, match="w_max"):
+        check_positions(cfg, tiny_base)  # the unfitted default could not
+    small = cfg.replace(w_max=256)
+    assert _default_budget(small, tiny_base) is small
+    glob = cfg.replace(positions="global")
+    assert _default_budget(glob, tiny_base) is glob
