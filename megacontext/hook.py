@@ -11,7 +11,7 @@ With no MegaContext state attached (a plain forward, or any ordinary cache), the
 hook computes exactly what PyTorch's scaled-dot-product attention computes, so a
 patched model's outputs equal the unpatched model's. Under a MegaContext session
 the runtime feeds the working context's embeddings (``inputs_embeds``) with each
-entry's global position (``position_ids``) and an explicit ``[B, 1, q, kv]`` mask in
+entry's position under the configured scheme (``position_ids``, docs/positions.md) and an explicit ``[B, 1, q, kv]`` mask in
 working-context order; the attention then reads the preallocated cache.
 
 Attention backend: flash-attn when installed (optional extra ``flash``) and the call
