@@ -650,6 +650,10 @@ def serve(
     max_batch: Annotated[
         int, typer.Option(help="conversations decoding together in one forward", min=1)
     ] = 8,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch CPU threads for the model (default: torch's choice)", min=1),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """OpenAI-compatible HTTP server (POST /v1/chat/completions, GET /v1/models) whose
@@ -678,7 +682,7 @@ def serve(
         max_batch=max_batch,
     )
     session, _ = _build_session(model, config, w_max, kv_mode, gistnet, lensnet, device, None)
-    engine = Engine(session.system, state_dir, limits)
+    engine = Engine(session.system, state_dir, limits, threads=threads)
     cfg = session.config
     cache = session.cache.kv
     per_conversation = 2 * cache.numel() * cache.element_size() / 2**20

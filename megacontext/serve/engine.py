@@ -183,7 +183,8 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 class Engine:
-    """Conversations of ``system`` (a :class:`MegaContext`) kept under ``state_dir``.
+    """Conversations of ``system`` (a :class:`MegaContext`) kept under ``state_dir``;
+    ``threads``: torch intra-op threads for the model (default: torch's).
 
     ``submit`` is thread-safe; ``close`` stops the threads (queued and decoding turns
     fail; saves in progress finish)."""
@@ -193,7 +194,11 @@ class Engine:
         system: MegaContext,
         state_dir: str | Path,
         limits: ServeLimits | None = None,
+        threads: int | None = None,
     ):
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}", field="threads")
+        self.threads = threads
         self.system = system
         self.base = system.base
         self.limits = limits or ServeLimits()
@@ -481,6 +486,10 @@ class Engine:
             return cancelled, admit, False
 
     def _main(self) -> None:
+        if self.threads is not None:
+            # intra-op threads of the thread that runs the model (OpenMP's setting is
+            # per thread)
+            torch.set_num_threads(self.threads)
         try:
             self._run()
         except BaseException as exc:  # a bug: refuse new turns rather than hang them
@@ -511,6 +520,8 @@ class Engine:
                 try:
                     self._begin(t)
                 except Exception as exc:
+                    if not isinstance(exc, ApiError):
+                        log.exception("starting a turn of %s failed", t.conv_id)
                     self._fail(t, exc, touched=t.session is not None)
                     continue
                 active.append(t)
