@@ -662,7 +662,7 @@ def serve(
     if missing:
         err_console.print(
             f"[red]error:[/red] megacontext serve needs {', '.join(missing)}: install the "
-            "serve extra (pip install 'megacontext[serve]' or uv sync --extra serve)",
+            "serve extra (pip install 'megacontext\\[serve]' or uv sync --extra serve)",
             soft_wrap=True,
         )
         raise typer.Exit(2)

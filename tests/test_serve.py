@@ -220,6 +220,66 @@ def _check_replay(srv: Server, conv_id: str, base, params: list[dict], replies: 
     return tokens
 
 
+def test_turn_texts_add_up_to_the_template_rendering_of_the_conversation():
+    """Ingesting only each turn's new text (plus the generated replies, with or
+    without EOS) gives the chat template's rendering of the whole conversation."""
+    from megacontext.base import load_tokenizer
+    from megacontext.serve.chat import new_messages, render, turn_text
+
+    tok = load_tokenizer(MODEL)
+    eos = tok.eos_token
+    system = {"role": "system", "content": "Be brief."}
+    transcript: list[dict] = []
+    memory, ended = "", False
+    # (user message, reply, whether the reply's tokens ended with EOS)
+    for i, (text, reply, with_eos) in enumerate(
+        [("hi", "hello", True), ("and?", "cut off mid", False), ("more", "ok", True)]
+    ):
+        user = {"role": "user", "content": text}
+        sent = [system, user] if i == 0 else [*transcript, user]
+        new = new_messages(transcript, sent)
+        memory += turn_text(tok, transcript, new, ended)
+        assert memory == render(tok, [*transcript, *new], add_generation_prompt=True)
+        memory += reply + (eos if with_eos else "")
+        transcript += [*new, {"role": "assistant", "content": reply}]
+        ended = with_eos
+    last = {"role": "user", "content": "x"}
+    assert memory + turn_text(tok, transcript, [last], ended) == render(
+        tok, [*transcript, last], add_generation_prompt=True
+    )
+    assert memory.count("Be brief.") == 1
+
+
+def test_new_messages_rules():
+    from megacontext.serve.chat import new_messages
+    from megacontext.serve.protocol import ApiError
+
+    a, b = {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}
+    c = {"role": "user", "content": "c"}
+    assert new_messages([], [a]) == [a]
+    assert new_messages([a, b], [a, b, c]) == [c]  # the transcript resent
+    assert new_messages([a, b], [c]) == [c]  # only the new message
+    assert new_messages([a, b], [a]) == [a]  # shorter than the transcript: new
+    with pytest.raises(ApiError) as info:
+        new_messages([a, b], [a, {"role": "assistant", "content": "x"}, c])
+    assert (info.value.status, info.value.param) == (409, "messages[1]")
+    with pytest.raises(ApiError) as info:
+        new_messages([a, b], [a, b])
+    assert info.value.code == "no_new_messages"
+    with pytest.raises(ApiError) as info:
+        new_messages([], [a, b])
+    assert info.value.param == "messages[1].role"
+
+
+def test_streamed_text_holds_back_a_possible_stop_sequence():
+    from megacontext.serve.engine import _held_back
+
+    assert _held_back("hello wor", ["world"]) == 3
+    assert _held_back("hello", ["world"]) == 0
+    assert _held_back("abc\ufffd", []) == 1
+    assert _held_back("say EN", ["END", "STOP"]) == 2
+
+
 def test_models_endpoint(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -337,6 +397,36 @@ def test_four_concurrent_conversations_equal_each_run_alone(server):
     batched = {int(b): n - before.get(b, 0) for b, n in after.items()}
     # the conversations decoded together: some forwards carried several of them
     assert max(b for b, n in batched.items() if n > 0) >= 2, batched
+
+
+def test_requests_to_one_conversation_are_serialised(server, base):
+    """Two requests to one conversation at once: both turns land, one after the
+    other, each decoded from the memory the other left."""
+    client = server.client()
+    conv = "one-at-a-time"
+    p = {"max_tokens": 12, "temperature": 1.0, "seed": 5}
+    replies: list[str | None] = [None, None]
+    gate = threading.Barrier(2)
+
+    def worker(k: int) -> None:
+        gate.wait()
+        msg = [{"role": "user", "content": f"Parallel message {k}."}]
+        replies[k] = _chat(client, conv, msg, **p).choices[0].message.content
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    info = server.conversation(conv)
+    assert len(info["turns"]) == 2 and info["messages"] == 4
+    tokens = mc.MegaContext.open(
+        server.state_dir / "conversations" / conv / "session", base=base
+    ).tree.tokens(0, info["num_tokens"])
+    text = base.decode(tokens)
+    first = 0 if text.find("Parallel message 0.") < text.find("Parallel message 1.") else 1
+    order = [first, 1 - first]
+    _check_replay(server, conv, base, [p, p], [replies[k] for k in order])
 
 
 def _error(r: httpx.Response) -> dict:
@@ -508,3 +598,24 @@ def test_kill_9_mid_turn_then_restart_keeps_memory_to_the_last_completed_turn(
         _check_replay(srv, conv, base, params, replies)
     finally:
         srv.stop()
+
+
+def test_serve_without_fastapi_says_what_to_install(monkeypatch):
+    """Without the serve extra the command exits 2 with the install line, before
+    loading any model."""
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from megacontext.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "fastapi" else real(name, *a),
+    )
+    result = CliRunner().invoke(app, ["serve", "--model", "no-such-model"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "fastapi" in text and "megacontext[serve]" in text

@@ -457,33 +457,45 @@ class Engine:
         self._release(turn)
 
     def _take(self, active: list[Turn]) -> tuple[list[Turn], list[Turn], bool]:
-        """Under the lock: cancelled turns to drop and queued turns to admit."""
+        """Cancelled turns to drop and queued turns to admit; with neither and no
+        active turn, sleep until a submit, a finished save or the idle sweep."""
         with self._cv:
-            while not self._stopping and not self._queue and not active:
+            while True:
+                if self._stopping:
+                    return [], [], True
+                cancelled, admit = self._select(active)
+                if cancelled or admit or active:
+                    return cancelled, admit, False
                 self._cv.wait(timeout=self._sweep_s)
                 self._evict_idle_locked()
-            if self._stopping:
-                return [], [], True
-            cancelled = [t for t in active if t.cancelled.is_set()]
-            room = self.limits.max_batch - (len(active) - len(cancelled))
-            busy = {t.conv_id for t in active if t not in cancelled}
-            admit: list[Turn] = []
-            keep: deque[Turn] = deque()
-            for t in self._queue:
-                if t.cancelled.is_set():
-                    cancelled.append(t)
-                    continue
-                conv = self._open.get(t.conv_id)
-                saving = conv is not None and conv.saving is not None and not conv.saving.done()
-                if room > 0 and t.conv_id not in busy and not saving:
-                    admit.append(t)
-                    room -= 1
-                # later turns of this conversation wait for this one
-                busy.add(t.conv_id)
-                if t not in admit:
-                    keep.append(t)
-            self._queue = keep
-            return cancelled, admit, False
+
+    def _select(self, active: list[Turn]) -> tuple[list[Turn], list[Turn]]:
+        """(lock held) Queued turns in arrival order, at most ``max_batch`` decoding,
+        one turn per conversation, none while its conversation's last turn saves."""
+        cancelled = [t for t in active if t.cancelled.is_set()]
+        room = self.limits.max_batch - (len(active) - len(cancelled))
+        busy = {t.conv_id for t in active if t not in cancelled}
+        admit: list[Turn] = []
+        keep: deque[Turn] = deque()
+        for t in self._queue:
+            if t.cancelled.is_set():
+                cancelled.append(t)
+                continue
+            conv = self._open.get(t.conv_id)
+            saving = conv is not None and conv.saving is not None and not conv.saving.done()
+            if room > 0 and t.conv_id not in busy and not saving:
+                admit.append(t)
+                room -= 1
+            else:
+                keep.append(t)
+            # later turns of this conversation wait for this one
+            busy.add(t.conv_id)
+        self._queue = keep
+        return cancelled, admit
+
+    def _wake(self, _future: Future | None = None) -> None:
+        with self._cv:
+            self._cv.notify_all()
 
     def _main(self) -> None:
         if self.threads is not None:
@@ -698,6 +710,8 @@ class Engine:
         }
         with self._lock:
             conv.saving = self._persister.submit(self._save, t, conv, session, state, text)
+        # a turn of this conversation queued meanwhile is admitted once the save is done
+        conv.saving.add_done_callback(self._wake)
 
     def _save(self, t: Turn, conv: _Conversation, session: Session, state: dict, text: str) -> None:
         """Persister thread: pending record, session, committed record; then done."""
