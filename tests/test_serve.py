@@ -78,6 +78,9 @@ class Server:
             # other cost more than a tiny model's parallelism gains
             "--threads",
             "1",
+            # the replays run on the CPU: so does the server, for the same numerics
+            "--device",
+            "cpu",
             *options,
         ]
         self.proc: subprocess.Popen | None = None

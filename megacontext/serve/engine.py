@@ -118,7 +118,8 @@ class _Conversation:
     saving: Future | None = None
 
     def state(self) -> dict[str, Any]:
-        n = 0 if self.session is None else self.session.num_tokens
+        """The last completed turn's state (a decoding turn's tokens not counted)."""
+        n = sum(r["prompt_tokens"] + r["completion_tokens"] for r in self.turns)
         return {"num_tokens": n, "transcript": self.transcript, "turns": self.turns}
 
 
@@ -717,7 +718,7 @@ class Engine:
         """Persister thread: pending record, session, committed record; then done."""
         try:
             conv.dir.mkdir(parents=True, exist_ok=True)
-            self._write_record(conv, committed=self._committed(conv), pending=state)
+            self._write_record(conv, committed=conv.state(), pending=state)
             session.save(conv.dir / "session")
             self._write_record(conv, committed=state, pending=None)
         except BaseException as exc:
@@ -752,9 +753,3 @@ class Engine:
             },
         )
         self._release(t)
-
-    @staticmethod
-    def _committed(conv: _Conversation) -> dict[str, Any]:
-        """The state on disk before this turn (the one being replaced)."""
-        n = conv.turns and sum(r["prompt_tokens"] + r["completion_tokens"] for r in conv.turns)
-        return {"num_tokens": int(n or 0), "transcript": conv.transcript, "turns": conv.turns}
