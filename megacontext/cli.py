@@ -630,7 +630,7 @@ def serve(
     kv_mode: Annotated[str | None, _KV_OPT] = None,
     gistnet: Annotated[Path | None, _GIST_OPT] = None,
     lensnet: Annotated[Path | None, _LENS_OPT] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+    device: Annotated[str | None, _DEVICE_OPT] = None,
     max_prompt_tokens: Annotated[
         int, typer.Option(help="most tokens one turn may ingest (its new messages)", min=1)
     ] = 8192,
@@ -684,8 +684,10 @@ def serve(
     session, _ = _build_session(model, config, w_max, kv_mode, gistnet, lensnet, device, None)
     engine = Engine(session.system, state_dir, limits, threads=threads)
     cfg = session.config
-    cache = session.cache.kv
-    per_conversation = 2 * cache.numel() * cache.element_size() / 2**20
+    itemsize = session.base.model.get_input_embeddings().weight.element_size()
+    per_conversation = (
+        _kv_cache_bytes(session.base.model.config, cfg.w_max, cfg.block_size, itemsize) / 2**20
+    )
     err_console.print(
         f"serving {session.base.name} (W_max {cfg.w_max}, K {cfg.block_size}, {cfg.kv_mode}) "
         f"on http://{host}:{port}/v1 | state {state_dir} | up to {max_open} conversations "
