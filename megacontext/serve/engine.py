@@ -40,10 +40,9 @@ from typing import Any
 import torch
 
 from .._atomic import atomic_write_text
-from ..base import cache_kwarg
 from ..cache import MegaContextCache
 from ..errors import ConfigError, InputError, MegaContextError, StorageError
-from ..runtime import MegaContext, Session
+from ..runtime import MegaContext, Session, SessionBatch
 from .chat import new_messages, turn_text
 from .protocol import ApiError
 
@@ -212,7 +211,6 @@ class Engine:
                 f"{self.conversations_dir}: cannot create the state directory ({exc})",
                 path=str(self.conversations_dir),
             ) from None
-        self._cache_kw = cache_kwarg(self.base.model)
         self._eos = self.base.tokenizer.eos_token_id
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
@@ -516,7 +514,7 @@ class Engine:
 
     def _run(self) -> None:
         self._active = active = []
-        cache = None
+        batch = None
         last_sweep = time.monotonic()
         while True:
             cancelled, admit, stop = self._take(active)
@@ -544,19 +542,19 @@ class Engine:
                     self._evict_idle_locked()
                 last_sweep = time.monotonic()
             if not active:
-                cache = None
+                batch = None
                 continue
             try:
-                if changed or cache is None:
-                    cache = self.system.batch([t.session for t in active]).cache
+                if changed or batch is None:
+                    batch = self.system.batch([t.session for t in active])
                 tokens = [self._next_token(t) for t in active]
-                self._step(cache, active, tokens)
+                self._step(batch, active, tokens)
             except Exception as exc:
                 log.exception("decode step failed; %d turns abandoned", len(active))
                 for t in active:
                     self._fail(t, exc, touched=True)
                 active.clear()
-                cache = None
+                batch = None
                 continue
             done = [t for t in active if t.finish_reason is not None]
             for t in active:
@@ -564,7 +562,7 @@ class Engine:
                     self._stream(t)
             for t in done:
                 active.remove(t)
-                cache = None
+                batch = None
                 try:
                     self._finish(t)
                 except Exception as exc:
@@ -616,36 +614,10 @@ class Engine:
         req = t.request
         return _sample(t.session.next_token_logits(), req.temperature, req.top_p, t.generator)
 
-    @torch.no_grad()
-    def _step(self, cache: MegaContextCache, active: list[Turn], tokens: list[int]) -> None:
-        """Append ``tokens[b]`` to ``active[b]``'s session with one forward over the
-        rows of ``cache`` (their stacked caches): row ``b`` writes its token at its
-        WC's last slot and attends to slots ``<=`` it."""
-        sessions = [t.session for t in active]
-        base = self.base
-        dev = base.device
-        rows = [s.begin_decode(tok) for s, tok in zip(sessions, tokens, strict=True)]
-        slots = torch.tensor([[r[0]] for r in rows], device=dev)
-        lengths = [r[0] + 1 for r in rows]
-        positions = torch.tensor([[r[1]] for r in rows], device=dev)
-        embeds = base.embed(torch.tensor(tokens)[:, None])
-        cache.plan(slots, lengths)
-        mask = (
-            torch.arange(max(lengths), device=dev)[None, None, None, :] <= slots[:, None, :, None]
-        )
-        t0 = time.perf_counter()
-        out = base.model(
-            inputs_embeds=embeds.to(dtype=base.dtype),
-            position_ids=positions,
-            attention_mask=mask,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kw: cache},
-        )
-        share = (time.perf_counter() - t0) * 1e3 / len(sessions)
-        logits = out.logits[:, -1].float()
-        held = [s.finish_decode(logits[b], lengths[b], share) for b, s in enumerate(sessions)]
-        cache.set_lengths(held)
+    def _step(self, batch: SessionBatch, active: list[Turn], tokens: list[int]) -> None:
+        """Append ``tokens[b]`` to ``active[b]``'s session with one batched forward
+        (:meth:`SessionBatch.step`), then decide which turns are finished."""
+        batch.step(tokens)
         with self._lock:
             self.stats["decode_steps"] += 1
             self.stats["tokens"] += len(tokens)
