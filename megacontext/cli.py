@@ -635,6 +635,93 @@ def chat(
             telemetry.close()
 
 
+_SERVE_DEPS = ("fastapi", "uvicorn")
+
+
+@app.command()
+def serve(
+    model: Annotated[str, _MODEL_OPT] = "smollm2-135m",
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port", min=0, max=65535)] = 8000,
+    state_dir: Annotated[
+        Path,
+        typer.Option(
+            "--state-dir", help="where conversations' memories are saved (kept across restarts)"
+        ),
+    ] = Path("megacontext-state"),
+    config: Annotated[Path | None, _CONFIG_OPT] = None,
+    w_max: Annotated[int | None, _WMAX_OPT] = None,
+    kv_mode: Annotated[str | None, _KV_OPT] = None,
+    gistnet: Annotated[Path | None, _GIST_OPT] = None,
+    lensnet: Annotated[Path | None, _LENS_OPT] = None,
+    device: Annotated[str | None, _DEVICE_OPT] = None,
+    max_prompt_tokens: Annotated[
+        int, typer.Option(help="most tokens one turn may ingest (its new messages)", min=1)
+    ] = 8192,
+    max_tokens: Annotated[
+        int, typer.Option(help="largest max_tokens a request may ask for", min=1)
+    ] = 1024,
+    default_max_tokens: Annotated[
+        int, typer.Option(help="max_tokens when a request gives none", min=1)
+    ] = 256,
+    max_open: Annotated[
+        int,
+        typer.Option(help="conversations held in memory; all busy -> 429 for another", min=1),
+    ] = 8,
+    idle_timeout: Annotated[
+        float, typer.Option(help="seconds unused before a conversation leaves memory", min=0.001)
+    ] = 600.0,
+    max_batch: Annotated[
+        int, typer.Option(help="conversations decoding together in one forward", min=1)
+    ] = 8,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch CPU threads for the model (default: torch's choice)", min=1),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """OpenAI-compatible HTTP server (POST /v1/chat/completions, GET /v1/models) whose
+    conversations keep their memory on disk (docs/serve.md)."""
+    missing = [m for m in _SERVE_DEPS if importlib.util.find_spec(m) is None]
+    if missing:
+        err_console.print(
+            f"[red]error:[/red] megacontext serve needs {', '.join(missing)}: install the "
+            "serve extra (pip install 'megacontext\\[serve]' or uv sync --extra serve)",
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    from .serve import Engine, ServeLimits, run
+
+    if default_max_tokens > max_tokens:
+        raise typer.BadParameter(
+            f"{default_max_tokens} is more than --max-tokens {max_tokens}",
+            param_hint="--default-max-tokens",
+        )
+    limits = ServeLimits(
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens=max_tokens,
+        default_max_tokens=default_max_tokens,
+        max_open=max_open,
+        idle_timeout_s=idle_timeout,
+        max_batch=max_batch,
+    )
+    session, _ = _build_session(model, config, w_max, kv_mode, gistnet, lensnet, device, None)
+    engine = Engine(session.system, state_dir, limits, threads=threads)
+    cfg = session.config
+    itemsize = session.base.model.get_input_embeddings().weight.element_size()
+    per_conversation = (
+        _kv_cache_bytes(session.base.model.config, cfg.w_max, cfg.block_size, itemsize) / 2**20
+    )
+    err_console.print(
+        f"serving {session.base.name} (W_max {cfg.w_max}, K {cfg.block_size}, {cfg.kv_mode}) "
+        f"on http://{host}:{port}/v1 | state {state_dir} | up to {max_open} conversations "
+        f"in memory, {per_conversation:.0f} MiB of KV cache each",
+        soft_wrap=True,
+    )
+    del session
+    run(engine, host=host, port=port, log_level=log_level)
+
+
 demo_app = typer.Typer(help="Replayable demonstrations.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 

@@ -120,7 +120,8 @@ IMPORTS="torch:torch triton:triton transformers:transformers accelerate:accelera
 safetensors:safetensors numpy:numpy pydantic:pydantic yaml:pyyaml typer:typer rich:rich
 nvtx:nvtx pyarrow:pyarrow matplotlib:matplotlib peft:peft gguf:gguf pytest:pytest
 pytest_benchmark:pytest-benchmark pytest_timeout:pytest-timeout hypothesis:hypothesis
-scikit_build_core:scikit-build-core pybind11:pybind11 cmake:cmake ninja:ninja"
+scikit_build_core:scikit-build-core pybind11:pybind11 cmake:cmake ninja:ninja
+fastapi:fastapi uvicorn:uvicorn openai:openai httpx:httpx"
 missing=$(timeout -k 5 120 "$PY" - "$IMPORTS" <<'EOF' 2>&1
 import importlib, sys
 seen = set()

@@ -69,6 +69,8 @@ LAYERS: dict[str, int] = {
     "megacontext.train": 5,
     "megacontext.hf": 5,
     "megacontext.eval": 5,
+    # the HTTP server over sessions (megacontext serve)
+    "megacontext.serve": 5,
     # 6: the command line
     "megacontext.cli": 6,
 }
