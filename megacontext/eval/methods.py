@@ -31,6 +31,7 @@ The suites, their Parquet rows, the report's tables and its plots then include i
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -69,7 +70,7 @@ __all__ = [
 REGISTRY: dict[str, type[Method]] = {}
 
 
-class Method:
+class Method(abc.ABC):
     """A compared method; subclasses with a ``name`` register themselves."""
 
     name: ClassVar[str]
@@ -91,8 +92,9 @@ class Peer(Method):
     budget_free: ClassVar[bool] = False  # same view at every W: computed once per history
     reference: ClassVar[bool] = False  # ΔNLL is measured against it (not plotted)
 
+    @abc.abstractmethod
     def view(self, base: Any, history: Any, budget: int, system: Any = None) -> View:
-        raise NotImplementedError
+        """The entries the reader sees for ``history`` at budget ``budget``."""
 
     def available(self, base: Any, history_tokens: int, horizon: int) -> bool:
         """Whether the reader can read ``history + targets`` at all."""
@@ -153,8 +155,9 @@ class _Session(Peer):
 
     needs_system = True
 
+    @abc.abstractmethod
     def modules(self, system: Any) -> tuple[Any, Any]:
-        raise NotImplementedError
+        """``(gistnet, lensnet)`` taken from ``system`` (``None``: mean pool / recency)."""
 
     def view(self, base: Any, history: Any, budget: int, system: Any = None) -> View:
         if system is None:
@@ -272,10 +275,10 @@ class Variant(Method):
     needs_lens: ClassVar[bool] = False  # derived from the system's LensNet
     hysteresis: ClassVar[bool] = True  # False: cooldown_steps = min_residency = 0
 
+    @abc.abstractmethod
     def scorer(self, system: Any, *, causal_lens: Any, seed: int) -> Any:
         """The focus scorer (``None``: recency only); a whole :class:`MegaContext`
         brings its own base and GistNet too."""
-        raise NotImplementedError
 
     def build(
         self, system: Any, budget: int, *, causal_lens: Any = None, seed: int = 0
