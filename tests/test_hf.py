@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from session_checks import RuleScorer
 from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
@@ -22,30 +23,13 @@ from megacontext.hf import Chat, MegaContextForCausalLM
 W_MAX, K = 96, 16
 
 
-class RuleScorer(torch.nn.Module):
-    """Fixed, legible scores so refocus actions happen: expand the 3 newest gists,
-    collapse tokens more than 60 tokens from the cursor."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, entries, tail, levels, span, distance, mask=None):
-        gist = levels > 0
-        gist_dist = torch.where(gist, distance, torch.full_like(distance, 1 << 40))
-        newest = torch.zeros_like(gist)
-        newest[0, gist_dist[0].argsort()[:3]] = True
-        scores = torch.where(gist & newest, 0.9, torch.where(~gist & (distance > 60), -0.9, 0.0))
-        return scores.float() + 0 * self.w
-
-
 def _ids(n, seed=0):
     return torch.randint(3, 49152, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def _system(base, lens=True):
     cfg = mc.MegaContextConfig(model=base.name, w_max=W_MAX, block_size=K)
-    return mc.MegaContext(base, None, RuleScorer() if lens else None, cfg)
+    return mc.MegaContext(base, None, RuleScorer(far=60) if lens else None, cfg)
 
 
 def _history(session):

@@ -2,27 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from session_checks import RuleScorer
 
 import megacontext as mc
 from megacontext.runtime import wc_nll
-
-
-class RuleScorer(torch.nn.Module):
-    """A LensNet stand-in with fixed, legible scores, so refocus actions are
-    guaranteed: expand the 3 newest gists, collapse tokens more than 100 tokens
-    from the cursor. (The learned LensNet is tested in test_lensnet.py.)"""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, entries, tail, levels, span, distance, mask=None):
-        gist = levels > 0
-        gist_dist = torch.where(gist, distance, torch.full_like(distance, 1 << 40))
-        newest = torch.zeros_like(gist)
-        newest[0, gist_dist[0].argsort()[:3]] = True
-        scores = torch.where(gist & newest, 0.9, torch.where(~gist & (distance > 100), -0.9, 0.0))
-        return scores.float() + 0 * self.w
 
 
 def _ids(n, seed=0):

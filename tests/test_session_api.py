@@ -142,7 +142,7 @@ def _small(base):
     cfg = mc.MegaContextConfig(
         model=base.name, block_size=8, levels=1, recent_tokens=16, w_max=40, kv_mode="splice"
     )
-    from test_session_store import RuleScorer
+    from session_checks import RuleScorer
 
     s = mc.MegaContext(base, None, RuleScorer(), cfg).session()
     s.ingest(_ids(184))  # the coarsest WC of 216 tokens no longer fits in 40 entries

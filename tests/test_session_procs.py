@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_session_store import RuleScorer, _ids, _open, _session
+from session_checks import RuleScorer
+from test_session_store import _ids, _open, _session
 
 import megacontext as mc
 from megacontext import session_store

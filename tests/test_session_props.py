@@ -19,7 +19,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_session_store import RuleScorer, _ids
+from session_checks import RuleScorer
+from test_session_store import _ids
 
 import megacontext as mc
 

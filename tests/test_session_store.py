@@ -10,27 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from session_checks import RuleScorer
 
 import megacontext as mc
 from megacontext import session_store
 from megacontext.session_store import HEAD, MARKER
-
-
-class RuleScorer(torch.nn.Module):
-    """Fixed, legible LensNet scores (as in test_runtime.py), so refocus acts: expand
-    the 3 newest gists, collapse tokens more than 100 tokens from the cursor."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, entries, tail, levels, span, distance, mask=None):
-        gist = levels > 0
-        gist_dist = torch.where(gist, distance, torch.full_like(distance, 1 << 40))
-        newest = torch.zeros_like(gist)
-        newest[0, gist_dist[0].argsort()[:3]] = True
-        scores = torch.where(gist & newest, 0.9, torch.where(~gist & (distance > 100), -0.9, 0.0))
-        return scores.float() + 0 * self.w
 
 
 def _ids(n, seed=0):
