@@ -49,7 +49,7 @@ from .nll import nll_after
 from .tree import MegaContextTree
 from .working_context import WorkingContext, entry_positions
 
-__all__ = ["PHASES", "MegaContext", "Session", "SessionBatch"]
+__all__ = ["PHASES", "MegaContext", "Session", "SessionBatch", "sample_token"]
 
 PHASES = ("gist", "lens", "allocator", "cache", "decode")
 _KEEP: Any = object()  # with_config(): "carry this module over"
@@ -647,7 +647,7 @@ class Session:
         snapshot = self._snapshot()
         try:
             for _ in range(max_new_tokens):
-                token = _sample(self._next_logits, temperature, top_p, gen)
+                token = sample_token(self._next_logits, temperature, top_p, gen)
                 out.append(token)
                 self._append_token(token)
                 if stop_at_eos and eos is not None and token == eos:
@@ -880,7 +880,10 @@ def _check_float(value: Any, arg: str, low: float, high: float, low_open: bool) 
     return v
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> int:
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen=None) -> int:
+    """One token id from ``logits [V]``: greedy at ``temperature == 0``; else a draw
+    (with the ``torch.Generator`` ``gen``) from ``softmax(logits / T)`` restricted to
+    the smallest top set of mass ``>= top_p``."""
     if temperature == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -997,7 +1000,7 @@ class SessionBatch:
         for _ in range(max_new_tokens):
             tokens = []
             for s in self.sessions:
-                tokens.append(_sample(s.next_token_logits(), temperature, top_p, gen))
+                tokens.append(sample_token(s.next_token_logits(), temperature, top_p, gen))
             self._step(tokens)
             for o, tok in zip(outs, tokens, strict=True):
                 o.append(tok)

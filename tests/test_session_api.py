@@ -176,7 +176,7 @@ def test_an_interrupted_generate_changes_nothing(tiny_base, monkeypatch):
     s = _small(tiny_base)
     before = _state(s)
     calls = []
-    real = runtime._sample
+    real = runtime.sample_token
 
     def sample(*args):
         calls.append(1)
@@ -184,7 +184,7 @@ def test_an_interrupted_generate_changes_nothing(tiny_base, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(runtime, "_sample", sample)
+    monkeypatch.setattr(runtime, "sample_token", sample)
     with pytest.raises(KeyboardInterrupt):
         s.generate(20)
     after = _state(s)

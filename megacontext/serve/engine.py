@@ -42,7 +42,7 @@ import torch
 from .._atomic import atomic_write_text
 from ..cache import MegaContextCache
 from ..errors import ConfigError, InputError, MegaContextError, StorageError
-from ..runtime import MegaContext, Session, SessionBatch
+from ..runtime import MegaContext, Session, SessionBatch, sample_token
 from .chat import new_messages, turn_text
 from .protocol import ApiError
 
@@ -151,20 +151,6 @@ class Turn:
             self.sink(kind, payload)
         except Exception:  # a sink whose loop has closed: nobody is listening
             log.debug("dropped %s event of %s", kind, self.conv_id, exc_info=True)
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> int:
-    """Greedy at ``temperature == 0``; else a draw from ``softmax(logits / T)``
-    restricted to the smallest top set of mass ``>= top_p``."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
-        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -612,7 +598,7 @@ class Engine:
     def _next_token(self, t: Turn) -> int:
         assert t.session is not None
         req = t.request
-        return _sample(t.session.next_token_logits(), req.temperature, req.top_p, t.generator)
+        return sample_token(t.session.next_token_logits(), req.temperature, req.top_p, t.generator)
 
     def _step(self, batch: SessionBatch, active: list[Turn], tokens: list[int]) -> None:
         """Append ``tokens[b]`` to ``active[b]``'s session with one batched forward
