@@ -134,11 +134,19 @@ ARGUMENT_CASES: dict[str, list[tuple[str, str]]] = {
 ARGUMENT_CASES["paths"] = ARGUMENT_CASES["path"]
 
 
-def _annotation(param) -> object:
-    """The Python type of a typer parameter (``int`` for ``int | None``)."""
-    ann = param.type_descriptor.annotation
+def _takes_int(param) -> bool:
+    """Whether a CLI parameter parses an integer (``int`` or ``int | None``).
+
+    typer >= 0.28 keeps the annotation on ``type_descriptor``; older typer has a
+    click-style ``param.type`` (from click or typer's vendored copy of it, so the class
+    is matched by name; the GPU image has typer 0.27).
+    """
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is None:
+        return any(c.__name__ == "IntParamType" for c in type(param.type).__mro__)
+    ann = descriptor.annotation
     args = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
-    return args[0] if len(args) == 1 else ann
+    return (args[0] if len(args) == 1 else ann) is int
 
 
 def _cases():
@@ -151,7 +159,7 @@ def _cases():
             if p.param_type_name == "option":
                 flag = p.opts[0]
                 rows = list(OPTION_CASES.get(p.name, []))
-                if _annotation(p) is int:
+                if _takes_int(p):
                     rows.append(("abc", flag))
                 for value, expect in rows:
                     yield pytest.param(
