@@ -222,3 +222,25 @@ def test_section_verdicts(tmp_path):
     assert "| far | dropped | ∞ | 1024 | 2.000 | +1.000 | – | FAIL |" in text
     assert "| far | lod1 | 32× | 1056 | 1.020 | +0.020 | 0.600 | PASS (trivial) |" in text
     assert (tmp_path / "compression.png").is_file()
+
+
+def test_views_under_the_runtime_hybrid_positions(base):
+    """Under ``hybrid`` (the runtime default) the views read what a session would: the
+    far part (tokens before R and R's gists) compacted in WC order, the tokens after R
+    at their own indices while the history is short, and the targets right after."""
+    bs, T = 8, 192
+    tree = comp.gist_history(base, _ids(T), None, block_size=bs)
+    views = comp.compression_views(base, tree, 1, scheme="hybrid", max_gap=10_000)
+    s, e = 64, 128
+    l1, l2, ctrl, drop = views["lod1"], views["lod2"], views["control"], views["dropped"]
+    assert torch.equal(ctrl.positions, torch.arange(T)) and ctrl.next_position == T
+    assert torch.equal(l1.positions, torch.cat([torch.arange(s + 8), torch.arange(e, T)]))
+    assert torch.equal(l2.positions, torch.cat([torch.arange(s + 1), torch.arange(e, T)]))
+    assert l1.next_position == l2.next_position == T
+    # nothing is gisted: the dropped view closes the gap, like a truncation
+    assert torch.equal(drop.positions, torch.arange(T - 64)) and drop.next_position == T - 64
+    # a small max_gap pulls the tokens after R back towards the far part
+    near = comp.compression_views(base, tree, 1, ["lod1"], scheme="hybrid", max_gap=3)["lod1"]
+    assert torch.equal(
+        near.positions, torch.cat([torch.arange(s + 8), torch.arange(e, T) - (e - s - 8) + 3])
+    )

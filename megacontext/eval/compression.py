@@ -52,7 +52,9 @@ import numpy as np
 import torch
 
 from .. import synthetic
+from ..config import MegaContextConfig
 from ..errors import InputError, InvariantError
+from ..focus import position_gap
 from ..lora import has_lora
 from ..tree import MegaContextTree
 from ..working_context import WorkingContext
@@ -103,11 +105,16 @@ def compression_views(
     tree: Any,
     node: int,
     conditions: Sequence[str] = CONDITIONS,
+    *,
+    scheme: str = "global",
+    max_gap: int = 0,
 ) -> dict[str, View]:
     """The views of the history held by ``tree`` (``T`` tokens, ``T`` a multiple of
     ``bs²``) with the LOD2 node ``node`` (tokens ``[node·bs², (node+1)·bs²)``) read as
-    each of ``conditions``; every other token at its own position, the targets from
-    position ``T``. ``View.meta`` holds ``levels``/``nodes`` of the entries."""
+    each of ``conditions``, every other token as itself, at the positions the runtime
+    gives those entries under ``scheme`` (:func:`~megacontext.working_context.
+    entry_positions`; ``global``: every token at its own index, a gist at its span
+    centre, the targets from ``T``). ``View.meta`` holds ``levels``/``nodes``."""
     bs = int(tree.block_size)
     span = bs * bs
     T = int(tree.num_tokens)
@@ -137,7 +144,8 @@ def compression_views(
             levels, nodes, block_size=bs, max_level=2, w_max=max(len(levels), 1), num_tokens=T
         )
         meta = {"levels": levels, "nodes": nodes, "region": (s, e), "node": node}
-        views[cond] = View(cond, wc.embeddings(base, tree), wc.positions().cpu(), T, meta)
+        pos, nxt = wc.positions(scheme, max_gap).cpu(), wc.next_position(scheme, max_gap)
+        views[cond] = View(cond, wc.embeddings(base, tree), pos, nxt, meta)
     return views
 
 
@@ -223,13 +231,15 @@ def _rows_for(
     n_scored: int,
     tags: dict[str, Any],
     control: dict[str, Any] | None,
+    scheme: str,
+    max_gap: int,
 ) -> list[dict[str, Any]]:
     """One row per condition; ``control`` (a dict shared by a document's placements)
     caches the control NLL, which does not depend on the placement."""
     bs = int(tree.block_size)
     ratio = {"control": 1.0, "lod1": float(bs), "lod2": float(bs * bs), "dropped": math.inf}
     conds = [c for c in CONDITIONS if not (c == "control" and control and "nll" in control)]
-    views = compression_views(reader, tree, node, conds)
+    views = compression_views(reader, tree, node, conds, scheme=scheme, max_gap=max_gap)
     rows = []
     for cond in CONDITIONS:
         t0 = time.perf_counter()
@@ -297,11 +307,19 @@ def compression_suite(
         raise InputError(f"compression: history + horizon = {T + H} exceeds {base.name}'s context")
     reader, reader_name = _reader(base, system)
     gistnet = None if system is None else system.gistnet
+    # the runtime's positions: the system's scheme (the default config's without one)
+    mc_cfg = MegaContextConfig(block_size=bs) if system is None else system.config
+    scheme, max_gap = mc_cfg.positions, position_gap(mc_cfg, reader)
     gist_name = "mean-pool" if gistnet is None else type(gistnet).__name__
     if documents is None:
         documents = compression_documents(reader, cfg["narrative"], cfg["code"], T + H)
     rows: list[dict[str, Any]] = []
-    common = {"suite": "compression", "gistnet": gist_name, "reader": reader_name}
+    common = {
+        "suite": "compression",
+        "gistnet": gist_name,
+        "reader": reader_name,
+        "positions": scheme,
+    }
     for doc_id, kind, ids in documents:
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()
         if ids.numel() < T + H:
@@ -316,7 +334,7 @@ def compression_suite(
             log(f"compression: {doc_id} {placement} (node {node})")
             tags = {**common, "kind": kind, "doc": doc_id, "placement": placement}
             tags |= {"history_tokens": T, "horizon": H}
-            rows += _rows_for(reader, tree, node, ids[T : T + H], H, tags, control)
+            rows += _rows_for(reader, tree, node, ids[T : T + H], H, tags, control, scheme, max_gap)
     for placement in PLACEMENTS:
         for i in range(cfg["passkey"]):
             s = seed * 1000 + i
@@ -328,7 +346,7 @@ def compression_suite(
             n = task["answer"].numel()
             tags = {**common, "kind": "passkey", "doc": doc, "placement": placement}
             tags |= {"history_tokens": T, "horizon": n, "statement_start": task["statement"][0]}
-            rows += _rows_for(reader, tree, node, task["stream"], n, tags, None)
+            rows += _rows_for(reader, tree, node, task["stream"], n, tags, None, scheme, max_gap)
     return rows
 
 

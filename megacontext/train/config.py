@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .._atomic import atomic_write_text
 from ..config import MegaContextConfig, read_yaml_mapping
+from ..data import TAGS
 from ..errors import ConfigError
 from ..lora import LoraConfig
 
@@ -40,6 +41,35 @@ class OptimConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.95)
 
 
+class RegionConfig(_Strict):
+    """Region snapshots for the GistNet phases (``data.wc: region``).
+
+    Over a window's history ``[0, T)`` (``T = history + blocks * bs``) one aligned region
+    ``[a, b)`` is read as gists and the rest as tokens: with probability
+    ``lod2_fraction`` the newest LOD2 node that leaves at least ``suffix_blocks[0]``
+    blocks of tokens after it (one gist for ``bs^2`` tokens, 1024x), else ``b - a``
+    tokens as LOD1 gists (32x) with ``a`` = a uniform number of blocks in
+    ``[0, prefix_blocks]`` and ``T - b`` = a uniform number in ``suffix_blocks``. The
+    targets are the ``horizon`` tokens after ``T``: what the compression-stress
+    evaluation scores, on training-split windows.
+    """
+
+    prefix_blocks: int = Field(4, ge=0, description="most blocks of tokens before the region")
+    suffix_blocks: tuple[int, int] = Field(
+        (2, 8), description="fewest and most blocks of tokens between the region and the targets"
+    )
+    lod2_fraction: float = Field(0.25, ge=0, le=1, description="share of 1024x (LOD2) regions")
+
+    @model_validator(mode="after")
+    def _check(self) -> RegionConfig:
+        lo, hi = self.suffix_blocks
+        if not 1 <= lo <= hi:
+            raise ValueError(
+                f"region.suffix_blocks: need 1 <= low <= high, got {self.suffix_blocks}"
+            )
+        return self
+
+
 class DataConfig(_Strict):
     """Where token windows come from.
 
@@ -59,6 +89,29 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     history: int = Field(2048, gt=0, description="tokens ingested before the first block")
     blocks: int = Field(4, ge=1, description="blocks of K decoded (snapshots) per window")
+    tag_mix: dict[str, float] | None = Field(
+        None,
+        description="shards only: draw this share of the training windows from each tag "
+        "(e.g. {code: 0.5, doc: 0.5}); None: every window of every document equally likely",
+    )
+    wc: Literal["rollout", "region"] = Field(
+        "rollout",
+        description="the WCs of the GistNet phases (warm-gist, b1): on-policy rollouts, or "
+        "'region' snapshots (one region of the window read as gists, see RegionConfig)",
+    )
+    region: RegionConfig = Field(default_factory=lambda: RegionConfig())
+
+    @model_validator(mode="after")
+    def _check_mix(self) -> DataConfig:
+        if self.tag_mix is not None:
+            bad = sorted(set(self.tag_mix) - set(TAGS))
+            if bad or not self.tag_mix:
+                raise ValueError(f"data.tag_mix: unknown tags {bad} (known: {list(TAGS)})")
+            if any(w < 0 for w in self.tag_mix.values()) or sum(self.tag_mix.values()) <= 0:
+                raise ValueError(
+                    f"data.tag_mix: weights must be >= 0 with a positive sum, got {self.tag_mix}"
+                )
+        return self
 
 
 class GistLossConfig(_Strict):
@@ -138,6 +191,19 @@ class TrainConfig(_Strict):
                 f"data.history: {self.data.history} is not a multiple of block_size "
                 f"{mc.block_size}"
             )
+        if self.data.wc == "region":
+            bs, r = mc.block_size, self.data.region
+            blocks = self.data.history // bs + self.data.blocks
+            if blocks < r.prefix_blocks + r.suffix_blocks[1] + 1:
+                raise ValueError(
+                    f"data.region: a history of {blocks} blocks cannot hold prefix_blocks "
+                    f"{r.prefix_blocks} + suffix_blocks {r.suffix_blocks[1]} + a region"
+                )
+            if r.lod2_fraction > 0 and (mc.levels < 2 or blocks < bs + r.suffix_blocks[0]):
+                raise ValueError(
+                    f"data.region.lod2_fraction: a LOD2 region needs levels >= 2 and a history "
+                    f"of {bs} + {r.suffix_blocks[0]} blocks (have {blocks}, levels {mc.levels})"
+                )
         for b in self.early_stop.budgets:
             if mc.protected_tokens + mc.block_size > b:
                 raise ValueError(

@@ -23,7 +23,7 @@ from ..focus import FocusLoop
 from ..tree import MegaContextTree
 from ..working_context import WorkingContext
 
-__all__ = ["Snapshot", "rollout", "snapshot_wc"]
+__all__ = ["Snapshot", "region_snapshot", "rollout", "snapshot_wc"]
 
 
 @dataclass
@@ -121,3 +121,54 @@ def rollout(
             )
         )
     return loop.tree, snaps
+
+
+def region_snapshot(
+    window: torch.Tensor,
+    cfg: MegaContextConfig,
+    region: Any,
+    horizon: int,
+    generator: torch.Generator,
+    doc: int = 0,
+) -> Snapshot:
+    """A snapshot whose WC reads one aligned region of the history as gists.
+
+    ``window`` int64 ``[T + horizon]`` with ``T`` a multiple of the block size ``bs``;
+    ``region`` a :class:`~megacontext.train.config.RegionConfig`. The WC tiles ``[0, T)``:
+    tokens ``[0, a)``, the region ``[a, b)`` as LOD1 gists (``(b - a) / bs`` of them) or
+    as one LOD2 gist (``b - a = bs^2``, with probability ``region.lod2_fraction``),
+    tokens ``[b, T)``; the targets are ``window[T : T + horizon]``. Deterministic in
+    ``generator``.
+    """
+    bs = cfg.block_size
+    window = torch.as_tensor(window).to(torch.int64).cpu()
+    T = window.numel() - horizon
+    if T % bs or bs > T or horizon < 1:
+        raise InputError(
+            f"region_snapshot: a window of {window.numel()} tokens with horizon {horizon} "
+            f"leaves a history of {T}, not a positive multiple of the block size {bs}"
+        )
+    n_blocks = T // bs
+    lo, hi = region.suffix_blocks
+
+    def uniform(a: int, b: int) -> int:  # inclusive
+        return a + int(torch.randint(b - a + 1, (1,), generator=generator))
+
+    lod2 = float(torch.rand((), generator=generator)) < region.lod2_fraction
+    if lod2 and cfg.levels >= 2 and n_blocks >= bs + lo:
+        node = (n_blocks - lo) // bs - 1  # the newest LOD2 node with >= lo blocks after it
+        a, b = node * bs * bs, (node + 1) * bs * bs
+        mid_levels, mid_nodes = torch.tensor([2]), torch.tensor([node])
+    else:
+        pre = uniform(0, min(region.prefix_blocks, n_blocks - lo - 1))
+        suf = uniform(lo, min(hi, n_blocks - pre - 1))
+        a, b = pre * bs, T - suf * bs
+        mid_nodes = torch.arange(a // bs, b // bs)
+        mid_levels = torch.ones_like(mid_nodes)
+    levels = torch.cat(
+        [torch.zeros(a, dtype=torch.int64), mid_levels, torch.zeros(T - b, dtype=torch.int64)]
+    )
+    nodes = torch.cat([torch.arange(a), mid_nodes, torch.arange(b, T)])
+    return Snapshot(
+        doc=doc, step=0, cursor=T, levels=levels, nodes=nodes, targets=window[T:].clone()
+    )

@@ -52,7 +52,7 @@ from .config import PHASE_NAMES, OptimConfig, TrainConfig
 from .forward import forward_rows, wc_embeddings, wc_positions
 from .labels import label_snapshot, module_hash, write_labels
 from .phases import gist_loss, lens_loss, lora_loss
-from .rollout import rollout
+from .rollout import region_snapshot, rollout
 
 __all__ = ["Trainer", "WindowSource", "cosine_lambda", "text_windows"]
 
@@ -233,7 +233,24 @@ class Trainer:
         if d.path is None:
             raise ConfigError("data.kind=shards needs data.path", field="data.path")
         ds = ShardDataset(d.path, d.split if which == "train" else d.val_split, d.tags)
-        return lambda n, seed: ds.sample_windows(length, n, seed)
+        if which != "train" or d.tag_mix is None:
+            return lambda n, seed: ds.sample_windows(length, n, seed)
+        # per-tag sources: window j of a draw comes from tag k with probability w_k
+        tags = sorted(t for t, w in d.tag_mix.items() if w > 0)
+        parts = {t: ds.with_tags([t]) for t in tags}
+        probs = torch.tensor([d.tag_mix[t] for t in tags], dtype=torch.float64)
+
+        def mixed(n: int, seed: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(_seed(seed, 11) % (1 << 62))
+            which_tag = torch.multinomial(probs, n, replacement=True, generator=g).tolist()
+            out = torch.empty(n, length, dtype=torch.int64)
+            for k, t in enumerate(tags):
+                rows = [j for j, w in enumerate(which_tag) if w == k]
+                if rows:
+                    out[rows] = parts[t].sample_windows(length, len(rows), _seed(seed, k))
+            return out
+
+        return mixed
 
     # ------------------------------------------------------------------ helpers
 
@@ -301,6 +318,16 @@ class Trainer:
                 snaps = snaps[-self.cfg.snapshots_per_window :]
             out.append((w, tree, snaps))
         return out
+
+    def _regions(self, phase_idx: int, step: int, micro: int):
+        """Region snapshots (``data.wc: region``): one per window, no tree needed."""
+        seed = self._data_seed(phase_idx, step, micro)
+        windows = self.train_windows(self.cfg.batch_size, seed)
+        g = torch.Generator().manual_seed(_seed(seed, 7) % (1 << 62))
+        return [
+            (w, None, [region_snapshot(w, self.mc, self.cfg.data.region, self.mc.horizon, g, k)])
+            for k, w in enumerate(windows)
+        ]
 
     def make_labels(self, phase_idx: int, cycle: int, with_lens: bool, tag: str):
         """Roll out ``label_windows`` windows and label every snapshot; writes
@@ -466,7 +493,10 @@ class Trainer:
                             losses.append((loss, st))
                         tokens += s.cursor
                 else:
-                    batch = self._rollouts(idx, step, micro, with_lens=phase != "warm-gist")
+                    if phase in ("warm-gist", "b1") and cfg.data.wc == "region":
+                        batch = self._regions(idx, step, micro)
+                    else:
+                        batch = self._rollouts(idx, step, micro, with_lens=phase != "warm-gist")
                     for w, tree, snaps in batch:
                         for s in snaps:
                             runtime["swap"].append(s.n_expand + s.n_collapse)
