@@ -57,8 +57,9 @@ H = 64
 LENGTHS = (4096, 16384, 32768, 131072)
 BUDGETS = (1024, 4096)
 PASSKEY_T, PASSKEY_BACK = 32768, 30000
-SCHEMES = ("hybrid", "global", "compact")
-METHODS = ("truncation", "streaming", "infllm", *(f"mc_{s}" for s in SCHEMES))
+ALL_SCHEMES = ("hybrid", "global", "compact")
+SCHEMES = ALL_SCHEMES
+METHODS = ("truncation", "streaming", "infllm", *(f"mc_{s}" for s in ALL_SCHEMES))
 # compact is scored at the smaller budget only (time on a shared 2-core CPU)
 COMPACT_BUDGETS = (1024,)
 
@@ -90,6 +91,35 @@ def prose_ids(base: mc.Base, need: int) -> tuple[torch.Tensor, int]:
     return torch.cat([torch.cat([ids, sep])] * reps)[:need], reps
 
 
+def heldout_code_ids(data: Path, need: int) -> torch.Tensor:
+    """Validation-split code documents of the shard directory ``data`` (the standard
+    library as ``megacontext ingest`` split it: text no GistNet trained on), in id order,
+    until ``need`` tokens."""
+    from megacontext.data import ShardDataset
+
+    ds = ShardDataset(data, "validation", ["code"])
+    parts, n = [], 0
+    for i in sorted(range(len(ds)), key=lambda i: ds.info(i)["doc_id"]):
+        parts.append(torch.from_numpy(ds.tokens(i).astype("int64")))
+        n += parts[-1].numel()
+        if n >= need:
+            return torch.cat(parts)[:need]
+    raise SystemExit(f"{data}: the validation split holds {n:,} code tokens, need {need:,}")
+
+
+def heldout_prose_ids(base: mc.Base, need: int) -> tuple[torch.Tensor, int]:
+    """LongBench NarrativeQA contexts (never trained on) concatenated in file order,
+    repeated when shorter than ``need`` (returns how often)."""
+    import json
+
+    path = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "longbench"
+    rows = (path / "narrativeqa.jsonl").read_text(encoding="utf-8").splitlines()
+    sep = base.encode("\n\n")
+    ids = torch.cat([torch.cat([base.encode(json.loads(r)["context"]), sep]) for r in rows])
+    reps = -(-need // ids.numel())
+    return torch.cat([ids] * reps)[:need], reps
+
+
 def mc_views(base: mc.Base, history: torch.Tensor, budgets, loop: FocusLoop | None = None):
     """``{(W, scheme): View}``: the recency WC of a session at ``w_max = W`` over
     ``history`` (FocusLoop ingest: tree + recency rebuild, what ``Session.ingest``
@@ -113,6 +143,22 @@ def mc_views(base: mc.Base, history: torch.Tensor, budgets, loop: FocusLoop | No
     return out
 
 
+def gist_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
+    """The recency WC at ``w_max = w`` of ``loop``'s tree (gisted by its GistNet) under
+    the default ``hybrid`` positions."""
+    wc = WorkingContext.from_tree(loop.tree, w, loop.config.protected_tokens)
+    wc.check(loop.tree)
+    cfg = mc.MegaContextConfig(model=base.name, w_max=w, positions="hybrid")
+    gap = position_gap(cfg, base)
+    pos, nxt = entry_positions(wc.levels, wc.nodes, wc.block_size, "hybrid", max_gap=gap)
+    per_level = torch.bincount(wc.levels.long(), minlength=wc.max_level + 1).tolist()
+    return View("mc_hybrid", wc.embeddings(base, loop.tree), pos, nxt, {"per_level": per_level})
+
+
+# (name, GistNet) pairs from --gistnet: recency MegaContext rows with trained gists
+GISTNETS: list[tuple[str, mc.GistNet]] = []
+
+
 class Run:
     def __init__(self, out: Path, base: mc.Base):
         self.out, self.base = out, base
@@ -125,13 +171,14 @@ class Run:
         return any(all(r.get(k) == v for k, v in want.items()) for r in self.rows)
 
     def score(self, view: View, targets: torch.Tensor, **key) -> float | None:
-        if self.done(key.get("method", view.method), **key):
+        method = key.pop("method", view.method)
+        if self.done(method, **key):
             return None
         t0 = time.perf_counter()
         nll = view_nll(self.base, view, targets)
         row = {
             **key,
-            "method": key.get("method", view.method),
+            "method": method,
             "nll": float(nll.mean()),
             "entries": view.entries,
             "max_position": int(max(int(view.positions.max()), view.next_position + H - 2)),
@@ -151,6 +198,12 @@ class Run:
         plot(self.rows, self.out / "nll_vs_history.png")
 
 
+def methods_of(rows: list[dict]) -> list[str]:
+    """The fixed methods, then any extra MegaContext variants (``--gistnet``) in order."""
+    seen = dict.fromkeys(r["method"] for r in rows)
+    return [*(m for m in METHODS if m in seen), *(m for m in seen if m not in METHODS)]
+
+
 def grid_rows(rows: list[dict]) -> list[dict]:
     """The continuation rows with truncation (scored once per target and W) repeated
     at every T >= W, and every method at T = W equal to truncation (each reads the
@@ -166,7 +219,9 @@ def grid_rows(rows: list[dict]) -> list[dict]:
             if r["W"] <= T:
                 out.append({**r, "T": T})
                 if r["W"] == T:
-                    out += [{**r, "T": T, "method": m} for m in METHODS[1:]]
+                    out += [
+                        {**r, "T": T, "method": m} for m in methods_of(rows) if m != "truncation"
+                    ]
     return out
 
 
@@ -182,6 +237,7 @@ def _fmt(x: float | None, sign: bool = False) -> str:
 def render(rows: list[dict], extra: dict[str, str]) -> str:
     lines = ["# Next-64-token NLL after long histories (nats; mean over targets)", ""]
     g = grid_rows(rows)
+    methods = methods_of(rows)
     for corpus in ("code", "prose"):
         for W in BUDGETS:
             sub = [r for r in g if r["corpus"] == corpus and r["W"] == W]
@@ -192,23 +248,24 @@ def render(rows: list[dict], extra: dict[str, str]) -> str:
             lines += [f"## {corpus}, W = {W:,}", ""]
             lines.append("| method | " + " | ".join(f"T={T:,} (n={n[T]})" for T in Ts) + " |")
             lines.append("|---|" + "---:|" * len(Ts))
-            for m in METHODS:
+            for m in methods:
                 lines.append(
                     f"| {m} | " + " | ".join(_fmt(_mean(sub, method=m, T=T)) for T in Ts) + " |"
                 )
-            diffs = []
-            for T in Ts:
-                a, b = _mean(sub, method="mc_hybrid", T=T), _mean(sub, method="truncation", T=T)
-                diffs.append(None if a is None or b is None else a - b)
-            lines.append(
-                "| mc_hybrid − truncation | " + " | ".join(_fmt(d, True) for d in diffs) + " |"
-            )
+            for m in [x for x in methods if x.startswith("mc_hybrid")]:
+                diffs = []
+                for T in Ts:
+                    a, b = _mean(sub, method=m, T=T), _mean(sub, method="truncation", T=T)
+                    diffs.append(None if a is None or b is None else a - b)
+                lines.append(
+                    f"| {m} − truncation | " + " | ".join(_fmt(d, True) for d in diffs) + " |"
+                )
             lines.append("")
     if g:
         lines += ["## Largest position fed (any T, targets included)", ""]
         lines += ["| method | " + " | ".join(f"W={W:,}" for W in BUDGETS) + " |"]
         lines += ["|---|" + "---:|" * len(BUDGETS)]
-        for m in METHODS:
+        for m in methods:
             cells = []
             for W in BUDGETS:
                 ps = [r["max_position"] for r in g if r["method"] == m and r["W"] == W]
@@ -220,7 +277,7 @@ def render(rows: list[dict], extra: dict[str, str]) -> str:
         lines += ["## Pass key ~30k tokens back in a 32k prose history: answer NLL", ""]
         lines += ["| method | " + " | ".join(f"W={W:,}" for W in BUDGETS) + " |"]
         lines += ["|---|" + "---:|" * len(BUDGETS)]
-        for m in METHODS:
+        for m in methods:
             cells = [_fmt(_mean(pk, method=m, W=W)) for W in BUDGETS]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -246,7 +303,7 @@ def plot(rows: list[dict], path: Path) -> None:
         # drawn at the top edge with their value written beside them
         near = [r["nll"] for r in sub if r["method"] != "mc_global"]
         top = max(near) + 0.35
-        for m in METHODS:
+        for m in methods_of(rows):
             Ts = sorted({r["T"] for r in sub if r["method"] == m})
             if Ts:
                 ys = [_mean(sub, method=m, T=T) for T in Ts]
@@ -295,6 +352,18 @@ def continuation(run: Run, corpus: str, ids: torch.Tensor, ends, budgets, length
                 for scheme in SCHEMES:
                     if scheme != "compact" or W in COMPACT_BUDGETS:
                         run.score(views[(W, scheme)], targets, **key)
+            for name, gist in GISTNETS:
+                gloop = None
+                for W in budgets:
+                    key = dict(task="continuation", corpus=corpus, target=e, W=W, T=T)
+                    if T <= W or run.done(f"mc_hybrid+{name}", **key):
+                        continue
+                    if gloop is None:
+                        cfg = mc.MegaContextConfig(model=base.name, w_max=min(budgets))
+                        gloop = FocusLoop(base, gist, None, cfg)
+                        gloop.ingest(hist)
+                    view = gist_view(base, gloop, W)
+                    run.score(view, targets, method=f"mc_hybrid+{name}", **key)
 
 
 def timed_session_ingest(run: Run, hist: torch.Tensor) -> FocusLoop:
@@ -350,6 +419,19 @@ def main() -> None:
     ap.add_argument(
         "--render", action="store_true", help="only rewrite the table and plot of OUT's rows"
     )
+    ap.add_argument(
+        "--texts",
+        choices=("stdlib", "heldout"),
+        default="stdlib",
+        help="stdlib: stdlib modules + pydoc topics (the default); heldout: validation-split "
+        "code of --data + LongBench NarrativeQA (text no GistNet trained on)",
+    )
+    ap.add_argument("--data", type=Path, default=Path("artifacts/data/stdlib"))
+    ap.add_argument("--gistnet", action="append", default=[], help="NAME=PATH (repeatable)")
+    ap.add_argument("--lengths", type=int, nargs="+", help="history lengths T (default all)")
+    ap.add_argument("--budgets", type=int, nargs="+", help="budgets W (default 1,024 4,096)")
+    ap.add_argument("--schemes", nargs="+", choices=ALL_SCHEMES, help="MegaContext schemes")
+    ap.add_argument("--no-passkey", action="store_true", help="skip the pass key")
     args = ap.parse_args()
     if args.render:
         import pyarrow.parquet as pq
@@ -360,7 +442,13 @@ def main() -> None:
         (args.out / "results.md").write_text(render(rows, extra))
         plot(rows, args.out / "nll_vs_history.png")
         return
-    global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK
+    global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK, SCHEMES
+    LENGTHS = tuple(args.lengths or LENGTHS)
+    BUDGETS = tuple(args.budgets or BUDGETS)
+    SCHEMES = tuple(args.schemes or SCHEMES)
+    for spec in args.gistnet:
+        name, _, path = spec.partition("=")
+        GISTNETS.append((name, mc.GistNet.load(path)))
     if args.smoke:
         LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK = (512, 2048), (256, 512), 2048, 1800
         global COMPACT_BUDGETS
@@ -377,18 +465,28 @@ def main() -> None:
         f"{base.name} ({base.dtype}, trained to {base.max_positions:,} positions)"
     )
     need = max(LENGTHS) + H + 4096 * (args.targets - 1)
-    code = code_ids(base, need)
-    prose, reps = prose_ids(base, need)
-    run.extra["texts"] = (
-        f"code: {code.numel():,} tokens of stdlib modules; prose: pydoc topics "
-        f"({prose.numel():,} tokens, the text repeated {reps}x to reach 128k)"
-    )
+    if args.texts == "heldout":
+        code = heldout_code_ids(args.data, need)
+        prose, reps = heldout_prose_ids(base, need)
+        run.extra["texts"] = (
+            f"held out: code: {code.numel():,} tokens of validation-split stdlib modules "
+            f"({args.data}); prose: LongBench NarrativeQA contexts ({prose.numel():,} "
+            f"tokens, repeated {reps}x)"
+        )
+    else:
+        code = code_ids(base, need)
+        prose, reps = prose_ids(base, need)
+        run.extra["texts"] = (
+            f"code: {code.numel():,} tokens of stdlib modules; prose: pydoc topics "
+            f"({prose.numel():,} tokens, the text repeated {reps}x to reach 128k)"
+        )
     ends = [need - 4096 * i for i in range(args.targets)]
     # most important first: one target per corpus at the small budget, the pass key,
     # the large budget, then the further targets
     for corpus, ids in (("code", code), ("prose", prose)):
         continuation(run, corpus, ids, ends[:1], BUDGETS[:1], LENGTHS)
-    passkey(run, BUDGETS)
+    if not args.no_passkey:
+        passkey(run, BUDGETS)
     for corpus, ids in (("code", code), ("prose", prose)):
         continuation(run, corpus, ids, ends[:1], BUDGETS[1:], LENGTHS)
     # further targets at the smaller budget only (time on a shared 2-core CPU)

@@ -431,8 +431,14 @@ def compression_section(rows: list[dict], out: Path, lines: list[str]) -> None:
         f"A history of {first['history_tokens']} tokens; one aligned LOD2 region R "
         f"({first['region_end'] - first['region_start']} tokens) is read as its tokens "
         "(`control`), its LOD1 gists (`lod1`), its LOD2 gist (`lod2`), or not at all "
-        "(`dropped`); every other token at its own position, gists at their span centres. "
-        "R is the oldest node (`far`) or the node right before the targets (`near`). "
+        "(`dropped`); "
+        + (
+            f"every entry at the runtime's positions under the `{first['positions']}` "
+            "scheme (docs/positions.md). "
+            if "positions" in first
+            else "every other token at its own position, gists at their span centres. "
+        )
+        + "R is the oldest node (`far`) or the node right before the targets (`near`). "
         f"Gists: {first['gistnet']}; read by the {first['reader']}. ΔNLL = NLL(condition) − "
         "NLL(control) in nats on the same targets, mean over documents with a 95% "
         "bootstrap interval (2,000 resamples, seed 0); `kept` = (NLL_dropped − "

@@ -56,7 +56,9 @@ class RegionConfig(_Strict):
 
     prefix_blocks: int = Field(4, ge=0, description="most blocks of tokens before the region")
     suffix_blocks: tuple[int, int] = Field(
-        (2, 8), description="fewest and most blocks of tokens between the region and the targets"
+        (0, 8),
+        description="fewest and most blocks of tokens between the region and the targets "
+        "(0: the gists right before the targets, the compression stress's `near`)",
     )
     lod2_fraction: float = Field(0.25, ge=0, le=1, description="share of 1024x (LOD2) regions")
 

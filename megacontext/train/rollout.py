@@ -160,7 +160,7 @@ def region_snapshot(
         a, b = node * bs * bs, (node + 1) * bs * bs
         mid_levels, mid_nodes = torch.tensor([2]), torch.tensor([node])
     else:
-        pre = uniform(0, min(region.prefix_blocks, n_blocks - lo - 1))
+        pre = uniform(0, max(min(region.prefix_blocks, n_blocks - lo - 1), 0))
         suf = uniform(lo, min(hi, n_blocks - pre - 1))
         a, b = pre * bs, T - suf * bs
         mid_nodes = torch.arange(a // bs, b // bs)
