@@ -27,24 +27,32 @@ def _cfg(levels: int = 2) -> mc.MegaContextConfig:
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_region_snapshot_tiles_the_history_with_one_region(seed):
+@pytest.mark.parametrize("low", [0, 2])
+def test_region_snapshot_tiles_the_history_with_one_region(seed, low):
     cfg = _cfg()
-    region = RegionConfig(prefix_blocks=3, suffix_blocks=(2, 5), lod2_fraction=0.3)
+    region = RegionConfig(prefix_blocks=3, suffix_blocks=(low, 5), lod2_fraction=0.3)
     T = 12 * BS  # 12 blocks >= bs + 2: a LOD2 node fits
     window = torch.arange(T + cfg.horizon)
     snap = region_snapshot(window, cfg, region, cfg.horizon, torch.Generator().manual_seed(seed))
     assert snap.cursor == T and torch.equal(snap.targets, window[T:])
-    snapshot_wc(snap, cfg).check()  # tiles [0, T) in order, no gaps or overlaps
+    # tiles [0, T) in order, no gaps or overlaps (not a runtime WC when the region
+    # ends inside the protected tail, so not WorkingContext.check())
+    span = BS**snap.levels
+    starts = snap.nodes * span
+    assert int(starts[0]) == 0 and int(starts[-1] + span[-1]) == T
+    assert torch.equal(starts[1:], starts[:-1] + span[:-1])
+    if low >= 2:
+        snapshot_wc(snap, cfg).check()
     gist = torch.nonzero(snap.levels > 0).squeeze(1)
     assert gist.numel() >= 1 and bool((gist[1:] - gist[:-1] == 1).all())  # one region
     lv = int(snap.levels[gist[0]])
     assert bool((snap.levels[gist] == lv).all())
     tokens_after = int((snap.levels[gist[-1] + 1 :] == 0).sum())
     if lv == 2:
-        assert gist.numel() == 1 and tokens_after >= 2 * BS
+        assert gist.numel() == 1 and tokens_after >= low * BS
     else:
         assert int(gist[0]) <= 3 * BS  # prefix tokens
-        assert 2 * BS <= tokens_after <= 5 * BS
+        assert low * BS <= tokens_after <= 5 * BS
 
 
 def test_region_snapshot_draws_both_levels_and_is_deterministic():
@@ -67,6 +75,15 @@ def test_region_snapshot_draws_both_levels_and_is_deterministic():
         int(region_snapshot(window, cfg, no_lod2, cfg.horizon, g).levels.max()) == 1
         for _ in range(20)
     )
+
+
+def test_region_snapshot_can_end_right_before_the_targets():
+    """suffix 0: the gists are the last entries, as in the compression stress's `near`."""
+    cfg = _cfg()
+    region = RegionConfig(prefix_blocks=0, suffix_blocks=(0, 0), lod2_fraction=0.0)
+    window = torch.arange(6 * BS + cfg.horizon)
+    snap = region_snapshot(window, cfg, region, cfg.horizon, torch.Generator().manual_seed(0))
+    assert snap.levels.tolist() == [1] * 6 and snap.nodes.tolist() == list(range(6))
 
 
 def test_region_snapshot_rejects_a_ragged_window():

@@ -65,9 +65,9 @@ class RegionConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> RegionConfig:
         lo, hi = self.suffix_blocks
-        if not 1 <= lo <= hi:
+        if not 0 <= lo <= hi:
             raise ValueError(
-                f"region.suffix_blocks: need 1 <= low <= high, got {self.suffix_blocks}"
+                f"region.suffix_blocks: need 0 <= low <= high, got {self.suffix_blocks}"
             )
         return self
 
