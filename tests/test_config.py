@@ -87,3 +87,13 @@ def test_shipped_configs_load():
     assert mc.MegaContextConfig.from_yaml(ROOT / "configs" / "smollm2-135m.yaml").model == (
         "smollm2-135m"
     )
+
+
+def test_shipped_trainer_configs_load():
+    from megacontext.train import load_train_config
+
+    paths = sorted((ROOT / "configs").glob("train*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        cfg = load_train_config(path)
+        assert cfg.window_length > 0, path
