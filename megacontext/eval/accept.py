@@ -7,8 +7,9 @@ benchmark relative to the frozen base model." Measured here, each against its ba
 - ``dnll_narrative`` / ``dnll_code``: mean over documents of
   NLL@H(MegaContext at ``w_max``) − NLL@H(the frozen model reading the whole
   history), H = ``config.horizon`` gold next tokens after the history. Narrative
-  documents are LongBench NarrativeQA contexts (``../shared/data/longbench``; the
-  pydoc topics prose when absent), code documents are standard-library modules.
+  documents are LongBench NarrativeQA contexts (``../shared/data/longbench``) and
+  then pydoc topics prose, code documents are standard-library modules, all in the
+  validation split by the trainer's rule (:func:`megacontext.data.split_of`).
   Truncation to the last ``w_max`` tokens is reported beside it (not judged).
 - ``latency_overhead``: per-token decode time of the MegaContext session (refocus
   amortised) over the frozen model decoding from a plain KV cache holding ``w_max``
@@ -41,7 +42,6 @@ relaxed: the exit code is 0 only when every criterion passes.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Callable
@@ -53,6 +53,7 @@ import torch
 
 from .._atomic import atomic_write_text
 from ..base import cache_kwarg, load_base
+from ..data import stdlib_modules, stdlib_prose
 from ..errors import InputError
 from ..hook import unpatch
 from ..lora import has_lora
@@ -77,7 +78,6 @@ BARS = {
     "pingpong": 0.0,
     "mean_residency": 3.0,
 }
-_CODE_MODULES = ("email.message", "asyncio.base_events", "typing", "argparse", "inspect")
 
 
 @dataclass
@@ -112,18 +112,18 @@ def all_passed(criteria: list[Criterion]) -> bool:
 
 
 def _narrative_docs(base: Any, n: int, min_tokens: int) -> list[torch.Tensor]:
+    """Held-out narrative: LongBench NarrativeQA contexts in the validation split,
+    then slices of :func:`~megacontext.data.stdlib_prose`."""
     docs: list[torch.Tensor] = []
     folder = longbench_dir()
     if folder is not None:
-        for ex in load_longbench(folder, tasks=("narrativeqa",)):
+        for ex in load_longbench(folder, tasks=("narrativeqa",), split="validation"):
             ids = base.encode(ex.context)
             if ids.numel() >= min_tokens:
                 docs.append(ids)
             if len(docs) == n:
                 return docs
-    import pydoc_data.topics as topics
-
-    ids = base.encode(" ".join(topics.topics.values()))
+    ids = base.encode(stdlib_prose("validation"))
     step = max(min_tokens, ids.numel() // max(n, 1))
     while len(docs) < n and (len(docs) + 1) * step <= ids.numel():
         k = len(docs)
@@ -132,11 +132,14 @@ def _narrative_docs(base: Any, n: int, min_tokens: int) -> list[torch.Tensor]:
 
 
 def _code_docs(base: Any, n: int, min_tokens: int) -> list[torch.Tensor]:
-    import importlib
-
+    """Held-out code: the validation split's top-level standard-library modules,
+    largest first (:func:`stdlib_modules`)."""
     docs = []
-    for name in _CODE_MODULES:
-        ids = base.encode(inspect.getsource(importlib.import_module(name)))
+    files = sorted(
+        (p for _, p in stdlib_modules("validation")), key=lambda p: (-p.stat().st_size, p.name)
+    )
+    for p in files:
+        ids = base.encode(p.read_text(encoding="utf-8", errors="replace"))
         if ids.numel() >= min_tokens:
             docs.append(ids)
         if len(docs) == n:
