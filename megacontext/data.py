@@ -29,6 +29,7 @@ Tags (the guide's curriculum classes plus ``synthetic``), decided per source:
 from __future__ import annotations
 
 import ast
+import contextlib
 import fnmatch
 import hashlib
 import io
@@ -47,12 +48,17 @@ from .errors import InputError, StorageError
 
 __all__ = [
     "CURRICULUM",
+    "SPLIT_SEED",
     "TAGS",
+    "VAL_FRACTION",
     "Document",
     "ShardDataset",
     "build_shards",
     "read_source",
     "split_of",
+    "stdlib_modules",
+    "stdlib_prose",
+    "stdlib_topics",
 ]
 
 FORMAT = "megacontext-shards"
@@ -61,6 +67,10 @@ TAGS = ("narrative", "doc", "code", "list-table", "synthetic")
 # The guide: "start with narrative/doc tasks; add lists/tables/code once stable".
 CURRICULUM: tuple[tuple[str, ...], ...] = (("narrative", "doc"), TAGS)
 SPLITS = ("train", "validation")
+# The split every shipped corpus is built with (``megacontext ingest`` defaults); the
+# evaluation picks its held-out documents by the same rule (:func:`stdlib_modules`).
+SPLIT_SEED = 0
+VAL_FRACTION = 0.1
 DEFAULT_SHARD_TOKENS = 1 << 24  # 16M tokens = 64 MiB of uint32 per shard
 DEFAULT_EXCLUDE = ("__pycache__", "site-packages", "dist-packages", ".*")
 
@@ -424,11 +434,105 @@ def read_source(
 # --------------------------------------------------------------------------- split
 
 
-def split_of(doc_id: str, seed: int, val_fraction: float) -> str:
-    """``"validation"`` for a ``val_fraction`` share of ids, by a seeded hash of the id alone."""
+def split_of(doc_id: str, seed: int = SPLIT_SEED, val_fraction: float = VAL_FRACTION) -> str:
+    """``"validation"`` for a ``val_fraction`` share of ids, by a seeded hash of the id
+    alone: ``blake2b(f"{seed}\\0{doc_id}", 8 bytes) / 2**64 < val_fraction``. The one
+    rule that decides a document's split: :func:`build_shards` (so the trainer's
+    shards) and the evaluation's document selection both call it."""
     digest = hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).digest()
     u = int.from_bytes(digest, "little") / 2.0**64
     return "validation" if u < val_fraction else "train"
+
+
+def _check_split(split: str | None) -> None:
+    if split is not None and split not in SPLITS:
+        raise InputError(f"split must be one of {SPLITS} or None, got {split!r}")
+
+
+def _stdlib() -> Path:
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def _text_key(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
+def stdlib_modules(split: str | None) -> list[tuple[str, Path]]:
+    """The standard library's top-level modules ``(doc_id, path)`` in name order whose
+    document is in ``split`` (``None``: all), with the ids ``megacontext ingest
+    STDLIB`` gives them (``python3.11/inspect.py``: the folder's name, then the path)
+    and its split (:func:`split_of` at :data:`SPLIT_SEED`, :data:`VAL_FRACTION`).
+
+    A module whose exact text is also another file of the library (ingest keeps one
+    copy, maybe in the other split) is left out of ``"validation"``; only files of
+    the same byte size are compared, so this reads few files."""
+    _check_split(split)
+    root = _stdlib()
+    files = sorted(root.glob("*.py"))
+    out = [(f"{root.name}/{p.name}", p) for p in files]
+    if split is None:
+        return out
+    out = [(d, p) for d, p in out if split_of(d) == split]
+    if split != "validation" or not out:
+        return out
+    sizes: dict[int, list[Path]] = {}
+    for here, dirs, names in os.walk(root):
+        rel = Path(here).relative_to(root)
+        dirs[:] = [d for d in dirs if not _excluded(rel / d, DEFAULT_EXCLUDE)]
+        for n in names:
+            if n.endswith(".py"):
+                f = Path(here) / n
+                with contextlib.suppress(OSError):
+                    sizes.setdefault(f.stat().st_size, []).append(f)
+    kept = []
+    for doc_id, p in out:
+        twins = [f for f in sizes.get(p.stat().st_size, []) if f != p]
+        if twins:
+            key = p.read_bytes()
+            if any(f.read_bytes() == key for f in twins):
+                continue
+        kept.append((doc_id, p))
+    return kept
+
+
+def stdlib_topics(split: str | None) -> list[tuple[str, str]]:
+    """``pydoc_data/topics.py``'s topics ``(doc_id, text)`` in key order whose document
+    is in ``split`` (``None``: all), with the ids ingest gives them
+    (``python3.11/pydoc_data/topics.py#assert``). A text shared with a topic of the
+    other split (ingest keeps one copy) is never in ``"validation"``."""
+    _check_split(split)
+    root = _stdlib()
+    path = root / "pydoc_data" / "topics.py"
+    docs = _pydoc_topics(path, f"{root.name}/pydoc_data/topics.py")
+    out = [(d.doc_id, d.text) for d in docs]
+    if split is None:
+        return out
+    splits: dict[bytes, set[str]] = {}
+    for doc_id, text in out:
+        splits.setdefault(_text_key(text), set()).add(split_of(doc_id))
+    return [
+        (d, t)
+        for d, t in out
+        if split_of(d) == split and (split != "validation" or splits[_text_key(t)] == {split})
+    ]
+
+
+def stdlib_prose(split: str) -> str:
+    """English prose of one split: the topics of :func:`stdlib_topics` ``(split)``
+    joined with blank lines, in key order. For ``"validation"`` each topic keeps
+    only the paragraphs (split at blank lines) that no training topic holds: topics
+    nest (``specialnames`` repeats ``numeric-types``, ``customization``, ...), so a
+    held-out topic can quote text the trainer read."""
+    _check_split(split)
+    texts = [text for _, text in stdlib_topics(split)]
+    if split == "validation":
+        train = "\n\n".join(text for _, text in stdlib_topics("train"))
+        texts = [
+            "\n\n".join(p for p in t.split("\n\n") if p.strip() and p not in train) for t in texts
+        ]
+    return "\n\n".join(t.strip() for t in texts if t.strip())
 
 
 # --------------------------------------------------------------------------- writer
@@ -572,8 +676,8 @@ def build_shards(
     tokenizer: Any,
     model_name: str,
     documents: Iterable[Document] = (),
-    val_fraction: float = 0.1,
-    seed: int = 0,
+    val_fraction: float = VAL_FRACTION,
+    seed: int = SPLIT_SEED,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     max_docs: int | None = None,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,

@@ -46,6 +46,7 @@ from .errors import ConfigError, InputError, InvariantError, StorageError
 from .focus import FocusLoop, FocusStep, check_positions
 from .hook import patch
 from .nll import nll_after
+from .telemetry import swap_counts
 from .tree import MegaContextTree
 from .working_context import WorkingContext, entry_positions
 
@@ -439,11 +440,15 @@ class Session:
         phases = self._phases.take()
         blocks = max(self._blocks_since_refocus, 1)
         n_exp = sum(a.kind == "expand" for a in actions)
-        # The budget floor: the fewest collapses (each frees block_size - 1 entries)
-        # that bring a WC grown past W_max by the decoded block back under it. No
-        # focus policy can take fewer, so ``focus_swap_rate`` counts only the rest.
-        over = max(cost_before - self.config.w_max, 0)
-        n_budget = min(-(-over // (self.config.block_size - 1)), len(actions) - n_exp)
+        # The budget floor (telemetry.swap_counts): collapses no focus policy can
+        # avoid; ``focus_swap_rate`` counts only the discretionary rest.
+        swaps = swap_counts(
+            actions,
+            cost_before=cost_before,
+            cost_after=self.wc.cost,
+            w_max=self.config.w_max,
+            block_size=self.config.block_size,
+        )
         row: dict[str, Any] = {
             "iteration": self.iteration,
             "step": self.allocator.step_count - 1,
@@ -464,8 +469,10 @@ class Session:
             "n_expand": n_exp,
             "n_collapse": len(actions) - n_exp,
             "forced_rebuild": int(forced),
-            "n_budget_collapses": n_budget,
-            "focus_swap_rate": (len(actions) - n_budget) / blocks,
+            "n_budget_collapses": swaps.forced,
+            "n_discretionary": swaps.discretionary,
+            "blocks": blocks,
+            "focus_swap_rate": swaps.discretionary / blocks,
         }
         self.history.append(row)
         trace = [

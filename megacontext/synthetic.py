@@ -19,11 +19,18 @@ block edge (``"edge"``: first needle token at a multiple of ``block_size``), acr
 one (``"straddle"``: a block boundary splits the needle in two near-equal halves) or
 inside one block (``"mid"``: centred in a block, clear of both edges). By
 construction ``encode(context + target) == encode(context) + encode(target)``.
+
+``haystack``: the filler's documents — ``"validation"`` (evaluation) or ``"train"``
+(training) keeps to that split of :func:`megacontext.data.split_of` (the pydoc topics
+and top-level modules :func:`~megacontext.data.stdlib_topics` /
+:func:`~megacontext.data.stdlib_modules` list), ``None`` the whole library. Task
+seeds come from disjoint namespaces (:data:`TRAIN_SEED_BASE`, :func:`check_seed`).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import sysconfig
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,21 +39,30 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .data import Document, build_shards
+from .data import SPLITS, Document, build_shards, stdlib_modules, stdlib_prose
 from .errors import InputError, InvariantError
 
 __all__ = [
     "GENERATORS",
+    "TRAIN_SEED_BASE",
     "SyntheticTask",
+    "check_seed",
     "code_identifier",
     "generate_tasks",
     "key_value",
     "passkey",
     "task_documents",
+    "train_seed",
     "write_synthetic_shards",
 ]
 
 ALIGNS = ("edge", "straddle", "mid")
+# Task seeds: evaluation tasks draw from [0, TRAIN_SEED_BASE), training tasks (the
+# curriculum) from [TRAIN_SEED_BASE, 2 * TRAIN_SEED_BASE) (:func:`train_seed`), so no
+# evaluation task ever shares a seed (key, value, name, filler start) with one the
+# trainer saw. A generator with ``haystack="validation"`` refuses a training seed
+# and one with ``haystack="train"`` an evaluation seed.
+TRAIN_SEED_BASE = 1 << 40
 _CODE_FILLER_CHARS = 1_200_000  # ~350k SmolLM2 tokens of standard-library source
 _SYLLABLES = (
     "ba",
@@ -147,18 +163,21 @@ class SyntheticTask:
 # --------------------------------------------------------------------------- filler
 
 
-def _prose_text() -> str:
-    from pydoc_data.topics import topics
+def _prose_text(split: str | None = None) -> str:
+    if split is None:
+        from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+        return "\n\n".join(topics[k].strip() for k in sorted(topics))
+    return stdlib_prose(split)
 
 
-def _code_text() -> str:
+def _code_text(split: str | None = None) -> str:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     parts: list[str] = []
     size = 0
     # Top-level modules in name order: the same text on every install of a version.
-    for path in sorted(stdlib.glob("*.py")):
+    paths = sorted(stdlib.glob("*.py")) if split is None else [p for _, p in stdlib_modules(split)]
+    for path in paths:
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
@@ -172,7 +191,7 @@ def _code_text() -> str:
     return "\n\n\n".join(parts)
 
 
-_FILLER_TEXT: dict[str, Callable[[], str]] = {"prose": _prose_text, "code": _code_text}
+_FILLER_TEXT: dict[str, Callable[[str | None], str]] = {"prose": _prose_text, "code": _code_text}
 
 
 @dataclass
@@ -191,8 +210,8 @@ class _Filler:
 
 
 @functools.lru_cache(maxsize=8)
-def _filler_cached(tokenizer: Any, kind: str, repeats: int) -> _Filler:
-    base = _FILLER_TEXT[kind]()
+def _filler_cached(tokenizer: Any, kind: str, repeats: int, split: str | None) -> _Filler:
+    base = _FILLER_TEXT[kind](split)
     text = "\n\n".join([base] * repeats)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
@@ -201,15 +220,43 @@ def _filler_cached(tokenizer: Any, kind: str, repeats: int) -> _Filler:
     return _Filler(text, starts, np.flatnonzero(prev))
 
 
-def _filler(tokenizer: Any, kind: str, need: int) -> _Filler:
+def _filler(tokenizer: Any, kind: str, need: int, split: str | None = None) -> _Filler:
     if not getattr(tokenizer, "is_fast", False):
         raise InputError("synthetic tasks need a fast tokenizer (offset mappings)")
     repeats = 1
     while True:
-        fill = _filler_cached(tokenizer, kind, repeats)
+        fill = _filler_cached(tokenizer, kind, repeats, split)
         if fill.num_tokens >= 2 * need + 16:
             return fill
         repeats *= 2
+
+
+def train_seed(*parts: int) -> int:
+    """A task seed of the training namespace ``[TRAIN_SEED_BASE, 2 * TRAIN_SEED_BASE)``:
+    ``TRAIN_SEED_BASE + blake2b(parts) mod TRAIN_SEED_BASE``."""
+    blob = ",".join(str(int(p)) for p in parts).encode()
+    h = int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little")
+    return TRAIN_SEED_BASE + h % TRAIN_SEED_BASE
+
+
+def check_seed(seed: int, haystack: str | None) -> None:
+    """The seed namespace of ``haystack``: evaluation (``"validation"``) seeds are in
+    ``[0, TRAIN_SEED_BASE)``, training (``"train"``) seeds in ``[TRAIN_SEED_BASE,
+    2 * TRAIN_SEED_BASE)``; ``None`` (the whole library, legacy) takes any ``seed >= 0``."""
+    if haystack not in (None, *SPLITS):
+        raise InputError(f"haystack must be one of {SPLITS} or None, got {haystack!r}")
+    if seed < 0:
+        raise InputError(f"seed must be >= 0, got {seed}")
+    if haystack == "validation" and seed >= TRAIN_SEED_BASE:
+        raise InputError(
+            f"seed {seed} is in the training namespace (>= {TRAIN_SEED_BASE}); evaluation "
+            "tasks use seeds below it"
+        )
+    if haystack == "train" and not TRAIN_SEED_BASE <= seed < 2 * TRAIN_SEED_BASE:
+        raise InputError(
+            f"seed {seed} is not in the training namespace [{TRAIN_SEED_BASE}, "
+            f"{2 * TRAIN_SEED_BASE}): use train_seed()"
+        )
 
 
 # --------------------------------------------------------------------------- assembly
@@ -289,8 +336,10 @@ def _assemble(
     block_size: int,
     tolerance: int,
     extra: dict[str, Any],
+    haystack: str | None = None,
 ) -> SyntheticTask:
     """Filler1 + statement + filler2 + query, sized and aligned by measurement."""
+    check_seed(seed, haystack)
     if not 0.0 <= depth <= 1.0:
         raise InputError(f"depth must be in [0, 1], got {depth}")
     if needle_align not in (None, *ALIGNS):
@@ -309,7 +358,7 @@ def _assemble(
             f"length {length} is too short for a {task} task "
             f"(statement {n_stmt} + query {n_query} tokens + two blocks of filler)"
         )
-    fill = _filler(tokenizer, filler_kind, length)
+    fill = _filler(tokenizer, filler_kind, length, haystack)
     budget = length - n_stmt - n_query
     want = _aligned_start(round(depth * budget) + lead, n_needle, needle_align, block_size, lead)
     if want - lead > budget:  # alignment pushed the needle past the end: step back a block
@@ -395,6 +444,7 @@ def _assemble(
             "statement_span": list(statement_span),
             "needle_align": needle_align,
             "block_size": block_size,
+            "haystack": haystack,
             **extra,
         },
     )
@@ -419,6 +469,7 @@ def passkey(
     block_size: int = 32,
     tolerance: int = 4,
     digits: int = 5,
+    haystack: str | None = None,
 ) -> SyntheticTask:
     """A ``digits``-digit pass key stated once in prose at ``depth``, asked for at the end.
 
@@ -443,6 +494,7 @@ def passkey(
         needle_align=needle_align,
         block_size=block_size,
         tolerance=tolerance,
+        haystack=haystack,
         extra={"answer": key},
     )
 
@@ -457,6 +509,7 @@ def key_value(
     block_size: int = 32,
     tolerance: int = 4,
     num_pairs: int = 24,
+    haystack: str | None = None,
 ) -> SyntheticTask:
     """``num_pairs`` lines ``key: value`` at ``depth``; one key is queried at the end.
 
@@ -491,6 +544,7 @@ def key_value(
         needle_align=needle_align,
         block_size=block_size,
         tolerance=tolerance,
+        haystack=haystack,
         extra={"answer": values[pick], "key": keys[pick], "num_pairs": num_pairs},
     )
 
@@ -505,6 +559,7 @@ def code_identifier(
     block_size: int = 32,
     tolerance: int = 4,
     kind: str | None = None,
+    haystack: str | None = None,
 ) -> SyntheticTask:
     """A constant or function with a random name, defined in stdlib code at ``depth``.
 
@@ -550,6 +605,7 @@ def code_identifier(
         needle_align=needle_align,
         block_size=block_size,
         tolerance=tolerance,
+        haystack=haystack,
         extra={"answer": answer, "name": name, "kind": kind},
     )
 
@@ -572,6 +628,7 @@ def generate_tasks(
     needle_align: str | None = None,
     block_size: int = 32,
     tolerance: int = 4,
+    haystack: str | None = None,
 ) -> list[SyntheticTask]:
     """``n`` tasks cycling through ``tasks``; depths cycle through ``depths`` or are
     drawn uniformly in [0.05, 0.95] from ``seed``. Task ``i`` uses seed ``seed*1000003+i``."""
@@ -592,6 +649,7 @@ def generate_tasks(
                 needle_align=needle_align,
                 block_size=block_size,
                 tolerance=tolerance,
+                haystack=haystack,
             )
         )
     return out

@@ -51,7 +51,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -59,15 +59,20 @@ import pyarrow.parquet as pq
 
 from ._atomic import atomic_write, atomic_write_bytes
 from ._version import __version__
-from .errors import BackendUnavailableError, ConfigError, StorageError
+from .errors import BackendUnavailableError, ConfigError, InputError, InvariantError, StorageError
 
 __all__ = [
     "ACTION_SCHEMA",
     "ITERATION_SCHEMA",
+    "SwapCounts",
     "Telemetry",
+    "budget_floor",
+    "pingpong_count",
+    "pingpongs",
     "plot_run",
     "read_run",
     "summarize",
+    "swap_counts",
 ]
 
 PHASES = ("gist", "lens", "allocator", "cache", "decode")
@@ -549,6 +554,140 @@ def residency_histogram(residency: Iterable[int]) -> dict[str, int]:
         counts[v.bit_length()] += 1
     labels = ["0", "1"] + [f"{2 ** (b - 1)}-{2**b - 1}" for b in range(2, top + 1)]
     return dict(zip(labels[: top + 1], counts, strict=True))
+
+
+# --------------------------------------------------------------------------- swap rate
+
+
+def budget_floor(cost_before: int, w_max: int, block_size: int) -> int:
+    """The fewest collapses that bring a WC of ``cost_before`` entries back within
+    ``w_max``: ``ceil(max(cost_before - w_max, 0) / (block_size - 1))``.
+
+    ``cost_before`` is the WC's cost at the start of a refocus step, i.e. after the
+    entries of the blocks decoded since the previous step were appended. Every
+    collapse frees exactly ``block_size - 1`` entries (``block_size`` children become
+    one parent), so no policy can take fewer. Once the WC is full a decoded block of
+    ``K`` tokens adds ``K`` entries and the floor is 1 collapse per block.
+    """
+    if block_size < 2:
+        raise InputError(f"block_size must be >= 2, got {block_size}")
+    over = max(int(cost_before) - int(w_max), 0)
+    return -(-over // (block_size - 1))
+
+
+class SwapCounts(NamedTuple):
+    """One refocus step's actions split by cause: ``total = forced + discretionary``;
+    ``rebuild``: the allocator left the WC over budget, so it was rebuilt by
+    recency (every action of such a step is forced)."""
+
+    total: int
+    forced: int
+    discretionary: int
+    rebuild: bool
+
+
+def _kind(a: Any) -> str:
+    return str(a["kind"] if isinstance(a, Mapping) else a.kind)
+
+
+def _delta(a: Any) -> int:
+    return int(a["cost_delta"] if isinstance(a, Mapping) else a.cost_delta)
+
+
+def swap_counts(
+    actions: Iterable[Any],
+    *,
+    cost_before: int,
+    cost_after: int,
+    w_max: int,
+    block_size: int,
+) -> SwapCounts:
+    """Split one refocus step's ``actions`` (``Action`` tuples or dicts with ``kind``
+    and ``cost_delta``) into forced and discretionary ones.
+
+    ``cost_before``: the WC's cost at the step's start (the decoded block's entries
+    already appended); ``cost_after``: its cost when the step ended (after a recency
+    rebuild, if one ran). With ``c = cost_before + sum(cost_delta)`` the cost the
+    actions alone reached:
+
+    - ``c > w_max``: hysteresis held back collapses the budget needed and the WC was
+      rebuilt by recency (``rebuild``); every action was the over-budget phase's, so
+      ``forced = total``, ``discretionary = 0``;
+    - otherwise ``forced = min(budget_floor(cost_before, w_max, block_size),
+      collapses)`` (the budget floor, :func:`budget_floor`) and ``discretionary =
+      total - forced``: the expands, the collapses that made room for them and those
+      taken on score alone.
+
+    Raises :class:`InvariantError` when the costs disagree with the trace (a step
+    without a rebuild must end at ``c``; any step must end within ``w_max``).
+    """
+    acts = list(actions)
+    for a in acts:
+        if _kind(a) not in ACTION_KINDS:
+            raise InputError(f"unknown action kind {_kind(a)!r}; expected one of {ACTION_KINDS}")
+    reached = int(cost_before) + sum(_delta(a) for a in acts)
+    if cost_after > w_max:
+        raise InvariantError(f"a refocus step ended at cost {cost_after} > w_max={w_max}")
+    total = len(acts)
+    if reached > w_max:
+        return SwapCounts(total, total, 0, True)
+    if cost_after != reached:
+        raise InvariantError(
+            f"cost_after={cost_after} but the actions take cost {cost_before} to {reached} "
+            "and no rebuild was needed"
+        )
+    collapses = sum(_kind(a) == "collapse" for a in acts)
+    forced = min(budget_floor(cost_before, w_max, block_size), collapses)
+    return SwapCounts(total, forced, total - forced, False)
+
+
+def _action_fields(a: Any) -> tuple[int, str, int, int]:
+    if isinstance(a, Mapping):
+        return int(a["step"]), str(a["kind"]), int(a["level"]), int(a["node"])
+    return int(a.step), str(a.kind), int(a.level), int(a.node)
+
+
+def pingpong_count(actions: Iterable[Any], window: int) -> dict[str, Any]:
+    """Flip-backs in an allocator action trace (``Action`` tuples or dicts with
+    ``step``, ``kind``, ``level``, ``node``, in the order taken).
+
+    ``(level, node)`` names the gist whose representation changed (the expanded
+    gist, or the parent collapsed into), so "expanded then collapsed back" and
+    "collapsed then expanded back" are two consecutive actions of opposite kinds on
+    the same key. Returns ``flip_backs`` (all such pairs), ``pingpong`` (those at
+    most ``window`` steps apart) and ``min_flip_gap`` (the smallest gap in steps,
+    ``None`` without flip-backs)."""
+    if window < 0:
+        raise InputError(f"ping-pong window must be >= 0 steps, got {window}")
+    last: dict[tuple[int, int], tuple[int, str]] = {}
+    flips = pp = 0
+    gap_min: int | None = None
+    for a in actions:
+        step, kind, level, node = _action_fields(a)
+        if kind not in ACTION_KINDS:
+            raise InputError(f"unknown action kind {kind!r} at step {step}")
+        prev = last.get((level, node))
+        if prev is not None and prev[1] != kind:
+            gap = step - prev[0]
+            flips += 1
+            pp += gap <= window
+            gap_min = gap if gap_min is None else min(gap_min, gap)
+        last[(level, node)] = (step, kind)
+    return {"flip_backs": flips, "pingpong": pp, "min_flip_gap": gap_min}
+
+
+def pingpongs(actions: Iterable[Any], cooldown_steps: int, min_residency: int) -> int:
+    """Flip-backs faster than the allocator's hysteresis allows: a node whose LOD
+    flips back fewer than ``max(cooldown_steps, min_residency, 1)`` allocator steps
+    after its previous change (the expanded gist collapsed again, or a collapsed-into
+    parent expanded again). The allocator masks both (docs/allocator.md), so this is
+    0 by construction; a positive count is a hysteresis bug, never a policy choice."""
+    if cooldown_steps < 0 or min_residency < 0:
+        raise InputError(
+            f"cooldown_steps={cooldown_steps} and min_residency={min_residency} must be >= 0"
+        )
+    gap = max(cooldown_steps, min_residency, 1)
+    return int(pingpong_count(actions, gap - 1)["pingpong"])
 
 
 def summarize(run_dir: str | os.PathLike[str]) -> dict[str, Any]:

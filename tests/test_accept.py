@@ -15,7 +15,7 @@ def test_criterion_verdicts():
     assert not acc.Criterion("dnll_code", 0.15, 0.1).passed
     assert acc.Criterion("mean_residency", 3.0, 3.0, higher_is_better=True).passed
     assert not acc.Criterion("mean_residency", 2.9, 3.0, higher_is_better=True).passed
-    assert not acc.Criterion("swap_rate", math.nan, 0.25).passed  # undefined never passes
+    assert not acc.Criterion("focus_swap_rate", math.nan, 0.25).passed  # undefined never passes
     assert acc.Criterion("x", 0.2, 0.1).line().startswith("FAIL")
 
 
@@ -29,16 +29,18 @@ def test_acceptance_measures_every_criterion(tiny_base):
         "dnll_narrative",
         "dnll_code",
         "latency_overhead",
-        "swap_rate",
         "focus_swap_rate",
+        "swap_rate",
+        "pingpong",
         "mean_residency",
     ]
-    swap, focus = crit[3], crit[4]
+    focus, swap, pp = crit[3], crit[4], crit[5]
     # one refocus per decoded block and document (without a LensNet the ingest makes
-    # none): 2 documents x 3 blocks
-    assert swap.detail == "(6 refocus iterations)"
-    assert focus.informational and not swap.informational
+    # none): 2 documents x 3 blocks; the discretionary rate is judged, the total shown
+    assert "over 6 blocks, 6 refocus iterations" in focus.detail
+    assert swap.informational and not focus.informational and not pp.informational
     assert 0 <= focus.value <= swap.value
+    assert pp.value == 0
     dn = crit[0]
     assert math.isfinite(dn.value) and "truncation" in dn.detail
     assert crit[2].value > 0

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ import torch
 from ..errors import InputError
 from ..lensnet import LensNet
 from ..runtime import MegaContext
-from ..telemetry import residency_histogram
+from ..telemetry import pingpong_count, residency_histogram
 from .common import SIZES, Log, add_derived, log_default, sweep_documents
 from .methods import GroupRandomLens, Variant, causal_twin, get, variant_names
 from .peers import full_view, truncation_view, view_nll
@@ -87,41 +87,6 @@ SWAP_BAR = 0.25  # the guide: swap rate <= 0.25 actions per block
 RESIDENCY_BAR = 3.0  # the guide: mean residency >= 3 iterations
 
 # ------------------------------------------------------------------ metrics
-
-
-def _fields(a: Any) -> tuple[int, str, int, int]:
-    if isinstance(a, dict):
-        return int(a["step"]), str(a["kind"]), int(a["level"]), int(a["node"])
-    return int(a.step), str(a.kind), int(a.level), int(a.node)
-
-
-def pingpong_count(actions: Iterable[Any], window: int) -> dict[str, Any]:
-    """Flip-backs in an allocator action trace (``Action`` tuples or dicts with
-    ``step``, ``kind``, ``level``, ``node``, in the order taken).
-
-    ``(level, node)`` names the gist whose representation changed (the expanded
-    gist, or the parent collapsed into), so "expanded then collapsed back" and
-    "collapsed then expanded back" are two consecutive actions of opposite kinds on
-    the same key. Returns ``flip_backs`` (all such pairs), ``pingpong`` (those at
-    most ``window`` steps apart) and ``min_flip_gap`` (the smallest gap in steps,
-    ``None`` without flip-backs)."""
-    if window < 0:
-        raise InputError(f"ping-pong window must be >= 0 steps, got {window}")
-    last: dict[tuple[int, int], tuple[int, str]] = {}
-    flips = pp = 0
-    gap_min: int | None = None
-    for a in actions:
-        step, kind, level, node = _fields(a)
-        if kind not in ("expand", "collapse"):
-            raise InputError(f"unknown action kind {kind!r} at step {step}")
-        prev = last.get((level, node))
-        if prev is not None and prev[1] != kind:
-            gap = step - prev[0]
-            flips += 1
-            pp += gap <= window
-            gap_min = gap if gap_min is None else min(gap_min, gap)
-        last[(level, node)] = (step, kind)
-    return {"flip_backs": flips, "pingpong": pp, "min_flip_gap": gap_min}
 
 
 def causal_rel(delta_causal: float, delta_noncausal: float) -> float:

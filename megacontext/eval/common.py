@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 import sys
-import sysconfig
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..data import stdlib_modules, stdlib_prose
 from ..errors import InputError
 from .metrics import (
     delta_nll,
@@ -28,7 +27,14 @@ from .metrics import (
     retrieval_score,
 )
 
-__all__ = ["SIZES", "Log", "add_derived", "log_default", "score_answer", "sweep_documents"]
+__all__ = [
+    "SIZES",
+    "Log",
+    "add_derived",
+    "log_default",
+    "score_answer",
+    "sweep_documents",
+]
 
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
@@ -114,18 +120,19 @@ def add_derived(rows: list[dict[str, Any]], group: Sequence[str]) -> list[dict[s
     return rows
 
 
-def _stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
 def sweep_documents(base: Any, n: int, tokens: int) -> list[tuple[str, str, torch.Tensor]]:
-    """``n`` held-out documents of at least ``tokens`` tokens, alternating code (the
-    largest-first sorted standard-library modules) and prose (consecutive slices of
-    ``pydoc_data/topics.py``'s topics). Returns ``(doc_id, kind, ids[:tokens])``."""
-    import pydoc_data.topics as topics
-
+    """``n`` held-out documents of at least ``tokens`` tokens, alternating code and
+    prose, all from the validation split by the trainer's rule
+    (:func:`megacontext.data.split_of` over the ids ``megacontext ingest`` gives):
+    code = the validation split's top-level standard-library modules, largest first
+    (:func:`~megacontext.data.stdlib_modules`); prose = consecutive slices of
+    :func:`~megacontext.data.stdlib_prose` (the validation split's pydoc topics without the
+    paragraphs a training topic also holds). Returns ``(doc_id, kind,
+    ids[:tokens])``; a code ``doc_id`` is ``code/<module file>``."""
     code: list[tuple[str, str, torch.Tensor]] = []
-    files = sorted(_stdlib_dir().glob("*.py"), key=lambda p: (-p.stat().st_size, p.name))
+    files = sorted(
+        (p for _, p in stdlib_modules("validation")), key=lambda p: (-p.stat().st_size, p.name)
+    )
     for p in files:
         if len(code) >= (n + 1) // 2:
             break
@@ -134,9 +141,9 @@ def sweep_documents(base: Any, n: int, tokens: int) -> list[tuple[str, str, torc
         ids = base.encode(text)
         if ids.numel() >= tokens:
             code.append((f"code/{p.name}", "code", ids[:tokens]))
-    prose_ids = base.encode("\n\n".join(topics.topics[k] for k in sorted(topics.topics)))
+    prose_ids = base.encode(stdlib_prose("validation"))
     prose = [
-        (f"prose/topics@{i * tokens}", "prose", prose_ids[i * tokens : (i + 1) * tokens])
+        (f"prose/topics-val@{i * tokens}", "prose", prose_ids[i * tokens : (i + 1) * tokens])
         for i in range(n // 2)
         if (i + 1) * tokens <= prose_ids.numel()
     ]
@@ -144,5 +151,8 @@ def sweep_documents(base: Any, n: int, tokens: int) -> list[tuple[str, str, torc
     for i in range(max(len(code), len(prose))):
         docs += code[i : i + 1] + prose[i : i + 1]
     if len(docs) < n:
-        raise InputError(f"found only {len(docs)} documents of {tokens} tokens, need {n}")
+        raise InputError(
+            f"found only {len(docs)} held-out (validation-split) documents of {tokens} "
+            f"tokens, need {n}"
+        )
     return docs[:n]

@@ -33,8 +33,10 @@ share of what removing R costs that the gists keep (NaN when ``|NLL_dropped −
 NLL_control| < 0.001``: the targets do not need R, so a pass there is trivial).
 
 Targets: ``narrative`` (pydoc topics prose) and ``code`` (the largest standard-library
-modules), as :func:`~megacontext.eval.suites.sweep_documents` picks them: the next
-``H`` tokens; and ``passkey`` (:func:`megacontext.synthetic.passkey`), whose whole
+modules), validation split only, as :func:`~megacontext.eval.suites.sweep_documents`
+picks them: the next
+``H`` tokens; and ``passkey`` (:func:`megacontext.synthetic.passkey`, validation-split
+filler, evaluation seeds), whose whole
 statement lies inside R: the history is the filler + statement (trimmed at its start
 to ``T`` tokens), the question follows the history, and only the answer's tokens are
 scored (the question itself is never compressed).
@@ -185,7 +187,12 @@ def compression_passkey(
     want = node * span + span // 2 + slack  # statement's start, before trimming
     depth = min(max(want / max(length - n_query - 24, 1), 0.0), 1.0)
     t = synthetic.passkey(
-        base.tokenizer, length=length, depth=depth, seed=seed, block_size=block_size
+        base.tokenizer,
+        length=length,
+        depth=depth,
+        seed=seed,
+        block_size=block_size,
+        haystack="validation",
     )
     if not t.context.endswith(query):
         raise InvariantError(f"passkey s{seed}: the context does not end with the question")

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..data import split_of
 from ..errors import InputError, StorageError
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "load_infinitebench",
     "load_longbench",
     "longbench_dir",
+    "longbench_doc_id",
     "middle_truncate",
 ]
 
@@ -120,11 +122,24 @@ def _need(path: Path, line: int, row: dict[str, Any], keys: tuple[str, ...]) -> 
         )
 
 
+def longbench_doc_id(task: str, line: int, row: dict[str, Any]) -> str:
+    """The id ``megacontext ingest <folder>/<task>.jsonl`` gives a row:
+    ``<task>.jsonl#<_id>`` (``<task>.jsonl:<line>`` without an id), so
+    :func:`megacontext.data.split_of` puts it in the trainer's split."""
+    rid = row.get("_id", row.get("id"))
+    return f"{task}.jsonl#{rid}" if isinstance(rid, (str, int)) else f"{task}.jsonl:{line}"
+
+
 def load_longbench(
-    folder: str | Path, tasks: tuple[str, ...] = LONGBENCH_TASKS, limit: int | None = None
+    folder: str | Path,
+    tasks: tuple[str, ...] = LONGBENCH_TASKS,
+    limit: int | None = None,
+    split: str | None = None,
 ) -> list[LongExample]:
     """Rows of ``<folder>/<task>.jsonl`` for each task present (absent tasks are
-    skipped), at most ``limit`` per task, in file order."""
+    skipped), at most ``limit`` per task, in file order. ``split``: only the rows in
+    that split of the trainer's rule (:func:`longbench_doc_id`,
+    :func:`megacontext.data.split_of`); ``None``: all."""
     folder = Path(folder)
     if not folder.is_dir():
         raise StorageError(f"{folder}: not a directory", path=str(folder))
@@ -134,6 +149,8 @@ def load_longbench(
         if not path.is_file():
             continue
         rows = _read_jsonl(path)
+        if split is not None:
+            rows = [(i, r) for i, r in rows if split_of(longbench_doc_id(task, i, r)) == split]
         for line, row in rows[: limit if limit is not None else len(rows)]:
             _need(path, line, row, ("input", "context", "answers"))
             answers = row["answers"]
@@ -152,7 +169,11 @@ def load_longbench(
                     question=row["input"],
                     answers=[str(a) for a in answers],
                     metric=metric,
-                    meta={"line": line, "length": row.get("length")},
+                    meta={
+                        "line": line,
+                        "length": row.get("length"),
+                        "doc_id": longbench_doc_id(task, line, row),
+                    },
                 )
             )
     return out

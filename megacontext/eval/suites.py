@@ -3,7 +3,13 @@ tables and plots. All methods of one row group read the same history, the same
 targets and the same budget ``W`` (see :mod:`megacontext.eval.peers`).
 
 - :func:`budget_sweep`: ΔNLL@H vs budget on held-out long documents (standard
-  library code files and pydoc topics prose) that the full model can still read.
+  library code files and pydoc topics prose of the validation split,
+  :func:`~megacontext.eval.common.sweep_documents`) that the full model can still read.
+
+Every evaluation document is in the validation split of the trainer's rule
+(:func:`megacontext.data.split_of`), and every synthetic task uses held-out filler
+(``haystack="validation"``) and a seed of the evaluation namespace
+(:func:`megacontext.synthetic.check_seed`).
 - :func:`needle_suite`: passkey / key-value / code-identifier tasks
   (:mod:`megacontext.synthetic`) over depths × lengths × budgets: NLL of the answer
   and retrieval accuracy of the greedy answer.
@@ -202,8 +208,13 @@ def needle_suite(
     for task in cfg["tasks"]:
         for length in cfg["lengths"]:
             for depth in cfg["depths"]:
+                # held-out filler, evaluation seed namespace (synthetic.check_seed)
                 t = syn.GENERATORS[task](
-                    base.tokenizer, length=length, depth=depth, seed=seed * 1000 + i
+                    base.tokenizer,
+                    length=length,
+                    depth=depth,
+                    seed=seed * 1000 + i,
+                    haystack="validation",
                 )
                 i += 1
                 hist, tgt = base.encode(t.context), base.encode(t.target)
@@ -252,15 +263,17 @@ def longbench_suite(
 ) -> list[dict[str, Any]]:
     """LongBench rows: the context (middle-truncated to ``context`` tokens, as
     LongBench truncates to the model's length) + question; ΔNLL@H of the first gold
-    answer and the greedy answer's LongBench metric. Returns ``[]`` when the data
-    folder is absent."""
+    answer and the greedy answer's LongBench metric, over the rows in the validation
+    split (:func:`~megacontext.eval.longbench.load_longbench` ``split=``; tasks with
+    none are left out). Returns ``[]`` when the data folder is absent."""
     cfg = SIZES[size]["longbench"]
     folder = Path(data_dir) if data_dir is not None else longbench_dir()
     if folder is None or not folder.is_dir():
         log("longbench: data folder absent, suite skipped")
         return []
     rows: list[dict[str, Any]] = []
-    for ex in load_longbench(folder, limit=cfg["rows"]):
+    # held-out rows only: the trainer's shards may hold the others (split_of)
+    for ex in load_longbench(folder, limit=cfg["rows"], split="validation"):
         ctx_ids = middle_truncate(base.encode(ex.context), cfg["context"])
         prefix, suffix = build_prompt(ex)
         hist = torch.cat([base.encode(prefix), ctx_ids, base.encode(suffix)])
@@ -311,6 +324,7 @@ def boundary_suite(
                 seed=seed,
                 needle_align=align,
                 block_size=bs,
+                haystack="validation",
             )
             hist, tgt = base.encode(t.context), base.encode(t.target)
             log(f"boundary: seed={seed} align={align}")

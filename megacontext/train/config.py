@@ -72,6 +72,29 @@ class RegionConfig(_Strict):
         return self
 
 
+class CurriculumConfig(_Strict):
+    """Long-range task windows mixed into the training windows
+    (:mod:`megacontext.train.curriculum`): ``fraction`` of them (in expectation) carry
+    a needle of one of ``kinds`` at one of ``placements`` relative to the block size,
+    written over real training-split text."""
+
+    fraction: float = Field(0.5, ge=0, le=1, description="share of task windows")
+    kinds: list[Literal["passkey", "kv", "identifier"]] = Field(
+        default_factory=lambda: ["passkey", "kv", "identifier"], min_length=1
+    )
+    placements: list[Literal["edge", "straddle", "mid"]] = Field(
+        default_factory=lambda: ["edge", "straddle", "mid"], min_length=1
+    )
+
+    @model_validator(mode="after")
+    def _unique(self) -> CurriculumConfig:
+        for name in ("kinds", "placements"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name}: {values} repeats an entry")
+        return self
+
+
 class DataConfig(_Strict):
     """Where token windows come from.
 
@@ -79,7 +102,9 @@ class DataConfig(_Strict):
     splits ``split``/``val_split``, optional curriculum ``tags``), ``text`` (UTF-8 files
     in ``paths`` tokenized with the base tokenizer, the last ``val_fraction`` of the
     tokens held out) or ``random`` (uniform token ids: smoke tests only).
-    A window holds ``history + blocks * block_size + horizon`` tokens.
+    A window holds ``history + blocks * block_size + horizon`` tokens. ``curriculum``
+    (optional, :class:`CurriculumConfig`): long-range task windows mixed into the
+    training windows only (validation windows stay ordinary text).
     """
 
     kind: Literal["shards", "text", "random"] = "shards"
@@ -102,6 +127,10 @@ class DataConfig(_Strict):
         "'region' snapshots (one region of the window read as gists, see RegionConfig)",
     )
     region: RegionConfig = Field(default_factory=lambda: RegionConfig())
+
+    curriculum: CurriculumConfig | None = Field(
+        None, description="long-range task windows mixed into the training windows"
+    )
 
     @model_validator(mode="after")
     def _check_mix(self) -> DataConfig:

@@ -21,6 +21,7 @@ after the newest complete checkpoint and reproduces the uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import resource
@@ -49,6 +50,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import PHASE_NAMES, OptimConfig, TrainConfig
+from .curriculum import curriculum_source
 from .forward import forward_rows, wc_embeddings, wc_positions
 from .labels import label_snapshot, module_hash, write_labels
 from .phases import gist_loss, lens_loss, lora_loss
@@ -197,6 +199,33 @@ class Trainer:
     # ------------------------------------------------------------------ data
 
     def _source(self, given: Any, which: str) -> WindowSource:
+        src = self._plain_source(given, which)
+        cur = self.cfg.data.curriculum
+        if cur is None or which != "train":
+            return src
+        d = self.cfg.data
+        hay = {"prose": src, "code": src}
+        if given is None and d.kind == "shards" and d.path is not None:
+            # real narrative / code of the training split for the matching task kinds
+            for key, tags in (("prose", ["narrative", "doc"]), ("code", ["code"])):
+                ds = ShardDataset(d.path, d.split, tags)
+                if len(ds) and int(ds.lengths.max()) >= self.cfg.window_length:
+                    hay[key] = functools.partial(self._tagged, ds)
+        return curriculum_source(
+            src,
+            hay,
+            lambda text: self.base.encode(text).tolist(),
+            history=d.history,
+            block_size=self.mc.block_size,
+            fraction=cur.fraction,
+            kinds=cur.kinds,
+            placements=cur.placements,
+        )
+
+    def _tagged(self, ds: ShardDataset, n: int, seed: int) -> torch.Tensor:
+        return ds.sample_windows(self.cfg.window_length, n, seed)
+
+    def _plain_source(self, given: Any, which: str) -> WindowSource:
         if given is not None:
             return given if callable(given) else _iterable_source(given)
         d, length = self.cfg.data, self.cfg.window_length
