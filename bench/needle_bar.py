@@ -1,0 +1,139 @@
+"""Issue 14's retrieval bar: pass key / key-value needles, every method on the same tokens.
+
+The needle suite (:func:`megacontext.eval.suites.needle_suite`: held-out filler,
+evaluation seeds) at two settings of the issue's bar:
+
+- ``6x``: 3,072-token histories at ``W = 512``, depths 10 %–90 %, pass key and
+  key–value lookup; full context fits, so its exact match is the reference;
+- ``32x``: 32,768-token histories at ``W = 1,024``, depths 10 %, 50 %, 90 %, pass key
+  (full context does not fit the base model's 8,192 positions).
+
+Per method: the answer's NLL, the greedy answer's exact match (``contains``), and the
+recovered fraction ``(NLL_trunc - NLL_m) / (NLL_trunc - NLL_full)`` where full context
+fits. The MegaContext rows use the system given (``--gistnet``, ``--lens``); the peers
+are the registry's. Run (one process, two threads)::
+
+    OMP_NUM_THREADS=2 uv run python bench/needle_bar.py --setting 6x \\
+        --gistnet artifacts/.../gistnet.safetensors --out docs/results/<date>-cpu-needle
+
+``rows.parquet`` and ``results.md`` are rewritten after every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import megacontext as mc
+from megacontext.eval import common, suites
+
+SETTINGS = {
+    "6x": {
+        "lengths": [3072],
+        "depths": [0.1, 0.3, 0.5, 0.7, 0.9],
+        "budgets": [512],
+        "tasks": ["passkey", "kv"],
+    },
+    "32x": {"lengths": [32768], "depths": [0.1, 0.5, 0.9], "budgets": [1024], "tasks": ["passkey"]},
+}
+
+
+def render(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Retrieval bar: pass key / key-value needles (answer NLL, exact match)",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"{meta['machine']}; {meta['date']}; system: {meta['system']}.",
+        "",
+    ]
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        sub = [r for r in rows if r["setting"] == setting]
+        docs = sorted({r["doc"] for r in sub})
+        methods = list(dict.fromkeys(r["method"] for r in sub))
+        full = {r["doc"]: r["nll"] for r in sub if r["method"] == "full"}
+        trunc = {r["doc"]: r["nll"] for r in sub if r["method"] == "truncation"}
+        lines += [
+            f"## {setting}: {sub[0]['length']:,}-token histories, W = {sub[0]['budget']:,} "
+            f"({len(docs)} tasks)",
+            "",
+            "| method | answer NLL | exact match | recovered fraction |",
+            "|---|---:|---:|---:|",
+        ]
+        for m in methods:
+            mr = [r for r in sub if r["method"] == m]
+            nll = float(np.mean([r["nll"] for r in mr]))
+            em = float(np.mean([r.get("score", math.nan) for r in mr]))
+            rec = math.nan
+            if full and trunc:
+                d = [r["doc"] for r in mr if r["doc"] in full and r["doc"] in trunc]
+                lost = sum(trunc[x] - full[x] for x in d)
+                got = sum(trunc[x] - r["nll"] for x in d for r in mr if r["doc"] == x)
+                rec = got / lost if lost > 1e-6 else math.nan
+            lines.append(f"| {m} | {nll:.3f} | {em:.2f} | {rec:.2f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--setting", action="append", choices=sorted(SETTINGS), required=True)
+    ap.add_argument("--gistnet", type=Path, help="GistNet weights (default mean pooling)")
+    ap.add_argument("--lens", default=None, help="MegaContextConfig.lens for the system")
+    ap.add_argument("--methods", nargs="+", help="registry names (default: all that apply)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import platform
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = mc.load_base("smollm2-135m")
+    gist = mc.GistNet.load(args.gistnet) if args.gistnet else None
+    rows: list[dict] = []
+    meta = {
+        "command": "OMP_NUM_THREADS=2 uv run python " + " ".join(sys.argv),
+        "machine": f"CPU {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    for setting in args.setting:
+        cfg = SETTINGS[setting]
+        extra = {"lens": args.lens} if args.lens else {}
+        config = mc.MegaContextConfig(model=base.name, w_max=max(cfg["budgets"]), **extra)
+        system = mc.MegaContext(base, gist, None, config)
+        meta["system"] = (
+            f"GistNet {args.gistnet or 'mean pooling'}, lens {args.lens or config.lens}"
+            if hasattr(config, "lens")
+            else f"GistNet {args.gistnet or 'mean pooling'}"
+        )
+        common.SIZES[f"bar-{setting}"] = {"needle": cfg}
+        t0 = time.time()
+        got = suites.needle_suite(
+            base, system, f"bar-{setting}", methods=args.methods, seed=args.seed
+        )
+        for r in got:
+            r.pop("_session", None)
+            r["setting"] = setting
+            r["length"] = cfg["lengths"][0]
+        rows += got
+        print(f"{setting}: {len(got)} rows in {time.time() - t0:.0f} s", flush=True)
+        keep = sorted({k for r in rows for k in r})
+        pq.write_table(
+            pa.Table.from_pylist([{k: r.get(k) for k in keep} for r in rows]),
+            args.out / "rows.parquet",
+        )
+        (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
+        (args.out / "results.md").write_text(render(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
