@@ -548,7 +548,8 @@ class Session:
         """Append a history of any length. Tokens stream into the tree in chunks
         (completed blocks gisted in batches), then the WC is rebuilt to fit the budget
         (recency-based), the cache is recomputed from the first changed entry and, with
-        a LensNet, one refocus runs so the new tail can pull detail in.
+        a scorer (a LensNet, or ``lens: attention``), up to ``refocus_iterations``
+        refocuses run (until one takes no action) so the new tail can pull detail in.
 
         Returns the number of tokens ingested. On an error the session is unchanged.
         """
@@ -566,7 +567,8 @@ class Session:
                 self._prefill(min(first, len(self.wc) - 1), record=True)
             self.wc.check(self.tree)
             self._blocks_since_refocus += ids.numel() // self.config.block_size
-            if self.focus.scoring:
+            lens = self.config.lens
+            if lens == "attention" or (lens == "lensnet" and self.system.lensnet is not None):
                 # a far needle under an LOD2 gist needs two expands (LOD2 -> LOD1 ->
                 # tokens): iterate, each step on the cache the previous one updated
                 for _ in range(self.config.refocus_iterations):
