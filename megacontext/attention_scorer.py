@@ -14,11 +14,15 @@ Probabilities. For each recorded layer ``ℓ``, query head ``h`` (GQA: key head
     a[ℓ, h, r, i] = softmax_i( q[ℓ, r, h] · k[ℓ, h // g, i] · scaling_ℓ ),   i ∈ [s, N)
     p[i]          = mean_{ℓ, h, r} a[ℓ, h, r, i]                              (Σ_i p_i = 1)
 
-The first ``s = SINK_ENTRIES`` entries are left out (``p = 0``, utility 0): the
-first position is the model's attention sink (StreamingLLM), which every query
-attends to whatever it holds; scoring it would expand whatever gist sits first. The
-newest tokens see every entry (no causal mask among them): the question may refer to
-what precedes or follows any token of it.
+The first ``s = SINK_ENTRIES`` entries may be left out (``p = 0``, utility 0): a
+model whose first position holds a BOS token attends to it whatever the query
+(the attention sink, StreamingLLM). The default is ``s = 0``: in a working context
+the first entry is usually the oldest far-memory gist, not a BOS token, and it is
+where a far needle sits (in two SmolLM2 passkey histories, 1,500 tokens at W = 256,
+the first entry, an LOD2 gist, got 8-12% of the mass, on a par with the next few
+entries: not a sink's share). The newest tokens see every entry (no
+causal mask among them): the question may refer to what precedes or follows any
+token of it.
 
 Utility (a fixed calibration, not fitted): with ``n = N - s`` scored entries and
 block size ``bs``::
@@ -59,7 +63,7 @@ __all__ = [
     "default_layers",
 ]
 
-SINK_ENTRIES = 1
+SINK_ENTRIES = 0
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -80,7 +84,7 @@ def attention_probs(
     """float32 ``[N]``: the mean attention of ``queries[ℓ] [H, m, D]`` over
     ``keys[ℓ] [H_kv, N, D]`` (post-RoPE, ``H`` a multiple of ``H_kv``), softmax over
     entries ``[sink, N)`` at ``scaling[ℓ]``, averaged over heads, rows and layers;
-    the first ``sink`` entries get 0. Sums to 1 (when ``N > sink`` and ``m > 0``)."""
+    the first ``sink`` entries (default none) get 0. Sums to 1 (when ``N > sink``)."""
     n = keys[0].shape[-2]
     total = torch.zeros(n, dtype=torch.float32, device=keys[0].device)
     if n <= sink:
@@ -159,6 +163,7 @@ class AttentionScorer:
         self.block_size = int(block_size)
         self.layers = list(layers)
         self.scaling = [_scaling(model, i, self.head_dim) for i in self.layers]
+        self.sink = SINK_ENTRIES  # entries left out of the softmax (utility 0)
         self.recorder = QueryRecorder(
             self.layers, rows, heads, self.head_dim, device=cache.kv.device, dtype=cache.kv.dtype
         )
@@ -200,7 +205,7 @@ class AttentionScorer:
             return torch.zeros(n, dtype=torch.float32, device=self.cache.kv.device)
         kv = self.cache.kv
         keys = [kv[layer, 0, 0, :, :n, :] for layer in self.layers]
-        return attention_probs(queries, keys, self.scaling)
+        return attention_probs(queries, keys, self.scaling, self.sink)
 
     @torch.no_grad()
     def __call__(self, wc: Any, positions: torch.Tensor) -> torch.Tensor:
@@ -209,4 +214,4 @@ class AttentionScorer:
         queries = self.queries(wc, positions)
         if not queries:
             return torch.zeros(len(wc), dtype=torch.float32)
-        return attention_utility(self._probs(wc, queries), self.block_size).cpu()
+        return attention_utility(self._probs(wc, queries), self.block_size, self.sink).cpu()

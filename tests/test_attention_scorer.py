@@ -89,7 +89,7 @@ def _no_actions(**kw):
 
 def test_probs_equal_a_plain_recomputation_from_a_fresh_forward(tiny_base):
     """p = mean over layers, heads and the newest m query rows of softmax(q·k·scale)
-    over entries 1..N-1 (the sink left out), from a fresh forward's q and k."""
+    over all N entries, from a fresh forward's q and k."""
     cfg = _no_actions(kv_mode="exact")
     session = mc.MegaContext(tiny_base, None, None, cfg).session()
     session.ingest(_ids(150))
@@ -104,10 +104,10 @@ def test_probs_equal_a_plain_recomputation_from_a_fresh_forward(tiny_base):
         q, k = qk[layer]
         k = repeat_kv(k[None], q.shape[0] // k.shape[0])[0]
         scale = tiny_base.model.model.layers[layer].self_attn.scaling
-        logits = q[:, n - m :] @ k[:, 1:].transpose(-1, -2) * scale
-        ref[1:] += logits.softmax(-1).mean(dim=(0, 1)) / 2
+        logits = q[:, n - m :] @ k.transpose(-1, -2) * scale
+        ref += logits.softmax(-1).mean(dim=(0, 1)) / 2
     torch.testing.assert_close(p, ref, rtol=1e-4, atol=1e-6)
-    assert abs(float(p.sum()) - 1.0) < 1e-5 and p[0] == 0
+    assert abs(float(p.sum()) - 1.0) < 1e-5
     u = session.scores()
     assert u.shape == (n,) and u.dtype == torch.float32
     assert float(u.min()) >= -1.0 and float(u.max()) <= 1.0
@@ -127,22 +127,27 @@ def test_a_key_along_the_query_gets_the_top_score():
     u = attention_utility(p, 32)
     assert int(p.argmax()) == j and int(u.argmax()) == j
     assert float(u[j]) > 0.2
-    assert float(u[0]) == 0.0  # the sink
-    others = torch.cat([u[1:j], u[j + 1 :]])
+    others = torch.cat([u[:j], u[j + 1 :]])
     assert float(others.max()) < float(u[j])
+    # sink = 1: the first entry is left out of the softmax and scores 0
+    p1 = attention_probs([q], [k], [D**-0.5], sink=1)
+    u1 = attention_utility(p1, 32, sink=1)
+    assert p1[0] == 0 and u1[0] == 0 and abs(float(p1.sum()) - 1) < 1e-5
+    assert int(u1.argmax()) == j
 
 
 def test_utility_calibration():
     """u = tanh(log(p n) / log(bs)): uniform -> 0, bs x uniform -> tanh(1), 0 -> -1."""
-    n, bs = 16, 32
-    p = torch.full((n + 1,), 1.0 / n)
-    p[0] = 0.0
+    n, bs = 64, 4
+    p = torch.full((n,), 1.0 / n)
     assert attention_utility(p, bs).abs().max() < 1e-6
-    p2 = torch.zeros(n + 1)
-    p2[1], p2[2] = bs / n, 1 - bs / n if bs < n else 0.0
+    p2 = torch.zeros(n)
+    p2[1], p2[2] = bs / n, 1 - bs / n
     u = attention_utility(p2, bs)
     assert math.isclose(float(u[1]), math.tanh(1.0), rel_tol=1e-5)
     assert float(u[3]) == -1.0
+    p3 = torch.full((n,), 1.0 / (bs * n))
+    assert math.isclose(float(attention_utility(p3, bs)[0]), -math.tanh(1.0), rel_tol=1e-5)
 
 
 def test_queries_are_rerotated_when_positions_move(peaky_base):
