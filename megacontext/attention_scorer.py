@@ -24,17 +24,28 @@ entries: not a sink's share). The newest tokens see every entry (no
 causal mask among them): the question may refer to what precedes or follows any
 token of it.
 
-Utility (a fixed calibration, not fitted): with ``n = N - s`` scored entries and
-block size ``bs``::
+Utility (a fixed calibration, not fitted): with ``n = N - s`` scored entries, block
+size ``bs`` and each entry's *share* ``P[i]``::
 
-    u[i] = tanh( log(p[i] · n) / log(bs) )  ∈ [-1, 1]
+    u[i] = tanh( log(P[i] · n) / log(bs) )  ∈ [-1, 1]
+    P[i] = p[i]                                  (share "entry", the default)
 
-``p · n = 1`` is the uniform share (``u = 0``); an entry attended ``bs`` times its
-share gets ``tanh(1) ≈ 0.76``, one attended ``1 / bs`` of it ``-0.76``. The base is
-``bs`` because that is the trade the allocator makes: expanding a gist spends
-``bs - 1`` more entries, collapsing a block frees them. At the default thresholds
-(``±0.2``, ``atanh(0.2) ≈ 0.203``) an entry pays to expand above about
-``bs^0.2 ≈ 2×`` its uniform share (``bs = 32``) and is collapsible below half of it.
+``P · n = 1`` is one entry's uniform share (``u = 0``); ``bs`` times it gives
+``tanh(1) ≈ 0.76``, ``1 / bs`` of it ``-0.76``. The base is ``bs`` because that is
+the trade the allocator makes: expanding a gist spends ``bs - 1`` more entries,
+collapsing a block frees them. At the default thresholds (``±0.2``,
+``atanh(0.2) ≈ 0.203``) an entry pays to expand above about ``bs^0.2 ≈ 2×`` its
+uniform share (``bs = 32``) and is collapsible below half of it.
+
+Share ``"block"`` (``attention_share``) judges a token by its whole block instead,
+``P[i] = Σ p[j]`` over the WC's tokens ``j`` of ``i``'s block (gists keep
+``p[i]``): the allocator collapses a block on the mean of its tokens' scores and the
+block then becomes one gist with about that share, so the verdicts on the same
+content agree before and after an action. Per entry, a just-expanded block reads
+about ``1 / bs`` of its gist's share per token and is collapsed back as soon as
+hysteresis allows (seen on SmolLM2 passkey histories: expand, then collapse three
+steps later); per block, a small WC whose few token blocks share most of the
+attention never offers a collapse, so expands that need room do not happen either.
 
 Queries recorded before a refocus moved their tokens' positions (bounded position
 schemes re-pack positions) are re-rotated by the move (RoPE rotations compose, as
@@ -99,15 +110,33 @@ def attention_probs(
     return total / len(keys)
 
 
-def attention_utility(p: torch.Tensor, block_size: int, sink: int = SINK_ENTRIES) -> torch.Tensor:
-    """float32 ``[N]`` in ``[-1, 1]``: ``tanh(log(p · n) / log(block_size))`` with
-    ``n = N - sink`` (see the module docstring); the sink entries get 0."""
+def attention_utility(
+    p: torch.Tensor,
+    block_size: int,
+    sink: int = SINK_ENTRIES,
+    levels: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 ``[N]`` in ``[-1, 1]``: ``tanh(log(P · n) / log(block_size))`` with
+    ``n = N - sink`` and ``P`` the entries' shares (see the module docstring): with
+    ``levels`` and ``starts [N]`` (the WC's), a token's share is the sum of ``p``
+    over the WC's tokens of its block; without them ``P = p``. The sink entries get 0."""
     n = p.numel() - sink
     u = torch.zeros_like(p, dtype=torch.float32)
     if n <= 0:
         return u
-    share = p[sink:].float() * n
-    u[sink:] = torch.tanh(torch.log(share) / math.log(block_size))  # p = 0 -> -1
+    share = p.float()
+    if levels is not None and starts is not None and p.numel():
+        starts = starts.to(torch.int64)
+        blocks = int(starts.max()) // block_size + 2  # the WC's starts live on the CPU
+        token = levels.to(p.device) == 0
+        block = torch.div(starts.to(p.device), block_size, rounding_mode="floor")
+        # gists go to one spare slot whose sum is never read: only tokens aggregate
+        key = torch.where(token, block, blocks - 1)
+        total = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+        total.index_add_(0, key, share)
+        share = torch.where(token, total[key], share)
+    u[sink:] = torch.tanh(torch.log(share[sink:] * n) / math.log(block_size))  # p = 0 -> -1
     return u
 
 
@@ -128,6 +157,7 @@ class AttentionScorer:
         block_size: the tree's block size (the utility's calibration).
         layers: recorded layers (default :func:`default_layers`).
         rows: newest query rows kept per layer (``attention_queries``).
+        share: ``"entry"`` or ``"block"`` (``attention_share``, see the module doc).
 
     Attributes:
         recorder: the :class:`~megacontext.hook.QueryRecorder` the session arms for
@@ -145,6 +175,7 @@ class AttentionScorer:
         block_size: int,
         layers: Sequence[int] | None = None,
         rows: int = 32,
+        share: str = "entry",
     ):
         cfg = model.config
         num_layers = int(cfg.num_hidden_layers)
@@ -164,6 +195,7 @@ class AttentionScorer:
         self.layers = list(layers)
         self.scaling = [_scaling(model, i, self.head_dim) for i in self.layers]
         self.sink = SINK_ENTRIES  # entries left out of the softmax (utility 0)
+        self.share = share
         self.recorder = QueryRecorder(
             self.layers, rows, heads, self.head_dim, device=cache.kv.device, dtype=cache.kv.dtype
         )
@@ -214,4 +246,9 @@ class AttentionScorer:
         queries = self.queries(wc, positions)
         if not queries:
             return torch.zeros(len(wc), dtype=torch.float32)
-        return attention_utility(self._probs(wc, queries), self.block_size, self.sink).cpu()
+        p = self._probs(wc, queries)
+        if self.share == "block":
+            u = attention_utility(p, self.block_size, self.sink, wc.levels, wc.starts)
+        else:
+            u = attention_utility(p, self.block_size, self.sink)
+        return u.cpu()

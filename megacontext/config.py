@@ -137,11 +137,17 @@ class MegaContextConfig(BaseModel):
     attention_queries: int = Field(
         32, ge=1, description="newest query rows the attention scorer reads (per layer)"
     )
+    attention_share: Literal["entry", "block"] = Field(
+        "entry",
+        description="the attention scorer's share of a token: entry (its own, the "
+        "design's formula) or block (its block's total, as the gist it would collapse "
+        "into; see megacontext.attention_scorer)",
+    )
     refocus_iterations: int = Field(
         1,
         ge=1,
-        description="refocus iterations after an ingest (with a scorer); stops early "
-        "at the first iteration that takes no action",
+        description="refocus iterations after an ingest (with a scorer); stops after "
+        "cooldown_steps + 1 iterations in a row that take no action",
     )
     seed: int = 0
 

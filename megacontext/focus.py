@@ -48,6 +48,7 @@ __all__ = [
     "lens_inputs",
     "lens_tail",
     "newest_tokens_view",
+    "refocus_after_ingest",
     "check_positions",
     "position_bound",
     "position_gap",
@@ -208,6 +209,30 @@ def lens_inputs(
         spans[None],
         distance[None],
     )
+
+
+def refocus_after_ingest(config: MegaContextConfig, refocus: Callable[[], list]) -> int:
+    """Run ``refocus()`` (one iteration, returning its actions) up to
+    ``config.refocus_iterations`` times after an ingest; returns the iterations run.
+
+    A far needle under an LOD2 gist needs an expand to LOD1, then another to tokens,
+    and a node the allocator just created waits ``cooldown_steps`` steps before it
+    may change. So an idle iteration does not end the loop at once: the WC and the
+    scores stay the same, only the step counter moves, and ``cooldown_steps`` more
+    idle iterations are what it takes for a created node to become eligible. The
+    loop stops after ``cooldown_steps + 1`` idle iterations in a row (nothing pays
+    and nothing waits) or at the bound. Shared by the runtime and the trainer's
+    rollout, so both refocus alike."""
+    idle = ran = 0
+    for _ in range(config.refocus_iterations):
+        ran += 1
+        if refocus():
+            idle = 0
+            continue
+        idle += 1
+        if idle > config.cooldown_steps:
+            break
+    return ran
 
 
 @dataclass

@@ -44,7 +44,7 @@ from .cache import MegaContextCache
 from .checkpoint import read_checkpoint
 from .config import MegaContextConfig
 from .errors import ConfigError, InputError, InvariantError, StorageError
-from .focus import FocusLoop, FocusStep, check_positions
+from .focus import FocusLoop, FocusStep, check_positions, refocus_after_ingest
 from .hook import patch, recording
 from .nll import nll_after
 from .telemetry import swap_counts
@@ -262,6 +262,7 @@ class Session:
                 cfg.block_size,
                 cfg.attention_layers,
                 cfg.attention_queries,
+                cfg.attention_share,
             )
         self.focus = FocusLoop(
             self.base,
@@ -549,7 +550,8 @@ class Session:
         (completed blocks gisted in batches), then the WC is rebuilt to fit the budget
         (recency-based), the cache is recomputed from the first changed entry and, with
         a scorer (a LensNet, or ``lens: attention``), up to ``refocus_iterations``
-        refocuses run (until one takes no action) so the new tail can pull detail in.
+        refocuses run (:func:`~megacontext.focus.refocus_after_ingest`) so the new tail
+        can pull detail in.
 
         Returns the number of tokens ingested. On an error the session is unchanged.
         """
@@ -571,9 +573,7 @@ class Session:
             if lens == "attention" or (lens == "lensnet" and self.system.lensnet is not None):
                 # a far needle under an LOD2 gist needs two expands (LOD2 -> LOD1 ->
                 # tokens): iterate, each step on the cache the previous one updated
-                for _ in range(self.config.refocus_iterations):
-                    if not self.refocus():
-                        break
+                refocus_after_ingest(self.config, self.refocus)
         except BaseException:
             self._rollback(snapshot)
             raise

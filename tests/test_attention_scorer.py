@@ -16,7 +16,7 @@ from megacontext.attention_scorer import (
     attention_utility,
     default_layers,
 )
-from megacontext.focus import FocusLoop
+from megacontext.focus import FocusLoop, refocus_after_ingest
 from megacontext.hook import QueryRecorder, recording
 
 
@@ -112,6 +112,18 @@ def test_probs_equal_a_plain_recomputation_from_a_fresh_forward(tiny_base):
     assert u.shape == (n,) and u.dtype == torch.float32
     assert float(u.min()) >= -1.0 and float(u.max()) <= 1.0
     torch.testing.assert_close(u, attention_utility(ref, cfg.block_size), rtol=1e-4, atol=1e-5)
+    # share "block": a token's share is its block's, every token of one block alike
+    session.attention_scorer.share = "block"
+    u = session.scores()
+    lv, st = wc.levels.cpu(), wc.starts.cpu()
+    for b in set((st[lv == 0] // cfg.block_size).tolist()):
+        sel = (lv == 0) & (st // cfg.block_size == b)
+        share = ref[sel].sum() * n
+        torch.testing.assert_close(
+            u[sel], torch.tanh(torch.log(share) / math.log(8)).expand(int(sel.sum()))
+        )
+    gist = lv > 0
+    torch.testing.assert_close(u[gist], torch.tanh(torch.log(ref[gist] * n) / math.log(8)))
 
 
 def test_a_key_along_the_query_gets_the_top_score():
@@ -148,6 +160,13 @@ def test_utility_calibration():
     assert float(u[3]) == -1.0
     p3 = torch.full((n,), 1.0 / (bs * n))
     assert math.isclose(float(attention_utility(p3, bs)[0]), -math.tanh(1.0), rel_tol=1e-5)
+    # tokens aggregate per block, gists do not: a gist at 1/bs of the uniform share
+    # and a whole block of bs tokens at that share each score -tanh(1) and 0
+    levels = torch.tensor([1] * (n - bs) + [0] * bs)
+    starts = torch.cat([torch.arange(n - bs) * bs, (n - bs) * bs + torch.arange(bs)])
+    u = attention_utility(p3, bs, levels=levels, starts=starts)
+    assert math.isclose(float(u[0]), -math.tanh(1.0), rel_tol=1e-5)
+    assert u[n - bs :].abs().max() < 1e-6
 
 
 def test_queries_are_rerotated_when_positions_move(peaky_base):
@@ -222,6 +241,19 @@ def test_ingest_refocus_iterates_until_no_action(peaky_base):
     assert all(row["n_expand"] + row["n_collapse"] for row in many.history[:-1])
 
 
+def test_refocus_after_ingest_waits_out_the_cooldown():
+    """Idle iterations end the loop only after cooldown_steps + 1 in a row (a node an
+    expand created may change once its cooldown has passed); refocus_iterations
+    bounds it."""
+    pattern = iter([["a"], [], [], ["a"], [], [], [], ["a"]])
+    cfg = mc.MegaContextConfig(cooldown_steps=2, refocus_iterations=10)
+    assert refocus_after_ingest(cfg, lambda: next(pattern)) == 7
+    cfg = mc.MegaContextConfig(cooldown_steps=0, refocus_iterations=10)
+    assert refocus_after_ingest(cfg, lambda: []) == 1
+    cfg = mc.MegaContextConfig(cooldown_steps=0, refocus_iterations=3)
+    assert refocus_after_ingest(cfg, lambda: ["a"]) == 3
+
+
 def test_batch_decode_records_each_sessions_queries(tiny_base):
     cfg = _cfg()
     system = mc.MegaContext(tiny_base, None, None, cfg)
@@ -274,6 +306,9 @@ def test_config_validation(tiny_base):
             mc.MegaContextConfig(attention_layers=bad)
         assert err.value.field == "attention_layers"
     with pytest.raises(mc.ConfigError) as err:
+        mc.MegaContextConfig(attention_share="span")
+    assert err.value.field == "attention_share"
+    with pytest.raises(mc.ConfigError) as err:
         mc.MegaContextConfig(attention_queries=0)
     assert err.value.field == "attention_queries"
     with pytest.raises(mc.ConfigError) as err:
@@ -283,6 +318,9 @@ def test_config_validation(tiny_base):
         FocusLoop(tiny_base, None, None, _cfg())
     assert err.value.field == "lens"
     assert default_layers(30) == [15, 19, 23, 27] and default_layers(2) == [1]
+    block = mc.MegaContext(tiny_base, None, None, _cfg(attention_share="block")).session()
+    assert block.attention_scorer.share == "block"
+    assert block.attention_scorer.layers == [0, 1]
     assert mc.MegaContextConfig().lens == "lensnet"
 
 

@@ -19,7 +19,7 @@ import torch
 
 from ..config import MegaContextConfig
 from ..errors import InputError
-from ..focus import FocusLoop
+from ..focus import FocusLoop, refocus_after_ingest
 from ..tree import MegaContextTree
 from ..working_context import WorkingContext
 
@@ -92,10 +92,7 @@ def rollout(
     loop = FocusLoop(base, gistnet, lensnet, cfg, allocator_backend=allocator_backend)
     loop.ingest(window[:history])
     if loop.scoring:
-        # as Session.ingest: up to refocus_iterations, until one takes no action
-        for _ in range(cfg.refocus_iterations):
-            if not loop.refocus().actions:
-                break
+        refocus_after_ingest(cfg, lambda: loop.refocus().actions)  # as Session.ingest
     snaps: list[Snapshot] = []
     t = history
     for b in range(blocks):
