@@ -122,7 +122,43 @@ class MegaContextConfig(BaseModel):
         description="bound on RoPE positions; None = the base model's "
         "max_position_embeddings (checked against the model when the system is built)",
     )
+    lens: Literal["lensnet", "attention", "recency"] = Field(
+        "lensnet",
+        description="focus scorer: lensnet (the given LensNet; recency when none is "
+        "given), attention (the training-free scorer: the base model's query-key "
+        "affinity between the newest tokens and each entry, even when a LensNet is "
+        "given) or recency (no scorer: only budget-forced collapses)",
+    )
+    attention_layers: list[int] | None = Field(
+        None,
+        description="layers whose queries the attention scorer reads; None = every "
+        "4th layer from the middle up (range(L // 2, L, 4))",
+    )
+    attention_queries: int = Field(
+        32, ge=1, description="newest query rows the attention scorer reads (per layer)"
+    )
+    attention_share: Literal["entry", "block"] = Field(
+        "entry",
+        description="the attention scorer's share of a token: entry (its own, the "
+        "design's formula) or block (its block's total, as the gist it would collapse "
+        "into; see megacontext.attention_scorer)",
+    )
+    refocus_iterations: int = Field(
+        1,
+        ge=1,
+        description="refocus iterations after an ingest (with a scorer); stops after "
+        "cooldown_steps + 1 iterations in a row that take no action",
+    )
     seed: int = 0
+
+    @field_validator("attention_layers")
+    @classmethod
+    def _layers_listed(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v or any(i < 0 for i in v) or len(set(v)) != len(v):
+            raise ValueError("must be a non-empty list of distinct layer indices >= 0")
+        return sorted(v)
 
     @field_validator("block_size")
     @classmethod

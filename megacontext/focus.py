@@ -14,8 +14,14 @@ Nothing here touches a KV cache: :meth:`FocusLoop.refocus` returns a
 :class:`FocusStep` saying what changed, so the caller can update its cache.
 
 LensNet's tail (:func:`lens_tail`) is ``[T, d]`` with ``T = LensNetConfig.tail_size``:
-row 0 the newest gist of the highest level that has one, rows ``T-k .. T-1`` the
-``k = min(T - 1, n_1)`` newest LOD1 gists (oldest first), zeros elsewhere.
+row 0 the newest gist of the highest level that has one, row ``T-1`` the mean of the
+newest ``min(bs, cursor)`` token embeddings (the question usually sits after the last
+complete block), rows ``T-1-k .. T-2`` the ``k = min(T - 2, n_1)`` newest LOD1 gists
+(oldest first), zeros elsewhere.
+
+The scorer is ``config.lens``: ``lensnet`` (the given LensNet, zeros without one),
+``recency`` (zeros) or ``attention`` (a callable ``scorer(wc, positions) -> [N]``
+the owner of the KV cache hands in: :class:`megacontext.attention_scorer.AttentionScorer`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ __all__ = [
     "gist_fn",
     "lens_inputs",
     "lens_tail",
+    "newest_tokens_view",
+    "refocus_after_ingest",
     "check_positions",
     "position_bound",
     "position_gap",
@@ -146,10 +154,24 @@ def gist_fn(gistnet: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
+def newest_tokens_view(base: Any, tree: MegaContextTree, cursor: int) -> torch.Tensor:
+    """``[d]`` float32: the mean of the base model's embeddings of the newest
+    ``min(block_size, cursor)`` tokens before ``cursor`` (zeros when ``cursor == 0``).
+    It covers the partial block at every refocus, where no gist exists yet."""
+    m = min(tree.block_size, cursor)
+    if m == 0:
+        return torch.zeros(base.dim, dtype=torch.float32)
+    ids = torch.as_tensor(tree.tokens(cursor - m, cursor), dtype=torch.int64)
+    return base.embed(ids.cpu()).float().mean(dim=0)
+
+
 def lens_tail(base: Any, tree: MegaContextTree, cursor: int, size: int) -> torch.Tensor:
     """LensNet's tail ``[size, d]`` (base dtype and device) of the first ``cursor``
-    tokens of ``tree``: row 0 the newest gist of the highest level that has one, the
-    last ``min(size - 1, n_1)`` rows the newest LOD1 gists (oldest first), zeros
+    tokens of ``tree``: row 0 the newest gist of the highest level that has one; with
+    ``size >= 2``, row ``size - 1`` the newest tokens' view
+    (:func:`newest_tokens_view`: the mean embedding of the newest ``min(bs, cursor)``
+    tokens, so the tokens after the last complete block are seen) and the
+    ``min(size - 2, n_1)`` rows before it the newest LOD1 gists (oldest first); zeros
     elsewhere. ``cursor`` may lag the tree (the trainer scores past snapshots)."""
     bs = tree.block_size
     dev = base.device
@@ -159,10 +181,13 @@ def lens_tail(base: Any, tree: MegaContextTree, cursor: int, size: int) -> torch
         if n:
             tail[0] = tree.gists(level)[n - 1].to(device=dev, dtype=tail.dtype)
             break
+    if size < 2:
+        return tail
+    tail[size - 1] = newest_tokens_view(base, tree, cursor).to(device=dev, dtype=tail.dtype)
     n1 = cursor // bs
-    k = min(size - 1, n1)
+    k = min(size - 2, n1)
     if k:
-        tail[size - k :] = tree.gists(1)[n1 - k : n1].to(device=dev, dtype=tail.dtype)
+        tail[size - 1 - k : size - 1] = tree.gists(1)[n1 - k : n1].to(device=dev, dtype=tail.dtype)
     return tail
 
 
@@ -184,6 +209,30 @@ def lens_inputs(
         spans[None],
         distance[None],
     )
+
+
+def refocus_after_ingest(config: MegaContextConfig, refocus: Callable[[], list]) -> int:
+    """Run ``refocus()`` (one iteration, returning its actions) up to
+    ``config.refocus_iterations`` times after an ingest; returns the iterations run.
+
+    A far needle under an LOD2 gist needs an expand to LOD1, then another to tokens,
+    and a node the allocator just created waits ``cooldown_steps`` steps before it
+    may change. So an idle iteration does not end the loop at once: the WC and the
+    scores stay the same, only the step counter moves, and ``cooldown_steps`` more
+    idle iterations are what it takes for a created node to become eligible. The
+    loop stops after ``cooldown_steps + 1`` idle iterations in a row (nothing pays
+    and nothing waits) or at the bound. Shared by the runtime and the trainer's
+    rollout, so both refocus alike."""
+    idle = ran = 0
+    for _ in range(config.refocus_iterations):
+        ran += 1
+        if refocus():
+            idle = 0
+            continue
+        idle += 1
+        if idle > config.cooldown_steps:
+            break
+    return ran
 
 
 @dataclass
@@ -220,7 +269,11 @@ class FocusLoop:
         base: the base model (``dim``, ``dtype``, ``device``, ``embed``).
         gistnet: ``[B, bs, d] -> [B, d]`` compressor, ``None`` = mean pooling.
         lensnet: the scorer, ``None`` = recency-only (scores are zeros).
-        config: the :class:`~megacontext.config.MegaContextConfig`.
+        config: the :class:`~megacontext.config.MegaContextConfig`; ``config.lens``
+            picks the scorer (``lensnet``, ``attention`` or ``recency``).
+        scorer: ``scorer(wc, positions [N]) -> float32 [N]`` in ``[-1, 1]``, the
+            scorer of ``lens: attention`` (it reads the KV cache, which the loop does
+            not own: the runtime builds it); required exactly then.
         allocator_backend: ``auto``, ``python``, ``cpp`` or ``cuda``.
         phase: ``phase(name)`` -> a context manager timing the steps (``gist``,
             ``lens``, ``allocator``); the runtime's telemetry passes its timer.
@@ -241,7 +294,17 @@ class FocusLoop:
         *,
         allocator_backend: str = "auto",
         phase: Phase | None = None,
+        scorer: Callable[[WorkingContext, torch.Tensor], torch.Tensor] | None = None,
     ):
+        if config.lens == "attention" and scorer is None:
+            raise ConfigError(
+                "invalid value for field 'lens': 'attention' (the attention scorer reads "
+                "the base model's queries and KV cache, which only a runtime Session has; "
+                "this focus loop was given none)",
+                field="lens",
+                value=config.lens,
+            )
+        self.scorer = scorer if config.lens == "attention" else None
         self.base = base
         self.gistnet = gistnet
         self.lensnet = lensnet
@@ -264,6 +327,12 @@ class FocusLoop:
     @property
     def num_tokens(self) -> int:
         return self.tree.num_tokens
+
+    @property
+    def scoring(self) -> bool:
+        """Whether a scorer runs (``False``: recency, the scores are zeros)."""
+        lens = self.config.lens
+        return lens == "attention" or (lens == "lensnet" and self.lensnet is not None)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """``[n] -> [n, d]``: the base model's token embeddings."""
@@ -366,9 +435,12 @@ class FocusLoop:
 
     @torch.no_grad()
     def scores(self) -> torch.Tensor:
-        """LensNet's float32 scores ``[N]`` for the current WC (zeros without one)."""
+        """The scorer's float32 scores ``[N]`` for the current WC: LensNet's, the
+        attention scorer's (``config.lens``) or zeros (recency)."""
         assert self.wc is not None
-        if self.lensnet is None:
+        if self.scorer is not None:
+            return self.scorer(self.wc, self.positions())
+        if not self.scoring:
             return torch.zeros(len(self.wc), dtype=torch.float32)
         p = next(self.lensnet.parameters())
         entries, tail, levels, spans, distance = self.lens_inputs()

@@ -17,15 +17,23 @@ working-context order; the attention then reads the preallocated cache.
 Attention backend: flash-attn when installed (optional extra ``flash``) and the call
 is a plain causal one on CUDA; PyTorch SDPA otherwise (the path that is always there
 and always tested). ``MEGACONTEXT_ATTENTION=sdpa|flash`` forces one.
+
+Query recording (opt-in, for the training-free attention scorer): inside
+``with recording([recorder, ...])`` the hook hands each recorded layer's post-RoPE
+query of batch row ``b`` to ``recorder[b]`` (:class:`QueryRecorder`), which keeps
+the newest ``rows`` query rows per layer in a ring buffer on the device (a slice and
+an ``index_copy_`` per recorded layer, no host sync). Outside the block the hook
+reads one context variable and records nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +41,16 @@ import torch
 from .base import SUPPORTED_MODEL_TYPES
 from .errors import ConfigError, UnsupportedModelError
 
-__all__ = ["ATTENTION_NAME", "attention_backend", "is_patched", "patch", "patched", "unpatch"]
+__all__ = [
+    "ATTENTION_NAME",
+    "QueryRecorder",
+    "attention_backend",
+    "is_patched",
+    "patch",
+    "patched",
+    "recording",
+    "unpatch",
+]
 
 ATTENTION_NAME = "megacontext"
 _ORIGINAL = "_megacontext_original_attn"
@@ -83,6 +100,121 @@ def _flash_causal(module, query, key, value, scaling):
     return out, None
 
 
+class QueryRecorder:
+    """The post-RoPE queries of the newest ``rows`` positions a model computed, for
+    ``layers``: a ring buffer ``q [len(layers), rows, H, D]`` on the device, with
+    each row's RoPE position and the history index of its token (CPU int64 ``[rows]``,
+    token ``-1``: empty). Arming rows of tokens ``>= t`` drops recorded rows of
+    tokens ``>= t`` first, so a token is never held twice.
+
+    The caller says what the next forward's rows are (:meth:`arm`: their positions
+    and token indices; only the last ``min(q, rows)`` are kept), then runs the forward
+    inside :func:`recording`; the hook writes each recorded layer's rows with
+    :meth:`write`. A forward run without :meth:`arm` (e.g. a cache update over
+    inserted gists) records nothing, so the buffer only ever holds real tokens.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        rows: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        if not layers or rows < 1:
+            raise ConfigError(
+                f"QueryRecorder needs layers and rows >= 1, got layers={list(layers)}, rows={rows}",
+                field="attention_layers" if not layers else "attention_queries",
+                value=list(layers) if not layers else rows,
+            )
+        self.layers = tuple(int(i) for i in layers)
+        self._index = {layer: i for i, layer in enumerate(self.layers)}
+        self.rows = int(rows)
+        self.q = torch.zeros(
+            len(self.layers), self.rows, num_heads, head_dim, dtype=dtype, device=device
+        )
+        self.positions = torch.full((self.rows,), -1, dtype=torch.int64)
+        self.tokens = torch.full((self.rows,), -1, dtype=torch.int64)
+        self._next = 0  # the ring's next write row
+        self._take = 0  # rows the armed forward writes (its last ones)
+        self._dst: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget every recorded row."""
+        self.positions.fill_(-1)
+        self.tokens.fill_(-1)
+        self._next, self._take, self._dst = 0, 0, None
+
+    def arm(self, positions: torch.Tensor, tokens: torch.Tensor) -> None:
+        """The next forward's rows: RoPE ``positions [q]`` and history token indices
+        ``tokens [q]`` (int64). The last ``min(q, rows)`` rows are kept."""
+        positions = positions.detach().cpu().to(torch.int64).flatten()
+        tokens = tokens.detach().cpu().to(torch.int64).flatten()
+        m = min(positions.numel(), self.rows)
+        if m == 0:
+            self._take, self._dst = 0, None
+            return
+        kept = tokens[tokens.numel() - m :]
+        # rows of the same or later tokens (recorded before a rollback, or recomputed
+        # now) are superseded: no token is counted twice. The ring is in token order,
+        # so they are the newest rows written: rewind over them.
+        stale = self.tokens >= int(kept.min())
+        self.tokens[stale] = -1
+        self._next = (self._next - int(stale.sum())) % self.rows
+        dst = (self._next + torch.arange(m)) % self.rows
+        self.positions[dst] = positions[positions.numel() - m :]
+        self.tokens[dst] = kept
+        self._next = (self._next + m) % self.rows
+        self._take = m
+        self._dst = dst.to(self.q.device)
+
+    def write(self, layer: int, query: torch.Tensor) -> None:
+        """Keep the last armed rows of ``query [H, q, D]`` (one batch row) at ``layer``."""
+        i = self._index.get(layer)
+        if i is None or self._dst is None or self._take == 0:
+            return
+        rows = query[:, query.shape[1] - self._take :, :].transpose(0, 1)
+        self.q[i].index_copy_(0, self._dst, rows.to(self.q.dtype))
+
+    def disarm(self) -> None:
+        self._take, self._dst = 0, None
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """A copy of the recorded state (for a rollback)."""
+        return self.q.clone(), self.positions.clone(), self.tokens.clone(), torch.tensor(self._next)
+
+    def load_state(self, state: tuple[torch.Tensor, ...]) -> None:
+        q, positions, tokens, nxt = state
+        self.q.copy_(q)
+        self.positions.copy_(positions)
+        self.tokens.copy_(tokens)
+        self._next, self._take, self._dst = int(nxt), 0, None
+
+
+# batch row b -> the recorder of that row (None: not recorded); empty: no recording
+_RECORDERS: contextvars.ContextVar[tuple[QueryRecorder | None, ...]] = contextvars.ContextVar(
+    "megacontext_recorders", default=()
+)
+
+
+@contextlib.contextmanager
+def recording(recorders: Sequence[QueryRecorder | None]) -> Iterator[None]:
+    """Within the block the hook gives batch row ``b``'s queries to ``recorders[b]``
+    (armed recorders only); each recorder is disarmed on exit."""
+    plan = tuple(recorders)
+    token = _RECORDERS.set(plan)
+    try:
+        yield
+    finally:
+        _RECORDERS.reset(token)
+        for rec in plan:
+            if rec is not None:
+                rec.disarm()
+
+
 def megacontext_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -101,6 +233,12 @@ def megacontext_attention(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    recorders = _RECORDERS.get()
+    if recorders:
+        layer = getattr(module, "layer_idx", None)
+        for b, rec in enumerate(recorders):
+            if rec is not None and layer is not None:
+                rec.write(layer, query[b])
     if (
         attention_mask is None
         and dropout == 0.0

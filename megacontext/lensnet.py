@@ -70,7 +70,9 @@ class LensNetConfig(BaseModel):
     d_lens: int = Field(512, gt=0, description="internal width dl")
     heads: int = Field(8, gt=0, description="attention heads in both stages")
     n_blocks: int = Field(1, ge=1, le=3, description="stacked dual blocks")
-    tail_size: int = Field(6, gt=0, description="tail gists: the root + the 5 newest LOD1")
+    tail_size: int = Field(
+        6, gt=0, description="tail rows: root gist, newest LOD1 gists, newest tokens' view"
+    )
     mlp_ratio: int = Field(4, gt=0, description="stage-1 tail MLP width = mlp_ratio * dl")
     head_hidden: int = Field(128, gt=0, le=512, description="scoring head hidden width")
     n_levels: int = Field(8, gt=0, description="level embeddings (higher levels clamp)")

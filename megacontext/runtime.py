@@ -38,13 +38,14 @@ import torch
 
 from . import profiling, session_store
 from .allocator import Action, FocusAllocator
+from .attention_scorer import AttentionScorer
 from .base import DEFAULT_MODEL, Base, cache_kwarg, load_base
 from .cache import MegaContextCache
 from .checkpoint import read_checkpoint
 from .config import MegaContextConfig
 from .errors import ConfigError, InputError, InvariantError, StorageError
-from .focus import FocusLoop, FocusStep, check_positions
-from .hook import patch
+from .focus import FocusLoop, FocusStep, check_positions, refocus_after_ingest
+from .hook import patch, recording
 from .nll import nll_after
 from .telemetry import swap_counts
 from .tree import MegaContextTree
@@ -247,6 +248,22 @@ class Session:
         self.config = system.config
         cfg = self.config
         self._phases = _Phases()
+        self.capacity = cfg.w_max + cfg.block_size
+        self.cache = MegaContextCache.for_model(
+            self.base.model, batch_size=1, capacity=self.capacity, double_buffer=True
+        )
+        # lens: attention scores from this cache and the queries the hook records
+        # during forwards of real tokens (ingest prefill, decode)
+        self.attention_scorer: AttentionScorer | None = None
+        if cfg.lens == "attention":
+            self.attention_scorer = AttentionScorer(
+                self.base.model,
+                self.cache,
+                cfg.block_size,
+                cfg.attention_layers,
+                cfg.attention_queries,
+                cfg.attention_share,
+            )
         self.focus = FocusLoop(
             self.base,
             system.gistnet,
@@ -254,10 +271,7 @@ class Session:
             cfg,
             allocator_backend=system.allocator_backend,
             phase=self._phases,
-        )
-        self.capacity = cfg.w_max + cfg.block_size
-        self.cache = MegaContextCache.for_model(
-            self.base.model, batch_size=1, capacity=self.capacity, double_buffer=True
+            scorer=self.attention_scorer,
         )
         self.telemetry = telemetry
         self.history: list[dict[str, Any]] = []
@@ -323,10 +337,28 @@ class Session:
         slots: torch.Tensor,
         length: int,
         logits_to_keep: int = 1,
+        record: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run ``embeds [q, d]`` at ``slots [q]`` of the cache (keys written there),
         each attending to cache slots ``<=`` its own; the cache then holds ``length``
-        rows. Returns the logits of the last ``logits_to_keep`` rows, float32."""
+        rows. Returns the logits of the last ``logits_to_keep`` rows, float32.
+        ``record``: ``(positions, tokens)`` of the forward's last rows, real tokens
+        whose queries the attention scorer keeps (``None``: nothing recorded)."""
+        rec = self.attention_scorer.recorder if self.attention_scorer is not None else None
+        if rec is None or record is None:
+            return self._run(embeds, positions, slots, length, logits_to_keep)
+        rec.arm(*record)
+        with recording([rec]):
+            return self._run(embeds, positions, slots, length, logits_to_keep)
+
+    def _run(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        length: int,
+        logits_to_keep: int,
+    ) -> torch.Tensor:
         dev = self.base.device
         slots = slots.to(device=dev, dtype=torch.long)
         self.cache.plan(slots[None], [length])
@@ -346,8 +378,10 @@ class Session:
         )
         return out.logits[0].float()
 
-    def _prefill(self, start: int, chunk: int = 256) -> None:
-        """Recompute the cache for WC entries ``[start, N)`` (exact)."""
+    def _prefill(self, start: int, chunk: int = 256, record: bool = False) -> None:
+        """Recompute the cache for WC entries ``[start, N)`` (exact). ``record``: the
+        attention scorer keeps the queries of the trailing LOD0 entries (an ingest's
+        new tokens), not those of recomputed gists."""
         assert self.wc is not None
         self._cache_epoch += 1
         n = len(self.wc)
@@ -356,9 +390,16 @@ class Session:
             return
         embeds = self.wc.embeddings(self.base, self.tree)
         positions = self.focus.positions()
+        levels, starts = self.wc.levels.cpu(), self.wc.starts.cpu().to(torch.int64)
+        gist = torch.nonzero(levels != 0)
+        first_token = int(gist[-1, 0]) + 1 if gist.numel() else 0  # the LOD0 tail
         for s in range(start, n, chunk):
             e = min(n, s + chunk)
-            logits = self._forward(embeds[s:e], positions[s:e], torch.arange(s, e), e)
+            rows = None
+            if record and e > first_token:
+                t0 = max(s, first_token)
+                rows = (positions[t0:e], starts[t0:e])
+            logits = self._forward(embeds[s:e], positions[s:e], torch.arange(s, e), e, record=rows)
         self._next_logits = logits[-1]
 
     def _kept_index(self, old_levels, old_nodes) -> torch.Tensor:
@@ -508,7 +549,9 @@ class Session:
         """Append a history of any length. Tokens stream into the tree in chunks
         (completed blocks gisted in batches), then the WC is rebuilt to fit the budget
         (recency-based), the cache is recomputed from the first changed entry and, with
-        a LensNet, one refocus runs so the new tail can pull detail in.
+        a scorer (a LensNet, or ``lens: attention``), up to ``refocus_iterations``
+        refocuses run (:func:`~megacontext.focus.refocus_after_ingest`) so the new tail
+        can pull detail in.
 
         Returns the number of tokens ingested. On an error the session is unchanged.
         """
@@ -523,11 +566,14 @@ class Session:
             assert self.wc is not None
             with ph("cache"):
                 first = 0 if old is None else self.focus.first_change(old.levels, old.nodes)
-                self._prefill(min(first, len(self.wc) - 1))
+                self._prefill(min(first, len(self.wc) - 1), record=True)
             self.wc.check(self.tree)
             self._blocks_since_refocus += ids.numel() // self.config.block_size
-            if self.system.lensnet is not None:
-                self.refocus()
+            lens = self.config.lens
+            if lens == "attention" or (lens == "lensnet" and self.system.lensnet is not None):
+                # a far needle under an LOD2 gist needs two expands (LOD2 -> LOD1 ->
+                # tokens): iterate, each step on the cache the previous one updated
+                refocus_after_ingest(self.config, self.refocus)
         except BaseException:
             self._rollback(snapshot)
             raise
@@ -544,6 +590,9 @@ class Session:
             "allocator": self.allocator.state_dict(),
             "counters": (self.iteration, self._blocks_since_refocus),
             "lists": (len(self.history), len(self.actions), len(self.residencies)),
+            "queries": (
+                None if self.attention_scorer is None else self.attention_scorer.recorder.state()
+            ),
         }
 
     def _rollback(self, snap: dict[str, Any]) -> None:
@@ -567,6 +616,9 @@ class Session:
             else:
                 self._prefill(0)
         self._next_logits = snap["logits"]
+        if snap["queries"] is not None:
+            assert self.attention_scorer is not None
+            self.attention_scorer.recorder.load_state(snap["queries"])
 
     def _append_token(self, token: int) -> torch.Tensor:
         slot, position = self.begin_decode(token)
@@ -576,6 +628,7 @@ class Session:
                 torch.tensor([position]),
                 torch.tensor([slot]),
                 slot + 1,
+                record=(torch.tensor([position]), torch.tensor([self.num_tokens - 1])),
             )
         self.finish_decode(logits[-1])
         assert self._next_logits is not None
@@ -960,15 +1013,22 @@ class SessionBatch:
         positions = torch.tensor([[r[1]] for r in rows], device=dev)
         self.cache.plan(slots, lengths)
         mask = torch.arange(width, device=dev)[None, None, None, :] <= slots[:, None, :, None]
+        recorders = []
+        for s, (_, position) in zip(self.sessions, rows, strict=True):
+            rec = s.attention_scorer.recorder if s.attention_scorer is not None else None
+            if rec is not None:
+                rec.arm(torch.tensor([position]), torch.tensor([s.num_tokens - 1]))
+            recorders.append(rec)
         t0 = time.perf_counter()
-        out = self.base.model(
-            inputs_embeds=embeds.to(dtype=self.base.dtype),
-            position_ids=positions,
-            attention_mask=mask,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kw: self.cache},
-        )
+        with recording(recorders):
+            out = self.base.model(
+                inputs_embeds=embeds.to(dtype=self.base.dtype),
+                position_ids=positions,
+                attention_mask=mask,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kw: self.cache},
+            )
         ms = (time.perf_counter() - t0) * 1e3
         logits = out.logits[:, -1].float()
         share = ms / len(self.sessions)

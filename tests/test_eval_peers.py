@@ -56,7 +56,7 @@ def test_every_peer_reads_w_entries_and_the_same_targets(base, system, data):
     assert by["full"]["entries"] == T
     for m in ("truncation", "streaming", "infllm"):
         assert by[m]["entries"] == W, m
-    for m in ("mc_recency", "megacontext"):
+    for m in ("mc_recency", "mc_attention", "megacontext"):
         # MegaContext changes LOD in groups of 31: it reads at most W, at least W - 31
         assert W - 31 <= by[m]["entries"] <= W, m
     for r in rows:

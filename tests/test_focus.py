@@ -7,7 +7,7 @@ import torch
 
 import megacontext as mc
 from megacontext.cache import MegaContextCache
-from megacontext.focus import FocusLoop, lens_tail
+from megacontext.focus import FocusLoop, lens_inputs, lens_tail
 from megacontext.nll import nll_after
 from megacontext.train.rollout import rollout
 
@@ -46,19 +46,48 @@ def test_non_default_tail_size_in_session_and_rollout(tiny_base, tail):
 
 
 def test_lens_tail_layout(tiny_base):
-    """Row 0: the newest gist of the highest level that has one; the last rows: the
-    newest LOD1 gists, oldest first; zeros elsewhere; a lagging cursor reads only the
-    gists complete at that cursor."""
+    """Row 0: the newest gist of the highest level that has one; the last row: the
+    mean embedding of the newest block_size tokens; the rows before it: the newest
+    LOD1 gists, oldest first; zeros elsewhere; a lagging cursor reads only the gists
+    and tokens at that cursor."""
     loop = FocusLoop(tiny_base, None, None, _cfg())
     loop.ingest(torch.arange(100))  # 12 LOD1 gists, 1 LOD2 gist
     g1, g2 = loop.tree.gists(1), loop.tree.gists(2)
+
+    def newest(cursor):
+        return tiny_base.embed(torch.arange(max(cursor - 8, 0), cursor)).float().mean(0)
+
     t = lens_tail(tiny_base, loop.tree, 100, 5)
     assert torch.equal(t[0], g2[0].to(t.dtype))
-    assert torch.equal(t[1:], g1[8:12].to(t.dtype))
+    assert torch.equal(t[1:4], g1[9:12].to(t.dtype))
+    torch.testing.assert_close(t[4], newest(100).to(t.dtype))
     t = lens_tail(tiny_base, loop.tree, 24, 6)  # 3 LOD1 gists, no LOD2 yet
     assert torch.equal(t[0], g1[2].to(t.dtype))
-    assert not t[1:3].any()
-    assert torch.equal(t[3:], g1[0:3].to(t.dtype))
+    assert not t[1].any()
+    assert torch.equal(t[2:5], g1[0:3].to(t.dtype))
+    torch.testing.assert_close(t[5], newest(24).to(t.dtype))
+    t = lens_tail(tiny_base, loop.tree, 5, 3)  # no gist yet: the 5 tokens only
+    assert not t[:2].any()
+    torch.testing.assert_close(t[2], newest(5).to(t.dtype))
+    assert torch.equal(lens_tail(tiny_base, loop.tree, 100, 1)[0], g2[0].to(t.dtype))
+
+
+def test_lens_tail_sees_tokens_inside_a_partial_block(tiny_base):
+    """Tokens appended after the last complete block (a short question) change the
+    tail LensNet reads at the next refocus, in the session and in the trainer's
+    inputs alike (one function)."""
+    cfg = _cfg()
+    session = mc.MegaContext(tiny_base, None, None, cfg).session()
+    session.ingest(torch.arange(96))  # 12 complete blocks
+    before = session.focus.lens_inputs()[1].clone()
+    session.ingest(torch.tensor([500, 501, 502]))  # 3 tokens of a partial block
+    after = session.focus.lens_inputs()[1]
+    assert not torch.equal(before, after)
+    assert torch.equal(before[0, :-1], after[0, :-1])  # only the newest-tokens row moved
+    wc = session.wc
+    assert torch.equal(lens_inputs(tiny_base, session.tree, wc, 6)[1], after)
+    view = tiny_base.embed(torch.tensor([91, 92, 93, 94, 95, 500, 501, 502])).float().mean(0)
+    torch.testing.assert_close(after[0, -1], view.to(after.dtype))
 
 
 def test_session_and_rollout_share_one_loop(tiny_base):

@@ -18,6 +18,7 @@ the method registry, :data:`VARIANTS` the built-in ones):
   ablation);
 - ``no_hysteresis``: the system's LensNet with ``cooldown_steps = min_residency = 0``;
 - ``recency``: no LensNet (the allocator only collapses what the budget forces);
+- ``attention``: the training-free attention scorer (``lens: attention``);
 - ``random`` / ``random_no_hysteresis``: a seeded random scorer
   (:class:`GroupRandomLens`, one uniform score in ``[-1, 1]`` per sibling group and
   step) with and without hysteresis, exercising the allocator independently of
@@ -216,18 +217,18 @@ def run_variant(
     t0 = time.perf_counter()
     s.ingest(history)
     n_act, n_res, n_hist = len(s.actions), len(s.residencies), len(s.history)
-    # LensNet's scores are deterministic, so reading them changes nothing; a random
-    # scorer's would advance its generator
-    lens = (
-        mcx.lensnet
-        if mcx.lensnet is not None and not isinstance(mcx.lensnet, GroupRandomLens)
-        else None
+    # LensNet's and the attention scorer's scores are deterministic, so reading them
+    # changes nothing; a random scorer's would advance its generator
+    scored = mcx.config.lens == "attention" or (
+        mcx.config.lens == "lensnet"
+        and mcx.lensnet is not None
+        and not isinstance(mcx.lensnet, GroupRandomLens)
     )
-    summary = score_summary(s, "ingest") if lens is not None else {}
+    summary = score_summary(s, "ingest") if scored else {}
     t1 = time.perf_counter()
     nll = s.feed(continuation)
     feed_s = time.perf_counter() - t1
-    if lens is not None:
+    if scored:
         summary |= score_summary(s, "end")
     acts = s.actions[n_act:]
     res = [int(r) for r in s.residencies[n_res:]]
@@ -336,10 +337,16 @@ def ablation_suite(
                 **common,
                 "method": v,
                 "scorer": (
-                    "none"
-                    if lens is None
+                    "attention"
+                    if mcx.config.lens == "attention"
                     else (
-                        "random/group" if isinstance(lens, GroupRandomLens) else type(lens).__name__
+                        "none"
+                        if lens is None
+                        else (
+                            "random/group"
+                            if isinstance(lens, GroupRandomLens)
+                            else type(lens).__name__
+                        )
                     )
                 ),
             }

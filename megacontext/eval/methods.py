@@ -151,9 +151,11 @@ class InfLLM(Peer):
 
 class _Session(Peer):
     """A MegaContext session at ``w_max = W`` with the gist compressor and the focus
-    scorer :meth:`modules` picks from the system; the view is its working context."""
+    scorer :meth:`modules` picks from the system (and ``config.lens = lens`` unless
+    ``lens`` is ``None``: the system's own); the view is its working context."""
 
     needs_system = True
+    lens: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def modules(self, system: Any) -> tuple[Any, Any]:
@@ -163,19 +165,38 @@ class _Session(Peer):
         if system is None:
             raise InputError(f"method {self.name!r} needs a MegaContext system")
         gistnet, lensnet = self.modules(system)
-        return session_view(system, history, budget, gistnet, lensnet, self.name)
+        changes = {} if self.lens is None else {"lens": self.lens}
+        return session_view(system, history, budget, gistnet, lensnet, self.name, **changes)
 
 
 class McRecency(_Session):
     """The system's gists, no LensNet (the recency working context)."""
 
     name = "mc_recency"
+    lens = "recency"
 
     def modules(self, system: Any) -> tuple[Any, Any]:
         return system.gistnet, None
 
     def same_as(self, system: Any) -> str | None:
-        return "megacontext" if system.lensnet is None else None
+        recency = system.config.lens == "recency" or (
+            system.config.lens == "lensnet" and system.lensnet is None
+        )
+        return "megacontext" if recency else None
+
+
+class McAttention(_Session):
+    """The system's gists, the training-free attention scorer (``lens: attention``:
+    the base model's query-key affinity of the newest tokens over every entry)."""
+
+    name = "mc_attention"
+    lens = "attention"
+
+    def modules(self, system: Any) -> tuple[Any, Any]:
+        return system.gistnet, None
+
+    def same_as(self, system: Any) -> str | None:
+        return "megacontext" if system.config.lens == "attention" else None
 
 
 class McMeanPool(_Session):
@@ -274,6 +295,7 @@ class Variant(Method):
 
     needs_lens: ClassVar[bool] = False  # derived from the system's LensNet
     hysteresis: ClassVar[bool] = True  # False: cooldown_steps = min_residency = 0
+    lens: ClassVar[str] = "lensnet"  # config.lens of the variant's system
 
     @abc.abstractmethod
     def scorer(self, system: Any, *, causal_lens: Any, seed: int) -> Any:
@@ -285,7 +307,7 @@ class Variant(Method):
     ) -> MegaContext:
         if self.needs_lens and system.lensnet is None:
             raise InputError(f"ablation variant {self.name!r} needs a system with a LensNet")
-        changes: dict[str, Any] = {"w_max": int(budget)}
+        changes: dict[str, Any] = {"w_max": int(budget), "lens": self.lens}
         if not self.hysteresis:
             changes |= {"cooldown_steps": 0, "min_residency": 0}
         lens = self.scorer(system, causal_lens=causal_lens, seed=seed)
@@ -327,6 +349,16 @@ class Recency(Variant):
     """No LensNet: the allocator only collapses what the budget forces."""
 
     name = "recency"
+
+    def scorer(self, system: Any, *, causal_lens: Any, seed: int) -> Any:
+        return None
+
+
+class Attention(Variant):
+    """The training-free attention scorer (``lens: attention``), no LensNet."""
+
+    name = "attention"
+    lens = "attention"
 
     def scorer(self, system: Any, *, causal_lens: Any, seed: int) -> Any:
         return None

@@ -34,6 +34,8 @@ Methods (``W < T``; with ``T <= W`` every method reads the whole history):
   layer, and retrieves once per query instead of per decoding chunk.
 - ``mc_recency``: MegaContext with the system's gists and no LensNet (the
   recency-based working context).
+- ``mc_attention``: MegaContext with the system's gists and the training-free
+  attention scorer (``lens: attention``).
 - ``mc_meanpool``: MegaContext with mean-pool gists and the system's LensNet
   (omitted when the system itself has no GistNet: it is then ``megacontext``).
 - ``megacontext``: the system as given (any :class:`megacontext.MegaContext`, e.g.
@@ -214,13 +216,20 @@ def is_untrained(system: Any) -> bool:
 
 
 def session_view(
-    system: Any, history: Any, budget: int, gistnet: Any, lensnet: Any, name: str
+    system: Any,
+    history: Any,
+    budget: int,
+    gistnet: Any,
+    lensnet: Any,
+    name: str,
+    **changes: Any,
 ) -> View:
     """Run a session of ``system`` with ``gistnet`` and ``lensnet`` in place of its own
-    (the base, config and allocator backend carried over) at ``w_max = budget`` over
-    ``history``; the view (named ``name``) is its working context."""
+    (the base, config and allocator backend carried over; config fields ``changes``
+    applied, e.g. ``lens="attention"``) at ``w_max = budget`` over ``history``; the
+    view (named ``name``) is its working context."""
     ids = _ids(history)
-    variant = system.with_config(gistnet=gistnet, lensnet=lensnet, w_max=int(budget))
+    variant = system.with_config(gistnet=gistnet, lensnet=lensnet, w_max=int(budget), **changes)
     session = variant.session()
     session.ingest(ids)
     wc = session.wc

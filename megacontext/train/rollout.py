@@ -3,8 +3,8 @@
 :func:`rollout` runs the runtime's focus loop (:class:`megacontext.focus.FocusLoop`,
 the same object a :class:`~megacontext.runtime.Session` drives) without the KV cache
 (which does not change any focus decision): the first ``history`` tokens of a window
-are ingested (tree appended, recency WC, one refocus when there is a LensNet, as
-:meth:`Session.ingest` does), then each following block of ``K`` tokens is appended
+are ingested (tree appended, recency WC, ``refocus_iterations`` refocuses when
+there is a LensNet, as :meth:`Session.ingest` does), then each following block of ``K`` tokens is appended
 and refocused (:meth:`FocusLoop.refocus`). After
 every block boundary a :class:`Snapshot` records the WC, the cursor, the next ``H``
 target tokens and the gists this block's actions inserted.
@@ -19,7 +19,7 @@ import torch
 
 from ..config import MegaContextConfig
 from ..errors import InputError
-from ..focus import FocusLoop
+from ..focus import FocusLoop, refocus_after_ingest
 from ..tree import MegaContextTree
 from ..working_context import WorkingContext
 
@@ -91,8 +91,8 @@ def rollout(
         )
     loop = FocusLoop(base, gistnet, lensnet, cfg, allocator_backend=allocator_backend)
     loop.ingest(window[:history])
-    if lensnet is not None:
-        loop.refocus()
+    if loop.scoring:
+        refocus_after_ingest(cfg, lambda: loop.refocus().actions)  # as Session.ingest
     snaps: list[Snapshot] = []
     t = history
     for b in range(blocks):
