@@ -39,6 +39,12 @@ class OptimConfig(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, fraction of lr")
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
+    max_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="time box: no step starts after this many seconds of the phase "
+        "(the schedule is still laid out over `steps`); None: run every step",
+    )
 
 
 class RegionConfig(_Strict):

@@ -500,7 +500,11 @@ class Trainer:
         )
         self.gistnet.train(phase in ("warm-gist", "b1"))
         self.lensnet.train(phase in ("warm-lens", "b2"))
+        started = time.perf_counter()
         for step in range(oc.steps):
+            if oc.max_seconds is not None and time.perf_counter() - started > oc.max_seconds:
+                # time-boxed phase: stop here; the checkpoint below records the steps taken
+                break
             t0 = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
