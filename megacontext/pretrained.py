@@ -325,13 +325,17 @@ def _resolve(name_or_dir: str | os.PathLike[str]) -> Path:
 def memory_for_model(model: str) -> str | None:
     """The name of the memory shipped for base model ``model`` (its manifest's
     ``base.name``), or ``None``. Among several, the one named like the model wins,
-    else the first by name. A manifest that cannot be read raises StorageError."""
+    else the first by name (names compared without case, as :func:`load_base` does for
+    the built-in ones). A manifest that cannot be read raises StorageError."""
+    key = model.strip().lower()
     found = [
-        n for n in available_memories() if _read_manifest(memories_root() / n).base.name == model
+        n
+        for n in available_memories()
+        if _read_manifest(memories_root() / n).base.name.lower() == key
     ]
     if not found:
         return None
-    return model if model in found else found[0]
+    return key if key in found else found[0]
 
 
 # --------------------------------------------------------------------------- read
@@ -417,6 +421,16 @@ def _git_commit() -> str | None:
         return None
     sha = out.stdout.strip()
     return sha if re.fullmatch(r"[0-9a-f]{40}", sha) else None
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the working directory when under it (no machine paths
+    in a shipped manifest), else absolute."""
+    full = path.resolve()
+    try:
+        return str(full.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(full)
 
 
 def _card_evaluation(card: Path) -> str | None:
@@ -610,7 +624,7 @@ def export_memory(
         "git_commit": _git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "run": run,
-        "checkpoint": str(ckpt),
+        "checkpoint": _relative(ckpt),
         "phases": [f"{p[0]}@{p[1]}" for p in plan[: state["done"]] if isinstance(p, list)],
         "global_step": state.get("global_step"),
         "exported_by": f"megacontext {__version__}",

@@ -153,6 +153,11 @@ def test_pretrained_loads_the_manifests_base(exported):
     assert system.base.name == "tiny-llama"
 
 
+def test_pretrained_refuses_a_device_for_a_given_base(exported, tiny_base):
+    with pytest.raises(mc.ConfigError, match="device and dtype apply to the base"):
+        mc.MegaContext.pretrained("tiny", base=tiny_base, device="cpu")
+
+
 def test_config_and_provenance_are_passed_through(checkpoint, root, tiny_base):
     out = export_memory(
         checkpoint,
@@ -322,6 +327,7 @@ def test_available_memories_reads_the_env_root(exported, root, tmp_path, monkeyp
     assert available_memories() == ["tiny"]
     assert mc.available_memories() == ["tiny"]
     assert memory_for_model("tiny-llama") == "tiny"
+    assert memory_for_model(" Tiny-Llama") == "tiny"  # as load_base reads built-in names
     assert memory_for_model("smollm2-135m") is None
     other = tmp_path / "empty-root"
     other.mkdir()
