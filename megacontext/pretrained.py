@@ -423,6 +423,23 @@ def _git_commit() -> str | None:
     return sha if re.fullmatch(r"[0-9a-f]{40}", sha) else None
 
 
+# trainer phases that train each module, and their config sections (megacontext.train)
+_TRAINED_BY = {"gistnet": ("warm-gist", "b1"), "lensnet": ("warm-lens", "b2")}
+
+
+def _untrained(raw: dict[str, Any], done: list[Any], module: str) -> bool:
+    """Whether no completed phase of the checkpoint trained ``module``: none of its
+    phases is done, or each done one ran 0 steps (a section without ``steps``
+    counts as trained)."""
+    ran = [p[0] for p in done if isinstance(p, list) and p and p[0] in _TRAINED_BY[module]]
+    for phase in ran:
+        section = raw.get(phase.replace("-", "_"))
+        steps = section.get("steps") if isinstance(section, dict) else None
+        if not isinstance(steps, int) or steps > 0:
+            return False
+    return True
+
+
 def _relative(path: Path) -> str:
     """``path`` relative to the working directory when under it (no machine paths
     in a shipped manifest), else absolute."""
@@ -551,7 +568,10 @@ def export_memory(
     An ``out_dir`` that is a file, or a non-empty directory that is not a previous
     export, is refused (:class:`StorageError`) unless ``force``; a checkpoint with a
     LoRA adapter is refused (:class:`ConfigError`: a memory does not carry one, so
-    the exported system would differ) unless ``drop_lora``. The result is read back
+    the exported system would differ) unless ``drop_lora``, and so is one where no
+    completed phase trained the GistNet, or the LensNet when it is included (its
+    phases all ran 0 steps or none is done: random weights are not a memory). The
+    result is read back
     with :func:`read_memory` before returning."""
     ckpt = Path(checkpoint_dir)
     out = Path(out_dir)
@@ -616,6 +636,17 @@ def export_memory(
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     run = raw.get("run")
     plan = state.get("plan") or []
+    done = plan[: state["done"]]
+    for module, wanted in (("gistnet", True), ("lensnet", include_lensnet)):
+        if wanted and _untrained(raw, done, module):
+            fix = "include_lensnet=False (--no-lensnet)" if module == "lensnet" else "a later one"
+            raise ConfigError(
+                f"{ckpt}: no completed phase trained the {module} (phases done: "
+                f"{[f'{p[0]}@{p[1]}' for p in done if isinstance(p, list)]}, "
+                f"{'/'.join(_TRAINED_BY[module])} are its phases); export with {fix}",
+                field=module,
+                value=str(ckpt),
+            )
     prov: dict[str, Any] = {
         "config_file": f"{raw.get('runs_dir', 'configs/runs')}/{run}.yaml" if run else None,
         "data": data.get("path") or data.get("kind"),
@@ -625,7 +656,7 @@ def export_memory(
         "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "run": run,
         "checkpoint": _relative(ckpt),
-        "phases": [f"{p[0]}@{p[1]}" for p in plan[: state["done"]] if isinstance(p, list)],
+        "phases": [f"{p[0]}@{p[1]}" for p in done if isinstance(p, list)],
         "global_step": state.get("global_step"),
         "exported_by": f"megacontext {__version__}",
     }

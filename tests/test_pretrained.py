@@ -66,7 +66,7 @@ def write_checkpoint(path: Path, dim: int = 64, lora: bool = False) -> Path:
         "done": 2,
         "global_step": 4,
         "early": {"best": None, "bad": 0, "stopped": False, "history": []},
-        "plan": [["warm_gist", 0], ["warm_lens", 0], ["b1", 1]],
+        "plan": [["warm-gist", 0], ["warm-lens", 0], ["b1", 1]],
     }
     (path / "trainer.json").write_text(json.dumps(state))
     if lora:
@@ -126,7 +126,7 @@ def test_export_then_read_gives_the_weights_after_the_cast(checkpoint, root, tin
     prov = manifest["provenance"]
     assert prov["seed"] == 0 and prov["run"] == "tiny" and prov["data"] == "random"
     assert prov["config_file"] == "configs/runs/tiny.yaml"
-    assert prov["phases"] == ["warm_gist@0", "warm_lens@0"] and prov["global_step"] == 4
+    assert prov["phases"] == ["warm-gist@0", "warm-lens@0"] and prov["global_step"] == 4
     for name, facts in manifest["files"].items():
         assert (out / name).stat().st_size == facts["bytes"]
     card = (out / "MODEL_CARD.md").read_text()
@@ -312,6 +312,22 @@ def test_a_checkpoint_with_lora_is_refused_unless_dropped(tmp_path, root, tiny_b
     with pytest.raises(mc.ConfigError, match="LoRA"):
         export_memory(ckpt, root / "x", "x", base=tiny_base)
     export_memory(ckpt, root / "x", "x", base=tiny_base, drop_lora=True)
+
+
+def test_an_untrained_module_is_not_exported(checkpoint, root, tiny_base):
+    state = json.loads((checkpoint / "trainer.json").read_text())
+    state["done"] = 1  # warm-gist only: the LensNet is as initialised
+    (checkpoint / "trainer.json").write_text(json.dumps(state))
+    with pytest.raises(mc.ConfigError, match="no completed phase trained the lensnet") as exc:
+        export_memory(checkpoint, root / "x", "x", base=tiny_base)
+    assert exc.value.field == "lensnet"
+    export_memory(checkpoint, root / "x", "x", base=tiny_base, include_lensnet=False)
+    # a phase that ran 0 steps trained nothing
+    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    config["warm_gist"] = {"steps": 0}
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(mc.ConfigError, match="no completed phase trained the gistnet"):
+        export_memory(checkpoint, root / "y", "y", base=tiny_base, include_lensnet=False)
 
 
 def test_an_incomplete_checkpoint_is_refused(checkpoint, root, tiny_base):
@@ -501,3 +517,37 @@ def test_the_wheel_carries_the_memories():
             parts = f.split("/")
             assert not any(fnmatch.fnmatch(p, name) for p in parts), (f, rule)
     assert (ROOT / "megacontext" / "memories" / "README.md").is_file()
+
+
+def test_export_from_a_real_trainer_checkpoint(tiny_base, root, tmp_path):
+    """The trainer's own checkpoint (configs/train-tiny.yaml, warm start only) exports
+    and runs: the layout read here is the one megacontext.train writes."""
+    import copy
+
+    from megacontext.train import Trainer, load_train_config
+    from megacontext.train.checkpoint import latest_checkpoint
+
+    cfg = load_train_config(
+        "configs/train-tiny.yaml",
+        [
+            f"artifacts={tmp_path}/artifacts",
+            f"runs_dir={tmp_path}/runs",
+            "cycles=0",
+            "batch_size=1",
+            "warm_gist.steps=1",
+            "warm_lens.steps=1",
+            "early_stop.enabled=false",
+        ],
+    )
+    base = Base(copy.deepcopy(tiny_base.model), tiny_base.tokenizer, "tiny-llama")
+    Trainer(cfg, base=base).run()
+    ckpt = latest_checkpoint(tmp_path / "artifacts" / "checkpoints" / "tiny")
+    lora = (ckpt / "lora").is_dir()
+    out = export_memory(ckpt, root / "trained", "trained", base=tiny_base, drop_lora=lora)
+    mem = read_memory("trained", base=tiny_base)
+    assert mem.manifest.provenance.phases == ["warm-gist@0", "warm-lens@0"]
+    assert mem.manifest.provenance.config_file == f"{tmp_path}/runs/tiny.yaml"
+    assert mem.config["block_size"] == 8 and "w_max" not in mem.config
+    session = mc.MegaContext.pretrained(out, base=tiny_base).session()
+    session.ingest(torch.randint(0, 1000, (80,)))
+    assert isinstance(session.generate(2), str)
