@@ -55,6 +55,9 @@ _LAZY: dict[str, str] = {
     "ShardDataset": "data",
     "build_shards": "data",
     "synthetic": "synthetic",
+    "available_memories": "pretrained",
+    "read_memory": "pretrained",
+    "export_memory": "pretrained",
 }
 
 __all__ = [
@@ -97,6 +100,9 @@ __all__ = [
     "ShardDataset",
     "build_shards",
     "synthetic",
+    "available_memories",
+    "read_memory",
+    "export_memory",
 ]
 
 if TYPE_CHECKING:
@@ -111,6 +117,7 @@ if TYPE_CHECKING:
     from .hook import patch, patched, unpatch
     from .lensnet import LensNet, LensNetConfig
     from .nll import token_nll
+    from .pretrained import available_memories, export_memory, read_memory
     from .runtime import MegaContext, Session, SessionBatch
     from .telemetry import Telemetry
     from .train import TrainConfig, Trainer

@@ -433,12 +433,22 @@ def _build_session(
     lensnet_path: Path | None,
     device: str | None,
     run_dir: Path | None,
+    *,
+    checkpoint: Path | None = None,
+    memory: bool = False,
 ):
+    """The session ``run`` / ``chat`` / ``serve`` (and ``accept``) read through. Its
+    modules: ``--checkpoint``'s, or ``--gistnet`` / ``--lensnet``, or (``memory``,
+    with neither given) the pretrained memory shipped for ``model`` when there is
+    one, else mean pooling and recency. The config: the design defaults, under the
+    checkpoint's or the memory's fields, under what ``--config`` sets, under
+    ``--w-max`` / ``--kv-mode``."""
     from .base import load_base
     from .config import MegaContextConfig
     from .runtime import MegaContext
 
     cfg = MegaContextConfig.from_yaml(config_path) if config_path else MegaContextConfig()
+    explicit = set(cfg.model_fields_set) if config_path else set()
     changes: dict[str, object] = {"model": model}
     if w_max is not None:
         changes["w_max"] = w_max
@@ -447,11 +457,38 @@ def _build_session(
     cfg = cfg.replace(**changes)
     _check_weights(gistnet_path, "--gistnet")
     _check_weights(lensnet_path, "--lensnet")
-    base = load_base(cfg.model, device=device)
+    _check_path(checkpoint, "--checkpoint", "directory")
+    name = None
+    if memory and gistnet_path is None and lensnet_path is None and checkpoint is None:
+        from .pretrained import memory_for_model
+
+        name = memory_for_model(cfg.model)
+    gistnet = lensnet = None
+    defaults: dict[str, object] = {}
+    if checkpoint is not None:
+        system = _checkpoint_system(checkpoint, cfg.model, None, None, device=device)
+        base, gistnet, lensnet = system.base, system.gistnet, system.lensnet
+        defaults = system.config.model_dump()
+    else:
+        base = load_base(cfg.model, device=device)
+    if name is not None:
+        from .pretrained import read_memory
+
+        mem = read_memory(name, base=base)
+        gistnet = mem.gistnet.to(base.device)
+        lensnet = mem.lensnet.to(base.device) if mem.lensnet is not None else None
+        defaults = mem.config
+        err_console.print(
+            f"memory: {name} (focus {mem.manifest.focus}, {mem.path}); "
+            "--untrained for mean pooling + recency",
+            markup=False,
+            soft_wrap=True,
+        )
+    keep = explicit | set(changes)
+    cfg = cfg.replace(**{k: v for k, v in defaults.items() if k not in keep})
     if w_max is None and config_path is None:
         cfg = _default_budget(cfg, base)
     _check_kv_memory(base, cfg)
-    gistnet = lensnet = None
     if gistnet_path is not None:
         from .gistnet import GistNet
 
@@ -519,6 +556,10 @@ _WMAX_OPT = typer.Option(
 _KV_OPT = typer.Option(help="KV refocus mode: splice or exact (overrides the config)")
 _GIST_OPT = typer.Option("--gistnet", help="GistNet weights (safetensors); default mean pooling")
 _LENS_OPT = typer.Option("--lensnet", help="LensNet weights (safetensors); default recency-only")
+_UNTRAINED_OPT = typer.Option(
+    "--untrained",
+    help="mean pooling + recency instead of the pretrained memory shipped for --model",
+)
 _RUN_DIR_OPT = typer.Option("--run-dir", help="write telemetry (Parquet) to this directory")
 _CKPT_OPT = typer.Option(
     "--checkpoint",
@@ -534,14 +575,30 @@ def _one_system_source(checkpoint: Path | None, gistnet: Path | None, lensnet: P
         )
 
 
-def _checkpoint_system(checkpoint: Path, model: str, gistnet: Path | None, lensnet: Path | None):
+def _untrained_alone(untrained: bool, **given: Path | None) -> None:
+    """``--untrained`` takes no weights: refuse it beside any of ``given`` (flag: value)."""
+    for flag, value in given.items():
+        if untrained and value is not None:
+            raise typer.BadParameter(
+                f"--untrained (mean pooling + recency) and --{flag} conflict: give one",
+                param_hint="--untrained",
+            )
+
+
+def _checkpoint_system(
+    checkpoint: Path,
+    model: str,
+    gistnet: Path | None,
+    lensnet: Path | None,
+    device: str | None = None,
+):
     """The trained system of a checkpoint on its own copy of the base model (the
     LoRA adapter is injected there, never into the frozen reference)."""
     from .runtime import MegaContext
 
     _one_system_source(checkpoint, gistnet, lensnet)
     try:
-        system = MegaContext.from_checkpoint(checkpoint)
+        system = MegaContext.from_checkpoint(checkpoint, device=device)
     except MegaContextError as exc:
         raise typer.BadParameter(str(exc), param_hint="--checkpoint") from None
     if system.base.name != model:
@@ -572,6 +629,8 @@ def run(
     kv_mode: Annotated[str | None, _KV_OPT] = None,
     gistnet: Annotated[Path | None, _GIST_OPT] = None,
     lensnet: Annotated[Path | None, _LENS_OPT] = None,
+    checkpoint: Annotated[Path | None, _CKPT_OPT] = None,
+    untrained: Annotated[bool, _UNTRAINED_OPT] = False,
     run_dir: Annotated[Path | None, _RUN_DIR_OPT] = None,
     device: Annotated[str | None, _DEVICE_OPT] = None,
 ) -> None:
@@ -581,8 +640,19 @@ def run(
     if not sources:
         raise typer.BadParameter("give at least one file or --module")
     texts = [(src, _read_text(src, hint)) for src, hint in sources]
+    _untrained_alone(untrained, gistnet=gistnet, lensnet=lensnet, checkpoint=checkpoint)
+    _one_system_source(checkpoint, gistnet, lensnet)
     session, telemetry = _build_session(
-        model, config, w_max, kv_mode, gistnet, lensnet, device, run_dir
+        model,
+        config,
+        w_max,
+        kv_mode,
+        gistnet,
+        lensnet,
+        device,
+        run_dir,
+        checkpoint=checkpoint,
+        memory=not untrained,
     )
     try:
         for src, text in texts:
@@ -609,13 +679,26 @@ def chat(
     kv_mode: Annotated[str | None, _KV_OPT] = None,
     gistnet: Annotated[Path | None, _GIST_OPT] = None,
     lensnet: Annotated[Path | None, _LENS_OPT] = None,
+    checkpoint: Annotated[Path | None, _CKPT_OPT] = None,
+    untrained: Annotated[bool, _UNTRAINED_OPT] = False,
     run_dir: Annotated[Path | None, _RUN_DIR_OPT] = None,
     device: Annotated[str | None, _DEVICE_OPT] = None,
 ) -> None:
     """Interactive chat over an unbounded history (one turn per line; Ctrl-D ends)."""
     texts = [(p, _read_text(_resolve_text_source(p, None), "PATHS")) for p in paths or []]
+    _untrained_alone(untrained, gistnet=gistnet, lensnet=lensnet, checkpoint=checkpoint)
+    _one_system_source(checkpoint, gistnet, lensnet)
     session, telemetry = _build_session(
-        model, config, w_max, kv_mode, gistnet, lensnet, device, run_dir
+        model,
+        config,
+        w_max,
+        kv_mode,
+        gistnet,
+        lensnet,
+        device,
+        run_dir,
+        checkpoint=checkpoint,
+        memory=not untrained,
     )
     try:
         for src, text in texts:
@@ -654,6 +737,8 @@ def serve(
     kv_mode: Annotated[str | None, _KV_OPT] = None,
     gistnet: Annotated[Path | None, _GIST_OPT] = None,
     lensnet: Annotated[Path | None, _LENS_OPT] = None,
+    checkpoint: Annotated[Path | None, _CKPT_OPT] = None,
+    untrained: Annotated[bool, _UNTRAINED_OPT] = False,
     device: Annotated[str | None, _DEVICE_OPT] = None,
     max_prompt_tokens: Annotated[
         int, typer.Option(help="most tokens one turn may ingest (its new messages)", min=1)
@@ -705,7 +790,20 @@ def serve(
         idle_timeout_s=idle_timeout,
         max_batch=max_batch,
     )
-    session, _ = _build_session(model, config, w_max, kv_mode, gistnet, lensnet, device, None)
+    _untrained_alone(untrained, gistnet=gistnet, lensnet=lensnet, checkpoint=checkpoint)
+    _one_system_source(checkpoint, gistnet, lensnet)
+    session, _ = _build_session(
+        model,
+        config,
+        w_max,
+        kv_mode,
+        gistnet,
+        lensnet,
+        device,
+        None,
+        checkpoint=checkpoint,
+        memory=not untrained,
+    )
     engine = Engine(session.system, state_dir, limits, threads=threads)
     cfg = session.config
     itemsize = session.base.model.get_input_embeddings().weight.element_size()
@@ -928,6 +1026,111 @@ def accept(
         write_report(criteria, out, header)
     if not all_passed(criteria):
         raise typer.Exit(1)
+
+
+_MEMORY_DTYPES = {
+    "fp16": "float16",
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
+
+
+def _key_values(items: list[str] | None, hint: str, fields: set[str] | None = None) -> dict:
+    """``key=value`` items (values parsed as YAML) as a dict; with ``fields``, each key
+    must be one of them."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not key=value", param_hint=hint)
+        if fields is not None and key not in fields:
+            raise typer.BadParameter(
+                f"{key!r} is not a MegaContextConfig field ({', '.join(sorted(fields))})",
+                param_hint=hint,
+            )
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+@app.command("export-memory")
+def export_memory(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="a complete trainer checkpoint directory", show_default=False)
+    ],
+    name: Annotated[str, typer.Option("--name", help="memory name, e.g. smollm2-135m")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="output directory (default: the memories folder / NAME)"),
+    ] = None,
+    lensnet: Annotated[
+        bool, typer.Option("--lensnet/--no-lensnet", help="ship the checkpoint's LensNet")
+    ] = True,
+    dtype: Annotated[str, typer.Option(help="stored precision: fp16 or bf16")] = "fp16",
+    default: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--default",
+            help="a MegaContextConfig field users get by default, key=value (repeatable; "
+            "over the checkpoint's)",
+        ),
+    ] = None,
+    provenance: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--provenance", help="a provenance field, key=value (repeatable): command=..."
+        ),
+    ] = None,
+    evaluation: Annotated[
+        Path | None,
+        typer.Option(help="Markdown for the model card's Evaluation section"),
+    ] = None,
+    drop_lora: Annotated[
+        bool, typer.Option("--drop-lora", help="export a checkpoint's modules without its LoRA")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace a non-empty OUT that is not an export")
+    ] = False,
+) -> None:
+    """Write a pretrained memory (manifest, fp16/bf16 weights, model card) from a trainer
+    checkpoint; `mc.MegaContext.pretrained(NAME)` and `run`/`chat` then use it
+    (docs/pretrained.md)."""
+    import torch
+
+    from .config import MegaContextConfig
+    from .pretrained import export_memory as export
+    from .pretrained import memories_root
+
+    if dtype.lower() not in _MEMORY_DTYPES:
+        raise typer.BadParameter(f"{dtype!r} is not fp16 or bf16", param_hint="--dtype")
+    fields = set(MegaContextConfig.model_fields) - {"model"}
+    config = _key_values(default, "--default", fields)
+    prov = _key_values(provenance, "--provenance")
+    _check_path(checkpoint, "CHECKPOINT", "directory")
+    text = _read_text(evaluation, "--evaluation") if evaluation is not None else None
+    target = out if out is not None else memories_root() / name
+    path = export(
+        checkpoint,
+        target,
+        name,
+        dtype=getattr(torch, _MEMORY_DTYPES[dtype.lower()]),
+        include_lensnet=lensnet,
+        config=config,
+        provenance=prov,
+        evaluation=text,
+        force=force,
+        drop_lora=drop_lora,
+    )
+    sizes = ", ".join(
+        f"{p.name} {p.stat().st_size:,} B" for p in sorted(path.iterdir()) if p.is_file()
+    )
+    console.print(f"memory {name!r} -> {path} ({sizes})", markup=False, highlight=False)
 
 
 @app.command()

@@ -156,6 +156,39 @@ class MegaContext:
         parts = read_checkpoint(path, base=base, device=device)
         return cls(parts.base, parts.gistnet, parts.lensnet, parts.config)
 
+    @classmethod
+    def pretrained(
+        cls,
+        name: str | os.PathLike[str] = DEFAULT_MODEL,
+        base: Base | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        **config_changes: Any,
+    ) -> MegaContext:
+        """The system of a pretrained memory: a name from
+        :func:`megacontext.pretrained.available_memories` (shipped in the package) or a
+        memory directory; see :func:`megacontext.pretrained.read_memory` for the checks
+        and errors. ``base``: the loaded base model (checked against the memory's
+        manifest); default: ``load_base(<the manifest's base.name>, device, dtype)``.
+        ``config_changes``: :class:`MegaContextConfig` fields over the memory's
+        defaults (e.g. ``w_max=4096``)."""
+        from .pretrained import MANIFEST, check_base, read_memory
+
+        if base is not None and (device is not None or dtype is not None):
+            raise ConfigError(
+                "MegaContext.pretrained: device and dtype apply to the base it loads; "
+                "move the given base instead",
+                field="device" if device is not None else "dtype",
+                value=device if device is not None else dtype,
+            )
+        memory = read_memory(name, base=base)
+        if base is None:
+            base = load_base(memory.manifest.base.name, device=device, dtype=dtype)
+            check_base(memory.manifest, base, memory.path / MANIFEST)
+        config = MegaContextConfig(model=base.name, **{**memory.config, **config_changes})
+        lensnet = memory.lensnet.to(base.device) if memory.lensnet is not None else None
+        return cls(base, memory.gistnet.to(base.device), lensnet, config)
+
     def batch(self, sessions: Sequence[Session]) -> SessionBatch:
         """Decode ``sessions`` together (one forward per step); see :class:`SessionBatch`."""
         return SessionBatch(sessions)

@@ -55,6 +55,7 @@ LAYERS: dict[str, int] = {
     "megacontext.base": 2,
     "megacontext.lora": 2,
     "megacontext.checkpoint": 2,
+    "megacontext.pretrained": 2,
     "megacontext.session_store": 2,
     "megacontext.nll": 2,
     "megacontext.data": 2,
