@@ -192,3 +192,27 @@ def test_region_warm_gist_trains_and_tag_mix_draws_each_tag(tiny_base, tmp_path)
     rows = [tuple(r) for r in w.tolist()]
     assert all(r in code or r in doc for r in rows)
     assert any(r in code for r in rows) and any(r in doc for r in rows)
+
+
+def test_max_seconds_time_boxes_a_phase(tiny_base, tmp_path):
+    """A phase stops starting steps once ``max_seconds`` have passed, and still writes
+    its checkpoint with the steps it took."""
+    base = Base(
+        model=copy.deepcopy(tiny_base.model), tokenizer=tiny_base.tokenizer, name="tiny-llama"
+    )
+    cfg = load_train_config(
+        TINY,
+        [
+            f"artifacts={tmp_path}/artifacts",
+            f"runs_dir={tmp_path}/runs",
+            "cycles=0",
+            "warm_gist.steps=50",
+            "warm_gist.max_seconds=0.000001",
+            "warm_lens.steps=0",
+        ],
+    )
+    trainer = Trainer(cfg, base=base)
+    trainer.run()
+    assert trainer.global_step == 1  # the first step starts at t = 0, no other does
+    with pytest.raises(mc.ConfigError, match="max_seconds"):
+        load_train_config(TINY, ["warm_gist.max_seconds=0"])

@@ -42,7 +42,7 @@ class OptimConfig(_Strict):
     max_seconds: float | None = Field(
         None,
         gt=0,
-        description="time box: no step starts after this many seconds of the phase "
+        description="time box: no step after the first starts once this many seconds of the phase have passed "
         "(the schedule is still laid out over `steps`); None: run every step",
     )
 

@@ -502,7 +502,11 @@ class Trainer:
         self.lensnet.train(phase in ("warm-lens", "b2"))
         started = time.perf_counter()
         for step in range(oc.steps):
-            if oc.max_seconds is not None and time.perf_counter() - started > oc.max_seconds:
+            if (
+                step
+                and oc.max_seconds is not None
+                and time.perf_counter() - started > oc.max_seconds
+            ):
                 # time-boxed phase: stop here; the checkpoint below records the steps taken
                 break
             t0 = time.perf_counter()
