@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 import megacontext as mc
 from megacontext.eval import common, suites
@@ -85,6 +86,13 @@ def main() -> None:
     ap.add_argument("--setting", action="append", choices=sorted(SETTINGS), required=True)
     ap.add_argument("--gistnet", type=Path, help="GistNet weights (default mean pooling)")
     ap.add_argument("--lens", default=None, help="MegaContextConfig.lens for the system")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other MegaContextConfig field of the system (value parsed as YAML)",
+    )
     ap.add_argument("--methods", nargs="+", help="registry names (default: all that apply)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
@@ -108,13 +116,12 @@ def main() -> None:
     for setting in args.setting:
         cfg = SETTINGS[setting]
         extra = {"lens": args.lens} if args.lens else {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            extra[key] = yaml.safe_load(value)
         config = mc.MegaContextConfig(model=base.name, w_max=max(cfg["budgets"]), **extra)
         system = mc.MegaContext(base, gist, None, config)
-        meta["system"] = (
-            f"GistNet {args.gistnet or 'mean pooling'}, lens {args.lens or config.lens}"
-            if hasattr(config, "lens")
-            else f"GistNet {args.gistnet or 'mean pooling'}"
-        )
+        meta["system"] = f"GistNet {args.gistnet or 'mean pooling'}, config changes {extra}"
         common.SIZES[f"bar-{setting}"] = {"needle": cfg}
         t0 = time.time()
         got = suites.needle_suite(

@@ -155,8 +155,8 @@ def gist_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
     return View("mc_hybrid", wc.embeddings(base, loop.tree), pos, nxt, {"per_level": per_level})
 
 
-# (name, GistNet) pairs from --gistnet: recency MegaContext rows with trained gists
-GISTNETS: list[tuple[str, mc.GistNet]] = []
+# (name, GistNet or None, levels) from --gistnet / --levels: extra recency MegaContext rows
+GISTNETS: list[tuple[str, mc.GistNet | None, int]] = []
 
 
 class Run:
@@ -352,14 +352,16 @@ def continuation(run: Run, corpus: str, ids: torch.Tensor, ends, budgets, length
                 for scheme in SCHEMES:
                     if scheme != "compact" or W in COMPACT_BUDGETS:
                         run.score(views[(W, scheme)], targets, **key)
-            for name, gist in GISTNETS:
+            for name, gist, levels in GISTNETS:
                 gloop = None
                 for W in budgets:
                     key = dict(task="continuation", corpus=corpus, target=e, W=W, T=T)
                     if T <= W or run.done(f"mc_hybrid+{name}", **key):
                         continue
                     if gloop is None:
-                        cfg = mc.MegaContextConfig(model=base.name, w_max=min(budgets))
+                        cfg = mc.MegaContextConfig(
+                            model=base.name, w_max=min(budgets), levels=levels
+                        )
                         gloop = FocusLoop(base, gist, None, cfg)
                         gloop.ingest(hist)
                     view = gist_view(base, gloop, W)
@@ -427,7 +429,16 @@ def main() -> None:
         "code of --data + LongBench NarrativeQA (text no GistNet trained on)",
     )
     ap.add_argument("--data", type=Path, default=Path("artifacts/data/stdlib"))
-    ap.add_argument("--gistnet", action="append", default=[], help="NAME=PATH (repeatable)")
+    ap.add_argument(
+        "--gistnet",
+        action="append",
+        default=[],
+        help="NAME=PATH (repeatable; PATH 'mean' for mean pooling): a recency row "
+        "'mc_hybrid+NAME' with these gists",
+    )
+    ap.add_argument(
+        "--levels", type=int, default=2, help="gist levels of the --gistnet rows (default 2)"
+    )
     ap.add_argument("--lengths", type=int, nargs="+", help="history lengths T (default all)")
     ap.add_argument("--budgets", type=int, nargs="+", help="budgets W (default 1,024 4,096)")
     ap.add_argument("--schemes", nargs="+", choices=ALL_SCHEMES, help="MegaContext schemes")
@@ -448,7 +459,7 @@ def main() -> None:
     SCHEMES = tuple(args.schemes or SCHEMES)
     for spec in args.gistnet:
         name, _, path = spec.partition("=")
-        GISTNETS.append((name, mc.GistNet.load(path)))
+        GISTNETS.append((name, None if path == "mean" else mc.GistNet.load(path), args.levels))
     if args.smoke:
         LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK = (512, 2048), (256, 512), 2048, 1800
         global COMPACT_BUDGETS
