@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import time
 from pathlib import Path
@@ -185,7 +186,8 @@ def main() -> None:
     (args.out / "meta.json").write_text(
         json.dumps(
             {
-                "command": "OMP_NUM_THREADS=2 uv run python " + " ".join(sys.argv),
+                "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} uv run python "
+        + " ".join(sys.argv),
                 "machine": f"{platform.machine()} {platform.processor() or ''} "
                 f"{torch.get_num_threads()} threads".strip(),
                 "date": time.strftime("%Y-%m-%d"),

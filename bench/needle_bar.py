@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import time
 from pathlib import Path
@@ -81,9 +82,49 @@ def render(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(specs: list[str], out: Path) -> None:
+    """Render ``out/results.md`` from several runs' rows (the first run's methods keep
+    their names; a later run's method already present under that name is renamed
+    ``method (NAME)``), for a recovered fraction against another run's full context."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows: list[dict] = []
+    metas = []
+    for spec in specs:
+        name, _, folder = spec.partition("=")
+        got = pq.read_table(Path(folder) / "rows.parquet").to_pylist()
+        have = {(r["setting"], r["method"]) for r in rows}
+        for r in got:
+            if (r["setting"], r["method"]) in have:
+                if r["method"] in ("full", "truncation"):
+                    continue  # budget-free or identical peers: the first run's rows
+                r["method"] = f"{r['method']} ({name})"
+            rows.append(r)
+        metas.append(json.loads((Path(folder) / "meta.json").read_text()))
+    meta = {
+        "command": "; ".join(m["command"] for m in metas)
+        + f"; uv run python bench/needle_bar.py --merge {' '.join(specs)} --out {out}",
+        "machine": metas[0]["machine"],
+        "date": metas[0]["date"],
+        "system": " / ".join(f"{s.partition('=')[0]}: {m['system']}" for s, m in zip(specs, metas, strict=True)),
+    }
+    keep = sorted({k for r in rows for k in r})
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keep} for r in rows]), out / "rows.parquet")
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    (out / "results.md").write_text(render(rows, meta))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--setting", action="append", choices=sorted(SETTINGS), required=True)
+    ap.add_argument("--setting", action="append", choices=sorted(SETTINGS))
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="NAME=DIR",
+        help="only render OUT from earlier runs' rows: NAME=DIR takes DIR/rows.parquet, "
+        "methods already present keep their rows, new ones are named 'method (NAME)'",
+    )
     ap.add_argument("--gistnet", type=Path, help="GistNet weights (default mean pooling)")
     ap.add_argument("--lens", default=None, help="MegaContextConfig.lens for the system")
     ap.add_argument(
@@ -98,6 +139,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
+    if not args.setting:
+        ap.error("--setting is required (or --merge)")
     import platform
     import sys
 
@@ -108,7 +154,8 @@ def main() -> None:
     gist = mc.GistNet.load(args.gistnet) if args.gistnet else None
     rows: list[dict] = []
     meta = {
-        "command": "OMP_NUM_THREADS=2 uv run python " + " ".join(sys.argv),
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} uv run python "
+        + " ".join(sys.argv),
         "machine": f"CPU {platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
