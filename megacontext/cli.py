@@ -424,6 +424,37 @@ def _default_budget(cfg, base):
     return cfg.replace(w_max=fit)
 
 
+def _user_session(
+    model: str,
+    config: Path | None,
+    w_max: int | None,
+    kv_mode: str | None,
+    gistnet: Path | None,
+    lensnet: Path | None,
+    device: str | None,
+    run_dir: Path | None,
+    checkpoint: Path | None,
+    untrained: bool,
+):
+    """``run`` / ``chat`` / ``serve``: the option checks (``--untrained`` alone, one
+    source of modules), then :func:`_build_session` with the shipped memory unless
+    ``--untrained``."""
+    _untrained_alone(untrained, gistnet=gistnet, lensnet=lensnet, checkpoint=checkpoint)
+    _one_system_source(checkpoint, gistnet, lensnet)
+    return _build_session(
+        model,
+        config,
+        w_max,
+        kv_mode,
+        gistnet,
+        lensnet,
+        device,
+        run_dir,
+        checkpoint=checkpoint,
+        memory=not untrained,
+    )
+
+
 def _build_session(
     model: str,
     config_path: Path | None,
@@ -640,19 +671,8 @@ def run(
     if not sources:
         raise typer.BadParameter("give at least one file or --module")
     texts = [(src, _read_text(src, hint)) for src, hint in sources]
-    _untrained_alone(untrained, gistnet=gistnet, lensnet=lensnet, checkpoint=checkpoint)
-    _one_system_source(checkpoint, gistnet, lensnet)
-    session, telemetry = _build_session(
-        model,
-        config,
-        w_max,
-        kv_mode,
-        gistnet,
-        lensnet,
-        device,
-        run_dir,
-        checkpoint=checkpoint,
-        memory=not untrained,
+    session, telemetry = _user_session(
+        model, config, w_max, kv_mode, gistnet, lensnet, device, run_dir, checkpoint, untrained
     )
     try:
         for src, text in texts:
@@ -686,19 +706,8 @@ def chat(
 ) -> None:
     """Interactive chat over an unbounded history (one turn per line; Ctrl-D ends)."""
     texts = [(p, _read_text(_resolve_text_source(p, None), "PATHS")) for p in paths or []]
-    _untrained_alone(untrained, gistnet=gistnet, lensnet=lensnet, checkpoint=checkpoint)
-    _one_system_source(checkpoint, gistnet, lensnet)
-    session, telemetry = _build_session(
-        model,
-        config,
-        w_max,
-        kv_mode,
-        gistnet,
-        lensnet,
-        device,
-        run_dir,
-        checkpoint=checkpoint,
-        memory=not untrained,
+    session, telemetry = _user_session(
+        model, config, w_max, kv_mode, gistnet, lensnet, device, run_dir, checkpoint, untrained
     )
     try:
         for src, text in texts:
@@ -790,19 +799,8 @@ def serve(
         idle_timeout_s=idle_timeout,
         max_batch=max_batch,
     )
-    _untrained_alone(untrained, gistnet=gistnet, lensnet=lensnet, checkpoint=checkpoint)
-    _one_system_source(checkpoint, gistnet, lensnet)
-    session, _ = _build_session(
-        model,
-        config,
-        w_max,
-        kv_mode,
-        gistnet,
-        lensnet,
-        device,
-        None,
-        checkpoint=checkpoint,
-        memory=not untrained,
+    session, _ = _user_session(
+        model, config, w_max, kv_mode, gistnet, lensnet, device, None, checkpoint, untrained
     )
     engine = Engine(session.system, state_dir, limits, threads=threads)
     cfg = session.config
