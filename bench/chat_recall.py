@@ -47,7 +47,12 @@ def trial(model, base, paras, seed: int, target_tokens: int, w: int) -> dict:
     tok = model.tokenizer
     start = rng.randrange(len(paras))
     k = 0
-    while len(tok.apply_chat_template(msgs, tokenize=True)) < target_tokens:
+
+    def length(m: list[dict]) -> int:
+        text = tok.apply_chat_template(m, tokenize=False)
+        return len(tok.encode(text, add_special_tokens=False))
+
+    while length(msgs) < target_tokens:
         msgs += [
             {"role": "user", "content": paras[(start + k) % len(paras)]},
             {"role": "assistant", "content": REPLY},

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import math
+import os
 import time
 from pathlib import Path
 
@@ -187,7 +187,7 @@ def main() -> None:
         json.dumps(
             {
                 "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} uv run python "
-        + " ".join(sys.argv),
+                + " ".join(sys.argv),
                 "machine": f"{platform.machine()} {platform.processor() or ''} "
                 f"{torch.get_num_threads()} threads".strip(),
                 "date": time.strftime("%Y-%m-%d"),

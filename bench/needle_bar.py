@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import math
+import os
 import time
 from pathlib import Path
 
@@ -107,10 +107,14 @@ def merge(specs: list[str], out: Path) -> None:
         + f"; uv run python bench/needle_bar.py --merge {' '.join(specs)} --out {out}",
         "machine": metas[0]["machine"],
         "date": metas[0]["date"],
-        "system": " / ".join(f"{s.partition('=')[0]}: {m['system']}" for s, m in zip(specs, metas, strict=True)),
+        "system": " / ".join(
+            f"{s.partition('=')[0]}: {m['system']}" for s, m in zip(specs, metas, strict=True)
+        ),
     }
     keep = sorted({k for r in rows for k in r})
-    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keep} for r in rows]), out / "rows.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{k: r.get(k) for k in keep} for r in rows]), out / "rows.parquet"
+    )
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     (out / "results.md").write_text(render(rows, meta))
 
