@@ -403,22 +403,19 @@ def nll(
 
 
 def _default_budget(cfg, base):
-    """The default budget, lowered to the largest multiple of the block size that a
-    bounded position scheme can hold below the model's trained context with one
-    decoded block and ``horizon`` targets after it (SmolLM2-135M: 8,096 instead of
-    8,192). A budget the user chose is never changed: an impossible one is an error."""
-    from .focus import position_bound
+    """The default budget, lowered by :func:`megacontext.focus.fitting_budget` when a
+    bounded position scheme cannot hold it (SmolLM2-135M: 8,096 instead of 8,192),
+    with a note. A budget the user chose is never changed: an impossible one is an
+    error."""
+    from .focus import fitting_budget, position_bound
 
-    bound = position_bound(cfg, base)
-    if cfg.positions == "global" or bound is None:
+    fit = fitting_budget(cfg, base)
+    if fit == cfg.w_max:
         return cfg
-    room = bound - cfg.block_size - cfg.horizon
-    if cfg.w_max <= room:
-        return cfg
-    fit = room // cfg.block_size * cfg.block_size
     err_console.print(
         f"w_max {cfg.w_max} -> {fit}: the largest budget whose positions stay below "
-        f"{base.name}'s {bound} (positions={cfg.positions}); set --w-max to choose",
+        f"{base.name}'s {position_bound(cfg, base)} (positions={cfg.positions}); set "
+        "--w-max to choose",
         markup=False,
     )
     return cfg.replace(w_max=fit)

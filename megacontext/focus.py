@@ -110,6 +110,22 @@ def check_positions(config: MegaContextConfig, base: Any, *, budget: bool = True
             )
 
 
+def fitting_budget(config: MegaContextConfig, base: Any = None) -> int:
+    """``config.w_max``, lowered when a bounded scheme cannot hold it: the largest
+    multiple of the block size with ``w_max + block_size + horizon <= bound`` (one
+    decoded block and ``horizon`` targets after the budget; SmolLM2-135M: 8,096 for
+    the default 8,192). Unchanged under ``global`` or with no known bound. Callers use
+    it for a *default* budget only: one the user chose is never changed
+    (:func:`check_positions` rejects an impossible one)."""
+    bound = position_bound(config, base)
+    if config.positions == "global" or bound is None:
+        return int(config.w_max)
+    room = bound - config.block_size - config.horizon
+    if config.w_max <= room:
+        return int(config.w_max)
+    return room // config.block_size * config.block_size
+
+
 def position_gap(config: MegaContextConfig, base: Any = None) -> int:
     """``max_gap`` of the ``hybrid`` scheme: how far the far memory may be pushed back,
     ``bound - w_max - block_size - horizon``, so a WC of up to ``w_max + block_size``

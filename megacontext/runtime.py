@@ -44,7 +44,7 @@ from .cache import MegaContextCache
 from .checkpoint import read_checkpoint
 from .config import MegaContextConfig
 from .errors import ConfigError, InputError, InvariantError, StorageError
-from .focus import FocusLoop, FocusStep, check_positions, refocus_after_ingest
+from .focus import FocusLoop, FocusStep, check_positions, fitting_budget, refocus_after_ingest
 from .hook import patch, recording
 from .nll import nll_after
 from .telemetry import swap_counts
@@ -186,6 +186,10 @@ class MegaContext:
             base = load_base(memory.manifest.base.name, device=device, dtype=dtype)
             check_base(memory.manifest, base, memory.path / MANIFEST)
         config = MegaContextConfig(model=base.name, **{**memory.config, **config_changes})
+        if "w_max" not in config_changes and "w_max" not in memory.config:
+            # the design's default budget may not fit the base model's context under a
+            # bounded scheme (SmolLM2-135M: 8,192 positions); use the largest that does
+            config = config.replace(w_max=fitting_budget(config, base))
         lensnet = memory.lensnet.to(base.device) if memory.lensnet is not None else None
         return cls(base, memory.gistnet.to(base.device), lensnet, config)
 

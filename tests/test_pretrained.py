@@ -551,3 +551,30 @@ def test_export_from_a_real_trainer_checkpoint(tiny_base, root, tmp_path):
     session = mc.MegaContext.pretrained(out, base=tiny_base).session()
     session.ingest(torch.randint(0, 1000, (80,)))
     assert isinstance(session.generate(2), str)
+
+
+def test_fitting_budget_lowers_only_what_does_not_fit():
+    from types import SimpleNamespace
+
+    from megacontext.focus import fitting_budget
+
+    base = SimpleNamespace(max_positions=1000, name="fake")
+    cfg = mc.MegaContextConfig(model="fake", w_max=8192, block_size=32, horizon=64)
+    assert fitting_budget(cfg, base) == (1000 - 32 - 64) // 32 * 32 == 896
+    assert fitting_budget(cfg.replace(w_max=512), base) == 512
+    assert fitting_budget(cfg.replace(positions="global"), base) == 8192
+    assert fitting_budget(cfg, SimpleNamespace(max_positions=0)) == 8192  # bound unknown
+
+
+def test_the_shipped_memory_loads_with_its_default_budget(smollm2_base):
+    """The design's default w_max (8,192) does not fit SmolLM2's 8,192 positions under
+    the bounded default scheme; `pretrained()` picks the largest budget that does, and
+    keeps one the caller gives."""
+    if "smollm2-135m" not in mc.available_memories():
+        pytest.skip("no smollm2-135m memory in this memories folder")
+    system = mc.MegaContext.pretrained("smollm2-135m", base=smollm2_base)
+    assert system.config.w_max == 8096 and system.gistnet is not None
+    system.session()  # a session's budget check passes
+    assert (
+        mc.MegaContext.pretrained("smollm2-135m", base=smollm2_base, w_max=512).config.w_max == 512
+    )
