@@ -4,7 +4,9 @@ Reads ``<dir>/<name>-iterations.parquet`` (per-step rows the trainer's telemetry
 wrote: ``loss``, ``lr``, ``latency_ms``, ...; copied out of
 ``artifacts/telemetry/<run>/iterations/``), prints per run the step count, the mean
 loss of the first and last 32 steps and the median seconds per step, and writes
-``loss.png`` (loss per step and its 32-step running mean)::
+``loss.png`` (loss per step and its 32-step running mean). ``--steps N`` cuts every
+run to its first N steps: runs of one config and seed read the same windows step by
+step, so their means over the same steps compare like for like::
 
     uv run python bench/gist_training_summary.py docs/results/2026-12-04-gist-training
 """
@@ -20,12 +22,12 @@ import pyarrow.parquet as pq
 from megacontext.eval.tables import pyplot, save_figure
 
 
-def main(folder: Path) -> None:
+def main(folder: Path, steps: int | None = None) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for path in sorted(folder.glob("*-iterations.parquet")):
         name = path.name.removesuffix("-iterations.parquet")
-        rows = pq.read_table(path).to_pylist()
+        rows = pq.read_table(path).to_pylist()[:steps]
         loss = np.array([r["loss"] for r in rows])
         sec = np.array([r["latency_ms"] for r in rows]) / 1e3
         k = min(32, len(loss))
@@ -39,8 +41,10 @@ def main(folder: Path) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("KL(full || region as gists), nats")
     ax.legend()
-    save_figure(fig, folder / "loss.png")
+    save_figure(fig, folder / ("loss.png" if steps is None else f"loss-{steps}.png"))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    args = sys.argv[1:]
+    n = int(args[args.index("--steps") + 1]) if "--steps" in args else None
+    main(Path(args[0]), n)
