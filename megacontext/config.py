@@ -110,11 +110,13 @@ class MegaContextConfig(BaseModel):
         description="protected LOD0 tail; None = 2 blocks (the partial block is always kept)",
     )
     kv_mode: Literal["splice", "exact"] = "splice"
-    positions: Literal["hybrid", "compact", "global"] = Field(
-        "hybrid",
-        description="RoPE positions of WC entries: hybrid (recent tokens at true "
-        "distances, older entries compacted and pushed back within max_position), compact "
-        "(entry i at i) or global (token index / gist span centre, unbounded)",
+    positions: Literal["nearby", "hybrid", "compact", "global"] = Field(
+        "nearby",
+        description="RoPE positions of WC entries: nearby (hybrid, with expanded far "
+        "spans moved next to the recent window, gists far back), hybrid (recent tokens "
+        "at true distances, older entries compacted and pushed back within "
+        "max_position), compact (entry i at i) or global (token index / gist span "
+        "centre, unbounded)",
     )
     max_position: int | None = Field(
         None,
@@ -122,12 +124,35 @@ class MegaContextConfig(BaseModel):
         description="bound on RoPE positions; None = the base model's "
         "max_position_embeddings (checked against the model when the system is built)",
     )
-    lens: Literal["lensnet", "attention", "recency"] = Field(
+    lens: Literal["lensnet", "attention", "lexical", "recency"] = Field(
         "lensnet",
         description="focus scorer: lensnet (the given LensNet; recency when none is "
         "given), attention (the training-free scorer: the base model's query-key "
         "affinity between the newest tokens and each entry, even when a LensNet is "
-        "given) or recency (no scorer: only budget-forced collapses)",
+        "given), lexical (training-free retrieval: BM25 of the newest tokens against "
+        "each block's tokens, with room made by collapsing the least relevant token "
+        "blocks) or recency (no scorer: only budget-forced collapses)",
+    )
+    lexical_query: int = Field(
+        64, ge=1, description="newest tokens the lexical scorer reads as its query"
+    )
+    lexical_half_life: float = Field(
+        8.0,
+        gt=0.0,
+        description="a query token's weight halves every this many tokens back from "
+        "the newest (the question is the newest tokens; older ones are its context)",
+    )
+    lexical_z: float = Field(
+        4.0,
+        gt=0.0,
+        description="the lexical scorer retrieves a block whose BM25 score lies this "
+        "many robust standard deviations (1.4826 MAD) above the median block's",
+    )
+    retrieval_share: float = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description="the most of w_max the lexical scorer fills with retrieved blocks",
     )
     attention_layers: list[int] | None = Field(
         None,

@@ -20,7 +20,8 @@ complete block), rows ``T-1-k .. T-2`` the ``k = min(T - 2, n_1)`` newest LOD1 g
 (oldest first), zeros elsewhere.
 
 The scorer is ``config.lens``: ``lensnet`` (the given LensNet, zeros without one),
-``recency`` (zeros) or ``attention`` (a callable ``scorer(wc, positions) -> [N]``
+``recency`` (zeros), ``lexical`` (:func:`megacontext.lexical_scorer.lexical_scores`,
+from the tree's token ids) or ``attention`` (a callable ``scorer(wc, positions) -> [N]``
 the owner of the KV cache hands in: :class:`megacontext.attention_scorer.AttentionScorer`).
 """
 
@@ -38,6 +39,7 @@ from .allocator import Action, FocusAllocator
 from .config import MegaContextConfig
 from .errors import ConfigError
 from .lensnet import LensNetConfig
+from .lexical_scorer import lexical_scores
 from .tree import MegaContextTree, mean_pool
 from .working_context import WorkingContext, entry_positions
 
@@ -127,12 +129,12 @@ def fitting_budget(config: MegaContextConfig, base: Any = None) -> int:
 
 
 def position_gap(config: MegaContextConfig, base: Any = None) -> int:
-    """``max_gap`` of the ``hybrid`` scheme: how far the far memory may be pushed back,
+    """``max_gap`` of the ``hybrid`` and ``nearby`` schemes: how far the far memory may be pushed back,
     ``bound - w_max - block_size - horizon``, so a WC of up to ``w_max + block_size``
     entries (a decoded block past the budget) and ``horizon`` tokens after it stay
     below the bound. 0 for the other schemes; with no known bound, as if it were
     ``w_max + block_size + horizon`` (``hybrid`` then equals ``compact``)."""
-    if config.positions != "hybrid":
+    if config.positions not in ("hybrid", "nearby"):
         return 0
     bound = position_bound(config, base)
     if bound is None:
@@ -348,7 +350,7 @@ class FocusLoop:
     def scoring(self) -> bool:
         """Whether a scorer runs (``False``: recency, the scores are zeros)."""
         lens = self.config.lens
-        return lens == "attention" or (lens == "lensnet" and self.lensnet is not None)
+        return lens in ("attention", "lexical") or (lens == "lensnet" and self.lensnet is not None)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """``[n] -> [n, d]``: the base model's token embeddings."""
@@ -456,6 +458,8 @@ class FocusLoop:
         assert self.wc is not None
         if self.scorer is not None:
             return self.scorer(self.wc, self.positions())
+        if self.config.lens == "lexical":
+            return lexical_scores(self.tree, self.wc, self.config)
         if not self.scoring:
             return torch.zeros(len(self.wc), dtype=torch.float32)
         p = next(self.lensnet.parameters())

@@ -607,7 +607,9 @@ class Session:
             self.wc.check(self.tree)
             self._blocks_since_refocus += ids.numel() // self.config.block_size
             lens = self.config.lens
-            if lens == "attention" or (lens == "lensnet" and self.system.lensnet is not None):
+            if lens in ("attention", "lexical") or (
+                lens == "lensnet" and self.system.lensnet is not None
+            ):
                 # a far needle under an LOD2 gist needs two expands (LOD2 -> LOD1 ->
                 # tokens): iterate, each step on the cache the previous one updated
                 refocus_after_ingest(self.config, self.refocus)

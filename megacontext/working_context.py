@@ -48,7 +48,7 @@ def protected_start(num_tokens: int, recent_tokens: int, block_size: int) -> int
     return max(num_tokens - recent_tokens, 0) // block_size * block_size
 
 
-POSITION_SCHEMES = ("hybrid", "compact", "global")
+POSITION_SCHEMES = ("nearby", "hybrid", "compact", "global")
 
 
 def entry_positions(
@@ -79,6 +79,20 @@ def entry_positions(
       (as under ``global``) and far entries keep their order; past that the far
       memory stays ``max_gap`` further back than under ``compact``, so the bound is
       ``N + max_gap``.
+    - ``nearby``: as ``hybrid``, but the far memory's *tokens* (spans the allocator
+      expanded) join the recent window: the ``n_g`` gists are numbered in order at
+      ``0 .. n_g - 1``, and every LOD0 entry, wherever it sits in the WC, at
+      ``n_g + rank + gap`` (rank: its index among the LOD0 entries, ``gap`` as under
+      ``hybrid``), the next token at ``N + gap``. The recent window keeps ``hybrid``'s
+      positions, so with no expanded far span the two schemes are equal; an expanded
+      span sits at contiguous positions just before the recent window (as Landmark
+      attention places retrieved blocks), while the gists stay far back. Positions are
+      then not monotone in the WC's order (a gist after an expanded span is numbered
+      below it); only a gist reads such a span at a negative distance.
+      Why (``bench/needle_oracle.py``): an oracle that expands exactly the needle's
+      span reads it at ``hybrid`` positions about as far from the question as the
+      history is long, where the base model barely attends; ``nearby`` puts it a
+      recent window away.
     """
     if scheme not in POSITION_SCHEMES:
         raise ConfigError(
@@ -90,6 +104,18 @@ def entry_positions(
     dev = nodes.device
     if scheme == "compact":
         return torch.arange(n, dtype=torch.int64, device=dev), n
+    if scheme == "nearby":
+        gist = levels != 0
+        far = torch.nonzero(gist)
+        n_g = int(far.shape[0])
+        pos = torch.arange(n, dtype=torch.int64, device=dev)
+        if n_g == 0 or n_g == n:
+            return pos, n
+        n_far = int(far[-1, 0]) + 1
+        gap = 0 if n_far == n else max(min(int(nodes[n_far]) - n_far, int(max_gap)), 0)
+        pos[gist] = torch.arange(n_g, dtype=torch.int64, device=dev)
+        pos[~gist] = torch.arange(n_g, n, dtype=torch.int64, device=dev) + gap
+        return pos, n + gap
     if scheme == "hybrid":
         pos = torch.arange(n, dtype=torch.int64, device=dev)
         far = torch.nonzero(levels != 0)

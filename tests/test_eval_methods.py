@@ -31,6 +31,7 @@ def test_registry_order_is_the_report_order():
         "infllm",
         "mc_recency",
         "mc_attention",
+        "mc_lexical",
         "mc_meanpool",
         "megacontext",
     ]
@@ -54,18 +55,40 @@ def test_registry_order_is_the_report_order():
         "zeta",
     ]
     assert mth.reference_names() == ["full"]
-    assert mth.session_names() == ["mc_recency", "mc_attention", "mc_meanpool", "megacontext"]
+    assert mth.session_names() == [
+        "mc_recency",
+        "mc_attention",
+        "mc_lexical",
+        "mc_meanpool",
+        "megacontext",
+    ]
 
 
 def test_peers_for_applies_the_method_rules(tiny_base):
     system = mc.MegaContext(tiny_base, None, None, mc.MegaContextConfig(model="tiny-llama"))
     names = [p.name for p in mth.peers_for(system)]
     # no GistNet: mean-pool is the system; no LensNet: recency is the system
-    assert names == ["full", "truncation", "streaming", "infllm", "mc_attention", "megacontext"]
+    assert names == [
+        "full",
+        "truncation",
+        "streaming",
+        "infllm",
+        "mc_attention",
+        "mc_lexical",
+        "megacontext",
+    ]
     attention = system.with_config(lens="attention")
     names = [p.name for p in mth.peers_for(attention)]
     # lens: attention is the system; recency is not
-    assert names == ["full", "truncation", "streaming", "infllm", "mc_recency", "megacontext"]
+    assert names == [
+        "full",
+        "truncation",
+        "streaming",
+        "infllm",
+        "mc_recency",
+        "mc_lexical",
+        "megacontext",
+    ]
     assert [p.name for p in mth.peers_for(None)] == ["full", "truncation", "streaming", "infllm"]
     assert [p.name for p in mth.peers_for(system, ["mc_recency"])] == ["mc_recency"]
     with pytest.raises(InputError, match="unknown methods"):

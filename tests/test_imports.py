@@ -52,6 +52,7 @@ LAYERS: dict[str, int] = {
     "megacontext.cache": 2,
     "megacontext.hook": 2,
     "megacontext.attention_scorer": 2,
+    "megacontext.lexical_scorer": 2,
     "megacontext.base": 2,
     "megacontext.lora": 2,
     "megacontext.checkpoint": 2,

@@ -52,7 +52,7 @@ def _wcs(draw):
 
 
 @settings(max_examples=300, deadline=None)
-@given(_wcs(), st.integers(0, 4096), st.sampled_from(["hybrid", "compact"]))
+@given(_wcs(), st.integers(0, 4096), st.sampled_from(["nearby", "hybrid", "compact"]))
 def test_bounded_schemes_never_exceed_the_bound(case, extra, scheme):
     wc, bs, w_max = case
     horizon = 64
@@ -70,7 +70,13 @@ def test_bounded_schemes_never_exceed_the_bound(case, extra, scheme):
     assert nxt + horizon - 1 < bound
     if n:
         assert int(pos.max()) < nxt
-        assert bool((pos[1:] > pos[:-1]).all())  # WC order is position order
+        if scheme == "nearby":
+            # gists in WC order, then every token in WC order: distinct positions
+            for part in (pos[wc.levels != 0], pos[wc.levels == 0]):
+                assert bool((part[1:] > part[:-1]).all())
+            assert pos.unique().numel() == n
+        else:
+            assert bool((pos[1:] > pos[:-1]).all())  # WC order is position order
     # consecutive LOD0 entries of the tail keep their true distance
     tail = wc.levels == 0
     if n and bool(tail[-1]):
@@ -104,6 +110,38 @@ def test_hybrid_is_true_distances_while_short_and_capped_after():
         assert torch.equal(wc.positions(scheme, 50), torch.arange(200))
 
 
+def test_nearby_moves_expanded_spans_next_to_the_recent_window():
+    wc = WorkingContext.from_tree(_Tree(4000, 32, 2), w_max=256)
+    # a recency WC has no far tokens: nearby is hybrid
+    for gap in (0, 100, 10**6):
+        assert torch.equal(wc.positions("nearby", gap), wc.positions("hybrid", gap))
+        assert wc.next_position("nearby", gap) == wc.next_position("hybrid", gap)
+    # expand the second LOD1 gist (tokens 32..63) in place
+    levels, nodes = wc.levels.tolist(), wc.nodes.tolist()
+    lv1 = [k for k, lv in enumerate(levels) if lv == 1]
+    i = lv1[1]
+    node = nodes[i]
+    levels[i : i + 1] = [0] * 32
+    nodes[i : i + 1] = list(range(node * 32, node * 32 + 32))
+    lv_t = torch.tensor(levels)
+    nd_t = torch.tensor(nodes)
+    gist = lv_t != 0
+    n, n_g = len(levels), int(gist.sum())
+    far = int(torch.nonzero(gist)[-1, 0]) + 1
+    for gap in (100, 10**6):
+        pos, nxt = entry_positions(lv_t, nd_t, 32, "nearby", max_gap=gap)
+        hyb, hnxt = entry_positions(lv_t, nd_t, 32, "hybrid", max_gap=gap)
+        assert nxt == hnxt
+        assert torch.equal(pos[far:], hyb[far:])  # the recent window does not move
+        assert torch.equal(pos[gist], torch.arange(n_g))  # gists in order, far back
+        span = pos[i : i + 32]
+        # the expanded span: contiguous, right before the recent window's first token
+        assert torch.equal(span, torch.arange(32) + int(pos[far]) - 32)
+        # under hybrid the same span sits among the gists, far from the cursor
+        assert int(hyb[i]) < n_g + 32 and nxt - int(span[0]) < nxt - int(hyb[i])
+    assert n == len(wc) + 31
+
+
 def test_config_validation():
     with pytest.raises(mc.ConfigError) as e:
         mc.MegaContextConfig(positions="absolute")
@@ -114,7 +152,7 @@ def test_config_validation():
     with pytest.raises(mc.ConfigError):
         entry_positions(torch.zeros(1), torch.zeros(1), 32, "rotary")
     cfg = mc.MegaContextConfig(w_max=1024)
-    assert cfg.positions == "hybrid" and cfg.max_position is None
+    assert cfg.positions == "nearby" and cfg.max_position is None
 
 
 def test_the_bound_is_checked_against_the_model(tiny_base):

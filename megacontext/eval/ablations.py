@@ -219,7 +219,7 @@ def run_variant(
     n_act, n_res, n_hist = len(s.actions), len(s.residencies), len(s.history)
     # LensNet's and the attention scorer's scores are deterministic, so reading them
     # changes nothing; a random scorer's would advance its generator
-    scored = mcx.config.lens == "attention" or (
+    scored = mcx.config.lens in ("attention", "lexical") or (
         mcx.config.lens == "lensnet"
         and mcx.lensnet is not None
         and not isinstance(mcx.lensnet, GroupRandomLens)

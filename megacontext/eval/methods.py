@@ -199,6 +199,21 @@ class McAttention(_Session):
         return "megacontext" if system.config.lens == "attention" else None
 
 
+class McLexical(_Session):
+    """The system's gists, the training-free lexical scorer (``lens: lexical``: BM25
+    of the newest tokens against each far block's tokens, room made by collapsing
+    the least relevant token blocks)."""
+
+    name = "mc_lexical"
+    lens = "lexical"
+
+    def modules(self, system: Any) -> tuple[Any, Any]:
+        return system.gistnet, None
+
+    def same_as(self, system: Any) -> str | None:
+        return "megacontext" if system.config.lens == "lexical" else None
+
+
 class McMeanPool(_Session):
     """Mean-pool gists with the system's LensNet."""
 

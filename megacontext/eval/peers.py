@@ -36,6 +36,8 @@ Methods (``W < T``; with ``T <= W`` every method reads the whole history):
   recency-based working context).
 - ``mc_attention``: MegaContext with the system's gists and the training-free
   attention scorer (``lens: attention``).
+- ``mc_lexical``: MegaContext with the system's gists and the training-free lexical
+  scorer (``lens: lexical``, :mod:`megacontext.lexical_scorer`).
 - ``mc_meanpool``: MegaContext with mean-pool gists and the system's LensNet
   (omitted when the system itself has no GistNet: it is then ``megacontext``).
 - ``megacontext``: the system as given (any :class:`megacontext.MegaContext`, e.g.

@@ -1,0 +1,170 @@
+"""The lexical focus scorer (``lens: lexical``): training-free retrieval of the
+history's blocks that share rare tokens with the newest ones (BM25), and a swap plan
+that makes room for them by collapsing the least relevant token blocks.
+
+Relevance. The query is the set of distinct token ids ``q`` among the newest
+``m = lexical_query`` tokens, each weighted by how recent it is,
+``w_j = max 2^(-age / lexical_half_life)`` over its occurrences (age 0: the newest
+token), so the question outweighs the text before it. The candidates are the history's complete blocks ``b``
+before the protected tail (tokens ``[b·bs, (b+1)·bs) ⊂ [0, p0)``, ``n_b`` of them)::
+
+    tf[b, j] = #{t in block b : t = q_j}                         [n_b, |q|]
+    df[j]    = #{b : tf[b, j] > 0}
+    idf[j]   = log(1 + (n_b - df[j] + 0.5) / (df[j] + 0.5))
+    s[b]     = sum_j w_j · idf[j] · tf[b, j] · (k1 + 1) / (tf[b, j] + k1),   k1 = 1.2
+
+(BM25 over equal-length blocks, so without its length term.) The defaults
+(``m = 64``, half-life 8, ``lexical_z = 4``) were chosen on *training-split* pass-key
+and key-value needles (training seeds): with an unweighted 32-token query the
+filler before a short question outvoted it (the needle's block retrieved in 22 of
+40 tasks; 37 of 40 with the weights). With robust z-scores
+``z[b] = (s[b] - median s) / (1.4826 · MAD(s))`` (the standard deviation when the
+MAD is 0), a block is *wanted* when ``z[b] >= lexical_z``, best first, at most
+``floor(retrieval_share · w_max / bs)`` of them.
+
+Scores ``u`` per WC entry, on the allocator's scale (it expands above
+``tau_expand`` and collapses below ``-tau_collapse`` only to make room or when told):
+
+- a gist covering a wanted block: ``+1`` (expand it; an LOD2 gist first opens to
+  its LOD1 children, the next refocus opens the wanted child);
+- a token of a wanted block: ``+0.5`` (keep);
+- the token blocks to collapse: ``-1``, as many as the wanted expansions need room
+  for (``bs - 1`` entries each, less the budget's free room): complete LOD0 blocks
+  outside the protected tail holding no wanted block, the lowest ``s`` first and the
+  oldest on ties;
+- every other entry ``0``: neither threshold is crossed, so nothing else moves. With
+  nothing wanted every score is 0 and the working context is the recency one.
+
+It reads only the tree's token ids: no forward of the base model, no cache. Cost per
+refocus: O(T · |q|) comparisons over the history's ``T`` tokens
+(``bench/bench_lexical_scorer.py``).
+
+Why lexical: the base model's own attention over the working context
+(``lens: attention``) sees a far block only through its gist, whose key does not
+carry the block's rare tokens, so it never singles out a needle
+(``docs/results/2026-12-04-cpu-heldout/needle``); an exact-token match over the
+stored ids does, at a cost that does not grow with the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .errors import InvariantError
+
+__all__ = ["K1", "block_relevance", "lexical_scores", "query_weights", "wanted_blocks"]
+
+K1 = 1.2
+_CHUNK = 4096  # blocks compared at once: bounds the [chunk, bs, |q|] comparison
+
+
+def query_weights(query: torch.Tensor, half_life: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct ids ``q [k]`` of ``query`` (int64 ``[m]``, oldest first) and their
+    weights ``w [k]``: ``w_j = max over q_j's occurrences of 2^(-age / half_life)``,
+    ``age`` = 0 for the newest token (``half_life = inf``: all 1)."""
+    q, inverse = torch.unique(query.to(torch.int64), return_inverse=True)
+    age = torch.arange(query.numel() - 1, -1, -1, dtype=torch.float32)
+    per = torch.pow(2.0, -age / float(half_life))
+    w = torch.zeros(q.numel(), dtype=torch.float32).scatter_reduce(
+        0, inverse, per, reduce="amax", include_self=False
+    )
+    return q, w
+
+
+def block_relevance(
+    blocks: torch.Tensor, query: torch.Tensor, half_life: float = math.inf
+) -> torch.Tensor:
+    """BM25 score ``s [n_b]`` (float32) of each block of ``blocks`` (int64
+    ``[n_b, bs]`` token ids) for the distinct ids of ``query`` (int64 ``[m]``, oldest
+    first), each weighted by :func:`query_weights`."""
+    if blocks.dim() != 2:
+        raise InvariantError(f"blocks must be [n_b, bs], got {tuple(blocks.shape)}")
+    n_b = int(blocks.shape[0])
+    if n_b == 0 or query.numel() == 0:
+        return torch.zeros(n_b, dtype=torch.float32)
+    q, w = query_weights(query, half_life)
+    tf = torch.cat(
+        [
+            (blocks[s : s + _CHUNK, :, None] == q[None, None, :]).sum(1).to(torch.float32)
+            for s in range(0, n_b, _CHUNK)
+        ]
+    )
+    df = (tf > 0).sum(0).to(torch.float32)
+    idf = torch.log1p((n_b - df + 0.5) / (df + 0.5))
+    return (w * idf * tf * (K1 + 1.0) / (tf + K1)).sum(1)
+
+
+def wanted_blocks(s: torch.Tensor, z_min: float, limit: int) -> torch.Tensor:
+    """Indices (int64, best first) of the blocks whose robust z-score of ``s [n_b]``
+    is at least ``z_min``, at most ``limit`` of them."""
+    if s.numel() < 2 or limit <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    med = s.median()
+    scale = 1.4826 * (s - med).abs().median()
+    if float(scale) <= 0.0:
+        scale = s.std()
+    if not math.isfinite(float(scale)) or float(scale) <= 0.0:
+        return torch.zeros(0, dtype=torch.int64)
+    z = (s - med) / scale
+    order = torch.argsort(z, descending=True, stable=True)
+    keep = order[z[order] >= z_min]
+    return keep[:limit]
+
+
+@torch.no_grad()
+def lexical_scores(tree: Any, wc: Any, config: Any) -> torch.Tensor:
+    """float32 ``[N]`` scores of ``wc``'s entries (see the module doc) from ``tree``'s
+    token ids and ``config``'s ``lexical_query``, ``lexical_z``, ``retrieval_share``,
+    ``w_max`` and ``block_size``."""
+    n = len(wc)
+    out = torch.zeros(n, dtype=torch.float32)
+    bs = int(config.block_size)
+    T = int(tree.num_tokens)
+    p0 = int(wc.protected_start)
+    n_b = p0 // bs
+    if n_b < 2:
+        return out
+    ids = tree.tokens(0, T)
+    query = ids[max(T - int(config.lexical_query), 0) :]
+    s = block_relevance(ids[: n_b * bs].view(n_b, bs), query, float(config.lexical_half_life))
+    limit = int(config.retrieval_share * config.w_max) // bs
+    want = wanted_blocks(s, float(config.lexical_z), limit)
+    if want.numel() == 0:
+        return out
+    levels = wc.levels.cpu().to(torch.int64)
+    starts = wc.starts.cpu()
+    spans = wc.spans.cpu()
+    first = starts // bs  # first LOD1 block each entry covers
+    last = (starts + spans - 1) // bs
+    wanted = torch.zeros(max(n_b, 1), dtype=torch.bool)
+    wanted[want] = True
+    # entry i covers a wanted block when one lies in [first[i], last[i]] (< n_b)
+    prefix = torch.cat([torch.zeros(1, dtype=torch.int64), wanted.cumsum(0)])
+    lo = first.clamp(max=n_b)
+    hi = (last + 1).clamp(max=n_b)
+    covers = (prefix[hi] - prefix[lo]) > 0
+    expand = covers & (levels > 0)
+    out[expand] = 1.0
+    out[covers & (levels == 0)] = 0.5
+    need = int(expand.sum()) * (bs - 1) - (int(config.w_max) - n)
+    if need <= 0:
+        return out
+    k = -(-need // (bs - 1))
+    # complete LOD0 blocks before the protected tail, holding no wanted block
+    tok = levels == 0
+    blk = first[tok]
+    counts = torch.bincount(blk, minlength=n_b)[:n_b]
+    full = torch.nonzero((counts == bs) & ~wanted[:n_b]).flatten()
+    full = full[(full + 1) * bs <= p0]
+    if full.numel() == 0:
+        return out
+    # lowest relevance first, the oldest on ties (a stable sort of ascending ids)
+    victims = full[torch.argsort(s[full], stable=True)][:k]
+    drop = torch.zeros(n_b, dtype=torch.bool)
+    drop[victims] = True
+    in_drop = tok & (first < n_b) & drop[first.clamp(max=n_b - 1)]
+    out[in_drop] = -1.0
+    return out

@@ -1,0 +1,179 @@
+"""The lexical focus scorer (``lens: lexical``): BM25 relevance of the history's
+blocks to the newest tokens, the outlier rule, the swap plan, and a session that
+brings a planted far block back as tokens where recency does not."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import megacontext as mc
+from megacontext.lexical_scorer import (
+    K1,
+    block_relevance,
+    lexical_scores,
+    query_weights,
+    wanted_blocks,
+)
+
+BS = 32
+RARE = torch.arange(40000, 40008)
+
+
+def _history(T: int = 2000, plant_block: int = 5, seed: int = 0) -> torch.Tensor:
+    """Tokens from a small common vocabulary, ``RARE`` planted in one early block and
+    repeated as the last tokens (the end of the query)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 1400, (T,), generator=g)
+    s = plant_block * BS + 7
+    ids[s : s + RARE.numel()] = RARE
+    # the query window (64 tokens): tokens found nowhere else, then RARE
+    ids[T - 64 :] = torch.arange(45000, 45064)
+    ids[T - RARE.numel() :] = RARE
+    return ids
+
+
+def test_block_relevance_is_bm25():
+    blocks = torch.tensor([[1, 2, 3, 4], [1, 1, 5, 6], [7, 8, 9, 1], [7, 7, 7, 7]])
+    q = torch.tensor([1, 7, 1])  # duplicates count once
+    s = block_relevance(blocks, q)
+    n_b = 4
+    idf1 = math.log1p((n_b - 3 + 0.5) / (3 + 0.5))
+    idf7 = math.log1p((n_b - 2 + 0.5) / (2 + 0.5))
+
+    def sat(tf: int) -> float:
+        return tf * (K1 + 1) / (tf + K1)
+
+    want = [idf1 * sat(1), idf1 * sat(2), idf1 * sat(1) + idf7 * sat(1), idf7 * sat(4)]
+    assert torch.allclose(s, torch.tensor(want, dtype=torch.float32), atol=1e-6)
+    assert s.dtype == torch.float32
+    # a token in every block weighs less than a rare one
+    assert idf1 < idf7
+    assert torch.equal(block_relevance(blocks, torch.tensor([99])), torch.zeros(4))
+    assert block_relevance(blocks[:0], q).shape == (0,)
+
+
+def test_query_weights_favour_the_newest_tokens():
+    q, w = query_weights(torch.tensor([5, 9, 5, 7]), half_life=2.0)
+    assert q.tolist() == [5, 7, 9]
+    # 5: newest occurrence 1 back; 7: the newest; 9: 2 back
+    assert torch.allclose(w, torch.tensor([2**-0.5, 1.0, 0.5]))
+    _, flat = query_weights(torch.tensor([5, 9, 5, 7]), half_life=math.inf)
+    assert torch.equal(flat, torch.ones(3))
+    # an old query token's match counts for less than a new one's
+    blocks = torch.tensor([[1, 0, 0, 0], [2, 0, 0, 0], [3, 3, 3, 3]])
+    s = block_relevance(blocks, torch.tensor([1, 2]), half_life=1.0)
+    assert float(s[1]) == pytest.approx(2 * float(s[0]))
+
+
+def test_wanted_blocks_outlier_rule_and_limit():
+    s = torch.tensor([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 9.0, 7.0])
+    assert wanted_blocks(s, 4.0, 8).tolist() == [6, 7]
+    assert wanted_blocks(s, 4.0, 1).tolist() == [6]
+    assert wanted_blocks(s, 1e9, 8).numel() == 0
+    assert wanted_blocks(s, 4.0, 0).numel() == 0
+    # MAD 0 (most blocks share nothing with the query): the standard deviation
+    sparse = torch.zeros(50)
+    sparse[3] = 5.0
+    assert wanted_blocks(sparse, 4.0, 8).tolist() == [3]
+    assert wanted_blocks(torch.ones(10), 1.0, 8).numel() == 0  # nothing stands out
+
+
+@pytest.fixture(scope="module")
+def systems(tiny_base):
+    cfg = mc.MegaContextConfig(model="tiny-llama", w_max=256, refocus_iterations=8)
+    return {
+        lens: mc.MegaContext(tiny_base, None, None, cfg.model_copy(update={"lens": lens}))
+        for lens in ("lexical", "recency")
+    }
+
+
+def _tokens_of(wc, lo: int, hi: int) -> int:
+    lv, st = wc.levels.cpu(), wc.starts.cpu()
+    return int(((lv == 0) & (st >= lo) & (st < hi)).sum())
+
+
+def test_session_brings_the_planted_block_back(systems):
+    ids = _history()
+    got = {}
+    for lens, system in systems.items():
+        s = system.session()
+        s.ingest(ids)
+        s.wc.check(s.tree)
+        assert s.wc.cost <= 256
+        got[lens] = s
+    lo, hi = 5 * BS, 6 * BS
+    assert _tokens_of(got["recency"].wc, lo, hi) == 0
+    assert _tokens_of(got["lexical"].wc, lo, hi) == BS
+    lex = got["lexical"]
+    # it swapped: expands of the far gists above it and as many collapses as room needed
+    kinds = [a.kind for a in lex.actions]
+    assert "expand" in kinds and "collapse" in kinds
+    # nearby positions: every token entry (the retrieved blocks, then the recent
+    # window) at contiguous positions; the gists before them
+    pos = lex.focus.positions().cpu()
+    lv = lex.wc.levels.cpu()
+    tok = pos[lv == 0]
+    assert torch.equal(tok, torch.arange(tok.numel()) + int(tok[0]))
+    assert int(pos[lv != 0].max()) < int(tok[0])
+    far_tokens = int((lv[: int(torch.nonzero(lv != 0)[-1, 0])] == 0).sum())
+    assert far_tokens >= BS
+    # decoding keeps a legal WC within the budget and the block in it
+    lex.generate(40, temperature=0.0)
+    assert lex.wc.cost <= 256 + BS  # a decoded block may wait for the next refocus
+    lex.refocus()
+    lex.wc.check(lex.tree)
+    assert _tokens_of(lex.wc, lo, hi) == BS
+
+
+def test_nothing_relevant_is_the_recency_working_context(systems):
+    ids = _history()
+    ids[-64:] = torch.arange(45000, 45064)  # the query (64 tokens) matches nothing
+    wcs = []
+    for system in systems.values():
+        s = system.session()
+        s.ingest(ids)
+        wcs.append((s.wc.levels.clone(), s.wc.nodes.clone(), len(s.actions)))
+    (la, na, acts), (lb, nb, _) = wcs
+    assert torch.equal(la, lb) and torch.equal(na, nb) and acts == 0
+
+
+def test_scores_plan_exactly_the_room_needed(systems):
+    s = systems["recency"].session()
+    s.ingest(_history())
+    wc, cfg = s.wc, systems["lexical"].config
+    u = lexical_scores(s.tree, wc, cfg)
+    assert u.shape == (len(wc),) and u.dtype == torch.float32
+    lv = wc.levels.cpu()
+    expand = int(((u == 1.0) & (lv > 0)).sum())
+    assert expand == 1  # the one gist over the planted block
+    need = expand * (BS - 1) - (cfg.w_max - len(wc))
+    victims = int((u == -1.0).sum())
+    assert victims == BS * max(-(-need // (BS - 1)), 0)
+    # victims are whole token blocks outside the protected tail
+    st = wc.starts.cpu()[u == -1.0]
+    assert bool((lv[u == -1.0] == 0).all()) and int(st.max()) < wc.protected_start
+    assert bool((torch.bincount(st // BS) % BS == 0).all())
+    # every other entry is neutral
+    assert int(((u != 0) & (u != 1.0) & (u != -1.0) & (u != 0.5)).sum()) == 0
+    # a share of 0-blocks wants nothing
+    none = cfg.model_copy(update={"retrieval_share": 0.01})
+    assert torch.count_nonzero(lexical_scores(s.tree, wc, none)) == 0
+
+
+def test_config_fields_are_validated():
+    bad_values = (
+        ("lexical_query", 0),
+        ("lexical_half_life", 0.0),
+        ("lexical_z", 0.0),
+        ("retrieval_share", 1.5),
+    )
+    for field, bad in bad_values:
+        with pytest.raises(mc.ConfigError) as e:
+            mc.MegaContextConfig(**{field: bad})
+        assert e.value.field == field
+    with pytest.raises(mc.ConfigError) as e:
+        mc.MegaContextConfig(lens="bm25")
+    assert e.value.field == "lens"
