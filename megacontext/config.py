@@ -110,6 +110,13 @@ class MegaContextConfig(BaseModel):
         description="protected LOD0 tail; None = 2 blocks (the partial block is always kept)",
     )
     kv_mode: Literal["splice", "exact"] = "splice"
+    kv_after_expand: Literal["exact", "splice"] = Field(
+        "exact",
+        description="under kv_mode splice, how the cache follows a refocus that expanded "
+        "a gist: exact (recompute from the first changed entry, so the entries after a "
+        "retrieved span read it) or splice (insert the span's rows only; the kept "
+        "entries keep K/V computed without it)",
+    )
     positions: Literal["nearby", "hybrid", "compact", "global"] = Field(
         "nearby",
         description="RoPE positions of WC entries: nearby (hybrid, with expanded far "

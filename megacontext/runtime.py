@@ -479,7 +479,11 @@ class Session:
         res = self.focus.refocus()
         with self._phases("cache"):
             if res.changed:
-                self._update_cache(res.old_levels, res.old_nodes, force_exact=res.forced)
+                # under splice, the kept entries after an expanded span never read it
+                # (their K/V predate it); kv_after_expand: exact recomputes them
+                expanded = any(a.kind == "expand" for a in res.actions)
+                exact = res.forced or (expanded and self.config.kv_after_expand == "exact")
+                self._update_cache(res.old_levels, res.old_nodes, force_exact=exact)
         self.residencies.extend(res.residencies)
         self.actions.extend(res.actions)
         self._log(res)

@@ -177,3 +177,28 @@ def test_config_fields_are_validated():
     with pytest.raises(mc.ConfigError) as e:
         mc.MegaContextConfig(lens="bm25")
     assert e.value.field == "lens"
+
+
+def test_a_retrieved_span_is_read_by_what_follows_it(tiny_base):
+    """Under splice, a refocus that expands recomputes from the first change
+    (``kv_after_expand: exact``): the next-token logits equal the exact session's.
+    With ``kv_after_expand: splice`` the kept tail keeps K/V computed without the
+    span, and the logits differ."""
+    ids = _history()
+    logits = {}
+    for mode, after in (("exact", "exact"), ("splice", "exact"), ("splice", "splice")):
+        cfg = mc.MegaContextConfig(
+            model="tiny-llama",
+            w_max=256,
+            refocus_iterations=8,
+            lens="lexical",
+            kv_mode=mode,
+            kv_after_expand=after,
+        )
+        s = mc.MegaContext(tiny_base, None, None, cfg).session()
+        s.ingest(ids)
+        assert any(a.kind == "expand" for a in s.actions)
+        logits[(mode, after)] = s.next_token_logits()
+    exact = logits[("exact", "exact")]
+    torch.testing.assert_close(logits[("splice", "exact")], exact, rtol=1e-4, atol=1e-4)
+    assert (logits[("splice", "splice")] - exact).abs().max() > 1e-3
