@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 import megacontext as mc
 
@@ -102,16 +103,28 @@ def main() -> None:
     )
     ap.add_argument("--w-max", type=int, default=512)
     ap.add_argument("--untrained", action="store_true", help="mean pooling + recency")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a MegaContextConfig field of the memory's system (value parsed as YAML), "
+        "e.g. lens=lexical",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     base = mc.load_base("smollm2-135m")
+    changes = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        changes[key] = yaml.safe_load(value)
     if args.untrained:
         system = mc.MegaContext(
-            base, None, None, mc.MegaContextConfig(model=base.name, w_max=args.w_max)
+            base, None, None, mc.MegaContextConfig(model=base.name, w_max=args.w_max, **changes)
         )
     else:
-        system = mc.MegaContext.pretrained("smollm2-135m", base=base, w_max=args.w_max)
+        system = mc.MegaContext.pretrained("smollm2-135m", base=base, w_max=args.w_max, **changes)
     model = mc.MegaContextForCausalLM(system)
     paras = filler_paragraphs()
     rows = []
@@ -126,7 +139,8 @@ def main() -> None:
         + " ".join(sys.argv)
         + "`  ",
         f"SmolLM2-135M ({base.dtype}), CPU, {torch.get_num_threads()} threads; memory: "
-        + ("mean pooling + recency" if args.untrained else "shipped smollm2-135m")
+        + ("mean pooling" if args.untrained else "shipped smollm2-135m")
+        + (f", config changes {changes}" if changes else "")
         + f"; W = {args.w_max}; transcripts of {min(r['tokens'] for r in rows):,}–"
         f"{max(r['tokens'] for r in rows):,} tokens.",
         "",
