@@ -55,6 +55,20 @@ def test_block_relevance_is_bm25():
     assert block_relevance(blocks[:0], q).shape == (0,)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_block_relevance_equals_the_dense_formula(seed):
+    g = torch.Generator().manual_seed(seed)
+    n_b, bs = int(torch.randint(1, 40, (1,), generator=g)), int(2 ** (seed % 4 + 1))
+    blocks = torch.randint(0, 30, (n_b, bs), generator=g)
+    query = torch.randint(0, 40, (int(torch.randint(1, 50, (1,), generator=g)),), generator=g)
+    q, w = query_weights(query, 8.0)
+    tf = (blocks[:, :, None] == q[None, None, :]).sum(1).float()  # [n_b, |q|]
+    df = (tf > 0).sum(0).float()
+    idf = torch.log1p((n_b - df + 0.5) / (df + 0.5))
+    want = (w * idf * tf * (K1 + 1) / (tf + K1)).sum(1)
+    torch.testing.assert_close(block_relevance(blocks, query, 8.0), want)
+
+
 def test_query_weights_favour_the_newest_tokens():
     q, w = query_weights(torch.tensor([5, 9, 5, 7]), half_life=2.0)
     assert q.tolist() == [5, 7, 9]
