@@ -34,6 +34,12 @@ import yaml
 
 import megacontext as mc
 from megacontext.eval import common, suites
+from megacontext.eval.external import (
+    base_model_source,
+    fold_peers,
+    recording_tasks,
+    write_tasks,
+)
 
 SETTINGS = {
     "6x": {
@@ -140,11 +146,20 @@ def main() -> None:
     )
     ap.add_argument("--methods", nargs="+", help="registry names (default: all that apply)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--fold",
+        action="store_true",
+        help="only re-render OUT with the external peers' rows (OUT/peers/*.parquet, e.g. "
+        "from bash bench/peers/kvpress/run.sh OUT --presses snapkv) folded in",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         merge(args.merge, args.out)
+        return
+    if args.fold:
+        fold(args.out)
         return
     if not args.setting:
         ap.error("--setting is required (or --merge)")
@@ -164,33 +179,52 @@ def main() -> None:
         f"torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
     }
-    for setting in args.setting:
-        cfg = SETTINGS[setting]
-        extra = {"lens": args.lens} if args.lens else {}
-        for item in args.set:
-            key, _, value = item.partition("=")
-            extra[key] = yaml.safe_load(value)
-        config = mc.MegaContextConfig(model=base.name, w_max=max(cfg["budgets"]), **extra)
-        system = mc.MegaContext(base, gist, None, config)
-        meta["system"] = f"GistNet {args.gistnet or 'mean pooling'}, config changes {extra}"
-        common.SIZES[f"bar-{setting}"] = {"needle": cfg}
-        t0 = time.time()
-        got = suites.needle_suite(
-            base, system, f"bar-{setting}", methods=args.methods, seed=args.seed
-        )
-        for r in got:
-            r.pop("_session", None)
-            r["setting"] = setting
-            r["length"] = cfg["lengths"][0]
-        rows += got
-        print(f"{setting}: {len(got)} rows in {time.time() - t0:.0f} s", flush=True)
-        keep = sorted({k for r in rows for k in r})
-        pq.write_table(
-            pa.Table.from_pylist([{k: r.get(k) for k in keep} for r in rows]),
-            args.out / "rows.parquet",
-        )
-        (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
-        (args.out / "results.md").write_text(render(rows, meta))
+    meta["base_model"] = base_model_source(base)
+    with recording_tasks() as tasks:  # every compared task, for the external peers
+        for setting in args.setting:
+            cfg = SETTINGS[setting]
+            extra = {"lens": args.lens} if args.lens else {}
+            for item in args.set:
+                key, _, value = item.partition("=")
+                extra[key] = yaml.safe_load(value)
+            config = mc.MegaContextConfig(model=base.name, w_max=max(cfg["budgets"]), **extra)
+            system = mc.MegaContext(base, gist, None, config)
+            meta["system"] = f"GistNet {args.gistnet or 'mean pooling'}, config changes {extra}"
+            common.SIZES[f"bar-{setting}"] = {"needle": cfg}
+            t0 = time.time()
+            got = suites.needle_suite(
+                base, system, f"bar-{setting}", methods=args.methods, seed=args.seed
+            )
+            for r in got:
+                r.pop("_session", None)
+                r["setting"] = setting
+                r["length"] = cfg["lengths"][0]
+            rows += got
+            print(f"{setting}: {len(got)} rows in {time.time() - t0:.0f} s", flush=True)
+            keep = sorted({k for r in rows for k in r})
+            pq.write_table(
+                pa.Table.from_pylist([{k: r.get(k) for k in keep} for r in rows]),
+                args.out / "rows.parquet",
+            )
+            meta["tasks"] = write_tasks(args.out, tasks)
+            (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
+            (args.out / "results.md").write_text(render(rows, meta))
+
+
+def fold(out: Path) -> None:
+    """Rewrite ``out/results.md`` with the external peers' rows folded in (their
+    derived columns against the same task's ``full`` and ``truncation`` rows);
+    ``rows.parquet`` keeps this program's rows only."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out / "rows.parquet").to_pylist()
+    meta = json.loads((out / "meta.json").read_text())
+    folded, lines = fold_peers(out, rows, meta)
+    where = {r["doc"]: (r["setting"], r["length"]) for r in rows}
+    for r in folded[len(rows) :]:
+        r["setting"], r["length"] = where[r["doc"]]
+    text = render(folded, meta) + ("\n" + "\n".join(lines) + "\n" if lines else "")
+    (out / "results.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from megacontext.eval.peers import (
     truncation_view,
     view_nll,
 )
-from megacontext.focus import FocusLoop, position_gap
+from megacontext.focus import FocusLoop, position_gap, refocus_after_ingest
 from megacontext.working_context import WorkingContext, entry_positions
 
 H = 64
@@ -154,6 +154,35 @@ def gist_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
     per_level = torch.bincount(wc.levels.long(), minlength=wc.max_level + 1).tolist()
     return View("mc_hybrid", wc.embeddings(base, loop.tree), pos, nxt, {"per_level": per_level})
 
+
+def lexical_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
+    """The WC at ``w_max = w`` over ``loop``'s tree after the lexical scorer's refocuses
+    (``lens: lexical``, ``refocus_iterations: 8``, what a session's ingest runs), under
+    the default ``nearby`` positions."""
+    cfg = loop.config.model_copy(
+        update={"w_max": w, "lens": "lexical", "refocus_iterations": 8, "positions": "nearby"}
+    )
+    lex = FocusLoop(base, loop.gistnet, None, cfg)
+    lex.tree = loop.tree  # the same gists: ingest once per history, not per budget
+    lex.rebuild()
+    actions: list = []
+
+    def step() -> list:
+        got = lex.refocus().actions
+        actions.extend(got)
+        return got
+
+    refocus_after_ingest(cfg, step)
+    wc = lex.wc
+    per_level = torch.bincount(wc.levels.long(), minlength=wc.max_level + 1).tolist()
+    meta = {"per_level": per_level, "actions": len(actions)}
+    return View(
+        "mc_lexical", wc.embeddings(base, lex.tree), lex.positions(), lex.next_position(), meta
+    )
+
+
+# --lexical: a lexical-focus row beside each --gistnet recency row
+LEXICAL = False
 
 # (name, GistNet or None, levels) from --gistnet / --levels: extra recency MegaContext rows
 GISTNETS: list[tuple[str, mc.GistNet | None, int]] = []
@@ -366,6 +395,9 @@ def continuation(run: Run, corpus: str, ids: torch.Tensor, ends, budgets, length
                         gloop.ingest(hist)
                     view = gist_view(base, gloop, W)
                     run.score(view, targets, method=f"mc_hybrid+{name}", **key)
+                    if LEXICAL and not run.done(f"mc_lexical+{name}", **key):
+                        view = lexical_view(base, gloop, W)
+                        run.score(view, targets, method=f"mc_lexical+{name}", **key)
 
 
 def timed_session_ingest(run: Run, hist: torch.Tensor) -> FocusLoop:
@@ -443,6 +475,12 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", help="budgets W (default 1,024 4,096)")
     ap.add_argument("--schemes", nargs="+", choices=ALL_SCHEMES, help="MegaContext schemes")
     ap.add_argument("--no-passkey", action="store_true", help="skip the pass key")
+    ap.add_argument(
+        "--lexical",
+        action="store_true",
+        help="beside each --gistnet row, 'mc_lexical+NAME': the same gists with the lexical "
+        "focus (lens: lexical, refocus_iterations 8) under nearby positions",
+    )
     args = ap.parse_args()
     if args.render:
         import pyarrow.parquet as pq
@@ -453,7 +491,8 @@ def main() -> None:
         (args.out / "results.md").write_text(render(rows, extra))
         plot(rows, args.out / "nll_vs_history.png")
         return
-    global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK, SCHEMES
+    global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK, SCHEMES, LEXICAL
+    LEXICAL = args.lexical
     LENGTHS = tuple(args.lengths or LENGTHS)
     BUDGETS = tuple(args.budgets or BUDGETS)
     SCHEMES = tuple(args.schemes or SCHEMES)
