@@ -336,6 +336,10 @@ class FocusLoop:
             model_name=getattr(base, "name", ""),
         )
         self.wc: WorkingContext | None = None
+        # the end of the last ingest: the lexical scorer's query ends there, so what a
+        # session decodes after a question keeps the question's retrieval (None: the
+        # newest tokens, e.g. a session reopened from disk before its next ingest)
+        self.query_end: int | None = None
         self.allocator = FocusAllocator(config, backend=allocator_backend)
         self.gist = gist_fn(gistnet)
         self.tail_size = tail_size(lensnet)
@@ -373,6 +377,7 @@ class FocusLoop:
                     progress(min(ids.numel(), s + chunk_tokens), ids.numel())
         old = self.wc
         self.rebuild()
+        self.query_end = self.tree.num_tokens
         return old
 
     def append(self, ids: torch.Tensor) -> None:
@@ -459,7 +464,7 @@ class FocusLoop:
         if self.scorer is not None:
             return self.scorer(self.wc, self.positions())
         if self.config.lens == "lexical":
-            return lexical_scores(self.tree, self.wc, self.config)
+            return lexical_scores(self.tree, self.wc, self.config, self.query_end)
         if not self.scoring:
             return torch.zeros(len(self.wc), dtype=torch.float32)
         p = next(self.lensnet.parameters())

@@ -2,8 +2,11 @@
 history's blocks that share rare tokens with the newest ones (BM25), and a swap plan
 that makes room for them by collapsing the least relevant token blocks.
 
-Relevance. The query is the set of distinct token ids ``q`` among the newest
-``m = lexical_query`` tokens, each weighted by how recent it is,
+Relevance. The query is the set of distinct token ids ``q`` among the
+``m = lexical_query`` tokens that end the last ingest (a session's focus loop passes
+``query_end``: while it decodes, the question that came in keeps its retrieval
+instead of every generated block re-deciding it; 170–219 actions in 64 decoded blocks
+before, ``bench/decode_swaps.py``), each weighted by how recent it is,
 ``w_j = max 2^(-age / lexical_half_life)`` over its occurrences (age 0: the newest
 token), so the question outweighs the text before it. The candidates are the history's complete blocks ``b``
 before the protected tail (tokens ``[b·bs, (b+1)·bs) ⊂ [0, p0)``, ``n_b`` of them)::
@@ -116,10 +119,11 @@ def wanted_blocks(s: torch.Tensor, z_min: float, limit: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lexical_scores(tree: Any, wc: Any, config: Any) -> torch.Tensor:
+def lexical_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None) -> torch.Tensor:
     """float32 ``[N]`` scores of ``wc``'s entries (see the module doc) from ``tree``'s
-    token ids and ``config``'s ``lexical_query``, ``lexical_z``, ``retrieval_share``,
-    ``w_max`` and ``block_size``."""
+    token ids and ``config``'s ``lexical_query``, ``lexical_half_life``, ``lexical_z``,
+    ``retrieval_share``, ``w_max`` and ``block_size``. The query is the
+    ``lexical_query`` tokens before ``query_end`` (default: the newest tokens)."""
     n = len(wc)
     out = torch.zeros(n, dtype=torch.float32)
     bs = int(config.block_size)
@@ -129,7 +133,8 @@ def lexical_scores(tree: Any, wc: Any, config: Any) -> torch.Tensor:
     if n_b < 2:
         return out
     ids = tree.tokens(0, T)
-    query = ids[max(T - int(config.lexical_query), 0) :]
+    end = T if query_end is None else min(int(query_end), T)
+    query = ids[max(end - int(config.lexical_query), 0) : end]
     s = block_relevance(ids[: n_b * bs].view(n_b, bs), query, float(config.lexical_half_life))
     limit = int(config.retrieval_share * config.w_max) // bs
     want = wanted_blocks(s, float(config.lexical_z), limit)

@@ -632,6 +632,7 @@ class Session:
             "cache_epoch": self._cache_epoch,
             "allocator": self.allocator.state_dict(),
             "counters": (self.iteration, self._blocks_since_refocus),
+            "query_end": self.focus.query_end,
             "lists": (len(self.history), len(self.actions), len(self.residencies)),
             "queries": (
                 None if self.attention_scorer is None else self.attention_scorer.recorder.state()
@@ -647,6 +648,7 @@ class Session:
         self.wc = snap["wc"]
         self.allocator.load_state_dict(snap["allocator"])
         self.iteration, self._blocks_since_refocus = snap["counters"]
+        self.focus.query_end = snap["query_end"]
         n_history, n_actions, n_residencies = snap["lists"]
         del self.history[n_history:], self.actions[n_actions:]
         del self.residencies[n_residencies:]

@@ -216,3 +216,21 @@ def test_a_retrieved_span_is_read_by_what_follows_it(tiny_base):
     exact = logits[("exact", "exact")]
     torch.testing.assert_close(logits[("splice", "exact")], exact, rtol=1e-4, atol=1e-4)
     assert (logits[("splice", "splice")] - exact).abs().max() > 1e-3
+
+
+def test_the_query_is_the_last_ingest_not_the_decoded_tokens(systems):
+    """While a session decodes (or is fed), the retrieval stays the last ingest's:
+    tokens it decodes that match another far block do not pull it in; an ingest of
+    the same tokens does."""
+    other = torch.arange(41000, 41008)
+    ids = _history()
+    ids[20 * BS + 3 : 20 * BS + 3 + other.numel()] = other
+    s = systems["lexical"].session()
+    s.ingest(ids)
+    lo, hi = 20 * BS, 21 * BS
+    assert _tokens_of(s.wc, lo, hi) == 0
+    s.feed(torch.cat([torch.arange(45100, 45156), other]))  # two refocuses
+    assert _tokens_of(s.wc, lo, hi) == 0
+    assert _tokens_of(s.wc, 5 * BS, 6 * BS) == BS  # the ingest's retrieval kept
+    s.ingest(torch.cat([torch.arange(45200, 45256), other]))
+    assert _tokens_of(s.wc, lo, hi) == BS
