@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 import megacontext as mc
+from megacontext.train.config import apply_overrides
 
 LONGBENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "longbench"
 REPLY = "Thanks, noted."
@@ -115,10 +115,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     base = mc.load_base("smollm2-135m")
-    changes = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        changes[key] = yaml.safe_load(value)
+    changes = apply_overrides({}, args.set)  # KEY=VALUE, values parsed as YAML
     if args.untrained:
         system = mc.MegaContext(
             base, None, None, mc.MegaContextConfig(model=base.name, w_max=args.w_max, **changes)

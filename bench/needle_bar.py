@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 import megacontext as mc
 from megacontext.eval import common, suites
@@ -40,6 +39,7 @@ from megacontext.eval.external import (
     recording_tasks,
     write_tasks,
 )
+from megacontext.train.config import apply_overrides
 
 SETTINGS = {
     "6x": {
@@ -184,9 +184,7 @@ def main() -> None:
         for setting in args.setting:
             cfg = SETTINGS[setting]
             extra = {"lens": args.lens} if args.lens else {}
-            for item in args.set:
-                key, _, value = item.partition("=")
-                extra[key] = yaml.safe_load(value)
+            extra.update(apply_overrides({}, args.set))  # KEY=VALUE, values parsed as YAML
             config = mc.MegaContextConfig(model=base.name, w_max=max(cfg["budgets"]), **extra)
             system = mc.MegaContext(base, gist, None, config)
             meta["system"] = f"GistNet {args.gistnet or 'mean pooling'}, config changes {extra}"

@@ -29,11 +29,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import yaml
 
 import megacontext as mc
 from megacontext.eval import methods as registry
 from megacontext.eval import suites
+from megacontext.train.config import apply_overrides
 
 
 def main() -> None:
@@ -57,10 +57,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     base = mc.load_base("smollm2-135m")
     gist = mc.GistNet.load(args.gistnet) if args.gistnet else None
-    extra = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        extra[key] = yaml.safe_load(value)
+    extra = apply_overrides({}, args.set)  # KEY=VALUE, values parsed as YAML
     system = mc.MegaContext(base, gist, None, mc.MegaContextConfig(model=base.name, **extra))
     t0 = time.time()
     others = list(dict.fromkeys([*args.methods, "mc_recency"]))
