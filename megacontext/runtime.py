@@ -851,6 +851,7 @@ class Session:
             "blocks_since_refocus": self._blocks_since_refocus,
             "residencies": self.residencies,
             "num_tokens": self.num_tokens,
+            "query_end": self.focus.query_end,
         }
         key = session_store.session_key(path)
         commit = session_store.write_session(
@@ -906,6 +907,8 @@ class Session:
         self.iteration = int(meta["iteration"])
         self._blocks_since_refocus = int(meta["blocks_since_refocus"])
         self.residencies = list(meta["residencies"])
+        # sessions saved before the field existed: the newest tokens are the query
+        self.focus.query_end = meta.get("query_end")
         if stored.commit is not None:
             self._commits[session_store.session_key(stored.path)] = stored.commit.commit
 

@@ -651,6 +651,8 @@ def _read_version(
     num_tokens = need("num_tokens", int, nonneg, "an integer >= 0")
     need("iteration", int, nonneg, "an integer >= 0")
     need("blocks_since_refocus", int, nonneg, "an integer >= 0")
+    if meta.get("query_end") is not None:
+        need("query_end", int, nonneg, "an integer >= 0")
     need(
         "residencies",
         list,
@@ -729,6 +731,8 @@ def _read_version(
     ):
         if got != exp:
             raise _err(tree_dir, name, f"the tree has {got}, {META} says {exp}")
+    if (meta.get("query_end") or 0) > num_tokens:
+        raise _err(meta_path, "query_end", f"{meta['query_end']} is past the {num_tokens} tokens")
 
     modules: dict[str, Any] = {}
     for name in MODULES:

@@ -234,3 +234,13 @@ def test_the_query_is_the_last_ingest_not_the_decoded_tokens(systems):
     assert _tokens_of(s.wc, 5 * BS, 6 * BS) == BS  # the ingest's retrieval kept
     s.ingest(torch.cat([torch.arange(45200, 45256), other]))
     assert _tokens_of(s.wc, lo, hi) == BS
+
+
+def test_a_saved_session_keeps_its_query(systems, tmp_path):
+    s = systems["lexical"].session()
+    s.ingest(_history())
+    s.feed(torch.arange(45100, 45140))
+    s.save(tmp_path / "sess")
+    r = mc.MegaContext.open(tmp_path / "sess", base=systems["lexical"].base)
+    assert r.focus.query_end == s.focus.query_end == 2000
+    assert torch.equal(r.scores(), s.scores())
