@@ -55,6 +55,46 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / den) if den > 0 else float("nan")
 
 
+def context(base, tree, wc, gap: int, levels: list[int], nodes: list[int]):
+    """``((embeds [N, d], positions [N]), next_position)`` of the WC ``(levels, nodes)``
+    over ``wc``'s history, under ``nearby`` positions (no budget check)."""
+    bs = wc.block_size
+    w = WorkingContext(
+        torch.tensor(levels),
+        torch.tensor(nodes),
+        block_size=bs,
+        max_level=wc.max_level,
+        w_max=10**6,
+        num_tokens=wc.num_tokens,
+    )
+    pos, nxt = entry_positions(w.levels, w.nodes, bs, "nearby", max_gap=gap)
+    return (w.embeddings(base, tree), pos), nxt
+
+
+def with_tokens(lv: list[int], nd: list[int], b: int, bs: int):
+    """``(levels, nodes)`` with LOD1 block ``b`` as tokens (its covering gist opened in
+    place: an LOD2 gist into its LOD1 children), or ``None`` when it is tokens already."""
+    for k, (level, node) in enumerate(zip(lv, nd, strict=True)):
+        if level == 0:
+            continue
+        span = bs**level
+        if not node * span <= b * bs < (node + 1) * span:
+            continue
+        if level == 1:
+            new_l, new_n = [0] * bs, list(range(b * bs, b * bs + bs))
+        else:
+            new_l, new_n = [], []
+            for c in range(node * bs, node * bs + bs):
+                if c == b:
+                    new_l += [0] * bs
+                    new_n += list(range(b * bs, b * bs + bs))
+                else:
+                    new_l.append(1)
+                    new_n.append(c)
+        return lv[:k] + new_l + lv[k + 1 :], nd[:k] + new_n + nd[k + 1 :]
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gistnet", type=Path, help="GistNet weights (default mean pooling)")
@@ -81,46 +121,16 @@ def main() -> None:
         lv, nd = wc.levels.tolist(), wc.nodes.tolist()
         n_b = wc.protected_start // bs
 
-        def context(levels: list[int], nodes: list[int]):
-            w = WorkingContext(
-                torch.tensor(levels),
-                torch.tensor(nodes),
-                block_size=bs,
-                max_level=wc.max_level,
-                w_max=10**6,
-                num_tokens=wc.num_tokens,
-            )
-            pos, nxt = entry_positions(w.levels, w.nodes, bs, "nearby", max_gap=gap)
-            return (w.embeddings(base, tree), pos), nxt
-
-        def with_tokens(b: int):
-            """The WC with block b as tokens (its covering gist opened in place)."""
-            for k, (level, node) in enumerate(zip(lv, nd, strict=True)):
-                if level == 0:
-                    continue
-                span = bs**level
-                if node * span <= b * bs < (node + 1) * span:
-                    if level == 1:
-                        new_l, new_n = [0] * bs, list(range(b * bs, b * bs + bs))
-                    else:  # LOD2: its LOD1 children, block b as tokens
-                        new_l, new_n = [], []
-                        for c in range(node * bs, node * bs + bs):
-                            if c == b:
-                                new_l += [0] * bs
-                                new_n += list(range(b * bs, b * bs + bs))
-                            else:
-                                new_l.append(1)
-                                new_n.append(c)
-                    return lv[:k] + new_l + lv[k + 1 :], nd[:k] + new_n + nd[k + 1 :]
-            return None  # already tokens
-
-        ctx0, nxt0 = context(lv, nd)
+        ctx0, nxt0 = context(base, tree, wc, gap, lv, nd)
         ref = float(nll_after(base, [ctx0], [tgt], [nxt0]).mean())
-        blocks = [b for b in range(n_b) if with_tokens(b) is not None]
+        blocks = [b for b in range(n_b) if with_tokens(lv, nd, b, bs) is not None]
         labels: dict[int, float] = {}
         for s in range(0, len(blocks), BATCH):
             part = blocks[s : s + BATCH]
-            ctxs, nxts = zip(*(context(*with_tokens(b)) for b in part), strict=True)
+            ctxs, nxts = zip(
+                *(context(base, tree, wc, gap, *with_tokens(lv, nd, b, bs)) for b in part),
+                strict=True,
+            )
             nll = nll_after(base, list(ctxs), [tgt] * len(part), list(nxts)).mean(1)
             for b, v in zip(part, nll.tolist(), strict=True):
                 labels[b] = v - ref
@@ -134,7 +144,7 @@ def main() -> None:
         lab = np.array([labels[b] for b in blocks])
         pays = lab <= PAYS
         wanted = np.array([b in want for b in blocks])
-        n0, n1 = t.meta["needle_span"]
+        n0 = t.meta["needle_span"][0]
         summary.append(
             {
                 "task": f"{task}/d{depth}",
