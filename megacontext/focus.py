@@ -84,7 +84,7 @@ def check_positions(config: MegaContextConfig, base: Any, *, budget: bool = True
     """Check the position fields against the base model (the config alone does not
     know it). Raises :class:`~megacontext.errors.ConfigError` when ``max_position``
     exceeds the model's ``max_position_embeddings``, or (``budget``) when a bounded
-    scheme (``hybrid``, ``compact``) cannot keep a WC of ``w_max + block_size``
+    scheme (``nearby``, ``hybrid``, ``compact``) cannot keep a WC of ``w_max + block_size``
     entries (the budget plus one decoded block, the cache's capacity) below the bound.
     A :class:`~megacontext.runtime.MegaContext` checks the bound when it is built and
     the budget when a session (a :class:`FocusLoop`) is: a system is also a template
@@ -420,7 +420,7 @@ class FocusLoop:
         """The first index at which the current WC differs from ``(old_levels,
         old_nodes)`` in an entry *or its position*: the cache rows before it are
         exactly what a fresh forward computes (same entries at the same positions,
-        attending to the same rows). Under ``hybrid`` a refocus can move entries that
+        attending to the same rows). Under ``hybrid``/``nearby`` a refocus can move entries that
         precede every structural change (tail tokens that a new gist after them turns
         into far memory), so the structural difference alone is not enough."""
         assert self.wc is not None

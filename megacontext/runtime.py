@@ -501,7 +501,7 @@ class Session:
             return
         index = self._kept_index(old_levels, old_nodes)
         index[-1] = -1
-        # kept entries whose position moved (compact/hybrid) are re-rotated in the
+        # kept entries whose position moved (bounded schemes) are re-rotated in the
         # splice's one launch, not recomputed
         delta = self.focus.position_delta(old_levels, old_nodes, index)
         self.cache.splice(index[None], [n], position_delta=delta[None])
