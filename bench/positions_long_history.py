@@ -15,6 +15,10 @@ scored after the ``T`` tokens before them, ``T`` in 4k/16k/32k/128k, at budgets
   with ``positions`` = ``hybrid`` (the default) / ``global`` / ``compact``; one
   tree and one WC, read under each scheme (compact at ``W = 1,024`` only).
 
+Every MegaContext view is read as the runtime reads it: behind the attention sink
+when the WC starts with a gist (``attention_sink``, the default;
+:func:`megacontext.working_context.with_sink`); ``--no-sink`` reads them without it.
+
 The same targets are read after every ``T``, so a row's NLL moves only with what
 the method does with the longer history. Truncation reads the same ``W`` tokens for
 every ``T >= W`` and is scored once per ``(corpus, target, W)``; at ``T = W`` every
@@ -51,7 +55,7 @@ from megacontext.eval.peers import (
     view_nll,
 )
 from megacontext.focus import FocusLoop, position_gap, refocus_after_ingest
-from megacontext.working_context import WorkingContext, entry_positions
+from megacontext.working_context import WorkingContext, entry_positions, with_sink
 
 H = 64
 LENGTHS = (4096, 16384, 32768, 131072)
@@ -139,7 +143,8 @@ def mc_views(base: mc.Base, history: torch.Tensor, budgets, loop: FocusLoop | No
             gap = position_gap(cfg, base)
             pos, nxt = entry_positions(wc.levels, wc.nodes, wc.block_size, scheme, max_gap=gap)
             meta = {"per_level": per_level, "max_gap": gap}
-            out[(w, scheme)] = View(f"mc_{scheme}", emb, pos, nxt, meta)
+            e, p = with_sink(base, emb, pos, wc.levels, SINK)
+            out[(w, scheme)] = View(f"mc_{scheme}", e, p, nxt, meta)
     return out
 
 
@@ -152,7 +157,8 @@ def gist_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
     gap = position_gap(cfg, base)
     pos, nxt = entry_positions(wc.levels, wc.nodes, wc.block_size, "hybrid", max_gap=gap)
     per_level = torch.bincount(wc.levels.long(), minlength=wc.max_level + 1).tolist()
-    return View("mc_hybrid", wc.embeddings(base, loop.tree), pos, nxt, {"per_level": per_level})
+    emb, pos = with_sink(base, wc.embeddings(base, loop.tree), pos, wc.levels, SINK)
+    return View("mc_hybrid", emb, pos, nxt, {"per_level": per_level})
 
 
 def lexical_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
@@ -176,13 +182,14 @@ def lexical_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
     wc = lex.wc
     per_level = torch.bincount(wc.levels.long(), minlength=wc.max_level + 1).tolist()
     meta = {"per_level": per_level, "actions": len(actions)}
-    return View(
-        "mc_lexical", wc.embeddings(base, lex.tree), lex.positions(), lex.next_position(), meta
-    )
+    emb, pos = with_sink(base, wc.embeddings(base, lex.tree), lex.positions(), wc.levels, SINK)
+    return View("mc_lexical", emb, pos, lex.next_position(), meta)
 
 
 # --lexical: a lexical-focus row beside each --gistnet recency row
 LEXICAL = False
+# --no-sink: read every MegaContext view without the attention sink (the ablation)
+SINK = True
 
 # (name, GistNet or None, levels) from --gistnet / --levels: extra recency MegaContext rows
 GISTNETS: list[tuple[str, mc.GistNet | None, int]] = []
@@ -476,6 +483,11 @@ def main() -> None:
     ap.add_argument("--schemes", nargs="+", choices=ALL_SCHEMES, help="MegaContext schemes")
     ap.add_argument("--no-passkey", action="store_true", help="skip the pass key")
     ap.add_argument(
+        "--no-sink",
+        action="store_true",
+        help="read the MegaContext views without the attention sink (attention_sink: false)",
+    )
+    ap.add_argument(
         "--lexical",
         action="store_true",
         help="beside each --gistnet row, 'mc_lexical+NAME': the same gists with the lexical "
@@ -491,8 +503,9 @@ def main() -> None:
         (args.out / "results.md").write_text(render(rows, extra))
         plot(rows, args.out / "nll_vs_history.png")
         return
-    global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK, SCHEMES, LEXICAL
+    global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK, SCHEMES, LEXICAL, SINK
     LEXICAL = args.lexical
+    SINK = not args.no_sink
     LENGTHS = tuple(args.lengths or LENGTHS)
     BUDGETS = tuple(args.budgets or BUDGETS)
     SCHEMES = tuple(args.schemes or SCHEMES)
@@ -510,6 +523,7 @@ def main() -> None:
         import pyarrow.parquet as pq
 
         run.rows = pq.read_table(args.out / "rows.parquet").to_pylist()
+    run.extra["attention sink"] = "on (the default)" if SINK else "off (--no-sink)"
     run.extra["machine"] = (
         f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{base.name} ({base.dtype}, trained to {base.max_positions:,} positions)"

@@ -104,6 +104,16 @@ class Base:
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
+    @property
+    def sink_token_id(self) -> int:
+        """The token read as the attention sink (``attention_sink``): the tokenizer's BOS,
+        else its EOS, else id 0."""
+        for name in ("bos_token_id", "eos_token_id"):
+            tid = getattr(self.tokenizer, name, None)
+            if isinstance(tid, int) and 0 <= tid < self.vocab_size:
+                return tid
+        return 0
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings ``[..., dim]`` of int ids ``[...]`` (range-checked)."""
         ids = torch.as_tensor(ids, dtype=torch.long)

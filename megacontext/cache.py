@@ -15,6 +15,13 @@ runtime drives writes explicitly: :meth:`plan` says at which slots the next
 forward's rows go and how long each row's context is; without a plan the cache
 appends, like transformers' own caches (so a patched model can use it directly).
 
+Attention sink (``sink=S``, the runtime uses ``S = 1`` under ``attention_sink``): ``S``
+more physical slots before slot 0 hold a constant sink token's K/V
+(:meth:`set_sink`), shared by every row. Every API here speaks of the logical slots
+``0..C-1`` (``kv`` is their view), so refocus never moves the sink; row ``b`` reads it
+when ``sink_on[b]`` (:meth:`attention_mask` adds its column), which the runtime sets
+from its WC (:func:`megacontext.working_context.reads_sink`).
+
 Refocus (see ``docs/runtime.md``):
 
 - :meth:`truncate` keeps a prefix (``exact`` mode recomputes the rest);
@@ -138,6 +145,8 @@ class MegaContextCache(Cache):
         double_buffer: allocate the second buffer that :meth:`splice` gathers into.
         inv_freq: the model's RoPE inverse frequencies, float32 ``[head_dim / 2]``
             (:func:`rope_inv_freq`); needed to :meth:`splice` with position deltas.
+        sink: attention-sink slots kept before slot 0 (see the module docstring);
+            a cache with sink slots is driven by :meth:`plan` only.
     """
 
     def __init__(
@@ -151,7 +160,14 @@ class MegaContextCache(Cache):
         device: torch.device | str = "cpu",
         double_buffer: bool = True,
         inv_freq: torch.Tensor | None = None,
+        sink: int = 0,
     ):
+        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+            raise ConfigError(
+                f"sink must be an int >= 0 (attention-sink slots), got {sink!r}",
+                field="sink",
+                value=sink,
+            )
         sizes = {
             "num_layers": num_layers,
             "num_kv_heads": num_kv_heads,
@@ -174,7 +190,7 @@ class MegaContextCache(Cache):
                 field="inv_freq",
                 value=tuple(inv_freq.shape),
             )
-        shape = (num_layers, 2, batch_size, num_kv_heads, capacity, head_dim)
+        shape = (num_layers, 2, batch_size, num_kv_heads, sink + capacity, head_dim)
         self.buffers = [torch.zeros(shape, dtype=dtype, device=device)]
         self.inv_freq = (
             None if inv_freq is None else inv_freq.to(device=device, dtype=torch.float32)
@@ -183,6 +199,9 @@ class MegaContextCache(Cache):
             self.buffers.append(torch.zeros(shape, dtype=dtype, device=device))
         self.active = 0
         self.capacity = capacity
+        self.sink = sink
+        # per batch row: whether its queries read the sink slots
+        self.sink_on = [False] * batch_size
         self.num_rows = batch_size
         # Per batch row: entries held (slots [0, lengths[b]) are valid).
         self.lengths = [0] * batch_size
@@ -196,7 +215,12 @@ class MegaContextCache(Cache):
 
     @classmethod
     def for_model(
-        cls, model: Any, batch_size: int, capacity: int, double_buffer: bool = True
+        cls,
+        model: Any,
+        batch_size: int,
+        capacity: int,
+        double_buffer: bool = True,
+        sink: int = 0,
     ) -> MegaContextCache:
         """A cache shaped for ``model`` (a transformers causal LM), on its device and
         dtype, holding the model's RoPE frequencies (:func:`rope_inv_freq`)."""
@@ -213,6 +237,7 @@ class MegaContextCache(Cache):
             device=weight.device,
             double_buffer=double_buffer,
             inv_freq=rope_inv_freq(model),
+            sink=sink,
         )
 
     @classmethod
@@ -238,6 +263,10 @@ class MegaContextCache(Cache):
                         f"stack(): cache {i} has {name}={shape[name]} but cache 0 has "
                         f"{name}={want[name]}; a batch needs caches of one model and capacity"
                     )
+            if c.sink != first.sink:
+                raise InputError(
+                    f"stack(): cache {i} has sink={c.sink} but cache 0 has sink={first.sink}"
+                )
             if (c.kv.dtype, c.kv.device) != (first.kv.dtype, first.kv.device):
                 raise InputError(
                     f"stack(): cache {i} holds {c.kv.dtype} on {c.kv.device} but cache 0 "
@@ -254,23 +283,94 @@ class MegaContextCache(Cache):
             first.kv.device,
             double_buffer=True,
             inv_freq=first.inv_freq,
+            sink=first.sink,
         )
+        S = first.sink
         for b, c in enumerate(caches):
-            n = c.lengths[0]
-            out.buffers[0][:, :, b : b + 1, :, :n] = c.kv[:, :, :, :, :n]
+            n = S + c.lengths[0]
+            for buf in out.buffers:
+                # the sink slots in both buffers (a splice writes the other one)
+                buf[:, :, b : b + 1, :, :S] = c.physical[:, :, :, :, :S]
+            out.buffers[0][:, :, b : b + 1, :, S:n] = c.physical[:, :, :, :, S:n]
             c.buffers = [buf[:, :, b : b + 1] for buf in out.buffers]
             c.active = 0
             c.pinned = True
         out.lengths = [c.lengths[0] for c in caches]
+        out.sink_on = [c.sink_on[0] for c in caches]
         out.layer_lengths = [max(out.lengths)] * L
+        return out
+
+    def detached(self) -> MegaContextCache:
+        """A cache with buffers of its own holding this cache's rows, sink slots and
+        flags (e.g. a batch row's view, copied out so the batch's buffers can go)."""
+        L, _, B, H, _, D = self.physical.shape
+        out = MegaContextCache(
+            L,
+            H,
+            D,
+            B,
+            self.capacity,
+            self.physical.dtype,
+            self.physical.device,
+            double_buffer=len(self.buffers) > 1,
+            inv_freq=self.inv_freq,
+            sink=self.sink,
+        )
+        S, n = self.sink, self.sink + max(self.lengths)
+        for buf in out.buffers:
+            buf[:, :, :, :, :S] = self.physical[:, :, :, :, :S]
+        out.physical[:, :, :, :, :n] = self.physical[:, :, :, :, :n]
+        out.set_lengths(list(self.lengths))
+        out.sink_on = list(self.sink_on)
         return out
 
     # ----------------------------------------------------------------- state
 
     @property
     def kv(self) -> torch.Tensor:
-        """The active buffer ``[L, 2, B, Hkv, C, D]``."""
+        """The active buffer's logical slots ``[L, 2, B, Hkv, C, D]`` (a view; the sink
+        slots before them are not part of it)."""
+        buf = self.buffers[self.active]
+        return buf if self.sink == 0 else buf[:, :, :, :, self.sink :]
+
+    @property
+    def physical(self) -> torch.Tensor:
+        """The active buffer ``[L, 2, B, Hkv, S + C, D]``, sink slots first."""
         return self.buffers[self.active]
+
+    def set_sink(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write the sink's K/V, ``keys/values [L, Hkv, S, D]`` (keys after RoPE at the
+        sink's positions), into every row of every buffer."""
+        L, _, _, H, _, D = self.physical.shape
+        want = (L, H, self.sink, D)
+        for name, t in (("keys", keys), ("values", values)):
+            if tuple(t.shape) != want:
+                raise InputError(
+                    f"set_sink: {name} must be [L, Hkv, sink, D] = {list(want)}, "
+                    f"got {list(t.shape)}"
+                )
+        for buf in self.buffers:
+            buf[:, 0, :, :, : self.sink] = keys[:, None].to(buf.device, buf.dtype)
+            buf[:, 1, :, :, : self.sink] = values[:, None].to(buf.device, buf.dtype)
+
+    def attention_mask(self, slots: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """bool ``[B, 1, q, S + max(lengths)]`` (True = attend) for a forward whose
+        ``q`` rows of batch row ``b`` sit at logical ``slots[b, :]``: each sees the
+        slots up to its own and, when ``sink_on[b]``, the sink slots."""
+        width = max(lengths)
+        dev = self.physical.device
+        slots = slots.to(device=dev, dtype=torch.long)
+        mask = torch.arange(width, device=dev)[None, None, None, :] <= slots[:, None, :, None]
+        if self.sink == 0:
+            return mask
+        on = torch.tensor(self.sink_on, dtype=torch.bool, device=dev)
+        sink = on[:, None, None, None].expand(-1, 1, slots.shape[1], self.sink)
+        return torch.cat([sink, mask], dim=-1)
+
+    def needs_mask(self) -> bool:
+        """Whether a plain causal forward would read slots it must not: a sink some
+        row does not read."""
+        return self.sink > 0 and not all(self.sink_on)
 
     @property
     def batch_size(self) -> int:
@@ -303,9 +403,14 @@ class MegaContextCache(Cache):
 
     def state_dict(self) -> dict[str, Any]:
         """The valid rows: ``{"kv": [L, 2, B, Hkv, n, D] (CPU copy, n = max(lengths)),
-        "lengths": [B]}``; :meth:`load_state_dict` restores them."""
+        "lengths": [B], "sink_on": [B]}``; :meth:`load_state_dict` restores them (the
+        sink's own K/V are constant: :meth:`set_sink`)."""
         n = max(self.lengths)
-        return {"kv": self.kv[:, :, :, :, :n].cpu().contiguous(), "lengths": list(self.lengths)}
+        return {
+            "kv": self.kv[:, :, :, :, :n].cpu().contiguous(),
+            "lengths": list(self.lengths),
+            "sink_on": list(self.sink_on),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Write :meth:`state_dict`'s rows into the active buffer (this cache's dtype
@@ -321,8 +426,14 @@ class MegaContextCache(Cache):
                 f"{tuple(self.kv.shape)} (num_layers, 2, batch_size, num_kv_heads, capacity, "
                 f"head_dim) holding lengths {lengths}"
             )
+        sink_on = [bool(x) for x in state.get("sink_on", [False] * self.num_rows)]
+        if len(sink_on) != self.num_rows:
+            raise InputError(
+                f"cache state sink_on must have {self.num_rows} entries, got {sink_on}"
+            )
         self.set_lengths(lengths)
         self.kv[:, :, :, :, : kv.shape[4]] = kv.to(self.kv.device, self.kv.dtype)
+        self.sink_on = sink_on
 
     # ----------------------------------------------------------------- writes
 
@@ -343,25 +454,30 @@ class MegaContextCache(Cache):
                 f"the working context needs {top} cache slots but the cache holds "
                 f"{self.capacity} (W_max + K)"
             )
-        self._slots = slots.to(device=self.kv.device, dtype=torch.long)
+        self._slots = slots.to(device=self.kv.device, dtype=torch.long) + self.sink
         self._plan_len = top
         self.lengths = list(lengths)
         self.layer_lengths = [top] * self.num_layers
 
     def _kv_length(self, layer: int, query_length: int) -> int:
         if self._slots is not None:
-            return self._plan_len
+            return self.sink + self._plan_len
         return self.layer_lengths[layer] + query_length
 
     def _write(self, layer: int, key: torch.Tensor, value: torch.Tensor):
-        kv = self.kv
+        kv = self.physical
         if self._slots is not None:
             index = self._slots[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
             kv[layer, 0].scatter_(2, index, key.to(kv.dtype))
             kv[layer, 1].scatter_(2, index, value.to(kv.dtype))
-            length = self._plan_len
+            length = self.sink + self._plan_len
             if layer == self.num_layers - 1:
                 self._slots = None  # the plan covers exactly one forward
+        elif self.sink:
+            raise InvariantError(
+                "a cache with attention-sink slots is written through plan() only "
+                "(the runtime's forwards); append mode cannot mask the sink"
+            )
         else:
             start = self.layer_lengths[layer]
             length = start + key.shape[2]
@@ -423,6 +539,7 @@ class MegaContextCache(Cache):
                 f"the working context needs {max(lengths)} slots but the cache holds {self.capacity}"
             )
         device = self.kv.device
+        S = self.sink
         full = torch.full((self.num_rows, self.capacity), -1, dtype=torch.long, device=device)
         full[:, : index.shape[1]] = index.to(device)
         delta = None
@@ -445,7 +562,12 @@ class MegaContextCache(Cache):
                 )
             delta = torch.zeros((self.num_rows, self.capacity), dtype=torch.long, device=device)
             delta[:, : index.shape[1]] = position_delta.to(device)
-        src, dst = self.buffers[self.active], self.buffers[1 - self.active]
+        # the logical slots of both buffers (strided views): the sink slots, written
+        # into both buffers by set_sink, are never moved
+        src, dst = (
+            buf[:, :, :, :, S:]
+            for buf in (self.buffers[self.active], self.buffers[1 - self.active])
+        )
         kv_splice(src, dst, full, None, None, delta, None if delta is None else self.inv_freq)
         if self.pinned:
             # A row of a batch: the other rows read the active buffer, so copy back.

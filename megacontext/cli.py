@@ -274,21 +274,29 @@ def _available_memory(device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _kv_cache_bytes(model_config, w_max: int, block_size: int, itemsize: int) -> int:
+def _kv_cache_bytes(model_config, w_max: int, block_size: int, itemsize: int, sink: int = 0) -> int:
     """Bytes of a session's KV cache: ``2 buffers x layers x 2 (K, V) x kv_heads x
-    (w_max + block_size) slots x head_dim x itemsize`` (the runtime double-buffers its
-    preallocated cache of capacity ``W_max + K``)."""
+    (sink + w_max + block_size) slots x head_dim x itemsize`` (the runtime
+    double-buffers its preallocated cache of capacity ``W_max + K``, plus ``sink``
+    attention-sink slots)."""
     c = model_config
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * 2 * heads * (w_max + block_size) * head_dim * itemsize
+    slots = sink + w_max + block_size
+    return 2 * c.num_hidden_layers * 2 * heads * slots * head_dim * itemsize
 
 
 def _check_kv_memory(base, cfg, hint: str = "--w-max") -> None:
     """Refuse a budget whose KV cache does not fit the device's free memory, before
     the cache is allocated (an allocation of hundreds of GB dies, or swaps the host)."""
     weight = base.model.get_input_embeddings().weight
-    need = _kv_cache_bytes(base.model.config, cfg.w_max, cfg.block_size, weight.element_size())
+    need = _kv_cache_bytes(
+        base.model.config,
+        cfg.w_max,
+        cfg.block_size,
+        weight.element_size(),
+        sink=int(cfg.attention_sink),
+    )
     have = _available_memory(weight.device)
     if need > have:
         raise typer.BadParameter(
@@ -803,7 +811,14 @@ def serve(
     cfg = session.config
     itemsize = session.base.model.get_input_embeddings().weight.element_size()
     per_conversation = (
-        _kv_cache_bytes(session.base.model.config, cfg.w_max, cfg.block_size, itemsize) / 2**20
+        _kv_cache_bytes(
+            session.base.model.config,
+            cfg.w_max,
+            cfg.block_size,
+            itemsize,
+            sink=int(cfg.attention_sink),
+        )
+        / 2**20
     )
     err_console.print(
         f"serving {session.base.name} (W_max {cfg.w_max}, K {cfg.block_size}, {cfg.kv_mode}) "

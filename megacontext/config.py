@@ -117,6 +117,13 @@ class MegaContextConfig(BaseModel):
         "retrieved span read it) or splice (insert the span's rows only; the kept "
         "entries keep K/V computed without it)",
     )
+    attention_sink: bool = Field(
+        True,
+        description="when the working context starts with a gist, the base model first "
+        "reads one sink token (the tokenizer's BOS, else EOS) at position 0, as the first "
+        "token of every sequence it was trained on; gists in the first slot make a poor "
+        "sink (docs/positions.md)",
+    )
     positions: Literal["nearby", "hybrid", "compact", "global"] = Field(
         "nearby",
         description="RoPE positions of WC entries: nearby (hybrid, with expanded far "

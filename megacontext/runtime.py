@@ -49,7 +49,7 @@ from .hook import patch, recording
 from .nll import nll_after
 from .telemetry import swap_counts
 from .tree import MegaContextTree
-from .working_context import WorkingContext, entry_positions
+from .working_context import WorkingContext, entry_positions, reads_sink, with_sink
 
 __all__ = ["PHASES", "MegaContext", "Session", "SessionBatch", "sample_token"]
 
@@ -287,8 +287,15 @@ class Session:
         self._phases = _Phases()
         self.capacity = cfg.w_max + cfg.block_size
         self.cache = MegaContextCache.for_model(
-            self.base.model, batch_size=1, capacity=self.capacity, double_buffer=True
+            self.base.model,
+            batch_size=1,
+            capacity=self.capacity,
+            double_buffer=True,
+            sink=1 if cfg.attention_sink else 0,
         )
+        self._cache_kw = cache_kwarg(self.base.model)
+        if cfg.attention_sink:
+            self._init_sink()
         # lens: attention scores from this cache and the queries the hook records
         # during forwards of real tokens (ingest prefill, decode)
         self.attention_scorer: AttentionScorer | None = None
@@ -317,7 +324,6 @@ class Session:
         self.iteration = 0
         self._blocks_since_refocus = 0
         self._next_logits: torch.Tensor | None = None
-        self._cache_kw = cache_kwarg(self.base.model)
         # resolved path -> the commit id this session last read or wrote there
         self._commits: dict[str, str] = {}
         # bumped whenever cached rows may be rewritten (not when one is appended), so
@@ -354,6 +360,34 @@ class Session:
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.focus.embed(ids)
+
+    @torch.no_grad()
+    def _init_sink(self) -> None:
+        """The sink token's K/V at position 0 (it reads only itself, so they are
+        constants of the model), computed by the runtime's own forward path into a
+        one-slot cache and copied into this cache's sink slot."""
+        one = MegaContextCache.for_model(
+            self.base.model, batch_size=1, capacity=1, double_buffer=False
+        )
+        one.plan(torch.zeros(1, 1, dtype=torch.long), [1])
+        self.base.model(
+            inputs_embeds=self.base.embed(torch.tensor([[self.base.sink_token_id]])),
+            position_ids=torch.zeros(1, 1, dtype=torch.long, device=self.base.device),
+            attention_mask=None,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: one},
+        )
+        self.cache.set_sink(one.kv[:, 0, 0, :, :1], one.kv[:, 1, 0, :, :1])
+
+    def _sync_sink(self) -> bool:
+        """Set the cache's sink flag from the WC (:func:`reads_sink`); True when it
+        changed, so every cached row is stale (each one read the sink or not)."""
+        assert self.wc is not None
+        want = reads_sink(self.wc.levels, self.config.attention_sink)
+        changed = want != self.cache.sink_on[0]
+        self.cache.sink_on[0] = want
+        return changed
 
     def _validate_ids(self, ids: Any, arg: str = "text_or_ids") -> torch.Tensor:
         """Text or token ids -> int64 ``[n]`` (n >= 1) on the CPU, or InputError naming
@@ -399,12 +433,12 @@ class Session:
         dev = self.base.device
         slots = slots.to(device=dev, dtype=torch.long)
         self.cache.plan(slots[None], [length])
-        if slots.numel() == 1 and int(slots[0]) == length - 1:
+        if slots.numel() == 1 and int(slots[0]) == length - 1 and not self.cache.needs_mask():
             # One new row at the end sees every slot: no mask (SDPA's fast path, or
             # flash-attn on CUDA).
             mask = None
         else:
-            mask = (torch.arange(length, device=dev)[None, :] <= slots[:, None])[None, None]
+            mask = self.cache.attention_mask(slots[None], [length])
         out = self.base.model(
             inputs_embeds=embeds[None].to(device=dev, dtype=self.base.dtype),
             position_ids=positions[None].to(device=dev),
@@ -422,6 +456,8 @@ class Session:
         assert self.wc is not None
         self._cache_epoch += 1
         n = len(self.wc)
+        if self._sync_sink():
+            start = 0
         self.cache.truncate([start])
         if start >= n:
             return
@@ -498,6 +534,10 @@ class Session:
             # The cursor's entry is always recomputed so the next-token logits read
             # the new context.
             self._prefill(min(first, n - 1))
+            return
+        if reads_sink(self.wc.levels, self.config.attention_sink) != self.cache.sink_on[0]:
+            # the sink comes or goes: no kept row read what it now reads
+            self._prefill(0)
             return
         index = self._kept_index(old_levels, old_nodes)
         index[-1] = -1
@@ -810,6 +850,7 @@ class Session:
             self.num_tokens,
             positions=self.config.positions,
             max_gap=self.focus.max_gap,
+            sink=self.config.attention_sink,
         )
         return float(nll.mean())
 
@@ -852,6 +893,8 @@ class Session:
             "residencies": self.residencies,
             "num_tokens": self.num_tokens,
             "query_end": self.focus.query_end,
+            # whether the saved K/V rows read the attention sink
+            "kv_sink": self.cache.sink_on[0],
         }
         key = session_store.session_key(path)
         commit = session_store.write_session(
@@ -902,8 +945,13 @@ class Session:
             {"state": st["allocator_state"].to(torch.int64), "caps": meta["allocator_caps"]}
         )
         kv = st["kv"]
-        self.cache.load_state_dict({"kv": kv, "lengths": [kv.shape[4]]})
+        # sessions saved before the sink existed hold rows computed without it
+        kv_sink = bool(meta.get("kv_sink", False))
+        self.cache.load_state_dict({"kv": kv, "lengths": [kv.shape[4]], "sink_on": [kv_sink]})
         self._next_logits = st["next_logits"].to(self.base.device, torch.float32)
+        if kv_sink != reads_sink(self.wc.levels, cfg.attention_sink):
+            # the rows read another context than this configuration's: recompute them
+            self._prefill(0)
         self.iteration = int(meta["iteration"])
         self._blocks_since_refocus = int(meta["blocks_since_refocus"])
         self.residencies = list(meta["residencies"])
@@ -1012,17 +1060,20 @@ def wc_nll(
     *,
     positions: str = "global",
     max_gap: int = 0,
+    sink: bool = False,
 ) -> torch.Tensor:
     """NLL ``[H]`` of ``targets`` (the tokens right after the history, ``cursor`` =
     the first one's global index) given ``wc``: one forward over the WC's embeddings
     followed by the targets' embeddings, at the positions of scheme ``positions``
     (:func:`~megacontext.working_context.entry_positions`; under ``global`` each at
     its global position, gists at their span centres, targets from ``cursor``; under
-    a bounded scheme the targets follow at the WC's next position); see
+    a bounded scheme the targets follow at the WC's next position), behind the
+    attention sink when ``sink`` and the WC starts with a gist
+    (:func:`~megacontext.working_context.with_sink`); see
     :func:`megacontext.nll.nll_after`."""
     pos, nxt = entry_positions(wc.levels, wc.nodes, wc.block_size, positions, max_gap=max_gap)
     start = cursor if positions == "global" else nxt
-    context = (wc.embeddings(base, tree), pos.cpu())
+    context = with_sink(base, wc.embeddings(base, tree), pos.cpu(), wc.levels, sink)
     return nll_after(base, [context], [targets], [start])[0]
 
 
@@ -1056,11 +1107,12 @@ class SessionBatch:
         rows = [s.begin_decode(tok) for s, tok in zip(self.sessions, tokens, strict=True)]
         slots = torch.tensor([[r[0]] for r in rows], device=dev)
         lengths = [r[0] + 1 for r in rows]
-        width = max(lengths)
         embeds = self.base.embed(torch.tensor(tokens)[:, None])
         positions = torch.tensor([[r[1]] for r in rows], device=dev)
         self.cache.plan(slots, lengths)
-        mask = torch.arange(width, device=dev)[None, None, None, :] <= slots[:, None, :, None]
+        # each session's own flag: a refocus may have changed it on its row view
+        self.cache.sink_on = [s.cache.sink_on[0] for s in self.sessions]
+        mask = self.cache.attention_mask(slots, lengths)
         recorders = []
         for s, (_, position) in zip(self.sessions, rows, strict=True):
             rec = s.attention_scorer.recorder if s.attention_scorer is not None else None

@@ -22,7 +22,14 @@ import torch
 
 from .errors import ConfigError, InvariantError
 
-__all__ = ["POSITION_SCHEMES", "WorkingContext", "entry_positions", "protected_start"]
+__all__ = [
+    "POSITION_SCHEMES",
+    "WorkingContext",
+    "entry_positions",
+    "protected_start",
+    "reads_sink",
+    "with_sink",
+]
 
 LEVEL_DTYPE = torch.int32
 NODE_DTYPE = torch.int64
@@ -49,6 +56,35 @@ def protected_start(num_tokens: int, recent_tokens: int, block_size: int) -> int
 
 
 POSITION_SCHEMES = ("nearby", "hybrid", "compact", "global")
+
+
+def reads_sink(levels: torch.Tensor, enabled: bool = True) -> bool:
+    """Whether the base model reads the attention sink before a WC whose entry levels
+    are ``levels [N]``: ``enabled`` and the first entry is a gist.
+
+    A language model turns the first token it reads into an attention sink (it takes
+    the attention mass no other key should); it was trained with a real token there.
+    When the WC starts with a gist, one sink token (``base.sink_token_id``) at
+    position 0 goes first, so the gists are read as content rather than as the sink.
+    When the WC starts with token 0 of the history it is read as it is."""
+    return bool(enabled) and levels.numel() > 0 and int(levels[0]) > 0
+
+
+def with_sink(
+    base: Any, embeds: torch.Tensor, positions: torch.Tensor, levels: torch.Tensor, enabled: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(embeds [S + N, d], positions [S + N])``: the WC's rows ``embeds [N, d]`` at
+    ``positions [N]``, behind the sink token at position 0 when :func:`reads_sink`
+    (``S = 1``), else unchanged (``S = 0``). The entries keep their positions: the
+    sink changes what they attend to, not where they are. The runtime keeps the same
+    row in its cache (``MegaContextCache(sink=1)``), so a forward over this equals
+    the session's."""
+    if not reads_sink(levels, enabled):
+        return embeds, positions
+    tok = torch.tensor([base.sink_token_id], dtype=torch.long)
+    sink = base.embed(tok).to(device=embeds.device, dtype=embeds.dtype)
+    zero = torch.zeros(1, dtype=positions.dtype, device=positions.device)
+    return torch.cat([sink, embeds]), torch.cat([zero, positions])
 
 
 def entry_positions(

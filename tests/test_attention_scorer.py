@@ -18,6 +18,7 @@ from megacontext.attention_scorer import (
 )
 from megacontext.focus import FocusLoop, refocus_after_ingest
 from megacontext.hook import QueryRecorder, recording
+from megacontext.working_context import with_sink
 
 
 def _cfg(**kw):
@@ -98,10 +99,16 @@ def test_probs_equal_a_plain_recomputation_from_a_fresh_forward(tiny_base):
     positions = session.focus.positions()
     p = session.attention_scorer.probs(wc, positions)
     m, n = cfg.attention_queries, len(wc)
-    qk = _fresh_qk(tiny_base, wc.embeddings(tiny_base, session.tree), positions, [0, 1])
+    # the forward reads the attention sink first (the WC starts with a gist); the
+    # scorer's softmax is over the WC's entries only
+    embeds, pos = with_sink(
+        tiny_base, wc.embeddings(tiny_base, session.tree), positions, wc.levels, True
+    )
+    assert len(pos) == n + 1
+    qk = _fresh_qk(tiny_base, embeds, pos, [0, 1])
     ref = torch.zeros(n)
     for layer in (0, 1):
-        q, k = qk[layer]
+        q, k = (t[:, 1:] for t in qk[layer])
         k = repeat_kv(k[None], q.shape[0] // k.shape[0])[0]
         scale = tiny_base.model.model.layers[layer].self_attn.scaling
         logits = q[:, n - m :] @ k.transpose(-1, -2) * scale

@@ -231,7 +231,8 @@ def test_the_kv_estimate_is_what_a_session_allocates(tiny_base):
     session = MegaContext(tiny_base, None, None, cfg).session()
     real = sum(b.numel() * b.element_size() for b in session.cache.buffers)
     itemsize = tiny_base.model.get_input_embeddings().weight.element_size()
-    assert cli._kv_cache_bytes(tiny_base.model.config, 256, 8, itemsize) == real
+    assert cfg.attention_sink  # one sink slot before the W_max + K slots
+    assert cli._kv_cache_bytes(tiny_base.model.config, 256, 8, itemsize, sink=1) == real
 
 
 @pytest.mark.parametrize("kind", ["binary", "latin1", "empty", "dir", "missing"])

@@ -94,7 +94,11 @@ def test_mc_view_equals_runtime_wc_nll(base, system, data):
     hist, tgt = data
     v = build_view(base, hist, W, "megacontext", system)
     s = v.session
-    kw = {"positions": s.config.positions, "max_gap": s.focus.max_gap}
+    kw = {
+        "positions": s.config.positions,
+        "max_gap": s.focus.max_gap,
+        "sink": s.config.attention_sink,
+    }
     ref = wc_nll(base, s.wc, s.tree, tgt, s.num_tokens, **kw)
     torch.testing.assert_close(view_nll(base, v, tgt), ref.cpu().float(), rtol=1e-4, atol=1e-4)
     assert s.wc.cost <= W and s.config.w_max == W

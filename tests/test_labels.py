@@ -67,7 +67,11 @@ def test_batched_labels_match_unbatched_recomputation(setup):
     base, cfg, tree, window, snap = setup
     rows = label_snapshot(base, tree, window, snap, cfg, batch=5, temperature=0.05)
     assert len(rows) == len(candidates(snap.levels, snap.nodes, snap.cursor, cfg))
-    kw = {"positions": cfg.positions, "max_gap": position_gap(cfg, base)}
+    kw = {
+        "positions": cfg.positions,
+        "max_gap": position_gap(cfg, base),
+        "sink": cfg.attention_sink,
+    }
     with torch.no_grad():
         ref = wc_nll(
             base, _wc(snap.levels, snap.nodes, snap.cursor), tree, snap.targets, snap.cursor, **kw

@@ -259,7 +259,7 @@ def test_long_history_session_stays_bounded_and_consistent(tiny_base, mode):
 def test_trainer_forward_reads_the_runtime_positions(tiny_base):
     """The rollout's snapshots equal the session's WCs (on-policy) and the trainer's
     forward reads them at the session's positions: its NLL is the session's Loss@H."""
-    from megacontext.train.forward import forward_rows, wc_embeddings, wc_positions
+    from megacontext.train.forward import forward_rows, wc_embeddings, wc_positions, wc_row
     from megacontext.train.rollout import rollout
 
     cfg = mc.MegaContextConfig(
@@ -291,7 +291,8 @@ def test_trainer_forward_reads_the_runtime_positions(tiny_base):
         capped |= start < snap.cursor
         with torch.no_grad():
             emb = wc_embeddings(tiny_base, w, snap.levels, snap.nodes, 8, "tree", tree)
-            logp = forward_rows(tiny_base, [(emb, pos)], [snap.targets], [start])[0]
+            row, _ = wc_row(tiny_base, emb, snap.levels, snap.nodes, cfg)
+            logp = forward_rows(tiny_base, [row], [snap.targets], [start])[0]
         nll = float(-logp.gather(-1, snap.targets[:, None]).mean())
         assert nll == pytest.approx(session.loss_at_h(snap.targets), abs=1e-4)
     assert capped  # the positions differ from the global ones here

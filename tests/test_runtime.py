@@ -6,6 +6,7 @@ from session_checks import RuleScorer
 
 import megacontext as mc
 from megacontext.runtime import wc_nll
+from megacontext.working_context import with_sink
 
 
 def _ids(n, seed=0):
@@ -13,11 +14,17 @@ def _ids(n, seed=0):
 
 
 def _fresh_logits(base, session):
+    """The logits a fresh forward gives: the WC behind the attention sink when it
+    starts with a gist (``attention_sink``), every entry at its scheme's position."""
     wc = session.wc
-    out = base.model(
-        inputs_embeds=wc.embeddings(base, session.tree)[None],
-        position_ids=session.focus.positions()[None],
+    embeds, positions = with_sink(
+        base,
+        wc.embeddings(base, session.tree),
+        session.focus.positions(),
+        wc.levels,
+        session.config.attention_sink,
     )
+    out = base.model(inputs_embeds=embeds[None], position_ids=positions[None])
     return out.logits[0, -1].float()
 
 
@@ -98,7 +105,11 @@ def test_loss_at_h_matches_definition_and_changes_nothing(tiny_base):
     targets = _ids(64, seed=5)
     logits = s.next_token_logits()
     got = s.loss_at_h(targets)
-    kw = {"positions": s.config.positions, "max_gap": s.focus.max_gap}
+    kw = {
+        "positions": s.config.positions,
+        "max_gap": s.focus.max_gap,
+        "sink": s.config.attention_sink,
+    }
     expected = wc_nll(tiny_base, s.wc, s.tree, targets, s.num_tokens, **kw).mean()
     assert got == pytest.approx(float(expected), rel=1e-6)
     # the first target's NLL comes from the same logits the session decodes from
@@ -182,7 +193,9 @@ def test_saved_session_resumes_with_identical_logits(tiny_base, tmp_path, mode):
 
 @pytest.mark.parametrize("mode", ["exact", "splice"])
 def test_batched_decode_equals_per_session_decode(tiny_base, mode):
-    lengths = [700, 1013, 1500]  # different histories and WC lengths
+    # different histories and WC lengths; the first stays under the budget, so its WC
+    # starts with token 0 and reads no attention sink while the others do
+    lengths = [20, 700, 1013, 1500]
     solo, batch = [], []
     for i, n in enumerate(lengths):
         for group in (solo, batch):
@@ -197,6 +210,7 @@ def test_batched_decode_equals_per_session_decode(tiny_base, mode):
         assert [x[:4] for x in a.actions] == [x[:4] for x in b.actions]
         assert torch.equal(a.wc.nodes, b.wc.nodes)
     assert sum(len(s.actions) for s in batch) > 0
+    assert [s.cache.sink_on[0] for s in batch] == [False, True, True, True]
 
 
 def test_batch_input_errors(tiny_base):

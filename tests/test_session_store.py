@@ -350,7 +350,10 @@ def test_format1_sessions_open_and_convert(tiny_base, tmp_path):
     old = tmp_path / "old"
     _save_format1(s, old)
     r = _open(old, tiny_base)
-    assert torch.equal(r.next_token_logits(), s.next_token_logits())
+    # format 1 predates the attention sink (no kv_sink): a WC that now reads the sink
+    # has its rows recomputed, to a fresh forward's rounding
+    assert r.cache.sink_on == [True]
+    torch.testing.assert_close(r.next_token_logits(), s.next_token_logits(), rtol=1e-4, atol=1e-4)
     r.generate(3)
     r.save(old)  # converted in place to the current format
     assert sorted(p.name for p in old.iterdir()) == [HEAD, MARKER, "v00000001"]

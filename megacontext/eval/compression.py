@@ -59,7 +59,7 @@ from ..errors import InputError, InvariantError
 from ..focus import position_gap
 from ..lora import has_lora
 from ..tree import MegaContextTree
-from ..working_context import WorkingContext
+from ..working_context import WorkingContext, with_sink
 from .common import SIZES, Log, log_default, sweep_documents
 from .metrics import bootstrap_ci, recovered_fraction
 from .peers import View, view_nll
@@ -110,13 +110,16 @@ def compression_views(
     *,
     scheme: str = "global",
     max_gap: int = 0,
+    sink: bool = False,
 ) -> dict[str, View]:
     """The views of the history held by ``tree`` (``T`` tokens, ``T`` a multiple of
     ``bs²``) with the LOD2 node ``node`` (tokens ``[node·bs², (node+1)·bs²)``) read as
     each of ``conditions``, every other token as itself, at the positions the runtime
     gives those entries under ``scheme`` (:func:`~megacontext.working_context.
     entry_positions`; ``global``: every token at its own index, a gist at its span
-    centre, the targets from ``T``). ``View.meta`` holds ``levels``/``nodes``."""
+    centre, the targets from ``T``), behind the attention sink when ``sink`` and the
+    view starts with a gist (:func:`~megacontext.working_context.with_sink`).
+    ``View.meta`` holds ``levels``/``nodes``."""
     bs = int(tree.block_size)
     span = bs * bs
     T = int(tree.num_tokens)
@@ -147,7 +150,8 @@ def compression_views(
         )
         meta = {"levels": levels, "nodes": nodes, "region": (s, e), "node": node}
         pos, nxt = wc.positions(scheme, max_gap).cpu(), wc.next_position(scheme, max_gap)
-        views[cond] = View(cond, wc.embeddings(base, tree), pos, nxt, meta)
+        embeds, pos = with_sink(base, wc.embeddings(base, tree), pos, levels, sink)
+        views[cond] = View(cond, embeds, pos, nxt, meta)
     return views
 
 
@@ -240,13 +244,14 @@ def _rows_for(
     control: dict[str, Any] | None,
     scheme: str,
     max_gap: int,
+    sink: bool,
 ) -> list[dict[str, Any]]:
     """One row per condition; ``control`` (a dict shared by a document's placements)
     caches the control NLL, which does not depend on the placement."""
     bs = int(tree.block_size)
     ratio = {"control": 1.0, "lod1": float(bs), "lod2": float(bs * bs), "dropped": math.inf}
     conds = [c for c in CONDITIONS if not (c == "control" and control and "nll" in control)]
-    views = compression_views(reader, tree, node, conds, scheme=scheme, max_gap=max_gap)
+    views = compression_views(reader, tree, node, conds, scheme=scheme, max_gap=max_gap, sink=sink)
     rows = []
     for cond in CONDITIONS:
         t0 = time.perf_counter()
@@ -254,7 +259,9 @@ def _rows_for(
             tok, entries, secs = control["nll"], control["entries"], control["seconds"]
         else:
             tok = view_nll(reader, views[cond], stream)[-n_scored:]
-            entries, secs = views[cond].entries, time.perf_counter() - t0
+            # the WC's cost; an attention sink read before it is not an entry
+            entries = int(views[cond].meta["levels"].numel())
+            secs = time.perf_counter() - t0
             if cond == "control" and control is not None:
                 control.update(nll=tok, entries=entries, seconds=secs)
         rows.append(
@@ -317,6 +324,7 @@ def compression_suite(
     # the runtime's positions: the system's scheme (the default config's without one)
     mc_cfg = MegaContextConfig(block_size=bs) if system is None else system.config
     scheme, max_gap = mc_cfg.positions, position_gap(mc_cfg, reader)
+    sink = mc_cfg.attention_sink
     gist_name = "mean-pool" if gistnet is None else type(gistnet).__name__
     if documents is None:
         documents = compression_documents(reader, cfg["narrative"], cfg["code"], T + H)
@@ -341,7 +349,9 @@ def compression_suite(
             log(f"compression: {doc_id} {placement} (node {node})")
             tags = {**common, "kind": kind, "doc": doc_id, "placement": placement}
             tags |= {"history_tokens": T, "horizon": H}
-            rows += _rows_for(reader, tree, node, ids[T : T + H], H, tags, control, scheme, max_gap)
+            rows += _rows_for(
+                reader, tree, node, ids[T : T + H], H, tags, control, scheme, max_gap, sink
+            )
     for placement in PLACEMENTS:
         for i in range(cfg["passkey"]):
             s = seed * 1000 + i
@@ -353,7 +363,9 @@ def compression_suite(
             n = task["answer"].numel()
             tags = {**common, "kind": "passkey", "doc": doc, "placement": placement}
             tags |= {"history_tokens": T, "horizon": n, "statement_start": task["statement"][0]}
-            rows += _rows_for(reader, tree, node, task["stream"], n, tags, None, scheme, max_gap)
+            rows += _rows_for(
+                reader, tree, node, task["stream"], n, tags, None, scheme, max_gap, sink
+            )
     return rows
 
 

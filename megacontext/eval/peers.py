@@ -66,6 +66,7 @@ from ..errors import InputError
 from ..lensnet import LensNet
 from ..nll import nll_after
 from ..runtime import MegaContext
+from ..working_context import with_sink
 
 __all__ = [
     "View",
@@ -235,10 +236,17 @@ def session_view(
     session = variant.session()
     session.ingest(ids)
     wc = session.wc
-    embeds = wc.embeddings(session.base, session.tree)
+    # what the session's own forward reads: its positions, behind the attention sink
+    # when the WC starts with a gist
+    embeds, positions = with_sink(
+        session.base,
+        wc.embeddings(session.base, session.tree),
+        session.focus.positions().cpu(),
+        wc.levels,
+        session.config.attention_sink,
+    )
     levels = torch.bincount(wc.levels.cpu().long(), minlength=wc.max_level + 1).tolist()
     meta = {"per_level": levels, "actions": len(session.actions)}
-    positions = session.focus.positions().cpu()
     return View(name, embeds, positions, session.focus.next_position(), meta, session)
 
 

@@ -40,7 +40,6 @@ from typing import Any
 import torch
 
 from .._atomic import atomic_write_text
-from ..cache import MegaContextCache
 from ..errors import ConfigError, InputError, MegaContextError, StorageError
 from ..runtime import MegaContext, Session, SessionBatch, sample_token
 from .chat import new_messages, turn_text
@@ -649,11 +648,9 @@ class Engine:
         assert conv is not None and session is not None
         # After stacking, the session's cache is a view of the batch's buffers; a
         # cache of its own lets those buffers go once the batch changes.
-        own = MegaContextCache.for_model(
-            self.base.model, batch_size=1, capacity=session.capacity, double_buffer=True
-        )
-        own.load_state_dict(session.cache.state_dict())
-        session.cache = own
+        session.cache = session.cache.detached()
+        if session.attention_scorer is not None:
+            session.attention_scorer.cache = session.cache  # it reads the keys there
         text = self._reply_text(t)
         ended_with_eos = bool(t.tokens) and t.tokens[-1] == self._eos
         record = {

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..nll import nll_after
 from ..tree import mean_pool
-from ..working_context import entry_positions
+from ..working_context import entry_positions, with_sink
 
 __all__ = [
     "forward_rows",
@@ -41,6 +41,7 @@ __all__ = [
     "kl_per_position",
     "wc_embeddings",
     "wc_positions",
+    "wc_row",
 ]
 
 
@@ -60,6 +61,18 @@ def wc_positions(
         levels.cpu(), nodes.cpu(), config.block_size, config.positions, max_gap=gap
     )
     return pos, start
+
+
+def wc_row(
+    base: Any, embeds: torch.Tensor, levels: torch.Tensor, nodes: torch.Tensor, config: Any
+) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+    """``((embeds [S + N, d], positions [S + N]), start)``: one row of
+    :func:`forward_rows` for the WC ``(levels, nodes)`` with input rows ``embeds [N, d]``,
+    read as the runtime reads it: :func:`wc_positions`, behind the attention sink when
+    ``config.attention_sink`` and the WC starts with a gist (``S = 1``,
+    :func:`~megacontext.working_context.with_sink`)."""
+    pos, start = wc_positions(levels, nodes, config, base)
+    return with_sink(base, embeds, pos, levels, config.attention_sink), start
 
 
 def _gist_call(gistnet: Any, x: torch.Tensor, level: int) -> torch.Tensor:

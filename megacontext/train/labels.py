@@ -47,7 +47,7 @@ import torch
 from .._atomic import atomic_write
 from ..config import MegaContextConfig
 from ..errors import StorageError
-from .forward import forward_rows, kl_per_position, wc_embeddings, wc_positions
+from .forward import forward_rows, kl_per_position, wc_embeddings, wc_row
 from .rollout import Snapshot
 
 __all__ = [
@@ -171,8 +171,7 @@ def label_snapshot(
 
     def row(levels: torch.Tensor, nodes: torch.Tensor):
         emb = wc_embeddings(base, tokens, levels, nodes, bs, gists="tree", tree=tree)
-        pos, start = wc_positions(levels, nodes, cfg, base)
-        return emb, pos, start
+        return wc_row(base, emb, levels, nodes, cfg)
 
     tgt = snap.targets
     pending: list[Any] = [None, *cands]  # None = the snapshot itself, in the first chunk
@@ -188,8 +187,8 @@ def label_snapshot(
                 if cand is None
                 else apply_candidate(snap.levels, snap.nodes, cand, bs)
             )
-            emb, pos, start = row(lv, nd)
-            rows.append((emb, pos))
+            r, start = row(lv, nd)
+            rows.append(r)
             starts.append(start)
         logp = forward_rows(base, rows, [tgt] * len(rows), starts)
         nll = -logp.gather(-1, tgt.to(logp.device)[None, :, None].expand(len(rows), -1, 1))[..., 0]

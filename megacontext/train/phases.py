@@ -40,7 +40,7 @@ from .forward import (
     full_context_logp,
     kl_per_position,
     wc_embeddings,
-    wc_positions,
+    wc_row,
 )
 from .labels import candidates, entry_targets
 from .rollout import Snapshot, snapshot_wc
@@ -86,9 +86,9 @@ def gist_loss(
     emb = wc_embeddings(
         base, tokens, levels, nodes, bs, gists=gistnet, tree=tree, online_mask=online
     )
-    pos, start = wc_positions(levels, nodes, cfg, base)
+    row, start = wc_row(base, emb, levels, nodes, cfg)
     H = snap.targets.numel()
-    logp = forward_rows(base, [(emb, pos)], [snap.targets], [start])[0]
+    logp = forward_rows(base, [row], [snap.targets], [start])[0]
     ref = full_context_logp(base, tokens, snap.cursor, H)
     if lc.loss == "kl":
         term = kl_per_position(ref, logp)
@@ -182,8 +182,8 @@ def lora_loss(
     """B3's loss on one snapshot: task NLL@H through the discrete WC + keep-alive."""
     bs = cfg.block_size
     emb = wc_embeddings(base, tokens, snap.levels, snap.nodes, bs, gists="tree", tree=tree)
-    pos, start = wc_positions(snap.levels, snap.nodes, cfg, base)
-    logp = forward_rows(base, [(emb, pos)], [snap.targets], [start])[0]
+    row, start = wc_row(base, emb, snap.levels, snap.nodes, cfg)
+    logp = forward_rows(base, [row], [snap.targets], [start])[0]
     task = _nll(logp, snap.targets).mean()
     loss = task
     stats = {"task_nll": float(task.detach())}

@@ -51,7 +51,7 @@ from .checkpoint import (
 )
 from .config import PHASE_NAMES, OptimConfig, TrainConfig
 from .curriculum import curriculum_source
-from .forward import forward_rows, wc_embeddings, wc_positions
+from .forward import forward_rows, wc_embeddings, wc_row
 from .labels import label_snapshot, module_hash, write_labels
 from .phases import gist_loss, lens_loss, lora_loss
 from .rollout import region_snapshot, rollout
@@ -440,9 +440,9 @@ class Trainer:
                 )
                 s = snaps[-1]
                 emb = wc_embeddings(self.base, w, s.levels, s.nodes, mc.block_size, "tree", tree)
-                pos, start = wc_positions(s.levels, s.nodes, mc, self.base)
+                row, start = wc_row(self.base, emb, s.levels, s.nodes, mc)
                 with self._autocast():
-                    logp = forward_rows(self.base, [(emb, pos)], [s.targets], [start])[0]
+                    logp = forward_rows(self.base, [row], [s.targets], [start])[0]
                 losses.append(float(-logp.gather(-1, s.targets.to(logp.device)[:, None]).mean()))
             out[b] = float(np.mean(losses))
         return out
