@@ -96,7 +96,13 @@ class MegaContextConfig(BaseModel):
     block_size: int = Field(
         32, ge=2, le=MAX_BLOCK_SIZE, description="tokens per LOD1 gist; a power of two"
     )
-    levels: int = Field(2, ge=1, le=6, description="number of gist levels above LOD0")
+    levels: int = Field(
+        2,
+        ge=1,
+        le=6,
+        description="number of gist levels above LOD0 (the design's 2; the shipped memory "
+        "runs 3, so a history far past 32k tokens keeps few far gists: docs/positions.md)",
+    )
     w_max: int = Field(8192, gt=0, le=MAX_W_MAX, description="working-context budget (entries)")
     horizon: int = Field(64, gt=0, description="H of Loss@H (tokens)")
     n_diff: int = Field(4, ge=0, description="max allocator actions per step")

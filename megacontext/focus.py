@@ -150,7 +150,10 @@ def tree_dtype(base: Any) -> torch.dtype:
 def gist_fn(gistnet: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """``[B, bs, d] -> [B, d]``: ``gistnet`` with its inputs cast to its parameters'
     device and dtype (``None``: mean pooling). A GistNet's level-aware path
-    (``at_level(l)``) is kept, so the tree gists level ``l`` with ``at_level(l)``."""
+    (``at_level(l)``) is kept, so the tree gists level ``l`` with ``at_level(l)``; a
+    level above those it serves (``gistnet.config.levels``) is mean-pooled from the
+    gists below it, the untrained gist of every level (so a two-level GistNet works
+    under ``levels: 3``)."""
     if gistnet is None:
         return mean_pool
     params = getattr(gistnet, "parameters", None)
@@ -167,8 +170,15 @@ def gist_fn(gistnet: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
     run = cast(gistnet)
     if callable(at_level):
+        served = getattr(getattr(gistnet, "config", None), "levels", None)
+
+        def level_fn(level: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            if isinstance(served, int) and isinstance(level, int) and level > served:
+                return mean_pool
+            return cast(at_level(level))
+
         # a bare wrapper would gist every level with level 1's weights
-        run.at_level = lambda level: cast(at_level(level))  # type: ignore[attr-defined]
+        run.at_level = level_fn  # type: ignore[attr-defined]
     return run
 
 

@@ -5,8 +5,11 @@ provenance and the model card's evaluation section.
 
     uv run python scripts/export_smollm2_memory.py [--checkpoint DIR] [--out DIR]
 
-Re-exporting the same checkpoint writes the same fp16 GistNet bytes (the manifest
-records their sha256); only the manifest and the card change with the defaults.
+Re-exporting the same checkpoint writes the same fp16 GistNet tensors and metadata
+(the manifest records the file's sha256); only the manifest and the card change with
+the defaults. The file's bytes are not guaranteed across library versions (the
+2026-12-04 levels re-export gave equal tensors and metadata under another sha256, so
+the committed file was kept and its sha256 left in the manifest and card).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import megacontext as mc
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATION = ROOT / "docs/results/2026-12-04-cpu-heldout/memory-evaluation.md"
 # what sessions get by default: the focus that measured best on held-out tasks
-# (docs/results/2026-12-04-cpu-heldout/README.md, "Retrieval that works")
-DEFAULTS = {"lens": "lexical", "refocus_iterations": 8}
+# (docs/results/2026-12-04-cpu-heldout/README.md, "Retrieval that works"), and three
+# gist levels (chosen on training-split text, docs/positions.md "Three gist levels")
+DEFAULTS = {"lens": "lexical", "refocus_iterations": 8, "levels": 3}
 # the training run, as recorded at the first export (2026-12-04)
 PROVENANCE = {
     "command": "megacontext ingest $(python -c 'import sysconfig; "
@@ -42,7 +46,8 @@ PROVENANCE = {
     "outputs (gistnet.safetensors sha256 cb24d701..., trainer.json, the run config); its "
     "fp32 GistNet is what docs/results/2026-12-04-cpu-heldout measured",
     "defaults_note": "re-exported the same day with the default focus lens=lexical, "
-    "refocus_iterations=8 (same GistNet bytes); git_commit and date are the training's",
+    "refocus_iterations=8, then with levels=3 (the GistNet serves levels 1-2, level 3 is "
+    "mean-pooled; same GistNet bytes); git_commit and date are the training's",
 }
 
 

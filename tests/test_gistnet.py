@@ -341,3 +341,25 @@ def test_cuda_kernel_path_matches_reference(monkeypatch, dtype):
     ref = g(x)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_levels_above_those_served_are_mean_pooled_in_the_tree():
+    """A two-level GistNet under ``levels: 3``: the tree gists levels 1-2 with the
+    GistNet's own level paths and level 3 by mean pooling of the LOD2 gists."""
+    from megacontext.focus import gist_fn
+    from megacontext.tree import MegaContextTree, mean_pool
+
+    g = perturb(small(dim=16, levels=2, block_size=4))
+    fn = gist_fn(g)
+    x = torch.randn(3, 4, 16)
+    torch.testing.assert_close(fn.at_level(2)(x), g(x, level=2))
+    torch.testing.assert_close(fn.at_level(3)(x), mean_pool(x))
+    emb = torch.nn.Embedding(100, 16)
+    tree = MegaContextTree(16, block_size=4, levels=3, dtype=torch.float32)
+    ids = torch.randint(0, 100, (4**3 * 2,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tree.append(ids, lambda t: emb(t), fn)
+        lod2 = tree.gists(2).float()
+        torch.testing.assert_close(tree.gists(3).float(), lod2.reshape(2, 4, 16).mean(1))
+        want = g(tree.gists(1).float().reshape(-1, 4, 16), level=2)
+        torch.testing.assert_close(lod2, want, rtol=1e-5, atol=1e-5)
