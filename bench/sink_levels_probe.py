@@ -1,0 +1,142 @@
+"""The design probe behind ``attention_sink`` and the shipped memory's three levels.
+
+On **training-split** text only (the ``train`` split of the shard directory that
+``megacontext ingest`` made of the standard library: tag ``code`` or ``doc``), the
+64 tokens ending at a target are scored after ``T`` tokens of history at ``W =
+1,024``, truncation against the recency working context under the default positions
+(``nearby``) with and without the attention sink
+(:func:`megacontext.working_context.with_sink`), with two and three gist levels, with
+mean pooling and with the shipped memory's GistNet (levels above the two it serves
+are mean-pooled, :func:`megacontext.focus.gist_fn`). Held-out text is never read
+here: this is where the defaults were chosen; ``bench/positions_long_history.py
+--texts heldout`` measures them.
+
+Targets: ``20,000 + 37,003·k + T`` tokens into the split's documents concatenated in
+id order, ``k < --targets``. Rows go to ``OUT/rows.json`` as they finish and
+``OUT/results.md`` is rewritten (means minus truncation). Run (one thread)::
+
+    OMP_NUM_THREADS=1 uv run python bench/sink_levels_probe.py --tag code \\
+        --out docs/results/2026-12-04-train-probe/code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import megacontext as mc
+from megacontext.data import ShardDataset
+from megacontext.eval.peers import View, streaming_view, truncation_view, view_nll
+from megacontext.focus import FocusLoop, position_gap
+from megacontext.working_context import WorkingContext, entry_positions, with_sink
+
+H = 64
+MEMORY = Path(__file__).resolve().parents[1] / "megacontext/memories/smollm2-135m"
+
+
+def train_ids(data: Path, tag: str) -> torch.Tensor:
+    ds = ShardDataset(data, "train", [tag])
+    order = sorted(range(len(ds)), key=lambda i: ds.info(i)["doc_id"])
+    return torch.cat([torch.from_numpy(ds.tokens(i).astype("int64")) for i in order])
+
+
+def recency_views(base, gistnet, hist: torch.Tensor, w: int, levels: int) -> dict[str, View]:
+    """``{"sink": View, "nosink": View}``: the recency WC at ``w_max = w`` over ``hist``."""
+    cfg = mc.MegaContextConfig(model=base.name, w_max=w, levels=levels)
+    loop = FocusLoop(base, gistnet, None, cfg)
+    loop.ingest(hist)
+    wc = WorkingContext.from_tree(loop.tree, w, cfg.protected_tokens)
+    emb = wc.embeddings(base, loop.tree)
+    pos, nxt = entry_positions(
+        wc.levels, wc.nodes, wc.block_size, cfg.positions, max_gap=position_gap(cfg, base)
+    )
+    per_level = torch.bincount(wc.levels.long(), minlength=levels + 1).tolist()
+    out = {}
+    for name, on in (("sink", True), ("nosink", False)):
+        e, p = with_sink(base, emb, pos, wc.levels, on)
+        out[name] = View(name, e, p, nxt, {"per_level": per_level})
+    return out
+
+
+def render(rows: list[dict], tag: str, w: int) -> str:
+    methods = [k for k in rows[0] if k not in ("T", "target", "truncation", "per_level")]
+    lines = [
+        f"# Training-split probe ({tag}, W = {w:,}): next-64-token NLL minus truncation",
+        "",
+        "| method | "
+        + " | ".join(
+            f"T={T:,} (n={sum(r['T'] == T for r in rows)})" for T in sorted({r["T"] for r in rows})
+        )
+        + " |",
+        "|---|" + "---:|" * len({r["T"] for r in rows}),
+    ]
+    for m in methods:
+        cells = []
+        for T in sorted({r["T"] for r in rows}):
+            g = [r for r in rows if r["T"] == T]
+            cells.append(f"{sum(r[m] - r['truncation'] for r in g) / len(g):+.3f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    per = {T: next(r["per_level"] for r in rows if r["T"] == T) for T in {r["T"] for r in rows}}
+    lines += ["", "WC entries per level (LOD0, LOD1, ...), 2 and 3 levels:", ""]
+    lines += [f"- T={T:,}: {v}" for T, v in sorted(per.items())]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tag", choices=("code", "doc"), required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--data", type=Path, default=Path("artifacts/data/stdlib"))
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--targets", type=int, default=4)
+    ap.add_argument("--w", type=int, default=1024)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    base = mc.load_base("smollm2-135m")
+    shipped = mc.GistNet.load(MEMORY / "gistnet.safetensors")
+    ids = train_ids(args.data, args.tag)
+    rows: list[dict] = []
+    t0 = time.time()
+    for T in args.lengths:
+        for k in range(args.targets):
+            end = 20_000 + 37_003 * k + T
+            if end > ids.numel():
+                break
+            targets, hist = ids[end - H : end], ids[end - H - T : end - H]
+            row: dict = {"T": T, "target": end}
+            row["truncation"] = float(
+                view_nll(base, truncation_view(base, hist, args.w), targets).mean()
+            )
+            row["streaming"] = float(
+                view_nll(base, streaming_view(base, hist, args.w), targets).mean()
+            )
+            per_level = []
+            for gname, g in (("meanpool", None), ("shipped", shipped)):
+                for levels in (2, 3):
+                    views = recency_views(base, g, hist, args.w, levels)
+                    for sname, v in views.items():
+                        row[f"{gname} L{levels} {sname}"] = float(view_nll(base, v, targets).mean())
+                    if gname == "meanpool":
+                        per_level.append(views["sink"].meta["per_level"])
+            row["per_level"] = per_level
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
+            body = render(rows, args.tag, args.w)
+            body += (
+                f"\n- data: {args.data} train split, tag {args.tag} ({ids.numel():,} tokens)\n"
+                f"- machine: CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+                f"{time.time() - t0:.0f} s so far\n"
+                f"- command: OMP_NUM_THREADS=1 uv run python bench/sink_levels_probe.py "
+                f"--tag {args.tag} --out {args.out}\n"
+            )
+            (args.out / "results.md").write_text(body)
+
+
+if __name__ == "__main__":
+    main()
