@@ -19,8 +19,9 @@ config). Its ``forward`` is the memory's, not the base model's:
 So transformers' own loop does the rest (logits processors, greedy or sampling,
 ``max_new_tokens``, EOS, stop strings, ``stopping_criteria``, streamers,
 ``return_dict_in_generate``), while the KV cache of each row is the session's
-preallocated :class:`~megacontext.cache.MegaContextCache` of ``W_max + K`` slots:
-it never holds more rows, however long the prompt.
+preallocated :class:`~megacontext.cache.MegaContextCache` of ``W_max + K`` slots
+(plus the one attention-sink slot under ``attention_sink``): it never holds more
+rows, however long the prompt.
 
 The memory outlives a call: :attr:`MegaContextForCausalLM.sessions` holds one
 session per row of the last call, each holding that row's prompt and every token
