@@ -285,13 +285,8 @@ class MegaContextCache(Cache):
             inv_freq=first.inv_freq,
             sink=first.sink,
         )
-        S = first.sink
         for b, c in enumerate(caches):
-            n = S + c.lengths[0]
-            for buf in out.buffers:
-                # the sink slots in both buffers (a splice writes the other one)
-                buf[:, :, b : b + 1, :, :S] = c.physical[:, :, :, :, :S]
-            out.buffers[0][:, :, b : b + 1, :, S:n] = c.physical[:, :, :, :, S:n]
+            out._copy_rows(slice(b, b + 1), c)
             c.buffers = [buf[:, :, b : b + 1] for buf in out.buffers]
             c.active = 0
             c.pinned = True
@@ -316,13 +311,18 @@ class MegaContextCache(Cache):
             inv_freq=self.inv_freq,
             sink=self.sink,
         )
-        S, n = self.sink, self.sink + max(self.lengths)
-        for buf in out.buffers:
-            buf[:, :, :, :, :S] = self.physical[:, :, :, :, :S]
-        out.physical[:, :, :, :, :n] = self.physical[:, :, :, :, :n]
+        out._copy_rows(slice(None), self)
         out.set_lengths(list(self.lengths))
         out.sink_on = list(self.sink_on)
         return out
+
+    def _copy_rows(self, rows: slice, src: MegaContextCache) -> None:
+        """Copy ``src``'s sink slots into batch rows ``rows`` of every buffer (a splice
+        writes the other one) and its valid slots into the active buffer."""
+        S, n = src.sink, src.sink + max(src.lengths)
+        for buf in self.buffers:
+            buf[:, :, rows, :, :S] = src.physical[:, :, :, :, :S]
+        self.physical[:, :, rows, :, S:n] = src.physical[:, :, :, :, S:n]
 
     # ----------------------------------------------------------------- state
 

@@ -380,11 +380,15 @@ class Session:
         )
         self.cache.set_sink(one.kv[:, 0, 0, :, :1], one.kv[:, 1, 0, :, :1])
 
-    def _sync_sink(self) -> bool:
-        """Set the cache's sink flag from the WC (:func:`reads_sink`); True when it
-        changed, so every cached row is stale (each one read the sink or not)."""
+    def _wants_sink(self) -> bool:
+        """Whether the current WC is read behind the attention sink (:func:`reads_sink`)."""
         assert self.wc is not None
-        want = reads_sink(self.wc.levels, self.config.attention_sink)
+        return reads_sink(self.wc.levels, self.config.attention_sink)
+
+    def _sync_sink(self) -> bool:
+        """Set the cache's sink flag from the WC; True when it changed, so every cached
+        row is stale (each one read the sink or not)."""
+        want = self._wants_sink()
         changed = want != self.cache.sink_on[0]
         self.cache.sink_on[0] = want
         return changed
@@ -535,7 +539,7 @@ class Session:
             # the new context.
             self._prefill(min(first, n - 1))
             return
-        if reads_sink(self.wc.levels, self.config.attention_sink) != self.cache.sink_on[0]:
+        if self._wants_sink() != self.cache.sink_on[0]:
             # the sink comes or goes: no kept row read what it now reads
             self._prefill(0)
             return
@@ -949,7 +953,7 @@ class Session:
         kv_sink = bool(meta.get("kv_sink", False))
         self.cache.load_state_dict({"kv": kv, "lengths": [kv.shape[4]], "sink_on": [kv_sink]})
         self._next_logits = st["next_logits"].to(self.base.device, torch.float32)
-        if kv_sink != reads_sink(self.wc.levels, cfg.attention_sink):
+        if kv_sink != self._wants_sink():
             # the rows read another context than this configuration's: recompute them
             self._prefill(0)
         self.iteration = int(meta["iteration"])
