@@ -153,7 +153,7 @@ def gist_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
     the default ``hybrid`` positions."""
     wc = WorkingContext.from_tree(loop.tree, w, loop.config.protected_tokens)
     wc.check(loop.tree)
-    cfg = mc.MegaContextConfig(model=base.name, w_max=w, positions="hybrid")
+    cfg = mc.MegaContextConfig(model=base.name, w_max=w, positions="hybrid", far_gap=FAR_GAP)
     gap = position_gap(cfg, base)
     pos, nxt = entry_positions(wc.levels, wc.nodes, wc.block_size, "hybrid", max_gap=gap)
     per_level = torch.bincount(wc.levels.long(), minlength=wc.max_level + 1).tolist()
@@ -166,7 +166,13 @@ def lexical_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
     (``lens: lexical``, ``refocus_iterations: 8``, what a session's ingest runs), under
     the default ``nearby`` positions."""
     cfg = loop.config.model_copy(
-        update={"w_max": w, "lens": "lexical", "refocus_iterations": 8, "positions": "nearby"}
+        update={
+            "w_max": w,
+            "lens": "lexical",
+            "refocus_iterations": 8,
+            "positions": "nearby",
+            "far_gap": FAR_GAP,
+        }
     )
     lex = FocusLoop(base, loop.gistnet, None, cfg)
     lex.tree = loop.tree  # the same gists: ingest once per history, not per budget
@@ -190,6 +196,8 @@ def lexical_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
 LEXICAL = False
 # --no-sink: read every MegaContext view without the attention sink (the ablation)
 SINK = True
+# --far-gap: MegaContextConfig.far_gap of the --gistnet (and --lexical) rows
+FAR_GAP: int | None = None
 
 # (name, GistNet or None, levels) from --gistnet / --levels: extra recency MegaContext rows
 GISTNETS: list[tuple[str, mc.GistNet | None, int]] = []
@@ -493,6 +501,12 @@ def main() -> None:
         help="beside each --gistnet row, 'mc_lexical+NAME': the same gists with the lexical "
         "focus (lens: lexical, refocus_iterations 8) under nearby positions",
     )
+    ap.add_argument(
+        "--far-gap",
+        type=int,
+        help="far_gap of the --gistnet and --lexical rows (MegaContextConfig.far_gap: the "
+        "most positions their gists sit behind the recent window; default: no cap)",
+    )
     args = ap.parse_args()
     if args.render:
         import pyarrow.parquet as pq
@@ -503,8 +517,9 @@ def main() -> None:
         (args.out / "results.md").write_text(render(rows, extra))
         plot(rows, args.out / "nll_vs_history.png")
         return
-    global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK, SCHEMES, LEXICAL, SINK
+    global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK, SCHEMES, LEXICAL, SINK, FAR_GAP
     LEXICAL = args.lexical
+    FAR_GAP = args.far_gap
     SINK = not args.no_sink
     LENGTHS = tuple(args.lengths or LENGTHS)
     BUDGETS = tuple(args.budgets or BUDGETS)
@@ -524,6 +539,10 @@ def main() -> None:
 
         run.rows = pq.read_table(args.out / "rows.parquet").to_pylist()
     run.extra["attention sink"] = "on (the default)" if SINK else "off (--no-sink)"
+    if args.gistnet:
+        run.extra["far gap of the --gistnet rows"] = (
+            "none (the default)" if FAR_GAP is None else f"{FAR_GAP} (--far-gap)"
+        )
     run.extra["machine"] = (
         f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{base.name} ({base.dtype}, trained to {base.max_positions:,} positions)"

@@ -144,6 +144,14 @@ class MegaContextConfig(BaseModel):
         description="bound on RoPE positions; None = the base model's "
         "max_position_embeddings (checked against the model when the system is built)",
     )
+    far_gap: int | None = Field(
+        None,
+        ge=0,
+        description="under nearby/hybrid, the most positions the far memory (the gists) "
+        "sits behind the recent window beyond the WC's own order; None = as far as "
+        "max_position allows. A GistNet reads its gists best at the distances it was "
+        "trained at, so a memory trained on short windows sets this (docs/positions.md)",
+    )
     lens: Literal["lensnet", "attention", "lexical", "recency"] = Field(
         "lensnet",
         description="focus scorer: lensnet (the given LensNet; recency when none is "

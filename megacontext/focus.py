@@ -130,16 +130,18 @@ def fitting_budget(config: MegaContextConfig, base: Any = None) -> int:
 
 def position_gap(config: MegaContextConfig, base: Any = None) -> int:
     """``max_gap`` of the ``hybrid`` and ``nearby`` schemes: how far the far memory may be pushed back,
-    ``bound - w_max - block_size - horizon``, so a WC of up to ``w_max + block_size``
-    entries (a decoded block past the budget) and ``horizon`` tokens after it stay
-    below the bound. 0 for the other schemes; with no known bound, as if it were
+    ``min(bound - w_max - block_size - horizon, far_gap)``, so a WC of up to
+    ``w_max + block_size`` entries (a decoded block past the budget) and ``horizon``
+    tokens after it stay below the bound (``far_gap``: ``config.far_gap``, no cap when
+    ``None``). 0 for the other schemes; with no known bound, as if it were
     ``w_max + block_size + horizon`` (``hybrid`` then equals ``compact``)."""
     if config.positions not in ("hybrid", "nearby"):
         return 0
     bound = position_bound(config, base)
     if bound is None:
         return 0
-    return max(bound - config.w_max - config.block_size - config.horizon, 0)
+    room = max(bound - config.w_max - config.block_size - config.horizon, 0)
+    return room if config.far_gap is None else min(room, config.far_gap)
 
 
 def tree_dtype(base: Any) -> torch.dtype:

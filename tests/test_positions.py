@@ -179,6 +179,40 @@ def test_the_bound_is_checked_against_the_model(tiny_base):
     check_positions(cfg, small)
     with pytest.raises(mc.ConfigError):
         check_positions(cfg.replace(w_max=8192), small)
+    # far_gap caps how far back the far memory sits; it never lifts the bound's cap
+    assert position_gap(cfg.replace(far_gap=1024), small) == 1024
+    assert position_gap(cfg.replace(far_gap=10**6), small) == 8192 - 1024 - 32 - 64
+    assert position_gap(cfg.replace(far_gap=0), small) == 0
+    assert position_gap(cfg.replace(far_gap=64, positions="compact"), small) == 0
+    with pytest.raises(mc.ConfigError) as e:
+        mc.MegaContextConfig(far_gap=-1)
+    assert e.value.field == "far_gap"
+
+
+@torch.no_grad()
+def test_far_gap_moves_only_the_far_memory_and_keeps_sessions_consistent(tiny_base):
+    """A session under ``far_gap`` reads its gists at most that far behind the recent
+    window (the recent window keeps true distances among itself), and its cached
+    keys stay those of a fresh forward through decoding, as under the default."""
+    gen = torch.Generator().manual_seed(3)
+    cfg = mc.MegaContextConfig(
+        model=tiny_base.name, block_size=8, w_max=96, horizon=8, max_position=600, far_gap=40
+    )
+    s = mc.MegaContext(tiny_base, None, None, cfg).session()
+    s.ingest(torch.randint(0, 49152, (3000,), generator=gen))
+    for _ in range(3):
+        s.feed(torch.randint(0, 49152, (8,), generator=gen))
+        wc, pos = s.wc, s.focus.positions()
+        far = int(torch.nonzero(wc.levels > 0)[-1, 0]) + 1
+        assert torch.equal(pos[:far], torch.arange(far))
+        assert torch.equal(pos[far:], torch.arange(far, len(wc)) + 40)
+        assert s.focus.next_position() == len(wc) + 40
+        want = _layer0_keys(tiny_base, s)
+        cached = s.cache.kv[0, 0, :1, :, : len(wc)].to(want.dtype)
+        torch.testing.assert_close(cached, want, rtol=1e-4, atol=1e-4)
+    uncapped = mc.MegaContext(tiny_base, None, None, cfg.replace(far_gap=None)).session()
+    uncapped.ingest(s.tree.tokens(0, 3000))
+    assert int(uncapped.focus.positions()[-1]) > 40 + len(uncapped.wc)  # pushed further back
 
 
 class _RandomLens(torch.nn.Module):
