@@ -1,0 +1,153 @@
+"""How far back should the far memory sit? The probe behind ``far_gap``.
+
+On **training-split** text only (the ``train`` split of the shard directory that
+``megacontext ingest`` made of the standard library: tag ``code`` or ``doc``), the 64
+tokens ending at a target are scored after ``T`` tokens of history at ``W = 1,024``:
+truncation, StreamingLLM, and the recency working context of the shipped memory's
+config (three levels, the attention sink, ``nearby`` positions) read with its GistNet
+and with mean pooling, the far memory (the gists) pushed back by at most ``g``
+positions (``MegaContextConfig.far_gap``; the largest ``g`` is what the position bound
+allows, the default). Two more rows read no gists at all: the sink and the WC's recent
+tokens, numbered right after the sink (``nogist near``) or where the default puts them
+(``nogist far``). Held-out text is never read here: ``bench/positions_long_history.py
+--texts heldout --far-gap G`` and ``bench/needle_bar.py --set far_gap=G`` measure a
+choice.
+
+Targets: ``23,333 + 37,003·k + 11,111·(T // 16,384) + T`` tokens into the split's
+documents concatenated in id order, ``k < --targets``. Rows go to ``OUT/rows.json`` as
+they finish and ``OUT/results.md`` is rewritten (means minus truncation). Run (one
+thread)::
+
+    OMP_NUM_THREADS=1 uv run python bench/far_gap_probe.py --tag code \\
+        --out docs/results/2026-12-04-train-probe/far-gap-code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import megacontext as mc
+from megacontext.data import ShardDataset
+from megacontext.eval.peers import View, streaming_view, truncation_view, view_nll
+from megacontext.focus import FocusLoop, position_gap
+from megacontext.working_context import WorkingContext, entry_positions, with_sink
+
+H = 64
+MEMORY = Path(__file__).resolve().parents[1] / "megacontext/memories/smollm2-135m"
+
+
+def split_ids(data: Path, tag: str) -> torch.Tensor:
+    ds = ShardDataset(data, "train", [tag])
+    order = sorted(range(len(ds)), key=lambda i: ds.info(i)["doc_id"])
+    return torch.cat([torch.from_numpy(ds.tokens(i).astype("int64")) for i in order])
+
+
+def recency_wc(base, gistnet, hist: torch.Tensor, cfg) -> tuple[WorkingContext, torch.Tensor]:
+    """The recency WC of ``cfg`` over ``hist`` and its embeddings ``[N, d]``."""
+    loop = FocusLoop(base, gistnet, None, cfg)
+    loop.ingest(hist)
+    wc = WorkingContext.from_tree(loop.tree, cfg.w_max, cfg.protected_tokens)
+    return wc, wc.embeddings(base, loop.tree)
+
+
+def gist_nll(base, wc, emb, targets, gap: int) -> float:
+    pos, nxt = entry_positions(wc.levels, wc.nodes, wc.block_size, "nearby", max_gap=gap)
+    e, p = with_sink(base, emb, pos, wc.levels, True)
+    return float(view_nll(base, View("mc", e, p, nxt), targets).mean())
+
+
+def tokens_only_nll(base, wc, emb, targets, first: int) -> float:
+    """The sink, then the WC's LOD0 entries at ``first, first + 1, ...``."""
+    tok = wc.levels == 0
+    n = int(tok.sum())
+    sink = base.embed(torch.tensor([base.sink_token_id])).to(emb.dtype)
+    e = torch.cat([sink, emb[tok]])
+    p = torch.cat([torch.zeros(1, dtype=torch.int64), torch.arange(n) + first])
+    return float(view_nll(base, View("tokens", e, p, first + n), targets).mean())
+
+
+def render(rows: list[dict], tag: str, w: int) -> str:
+    lengths = sorted({r["T"] for r in rows})
+    methods = [k for k in rows[0] if k not in ("T", "target", "truncation", "per_level")]
+    lines = [
+        f"# Training-split far-gap probe ({tag}, W = {w:,}): next-64-token NLL minus " "truncation",
+        "",
+        "| method | "
+        + " | ".join(f"T={T:,} (n={sum(r['T'] == T for r in rows)})" for T in lengths)
+        + " |",
+        "|---|" + "---:|" * len(lengths),
+    ]
+    for m in methods:
+        cells = []
+        for T in lengths:
+            g = [r for r in rows if r["T"] == T and m in r]
+            cells.append(f"{sum(r[m] - r['truncation'] for r in g) / len(g):+.3f}" if g else "–")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tag", choices=("code", "doc"), required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--data", type=Path, default=Path("artifacts/data/stdlib"))
+    ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 131072])
+    ap.add_argument("--targets", type=int, default=4)
+    ap.add_argument("--gaps", type=int, nargs="+", default=[0, 512, 1024, 2048])
+    ap.add_argument("--w", type=int, default=1024)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    base = mc.load_base("smollm2-135m")
+    shipped = mc.GistNet.load(MEMORY / "gistnet.safetensors")
+    cfg = mc.MegaContextConfig(model=base.name, w_max=args.w, levels=3)
+    widest = position_gap(cfg, base)
+    gaps = sorted({*args.gaps, widest})
+    ids = split_ids(args.data, args.tag)
+    rows: list[dict] = []
+    t0 = time.time()
+    for T in args.lengths:
+        for k in range(args.targets):
+            end = 23_333 + 37_003 * k + 11_111 * (T // 16384) + T
+            if end > ids.numel():
+                break
+            targets, hist = ids[end - H : end], ids[end - H - T : end - H]
+            row: dict = {"T": T, "target": end}
+            row["truncation"] = float(
+                view_nll(base, truncation_view(base, hist, args.w), targets).mean()
+            )
+            row["streaming"] = float(
+                view_nll(base, streaming_view(base, hist, args.w), targets).mean()
+            )
+            wc, shipped_emb = recency_wc(base, shipped, hist, cfg)
+            _, mean_emb = recency_wc(base, None, hist, cfg)
+            for g in gaps:
+                label = "default" if g == widest else str(g)
+                row[f"shipped, far_gap {label}"] = gist_nll(base, wc, shipped_emb, targets, g)
+                row[f"mean pooling, far_gap {label}"] = gist_nll(base, wc, mean_emb, targets, g)
+            n_g = int((wc.levels != 0).sum())
+            row["nogist near"] = tokens_only_nll(base, wc, shipped_emb, targets, 1)
+            row["nogist far"] = tokens_only_nll(base, wc, shipped_emb, targets, n_g + widest)
+            row["per_level"] = torch.bincount(wc.levels.long(), minlength=4).tolist()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
+            body = render(rows, args.tag, args.w)
+            body += (
+                f"\n- far_gap default (what the bound allows at W = {args.w:,}): {widest:,}\n"
+                f"- data: {args.data} train split, tag {args.tag} ({ids.numel():,} tokens)\n"
+                f"- machine: CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+                f"{time.time() - t0:.0f} s so far\n"
+                f"- command: OMP_NUM_THREADS=1 uv run python bench/far_gap_probe.py "
+                f"--tag {args.tag} --out {args.out}\n"
+            )
+            (args.out / "results.md").write_text(body)
+
+
+if __name__ == "__main__":
+    main()
