@@ -1003,12 +1003,15 @@ def accept(
     checkpoint: Annotated[Path | None, _CKPT_OPT] = None,
     out: Annotated[Path | None, typer.Option(help="write a Markdown report here")] = None,
     device: Annotated[str | None, _DEVICE_OPT] = None,
+    untrained: Annotated[bool, _UNTRAINED_OPT] = False,
 ) -> None:
     """The guide's POC acceptance criteria: PASS/FAIL each with its number; exit code 0
-    only when all pass."""
+    only when all pass. Measures what ``run`` reads: the pretrained memory shipped for
+    ``--model`` (its config too) unless ``--untrained`` or weights are given."""
     from .eval.accept import all_passed, run_acceptance, write_report
     from .eval.runner import machine_line
 
+    _untrained_alone(untrained, gistnet=gistnet, lensnet=lensnet, checkpoint=checkpoint)
     _one_system_source(checkpoint, gistnet, lensnet)
     _check_weights(gistnet, "--gistnet")
     _check_weights(lensnet, "--lensnet")
@@ -1016,7 +1019,9 @@ def accept(
     if checkpoint is not None:
         system = _checkpoint_system(checkpoint, model, gistnet, lensnet)
     else:
-        session, _ = _build_session(model, None, None, None, gistnet, lensnet, device, None)
+        session, _ = _build_session(
+            model, None, None, None, gistnet, lensnet, device, None, memory=not untrained
+        )
         system = session.system
     if w_max is not None:
         _check_kv_memory(system.base, system.config.replace(w_max=w_max))

@@ -390,6 +390,30 @@ def test_run_uses_the_shipped_memory_by_default(exported, text, monkeypatch):
     assert seen[-1][0] is None and seen[-1][1] is None
 
 
+def test_accept_measures_the_shipped_memory_by_default(exported, checkpoint, monkeypatch):
+    seen = []
+    real = mc.MegaContext.__init__
+
+    def spy(self, base, gistnet=None, lensnet=None, config=None, **kw):
+        seen.append((gistnet, lensnet, config))
+        real(self, base, gistnet, lensnet, config, **kw)
+
+    monkeypatch.setattr(mc.MegaContext, "__init__", spy)
+    args = ["accept", "--model", "tiny-llama", "--w-max", "128", "--docs", "1"]
+    args += ["--history", "320", "--new-tokens", "4", "--decode-blocks", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code in (0, 1), result.output  # a bar may pass or fail: both report
+    gist, lens, cfg = seen[0]
+    assert isinstance(gist, GistNet) and isinstance(lens, LensNet) and cfg.tau_expand == 0.1
+    seen.clear()
+    result = runner.invoke(app, [*args, "--untrained"])
+    assert result.exit_code in (0, 1), result.output
+    assert seen[0][0] is None and seen[0][1] is None and seen[0][2].tau_expand == 0.2
+    gist = str(checkpoint / "gistnet.safetensors")
+    result = runner.invoke(app, [*args, "--untrained", "--gistnet", gist])
+    assert result.exit_code == 2 and "--untrained" in result.stderr
+
+
 def test_run_without_a_shipped_memory_is_untrained(root, text, monkeypatch):
     seen = []
     real = mc.MegaContext.__init__
