@@ -226,6 +226,36 @@ def test_config_overrides_and_errors(tmp_path):
         config(tmp_path, "early_stop.budgets=[8, 40]")
 
 
+def test_init_gistnet_starts_from_the_file_and_checks_it(tiny_base, tmp_path):
+    """``init_gistnet``: the run's GistNet starts as the file's (an fp16 file, as a
+    shipped memory's, trained in fp32), then trains; a file for another block size or
+    width is a ConfigError naming it; ``gistnet:`` fields beside it are refused."""
+    base_cfg = config(tmp_path)
+    src = mc.GistNet(tiny_base.dim, block_size=8, levels=2, seed=7, width=32, depth=1, heads=2)
+    path = src.half().save(tmp_path / "g.safetensors")
+    trainer = Trainer(
+        config(tmp_path, f"init_gistnet={path}", "gistnet={}", "cycles=0", "warm_lens.steps=0"),
+        base=fresh_base(tiny_base),
+    )
+    assert trainer.gistnet.config == src.config
+    assert all(p.dtype == torch.float32 for p in trainer.gistnet.parameters())
+    assert module_hash(trainer.gistnet) == module_hash(src.float())
+    trainer.run()
+    assert module_hash(trainer.gistnet) != module_hash(src.float())
+    with pytest.raises(mc.ConfigError, match="gistnet"):
+        config(tmp_path, f"init_gistnet={path}")  # train-tiny.yaml sets gistnet: fields
+    for name, other in (
+        ("block_size", mc.GistNet(tiny_base.dim, block_size=16, levels=2, width=32, heads=2)),
+        ("dim", mc.GistNet(tiny_base.dim * 2, block_size=8, levels=2, width=32, heads=2)),
+        ("levels", mc.GistNet(tiny_base.dim, block_size=8, levels=1, width=32, heads=2)),
+    ):
+        wrong = other.save(tmp_path / f"{name}.safetensors")
+        with pytest.raises(mc.ConfigError, match=name) as e:
+            Trainer(config(tmp_path, f"init_gistnet={wrong}", "gistnet={}"), base=tiny_base)
+        assert str(wrong) in str(e.value)
+    assert base_cfg.init_gistnet is None
+
+
 def test_checkpoint_write_is_atomic(tmp_path):
     def bad(d):
         (d / "x").write_text("half")

@@ -196,6 +196,12 @@ class TrainConfig(_Strict):
     seed: int = 0
     megacontext: dict[str, Any] = Field(default_factory=dict)
     gistnet: dict[str, Any] = Field(default_factory=dict)
+    init_gistnet: str | None = Field(
+        None,
+        description="start the GistNet from these weights (a GistNet safetensors file, e.g. "
+        "a shipped memory's gistnet.safetensors) instead of a random init; its architecture "
+        "is the file's, so `gistnet:` must then be empty",
+    )
     lensnet: dict[str, Any] = Field(default_factory=dict)
     data: DataConfig = Field(default_factory=DataConfig)
     cycles: int = Field(3, ge=0)
@@ -241,6 +247,11 @@ class TrainConfig(_Strict):
                     f"data.region.lod2_fraction: a LOD2 region needs levels >= 2 and a history "
                     f"of {bs} + {r.suffix_blocks[0]} blocks (have {blocks}, levels {mc.levels})"
                 )
+        if self.init_gistnet is not None and self.gistnet:
+            raise ValueError(
+                f"init_gistnet: {self.init_gistnet} fixes the GistNet's architecture; drop the "
+                f"gistnet: fields {sorted(self.gistnet)}"
+            )
         for b in self.early_stop.budgets:
             if mc.protected_tokens + mc.block_size > b:
                 raise ValueError(

@@ -141,6 +141,27 @@ def _check_shapes(file: Path, mine: torch.nn.Module, theirs: torch.nn.Module) ->
         )
 
 
+def _initial_gistnet(file: Path, dim: int, block_size: int, levels: int) -> GistNet:
+    """``init_gistnet``: the GistNet in ``file``, which must read this base model's
+    width and this run's block size and serve at least its levels (the phases train
+    every level of the tree): a typed error naming the file otherwise."""
+    g = GistNet.load(file)
+    c = g.config
+    for field, ok, want in (
+        ("dim", c.dim == dim, f"{dim}"),
+        ("block_size", c.block_size == block_size, f"{block_size}"),
+        ("levels", c.levels >= levels, f"at least {levels} (megacontext.levels)"),
+    ):
+        if not ok:
+            have = getattr(c, field)
+            raise ConfigError(
+                f"init_gistnet: {file} has {field}={have}, this run needs {want}",
+                field=f"init_gistnet.{field}",
+                value=have,
+            )
+    return g
+
+
 class Trainer:
     """Runs the plan of a :class:`TrainConfig`.
 
@@ -172,9 +193,13 @@ class Trainer:
         self.base = base if base is not None else load_base(config.model, device=device)
         self.device = self.base.device
         bs, levels = self.mc.block_size, self.mc.levels
-        self.gistnet = GistNet(
-            self.base.dim, block_size=bs, levels=levels, seed=config.seed, **config.gistnet
-        ).to(self.device)
+        if config.init_gistnet is not None:
+            self.gistnet = _initial_gistnet(Path(config.init_gistnet), self.base.dim, bs, levels)
+        else:
+            self.gistnet = GistNet(
+                self.base.dim, block_size=bs, levels=levels, seed=config.seed, **config.gistnet
+            )
+        self.gistnet = self.gistnet.to(device=self.device, dtype=torch.float32)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + 1)
             self.lensnet = LensNet(self.base.dim, **config.lensnet).to(self.device)
