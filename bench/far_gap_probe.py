@@ -25,26 +25,15 @@ thread)::
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
+from sink_levels_probe import MEMORY, run_probe  # bench/, beside this script
 
 import megacontext as mc
-from megacontext.data import ShardDataset
-from megacontext.eval.peers import View, streaming_view, truncation_view, view_nll
+from megacontext.eval.peers import View, view_nll
 from megacontext.focus import FocusLoop, position_gap
 from megacontext.working_context import WorkingContext, entry_positions, with_sink
-
-H = 64
-MEMORY = Path(__file__).resolve().parents[1] / "megacontext/memories/smollm2-135m"
-
-
-def split_ids(data: Path, tag: str) -> torch.Tensor:
-    ds = ShardDataset(data, "train", [tag])
-    order = sorted(range(len(ds)), key=lambda i: ds.info(i)["doc_id"])
-    return torch.cat([torch.from_numpy(ds.tokens(i).astype("int64")) for i in order])
 
 
 def recency_wc(base, gistnet, hist: torch.Tensor, cfg) -> tuple[WorkingContext, torch.Tensor]:
@@ -71,26 +60,6 @@ def tokens_only_nll(base, wc, emb, targets, first: int) -> float:
     return float(view_nll(base, View("tokens", e, p, first + n), targets).mean())
 
 
-def render(rows: list[dict], tag: str, w: int) -> str:
-    lengths = sorted({r["T"] for r in rows})
-    methods = [k for k in rows[0] if k not in ("T", "target", "truncation", "per_level")]
-    lines = [
-        f"# Training-split far-gap probe ({tag}, W = {w:,}): next-64-token NLL minus " "truncation",
-        "",
-        "| method | "
-        + " | ".join(f"T={T:,} (n={sum(r['T'] == T for r in rows)})" for T in lengths)
-        + " |",
-        "|---|" + "---:|" * len(lengths),
-    ]
-    for m in methods:
-        cells = []
-        for T in lengths:
-            g = [r for r in rows if r["T"] == T and m in r]
-            cells.append(f"{sum(r[m] - r['truncation'] for r in g) / len(g):+.3f}" if g else "–")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tag", choices=("code", "doc"), required=True)
@@ -101,52 +70,43 @@ def main() -> None:
     ap.add_argument("--gaps", type=int, nargs="+", default=[0, 512, 1024, 2048])
     ap.add_argument("--w", type=int, default=1024)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     base = mc.load_base("smollm2-135m")
     shipped = mc.GistNet.load(MEMORY / "gistnet.safetensors")
     cfg = mc.MegaContextConfig(model=base.name, w_max=args.w, levels=3)
     widest = position_gap(cfg, base)
     gaps = sorted({*args.gaps, widest})
-    ids = split_ids(args.data, args.tag)
-    rows: list[dict] = []
-    t0 = time.time()
-    for T in args.lengths:
-        for k in range(args.targets):
-            end = 23_333 + 37_003 * k + 11_111 * (T // 16384) + T
-            if end > ids.numel():
-                break
-            targets, hist = ids[end - H : end], ids[end - H - T : end - H]
-            row: dict = {"T": T, "target": end}
-            row["truncation"] = float(
-                view_nll(base, truncation_view(base, hist, args.w), targets).mean()
-            )
-            row["streaming"] = float(
-                view_nll(base, streaming_view(base, hist, args.w), targets).mean()
-            )
-            wc, shipped_emb = recency_wc(base, shipped, hist, cfg)
-            _, mean_emb = recency_wc(base, None, hist, cfg)
-            for g in gaps:
-                label = "default" if g == widest else str(g)
-                row[f"shipped, far_gap {label}"] = gist_nll(base, wc, shipped_emb, targets, g)
-                row[f"mean pooling, far_gap {label}"] = gist_nll(base, wc, mean_emb, targets, g)
-            n_g = int((wc.levels != 0).sum())
-            row["nogist near"] = tokens_only_nll(base, wc, shipped_emb, targets, 1)
-            row["nogist far"] = tokens_only_nll(base, wc, shipped_emb, targets, n_g + widest)
-            row["per_level"] = torch.bincount(wc.levels.long(), minlength=4).tolist()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
-            body = render(rows, args.tag, args.w)
-            body += (
-                f"\n- far_gap default (what the bound allows at W = {args.w:,}): {widest:,}\n"
-                f"- data: {args.data} train split, tag {args.tag} ({ids.numel():,} tokens)\n"
-                f"- machine: CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-                f"{time.time() - t0:.0f} s so far\n"
-                f"- command: OMP_NUM_THREADS=1 uv run python bench/far_gap_probe.py "
-                f"--tag {args.tag} --out {args.out}\n"
-            )
-            (args.out / "results.md").write_text(body)
+
+    def method_rows(hist: torch.Tensor, targets: torch.Tensor) -> dict:
+        wc, shipped_emb = recency_wc(base, shipped, hist, cfg)
+        _, mean_emb = recency_wc(base, None, hist, cfg)
+        row: dict = {}
+        for g in gaps:
+            label = "default" if g == widest else str(g)
+            row[f"shipped, far_gap {label}"] = gist_nll(base, wc, shipped_emb, targets, g)
+            row[f"mean pooling, far_gap {label}"] = gist_nll(base, wc, mean_emb, targets, g)
+        n_g = int((wc.levels != 0).sum())
+        row["nogist near"] = tokens_only_nll(base, wc, shipped_emb, targets, 1)
+        row["nogist far"] = tokens_only_nll(base, wc, shipped_emb, targets, n_g + widest)
+        row["per_level"] = torch.bincount(wc.levels.long(), minlength=4).tolist()
+        return row
+
+    title = (
+        f"# Training-split far-gap probe ({args.tag}, W = {args.w:,}): next-64-token NLL "
+        "minus truncation"
+    )
+    run_probe(
+        args,
+        base,
+        lambda T: 23_333 + 11_111 * (T // 16384) + T,
+        method_rows,
+        title,
+        "far_gap_probe.py",
+        lambda rows: [
+            "",
+            f"- far_gap default (what the bound allows at W = {args.w:,}): {widest:,}",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,28 +63,76 @@ def recency_views(base, gistnet, hist: torch.Tensor, w: int, levels: int) -> dic
     return out
 
 
-def render(rows: list[dict], tag: str, w: int) -> str:
+def minus_truncation(rows: list[dict], title: str) -> str:
+    """The Markdown table of ``rows``: each method's mean NLL minus truncation's per
+    history length ``T`` (a method missing from a row is left out of its mean)."""
+    lengths = sorted({r["T"] for r in rows})
     methods = [k for k in rows[0] if k not in ("T", "target", "truncation", "per_level")]
     lines = [
-        f"# Training-split probe ({tag}, W = {w:,}): next-64-token NLL minus truncation",
+        title,
         "",
         "| method | "
-        + " | ".join(
-            f"T={T:,} (n={sum(r['T'] == T for r in rows)})" for T in sorted({r["T"] for r in rows})
-        )
+        + " | ".join(f"T={T:,} (n={sum(r['T'] == T for r in rows)})" for T in lengths)
         + " |",
-        "|---|" + "---:|" * len({r["T"] for r in rows}),
+        "|---|" + "---:|" * len(lengths),
     ]
     for m in methods:
         cells = []
-        for T in sorted({r["T"] for r in rows}):
-            g = [r for r in rows if r["T"] == T]
-            cells.append(f"{sum(r[m] - r['truncation'] for r in g) / len(g):+.3f}")
+        for T in lengths:
+            g = [r for r in rows if r["T"] == T and m in r]
+            cells.append(f"{sum(r[m] - r['truncation'] for r in g) / len(g):+.3f}" if g else "–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    per = {T: next(r["per_level"] for r in rows if r["T"] == T) for T in {r["T"] for r in rows}}
-    lines += ["", "WC entries per level (LOD0, LOD1, ...), 2 and 3 levels:", ""]
-    lines += [f"- T={T:,}: {v}" for T, v in sorted(per.items())]
     return "\n".join(lines) + "\n"
+
+
+def run_probe(
+    args: argparse.Namespace,
+    base: mc.Base,
+    first_target: Callable[[int], int],
+    method_rows: Callable[[torch.Tensor, torch.Tensor], dict],
+    title: str,
+    script: str,
+    notes: Callable[[list[dict]], list[str]] = lambda rows: [],
+) -> None:
+    """The training-split probe loop: for each ``T`` of ``args.lengths`` and
+    ``k < args.targets``, the ``H`` targets ending ``first_target(T) + 37,003·k``
+    tokens into the ``args.tag`` documents of ``args.data``'s train split, read after
+    ``T`` tokens of history by truncation, StreamingLLM and ``method_rows(hist,
+    targets)`` (``{method: NLL}``). Rows go to ``args.out/rows.json`` as they finish;
+    ``results.md`` is the table (:func:`minus_truncation`), ``notes(rows)`` and the
+    run's data, machine and command."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    ids = train_ids(args.data, args.tag)
+    rows: list[dict] = []
+    t0 = time.time()
+    for T in args.lengths:
+        for k in range(args.targets):
+            end = first_target(T) + 37_003 * k
+            if end > ids.numel():
+                break
+            targets, hist = ids[end - H : end], ids[end - H - T : end - H]
+            row: dict = {"T": T, "target": end}
+            for name, view in (("truncation", truncation_view), ("streaming", streaming_view)):
+                row[name] = float(view_nll(base, view(base, hist, args.w), targets).mean())
+            row.update(method_rows(hist, targets))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
+            body = minus_truncation(rows, title) + "\n".join(notes(rows))
+            body += (
+                f"\n- data: {args.data} train split, tag {args.tag} ({ids.numel():,} tokens)\n"
+                f"- machine: CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+                f"{time.time() - t0:.0f} s so far\n"
+                f"- command: OMP_NUM_THREADS=1 uv run python bench/{script} "
+                f"--tag {args.tag} --out {args.out}\n"
+            )
+            (args.out / "results.md").write_text(body)
+
+
+def per_level_notes(rows: list[dict]) -> list[str]:
+    per = {T: next(r["per_level"] for r in rows if r["T"] == T) for T in {r["T"] for r in rows}}
+    lines = ["", "WC entries per level (LOD0, LOD1, ...), 2 and 3 levels:", ""]
+    return lines + [f"- T={T:,}: {v}" for T, v in sorted(per.items())] + [""]
 
 
 def main() -> None:
@@ -95,47 +144,35 @@ def main() -> None:
     ap.add_argument("--targets", type=int, default=4)
     ap.add_argument("--w", type=int, default=1024)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     base = mc.load_base("smollm2-135m")
     shipped = mc.GistNet.load(MEMORY / "gistnet.safetensors")
-    ids = train_ids(args.data, args.tag)
-    rows: list[dict] = []
-    t0 = time.time()
-    for T in args.lengths:
-        for k in range(args.targets):
-            end = 20_000 + 37_003 * k + T
-            if end > ids.numel():
-                break
-            targets, hist = ids[end - H : end], ids[end - H - T : end - H]
-            row: dict = {"T": T, "target": end}
-            row["truncation"] = float(
-                view_nll(base, truncation_view(base, hist, args.w), targets).mean()
-            )
-            row["streaming"] = float(
-                view_nll(base, streaming_view(base, hist, args.w), targets).mean()
-            )
-            per_level = []
-            for gname, g in (("meanpool", None), ("shipped", shipped)):
-                for levels in (2, 3):
-                    views = recency_views(base, g, hist, args.w, levels)
-                    for sname, v in views.items():
-                        row[f"{gname} L{levels} {sname}"] = float(view_nll(base, v, targets).mean())
-                    if gname == "meanpool":
-                        per_level.append(views["sink"].meta["per_level"])
-            row["per_level"] = per_level
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
-            body = render(rows, args.tag, args.w)
-            body += (
-                f"\n- data: {args.data} train split, tag {args.tag} ({ids.numel():,} tokens)\n"
-                f"- machine: CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-                f"{time.time() - t0:.0f} s so far\n"
-                f"- command: OMP_NUM_THREADS=1 uv run python bench/sink_levels_probe.py "
-                f"--tag {args.tag} --out {args.out}\n"
-            )
-            (args.out / "results.md").write_text(body)
+
+    def method_rows(hist: torch.Tensor, targets: torch.Tensor) -> dict:
+        row: dict = {}
+        per_level = []
+        for gname, g in (("meanpool", None), ("shipped", shipped)):
+            for levels in (2, 3):
+                views = recency_views(base, g, hist, args.w, levels)
+                for sname, v in views.items():
+                    row[f"{gname} L{levels} {sname}"] = float(view_nll(base, v, targets).mean())
+                if gname == "meanpool":
+                    per_level.append(views["sink"].meta["per_level"])
+        row["per_level"] = per_level
+        return row
+
+    title = (
+        f"# Training-split probe ({args.tag}, W = {args.w:,}): next-64-token NLL minus truncation"
+    )
+    run_probe(
+        args,
+        base,
+        lambda T: 20_000 + T,
+        method_rows,
+        title,
+        "sink_levels_probe.py",
+        per_level_notes,
+    )
 
 
 if __name__ == "__main__":

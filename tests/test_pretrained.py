@@ -370,8 +370,10 @@ def text(tmp_path) -> str:
     return str(p)
 
 
-def test_run_uses_the_shipped_memory_by_default(exported, text, monkeypatch):
-    seen = []
+@pytest.fixture
+def systems(monkeypatch) -> list[tuple]:
+    """``(gistnet, lensnet, config)`` of every ``mc.MegaContext`` built from now on."""
+    seen: list[tuple] = []
     real = mc.MegaContext.__init__
 
     def spy(self, base, gistnet=None, lensnet=None, config=None, **kw):
@@ -379,6 +381,11 @@ def test_run_uses_the_shipped_memory_by_default(exported, text, monkeypatch):
         real(self, base, gistnet, lensnet, config, **kw)
 
     monkeypatch.setattr(mc.MegaContext, "__init__", spy)
+    return seen
+
+
+def test_run_uses_the_shipped_memory_by_default(exported, text, systems):
+    seen = systems
     result = _run(text)
     assert result.exit_code == 0, result.output
     assert "memory: tiny" in result.stderr
@@ -390,15 +397,8 @@ def test_run_uses_the_shipped_memory_by_default(exported, text, monkeypatch):
     assert seen[-1][0] is None and seen[-1][1] is None
 
 
-def test_accept_measures_the_shipped_memory_by_default(exported, checkpoint, monkeypatch):
-    seen = []
-    real = mc.MegaContext.__init__
-
-    def spy(self, base, gistnet=None, lensnet=None, config=None, **kw):
-        seen.append((gistnet, lensnet, config))
-        real(self, base, gistnet, lensnet, config, **kw)
-
-    monkeypatch.setattr(mc.MegaContext, "__init__", spy)
+def test_accept_measures_the_shipped_memory_by_default(exported, checkpoint, systems):
+    seen = systems
     args = ["accept", "--model", "tiny-llama", "--w-max", "128", "--docs", "1"]
     args += ["--history", "320", "--new-tokens", "4", "--decode-blocks", "2"]
     result = runner.invoke(app, args)
@@ -414,29 +414,15 @@ def test_accept_measures_the_shipped_memory_by_default(exported, checkpoint, mon
     assert result.exit_code == 2 and "--untrained" in result.stderr
 
 
-def test_run_without_a_shipped_memory_is_untrained(root, text, monkeypatch):
-    seen = []
-    real = mc.MegaContext.__init__
-
-    def spy(self, base, gistnet=None, lensnet=None, config=None, **kw):
-        seen.append((gistnet, lensnet))
-        real(self, base, gistnet, lensnet, config, **kw)
-
-    monkeypatch.setattr(mc.MegaContext, "__init__", spy)
+def test_run_without_a_shipped_memory_is_untrained(root, text, systems):
+    seen = systems
     result = _run(text)
     assert result.exit_code == 0, result.output
-    assert seen == [(None, None)] and "memory:" not in result.stderr
+    assert [c[:2] for c in seen] == [(None, None)] and "memory:" not in result.stderr
 
 
-def test_explicit_weights_override_the_memory(exported, checkpoint, text, tmp_path, monkeypatch):
-    seen = []
-    real = mc.MegaContext.__init__
-
-    def spy(self, base, gistnet=None, lensnet=None, config=None, **kw):
-        seen.append((gistnet, lensnet, config))
-        real(self, base, gistnet, lensnet, config, **kw)
-
-    monkeypatch.setattr(mc.MegaContext, "__init__", spy)
+def test_explicit_weights_override_the_memory(exported, checkpoint, text, tmp_path, systems):
+    seen = systems
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"block_size": 8, "w_max": 64}))
     gist = str(checkpoint / "gistnet.safetensors")
