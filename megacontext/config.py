@@ -148,9 +148,9 @@ class MegaContextConfig(BaseModel):
         None,
         ge=0,
         description="under nearby/hybrid, the most positions the far memory (the gists) "
-        "sits behind the recent window beyond the WC's own order; None = as far as "
-        "max_position allows. A GistNet reads its gists best at the distances it was "
-        "trained at, so a memory trained on short windows sets this (docs/positions.md)",
+        "is pushed back from the recent window; None = as far as max_position allows, "
+        "0 = right before it. With the shipped GistNet, 0 reads long plain text better "
+        "and retrieved spans worse (docs/positions.md)",
     )
     lens: Literal["lensnet", "attention", "lexical", "recency"] = Field(
         "lensnet",
