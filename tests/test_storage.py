@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -403,7 +404,9 @@ def _run_and_kill(path: Path, seed: int, total: int, rng: random.Random) -> int:
     proc.send_signal(signal.SIGKILL)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, out
-    committed = [int(x.split()[1]) for x in out.splitlines() if x.startswith("committed")]
+    # only whole lines are reports: the kill can land while the last one is written
+    whole = out.split("\n")[:-1]
+    committed = [int(m[1]) for x in whole if (m := re.fullmatch(r"committed (\d+)", x))]
     return committed[-1] if committed else int(line.split()[1])
 
 
