@@ -67,12 +67,27 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("artifacts/data/stdlib"))
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 131072])
     ap.add_argument("--targets", type=int, default=4)
-    ap.add_argument("--gaps", type=int, nargs="+", default=[0, 512, 1024, 2048])
+    ap.add_argument(
+        "--gaps",
+        type=int,
+        nargs="*",
+        default=[0, 512, 1024, 2048],
+        help="far gaps besides the default (none: '--gaps' alone)",
+    )
     ap.add_argument("--w", type=int, default=1024)
+    ap.add_argument(
+        "--gistnet",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another GistNet to read at the default gap (repeatable): row 'NAME, far_gap "
+        "default', e.g. a training run's checkpoint before it is exported",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     base = mc.load_base("smollm2-135m")
     shipped = mc.GistNet.load(MEMORY / "gistnet.safetensors")
+    others = [(n, mc.GistNet.load(p)) for n, _, p in (g.partition("=") for g in args.gistnet)]
     cfg = mc.MegaContextConfig(model=base.name, w_max=args.w, levels=3)
     widest = position_gap(cfg, base)
     gaps = sorted({*args.gaps, widest})
@@ -85,6 +100,9 @@ def main() -> None:
             label = "default" if g == widest else str(g)
             row[f"shipped, far_gap {label}"] = gist_nll(base, wc, shipped_emb, targets, g)
             row[f"mean pooling, far_gap {label}"] = gist_nll(base, wc, mean_emb, targets, g)
+        for name, gistnet in others:
+            other_wc, emb = recency_wc(base, gistnet, hist, cfg)
+            row[f"{name}, far_gap default"] = gist_nll(base, other_wc, emb, targets, widest)
         n_g = int((wc.levels != 0).sum())
         row["nogist near"] = tokens_only_nll(base, wc, shipped_emb, targets, 1)
         row["nogist far"] = tokens_only_nll(base, wc, shipped_emb, targets, n_g + widest)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -124,7 +125,7 @@ def run_probe(
                 f"- machine: CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
                 f"{time.time() - t0:.0f} s so far\n"
                 f"- command: OMP_NUM_THREADS=1 uv run python bench/{script} "
-                f"--tag {args.tag} --out {args.out}\n"
+                f"{' '.join(sys.argv[1:])}\n"
             )
             (args.out / "results.md").write_text(body)
 
