@@ -24,11 +24,8 @@ thread)::
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
-from sink_levels_probe import MEMORY, run_probe  # bench/, beside this script
+from sink_levels_probe import MEMORY, probe_parser, run_probe  # bench/, beside this script
 
 import megacontext as mc
 from megacontext.eval.peers import View, view_nll
@@ -60,13 +57,13 @@ def tokens_only_nll(base, wc, emb, targets, first: int) -> float:
     return float(view_nll(base, View("tokens", e, p, first + n), targets).mean())
 
 
+def far_target(T: int) -> int:
+    """Where the first target of length ``T`` ends in the split (see the docstring)."""
+    return 23_333 + 11_111 * (T // 16384) + T
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tag", choices=("code", "doc"), required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--data", type=Path, default=Path("artifacts/data/stdlib"))
-    ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 131072])
-    ap.add_argument("--targets", type=int, default=4)
+    ap = probe_parser(__doc__, [16384, 32768, 131072])
     ap.add_argument(
         "--gaps",
         type=int,
@@ -74,7 +71,6 @@ def main() -> None:
         default=[0, 512, 1024, 2048],
         help="far gaps besides the default (none: '--gaps' alone)",
     )
-    ap.add_argument("--w", type=int, default=1024)
     ap.add_argument(
         "--gistnet",
         action="append",
@@ -116,7 +112,7 @@ def main() -> None:
     run_probe(
         args,
         base,
-        lambda T: 23_333 + 11_111 * (T // 16384) + T,
+        far_target,
         method_rows,
         title,
         "far_gap_probe.py",

@@ -136,15 +136,21 @@ def per_level_notes(rows: list[dict]) -> list[str]:
     return lines + [f"- T={T:,}: {v}" for T, v in sorted(per.items())] + [""]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def probe_parser(doc: str, lengths: list[int]) -> argparse.ArgumentParser:
+    """The training-split probes' shared arguments (``--tag --out --data --lengths
+    --targets --w``), described by the first paragraph of ``doc``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--tag", choices=("code", "doc"), required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--data", type=Path, default=Path("artifacts/data/stdlib"))
-    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--lengths", type=int, nargs="+", default=lengths)
     ap.add_argument("--targets", type=int, default=4)
     ap.add_argument("--w", type=int, default=1024)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = probe_parser(__doc__, [32768, 131072]).parse_args()
     torch.manual_seed(0)
     base = mc.load_base("smollm2-135m")
     shipped = mc.GistNet.load(MEMORY / "gistnet.safetensors")
