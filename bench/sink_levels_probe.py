@@ -130,9 +130,9 @@ def run_probe(
             (args.out / "results.md").write_text(body)
 
 
-def per_level_notes(rows: list[dict]) -> list[str]:
+def per_level_notes(rows: list[dict], which: str = "2 and 3 levels") -> list[str]:
     per = {T: next(r["per_level"] for r in rows if r["T"] == T) for T in {r["T"] for r in rows}}
-    lines = ["", "WC entries per level (LOD0, LOD1, ...), 2 and 3 levels:", ""]
+    lines = ["", f"WC entries per level (LOD0, LOD1, ...), {which}:", ""]
     return lines + [f"- T={T:,}: {v}" for T, v in sorted(per.items())] + [""]
 
 

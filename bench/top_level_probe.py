@@ -26,6 +26,7 @@ thread)::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -89,9 +90,13 @@ def main() -> None:
 
     title = (
         f"# Training-split top-level probe ({args.tag}, W = {args.w:,}, GistNet "
-        f"{args.gistnet}): next-64-token NLL minus truncation"
+        f"{os.path.relpath(args.gistnet)}): next-64-token NLL minus truncation"
     )
-    run_probe(args, base, far_target, method_rows, title, "top_level_probe.py", per_level_notes)
+
+    def notes(rows: list[dict]) -> list[str]:
+        return per_level_notes(rows, "the three-level WC")
+
+    run_probe(args, base, far_target, method_rows, title, "top_level_probe.py", notes)
 
 
 if __name__ == "__main__":
