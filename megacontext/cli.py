@@ -579,9 +579,11 @@ def _summary_line(session) -> str:
     res = session.residencies
     mean_res = f"{sum(res) / len(res):.1f}" if res else "n/a"
     return (
-        f"tokens {session.num_tokens:,} | WC {session.wc.cost}/{session.config.w_max} "
-        f"({util:.0%}) | {n} refocus iterations, {acts} actions | mean residency {mean_res} "
-        f"steps | {lat:.1f} ms/iteration"
+        # tokens decoded since the last refocus wait in the WC for the next one (the
+        # cache holds W_max + K), so the count can pass the budget between refocuses
+        f"tokens {session.num_tokens:,} | WC {session.wc.cost} entries, budget "
+        f"{session.config.w_max} ({util:.0%} used at the last refocus) | {n} refocus "
+        f"iterations, {acts} actions | mean residency {mean_res} steps | {lat:.1f} ms/iteration"
     )
 
 

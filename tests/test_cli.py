@@ -101,6 +101,10 @@ def test_run_ingests_answers_and_writes_telemetry(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "refocus iterations" in _flat(result.output) and "WC " in _flat(result.output)
+    # the summary names the budget apart from the count, which decoded tokens can pass
+    assert re.search(
+        r"WC \d+ entries, budget 256 \(\d+% used at the last refocus\)", _flat(result.output)
+    )
     iterations, _ = read_run(run_dir)
     assert iterations.num_rows >= 1  # one refocus per 32 decoded tokens
     assert max(iterations.column("wc_cost").to_pylist()) <= 256
