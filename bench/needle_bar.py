@@ -10,7 +10,7 @@ evaluation seeds) at two settings of the issue's bar:
 
 Per method: the answer's NLL, the greedy answer's exact match (``contains``), and the
 recovered fraction ``(NLL_trunc - NLL_m) / (NLL_trunc - NLL_full)`` where full context
-fits. The MegaContext rows use the system given (``--gistnet``, ``--lens``); the peers
+fits. The MegaContext rows use the system given (``--gistnet``, ``--lensnet``, ``--lens``); the peers
 are the registry's. Run (one process, two threads)::
 
     OMP_NUM_THREADS=2 uv run python bench/needle_bar.py --setting 6x \\
@@ -136,6 +136,9 @@ def main() -> None:
         "methods already present keep their rows, new ones are named 'method (NAME)'",
     )
     ap.add_argument("--gistnet", type=Path, help="GistNet weights (default mean pooling)")
+    ap.add_argument(
+        "--lensnet", type=Path, help="LensNet weights for the system (use with --lens lensnet)"
+    )
     ap.add_argument("--lens", default=None, help="MegaContextConfig.lens for the system")
     ap.add_argument(
         "--set",
@@ -171,6 +174,7 @@ def main() -> None:
 
     base = mc.load_base("smollm2-135m")
     gist = mc.GistNet.load(args.gistnet) if args.gistnet else None
+    lensnet = mc.LensNet.load(args.lensnet) if args.lensnet else None
     rows: list[dict] = []
     meta = {
         "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} uv run python "
@@ -186,8 +190,11 @@ def main() -> None:
             extra = {"lens": args.lens} if args.lens else {}
             extra.update(apply_overrides({}, args.set))  # KEY=VALUE, values parsed as YAML
             config = mc.MegaContextConfig(model=base.name, w_max=max(cfg["budgets"]), **extra)
-            system = mc.MegaContext(base, gist, None, config)
-            meta["system"] = f"GistNet {args.gistnet or 'mean pooling'}, config changes {extra}"
+            system = mc.MegaContext(base, gist, lensnet, config)
+            meta["system"] = (
+                f"GistNet {args.gistnet or 'mean pooling'}, LensNet {args.lensnet or 'none'}, "
+                f"config changes {extra}"
+            )
             common.SIZES[f"bar-{setting}"] = {"needle": cfg}
             t0 = time.time()
             got = suites.needle_suite(

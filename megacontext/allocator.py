@@ -476,8 +476,7 @@ class FocusAllocator:
         ):
             if mine != theirs:
                 raise ConfigError(
-                    f"working context has {name}={theirs} but the allocator's config has "
-                    f"{mine}",
+                    f"working context has {name}={theirs} but the allocator's config has {mine}",
                     field=name,
                     value=theirs,
                 )
@@ -510,8 +509,7 @@ class FocusAllocator:
             scores = scores[0]
         if scores.dim() != 1 or scores.shape[0] != len(wc):
             raise ConfigError(
-                f"scores must have shape [{len(wc)}] (one per WC entry), got "
-                f"{tuple(scores.shape)}",
+                f"scores must have shape [{len(wc)}] (one per WC entry), got {tuple(scores.shape)}",
                 field="scores",
             )
         backend = self.resolve_backend(wc)

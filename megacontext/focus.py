@@ -39,7 +39,13 @@ from .allocator import Action, FocusAllocator
 from .config import MegaContextConfig
 from .errors import ConfigError
 from .lensnet import LensNetConfig
-from .lexical_scorer import lexical_scores
+from .lexical_scorer import (
+    block_scores,
+    entry_relevance,
+    lexical_scores,
+    retrieval_scores,
+    robust_z,
+)
 from .tree import MegaContextTree, mean_pool
 from .working_context import WorkingContext, entry_positions
 
@@ -48,6 +54,8 @@ __all__ = [
     "FocusStep",
     "gist_fn",
     "lens_inputs",
+    "lens_scores",
+    "needs_relevance",
     "lens_tail",
     "newest_tokens_view",
     "refocus_after_ingest",
@@ -239,6 +247,45 @@ def lens_inputs(
         spans[None],
         distance[None],
     )
+
+
+def needs_relevance(lensnet: Any) -> bool:
+    """Whether ``lensnet`` reads the relevance input (a *retrieval* LensNet,
+    ``relevance_buckets > 0``): its scores then go through
+    :func:`~megacontext.lexical_scorer.retrieval_scores`."""
+    return bool(getattr(getattr(lensnet, "config", None), "relevance_buckets", 0))
+
+
+def lens_scores(
+    lensnet: Any,
+    base: Any,
+    tree: MegaContextTree,
+    wc: WorkingContext,
+    config: MegaContextConfig,
+    query_end: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LensNet's scores ``u [N]`` (float32, on its device, differentiable in its
+    parameters) for ``wc``, and for a retrieval LensNet the blocks' BM25 ``s [n_b]``
+    (:func:`~megacontext.lexical_scorer.block_scores` for the query before
+    ``query_end``) whose robust z-scores it read as ``relevance``; ``None`` otherwise.
+    The one LensNet call of the focus loop and of the trainer."""
+    p = next(lensnet.parameters())
+    entries, tail, levels, spans, distance = lens_inputs(base, tree, wc, tail_size(lensnet))
+    extra: dict[str, torch.Tensor] = {}
+    s = None
+    if needs_relevance(lensnet):
+        s = block_scores(tree, wc, config, query_end)
+        rel = entry_relevance(wc, robust_z(s), config.block_size)
+        extra["relevance"] = rel[None].to(device=p.device, dtype=p.dtype)
+    out = lensnet(
+        entries.detach().to(device=p.device, dtype=p.dtype),
+        tail.detach().to(device=p.device, dtype=p.dtype),
+        levels.to(p.device),
+        spans.to(p.device),
+        distance.to(p.device),
+        **extra,
+    )
+    return out[0].float(), s
 
 
 def refocus_after_ingest(config: MegaContextConfig, refocus: Callable[[], list]) -> int:
@@ -479,16 +526,11 @@ class FocusLoop:
             return lexical_scores(self.tree, self.wc, self.config, self.query_end)
         if not self.scoring:
             return torch.zeros(len(self.wc), dtype=torch.float32)
-        p = next(self.lensnet.parameters())
-        entries, tail, levels, spans, distance = self.lens_inputs()
-        out = self.lensnet(
-            entries.to(device=p.device, dtype=p.dtype),
-            tail.to(device=p.device, dtype=p.dtype),
-            levels.to(p.device),
-            spans.to(p.device),
-            distance.to(p.device),
-        )
-        return out[0].float().cpu()
+        u, s = lens_scores(self.lensnet, self.base, self.tree, self.wc, self.config, self.query_end)
+        u = u.cpu()
+        if s is not None:  # a retrieval LensNet picks what to open, the plan makes room
+            return retrieval_scores(self.wc, self.config, s, u)
+        return u
 
     def refocus(self) -> FocusStep:
         """One iteration: score, allocator step and, when hysteresis held back every

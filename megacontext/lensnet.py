@@ -78,6 +78,12 @@ class LensNetConfig(BaseModel):
     n_levels: int = Field(8, gt=0, description="level embeddings (higher levels clamp)")
     n_span_buckets: int = Field(32, gt=0, description="floor(log2 span) buckets (clamped)")
     n_distance_buckets: int = Field(64, gt=0, description="floor(2 log2(1+dist)) buckets")
+    relevance_buckets: int = Field(
+        0,
+        ge=0,
+        description="0: no relevance input; R > 0: forward takes relevance [B, N] (the entry's "
+        "lexical z-score for the newest tokens) and adds E_rel[clamp(floor(z) + 2, 0, R - 1)]",
+    )
     causal: bool = Field(False, description="the causal ablation variant (see module doc)")
     causal_chunk: int = Field(256, gt=0, description="causal: entries per prefix chunk")
     norm_eps: float = Field(1e-5, gt=0)
@@ -86,6 +92,9 @@ class LensNetConfig(BaseModel):
     def _check(self) -> LensNetConfig:
         if self.d_lens % self.heads:
             raise ValueError(f"d_lens: {self.d_lens} is not divisible by heads={self.heads}")
+        if self.causal and self.relevance_buckets:
+            # the relevance is computed from the newest tokens: a causal score may not read it
+            raise ValueError("relevance_buckets: a causal LensNet cannot read the relevance input")
         return self
 
     def __init__(self, **data: Any) -> None:
@@ -103,7 +112,10 @@ class LensNetConfig(BaseModel):
     def num_parameters(self) -> int:
         """Parameter count, from the formula (tests check it against the module)."""
         d, dl, T, r, hh = self.dim, self.d_lens, self.tail_size, self.mlp_ratio, self.head_hidden
-        embed = (d * dl + dl) + (self.n_levels + self.n_span_buckets + self.n_distance_buckets) * dl
+        tables = (
+            self.n_levels + self.n_span_buckets + self.n_distance_buckets + self.relevance_buckets
+        )
+        embed = (d * dl + dl) + tables * dl
         embed += T * dl  # tail slot embeddings
         stage1 = 3 * 2 * dl  # LayerNorms (weight + bias): tail queries, entries, MLP
         stage1 += 4 * dl * dl + 3 * dl  # q (bias), k (no bias: cancels), v (bias), o (bias)
@@ -284,18 +296,24 @@ class LensNet(nn.Module):
         self.level_emb = nn.Embedding(config.n_levels, dl)
         self.span_emb = nn.Embedding(config.n_span_buckets, dl)
         self.distance_emb = nn.Embedding(config.n_distance_buckets, dl)
+        self.relevance_emb = (
+            nn.Embedding(config.relevance_buckets, dl) if config.relevance_buckets else None
+        )
         self.tail_emb = nn.Parameter(torch.empty(config.tail_size, dl))
         self.blocks = nn.ModuleList(LensBlock(config) for _ in range(config.n_blocks))
         self.head_norm = nn.LayerNorm(dl, eps=config.norm_eps)
         self.head_fc1 = nn.Linear(dl, config.head_hidden)
         self.head_fc2 = nn.Linear(config.head_hidden, 1)
-        for emb in (self.level_emb.weight, self.span_emb.weight, self.distance_emb.weight):
-            nn.init.normal_(emb, std=0.02)
+        for emb in (self.level_emb, self.span_emb, self.distance_emb, self.relevance_emb):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
         nn.init.normal_(self.tail_emb, std=0.02)
 
     # inputs --------------------------------------------------------------------------
 
-    def _check(self, entries, tail, levels, span, distance, mask) -> tuple[int, int]:
+    def _check(
+        self, entries, tail, levels, span, distance, mask, relevance=None
+    ) -> tuple[int, int]:
         c = self.config
         if not isinstance(entries, torch.Tensor) or entries.dim() != 3:
             raise ConfigError(
@@ -342,6 +360,23 @@ class LensNet(nn.Module):
                 field="mask",
                 value=_shape(mask),
             )
+        if c.relevance_buckets and (
+            not isinstance(relevance, torch.Tensor)
+            or tuple(relevance.shape) != (B, N)
+            or not relevance.is_floating_point()
+        ):
+            raise ConfigError(
+                f"LensNet: relevance must be a float [B, N] = [{B}, {N}] tensor (this LensNet "
+                f"has relevance_buckets={c.relevance_buckets}), got {_shape(relevance)}",
+                field="relevance",
+                value=_shape(relevance),
+            )
+        if not c.relevance_buckets and relevance is not None:
+            raise ConfigError(
+                "LensNet: relevance given, but this LensNet has relevance_buckets=0",
+                field="relevance",
+                value=_shape(relevance),
+            )
         return B, N
 
     def embed(
@@ -350,11 +385,22 @@ class LensNet(nn.Module):
         levels: torch.Tensor,
         span: torch.Tensor,
         distance: torch.Tensor,
+        relevance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x [B, N, dl]``: projected entries plus level, span and distance embeddings."""
+        """``x [B, N, dl]``: projected entries plus level, span and distance embeddings
+        (and the relevance embedding when the config has ``relevance_buckets``)."""
         lv, sb, db = self.buckets(levels, span, distance)
         x = self.proj(entries.to(self.proj.weight.dtype))
-        return x + self.level_emb(lv) + self.span_emb(sb) + self.distance_emb(db)
+        x = x + self.level_emb(lv) + self.span_emb(sb) + self.distance_emb(db)
+        if self.relevance_emb is not None and relevance is not None:
+            x = x + self.relevance_emb(self.relevance_bucket(relevance))
+        return x
+
+    def relevance_bucket(self, relevance: torch.Tensor) -> torch.Tensor:
+        """``clamp(floor(z) + 2, 0, R - 1)`` (int64; NaN counts as 0): z-scores below -1
+        share bucket 0, ``R - 3`` and above share the last."""
+        z = torch.nan_to_num(relevance.double(), nan=0.0, posinf=1e6, neginf=-1e6)
+        return (torch.floor(z) + 2).clamp(0, self.config.relevance_buckets - 1).long()
 
     def buckets(
         self, levels: torch.Tensor, span: torch.Tensor, distance: torch.Tensor
@@ -396,6 +442,7 @@ class LensNet(nn.Module):
         span: torch.Tensor,
         distance: torch.Tensor,
         mask: torch.Tensor | None = None,
+        relevance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores ``[B, N]`` in ``[-1, 1]`` (in the parameters' dtype).
 
@@ -403,11 +450,13 @@ class LensNet(nn.Module):
         ``tail [B, 6, d]``: the root gist and the 5 newest LOD1 gists; ``levels``,
         ``span`` (tokens covered), ``distance`` (tokens from the entry to the decode
         cursor): integer ``[B, N]``; ``mask [B, N]`` bool, True for real entries
-        (False = padding, hidden from stage 1; padded entries still get a score).
+        (False = padding, hidden from stage 1; padded entries still get a score);
+        ``relevance [B, N]`` float, required exactly when ``relevance_buckets > 0``: each
+        entry's lexical z-score (:func:`megacontext.lexical_scorer.entry_relevance`).
         """
         require_materialised(self, "LensNet.forward")
-        self._check(entries, tail, levels, span, distance, mask)
-        x = self.embed(entries, levels, span, distance)
+        self._check(entries, tail, levels, span, distance, mask, relevance)
+        x = self.embed(entries, levels, span, distance, relevance)
         if self.config.causal:
             return self._forward_causal(x, mask)
         t = self.proj(tail.to(x.dtype)) + self.tail_emb
@@ -480,7 +529,7 @@ class LensNet(nn.Module):
         c = self.config
         return (
             f"dim={c.dim}, d_lens={c.d_lens}, heads={c.heads}, n_blocks={c.n_blocks}, "
-            f"tail_size={c.tail_size}, causal={c.causal}"
+            f"tail_size={c.tail_size}, relevance_buckets={c.relevance_buckets}, causal={c.causal}"
         )
 
 

@@ -59,7 +59,18 @@ import torch
 
 from .errors import InvariantError
 
-__all__ = ["K1", "block_relevance", "lexical_scores", "query_weights", "wanted_blocks"]
+__all__ = [
+    "K1",
+    "block_relevance",
+    "block_scores",
+    "entry_relevance",
+    "lexical_scores",
+    "query_weights",
+    "retrieval_scores",
+    "robust_z",
+    "swap_plan",
+    "wanted_blocks",
+]
 
 K1 = 1.2
 
@@ -101,21 +112,127 @@ def block_relevance(
     return (w * idf * tf * (K1 + 1.0) / (tf + K1)).sum(1)
 
 
-def wanted_blocks(s: torch.Tensor, z_min: float, limit: int) -> torch.Tensor:
-    """Indices (int64, best first) of the blocks whose robust z-score of ``s [n_b]``
-    is at least ``z_min``, at most ``limit`` of them."""
-    if s.numel() < 2 or limit <= 0:
-        return torch.zeros(0, dtype=torch.int64)
+def robust_z(s: torch.Tensor) -> torch.Tensor | None:
+    """Robust z-scores ``(s - median s) / (1.4826 · MAD(s))`` of ``s [n_b]`` (the
+    standard deviation when the MAD is 0); ``None`` when fewer than 2 values or no
+    spread."""
+    if s.numel() < 2:
+        return None
     med = s.median()
     scale = 1.4826 * (s - med).abs().median()
     if float(scale) <= 0.0:
         scale = s.std()
     if not math.isfinite(float(scale)) or float(scale) <= 0.0:
+        return None
+    return (s - med) / scale
+
+
+def wanted_blocks(s: torch.Tensor, z_min: float, limit: int) -> torch.Tensor:
+    """Indices (int64, best first) of the blocks whose robust z-score of ``s [n_b]``
+    is at least ``z_min``, at most ``limit`` of them."""
+    z = robust_z(s) if limit > 0 else None
+    if z is None:
         return torch.zeros(0, dtype=torch.int64)
-    z = (s - med) / scale
     order = torch.argsort(z, descending=True, stable=True)
     keep = order[z[order] >= z_min]
     return keep[:limit]
+
+
+def block_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None) -> torch.Tensor:
+    """BM25 ``s [n_b]`` (float32) of the history's complete blocks before ``wc``'s
+    protected tail, for the ``lexical_query`` tokens before ``query_end`` (default: the
+    newest), weighted by ``lexical_half_life`` (module doc)."""
+    bs = int(config.block_size)
+    T = int(tree.num_tokens)
+    n_b = int(wc.protected_start) // bs
+    if n_b < 1:
+        return torch.zeros(0, dtype=torch.float32)
+    ids = tree.tokens(0, T)
+    end = T if query_end is None else min(int(query_end), T)
+    query = ids[max(end - int(config.lexical_query), 0) : end]
+    return block_relevance(ids[: n_b * bs].view(n_b, bs), query, float(config.lexical_half_life))
+
+
+def _coverage(wc: Any, bs: int, n_b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per entry of ``wc``: the first LOD1 block it covers and one past its last, both
+    clamped to ``n_b`` (int64 ``[N]``)."""
+    starts = wc.starts.cpu()
+    spans = wc.spans.cpu()
+    lo = (starts // bs).clamp(max=n_b)
+    hi = ((starts + spans - 1) // bs + 1).clamp(max=n_b)
+    return lo, hi
+
+
+def entry_relevance(wc: Any, z: torch.Tensor | None, block_size: int) -> torch.Tensor:
+    """float32 ``[N]``: for each entry of ``wc`` the largest robust z-score ``z [n_b]``
+    (:func:`robust_z` of :func:`block_scores`) over the complete blocks before the
+    protected tail that it covers; 0 for entries covering none (the tail) or when
+    ``z`` is ``None``. LensNet's ``relevance`` input."""
+    n = len(wc)
+    out = torch.zeros(n, dtype=torch.float32)
+    if z is None or z.numel() == 0 or n == 0:
+        return out
+    n_b = int(z.numel())
+    lo, hi = _coverage(wc, block_size, n_b)
+    # entries tile the history, so the (entry, block) pairs number at most N + n_b
+    real = hi > lo
+    if bool(real.any()):
+        width = (hi - lo)[real]
+        seg = torch.repeat_interleave(torch.arange(n)[real], width)
+        first = torch.repeat_interleave(lo[real], width)
+        offset = torch.repeat_interleave(width.cumsum(0) - width, width)
+        blocks = first + torch.arange(int(width.sum())) - offset
+        out.scatter_reduce_(0, seg, z[blocks].float(), reduce="amax", include_self=False)
+    return out
+
+
+def swap_plan(
+    wc: Any,
+    config: Any,
+    s: torch.Tensor,
+    expand: torch.Tensor,
+    keep: torch.Tensor,
+) -> torch.Tensor:
+    """float32 ``[N]`` allocator scores that open the gists ``expand`` (bool ``[N]``)
+    and make exactly the room they need (module doc): ``+1`` on them, ``+0.5`` on the
+    tokens of the blocks ``keep`` (bool ``[n_b]``), ``-1`` on as many complete LOD0
+    blocks outside ``keep`` and the protected tail as the expands need (``bs - 1``
+    entries each, less the budget's free room), the lowest ``s [n_b]`` first and the
+    oldest on ties; 0 elsewhere. Shared by ``lens: lexical`` and a retrieval LensNet."""
+    n = len(wc)
+    out = torch.zeros(n, dtype=torch.float32)
+    bs = int(config.block_size)
+    n_b = int(s.numel())
+    levels = wc.levels.cpu().to(torch.int64)
+    lo, hi = _coverage(wc, bs, n_b)
+    prefix = torch.cat([torch.zeros(1, dtype=torch.int64), keep.to(torch.int64).cumsum(0)])
+    covers = (prefix[hi] - prefix[lo]) > 0
+    out[expand] = 1.0
+    out[covers & (levels == 0)] = 0.5
+    need = int(expand.sum()) * (bs - 1) - (int(config.w_max) - n)
+    if need <= 0 or n_b == 0:
+        return out
+    k = -(-need // (bs - 1))
+    tok = levels == 0
+    first = (wc.starts.cpu() // bs)[tok]
+    inside = first < n_b
+    counts = torch.bincount(first[inside], minlength=n_b)[:n_b]
+    full = torch.nonzero((counts == bs) & ~keep).flatten()
+    if full.numel() == 0:
+        return out
+    # lowest relevance first, the oldest on ties (a stable sort of ascending ids)
+    victims = full[torch.argsort(s[full], stable=True)][:k]
+    drop = torch.zeros(n_b, dtype=torch.bool)
+    drop[victims] = True
+    blk = wc.starts.cpu() // bs
+    in_drop = tok & (blk < n_b) & drop[blk.clamp(max=n_b - 1)]
+    out[in_drop] = -1.0
+    return out
+
+
+def retrieval_limit(config: Any) -> int:
+    """The most blocks one refocus may open: ``floor(retrieval_share · w_max / bs)``."""
+    return int(config.retrieval_share * config.w_max) // int(config.block_size)
 
 
 @torch.no_grad()
@@ -125,52 +242,47 @@ def lexical_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None
     ``retrieval_share``, ``w_max`` and ``block_size``. The query is the
     ``lexical_query`` tokens before ``query_end`` (default: the newest tokens)."""
     n = len(wc)
-    out = torch.zeros(n, dtype=torch.float32)
     bs = int(config.block_size)
-    T = int(tree.num_tokens)
-    p0 = int(wc.protected_start)
-    n_b = p0 // bs
+    s = block_scores(tree, wc, config, query_end)
+    n_b = int(s.numel())
     if n_b < 2:
-        return out
-    ids = tree.tokens(0, T)
-    end = T if query_end is None else min(int(query_end), T)
-    query = ids[max(end - int(config.lexical_query), 0) : end]
-    s = block_relevance(ids[: n_b * bs].view(n_b, bs), query, float(config.lexical_half_life))
-    limit = int(config.retrieval_share * config.w_max) // bs
-    want = wanted_blocks(s, float(config.lexical_z), limit)
+        return torch.zeros(n, dtype=torch.float32)
+    want = wanted_blocks(s, float(config.lexical_z), retrieval_limit(config))
     if want.numel() == 0:
-        return out
-    levels = wc.levels.cpu().to(torch.int64)
-    starts = wc.starts.cpu()
-    spans = wc.spans.cpu()
-    first = starts // bs  # first LOD1 block each entry covers
-    last = (starts + spans - 1) // bs
-    wanted = torch.zeros(max(n_b, 1), dtype=torch.bool)
+        return torch.zeros(n, dtype=torch.float32)
+    wanted = torch.zeros(n_b, dtype=torch.bool)
     wanted[want] = True
-    # entry i covers a wanted block when one lies in [first[i], last[i]] (< n_b)
-    prefix = torch.cat([torch.zeros(1, dtype=torch.int64), wanted.cumsum(0)])
-    lo = first.clamp(max=n_b)
-    hi = (last + 1).clamp(max=n_b)
+    lo, hi = _coverage(wc, bs, n_b)
+    prefix = torch.cat([torch.zeros(1, dtype=torch.int64), wanted.to(torch.int64).cumsum(0)])
     covers = (prefix[hi] - prefix[lo]) > 0
-    expand = covers & (levels > 0)
-    out[expand] = 1.0
-    out[covers & (levels == 0)] = 0.5
-    need = int(expand.sum()) * (bs - 1) - (int(config.w_max) - n)
-    if need <= 0:
-        return out
-    k = -(-need // (bs - 1))
-    # complete LOD0 blocks before the protected tail, holding no wanted block
+    expand = covers & (wc.levels.cpu() > 0)
+    return swap_plan(wc, config, s, expand, wanted)
+
+
+@torch.no_grad()
+def retrieval_scores(wc: Any, config: Any, s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """float32 ``[N]`` allocator scores from a retrieval LensNet's scores ``u [N]``: the
+    gists with ``u > tau_expand`` are opened, best first, at most
+    :func:`retrieval_limit` of them; the tokens of a block whose tokens all score above
+    ``tau_expand`` are kept; :func:`swap_plan` makes the room (collapsing the
+    lowest-``s`` token blocks). Nothing else moves: LensNet decides *what* to read, the
+    plan decides what makes room, so no collapse happens that no expand needs."""
+    n = len(wc)
+    bs = int(config.block_size)
+    n_b = int(s.numel())
+    u = u.detach().float().cpu()
+    levels = wc.levels.cpu().to(torch.int64)
+    cand = torch.nonzero((levels > 0) & (u > float(config.tau_expand))).flatten()
+    if cand.numel() == 0 or n_b == 0:
+        return torch.zeros(n, dtype=torch.float32)
+    cand = cand[torch.argsort(u[cand], descending=True, stable=True)][: retrieval_limit(config)]
+    expand = torch.zeros(n, dtype=torch.bool)
+    expand[cand] = True
+    keep = torch.zeros(n_b, dtype=torch.bool)
     tok = levels == 0
-    blk = first[tok]
-    counts = torch.bincount(blk, minlength=n_b)[:n_b]
-    full = torch.nonzero((counts == bs) & ~wanted[:n_b]).flatten()
-    full = full[(full + 1) * bs <= p0]
-    if full.numel() == 0:
-        return out
-    # lowest relevance first, the oldest on ties (a stable sort of ascending ids)
-    victims = full[torch.argsort(s[full], stable=True)][:k]
-    drop = torch.zeros(n_b, dtype=torch.bool)
-    drop[victims] = True
-    in_drop = tok & (first < n_b) & drop[first.clamp(max=n_b - 1)]
-    out[in_drop] = -1.0
-    return out
+    blk = wc.starts.cpu() // bs
+    hot = tok & (blk < n_b) & (u > float(config.tau_expand))
+    if bool(hot.any()):
+        hits = torch.bincount(blk[hot], minlength=n_b)[:n_b]
+        keep = hits == bs
+    return swap_plan(wc, config, s, expand, keep)

@@ -8,6 +8,7 @@ import torch
 
 import megacontext as mc
 from megacontext.focus import position_gap
+from megacontext.lexical_scorer import block_scores
 from megacontext.runtime import wc_nll
 from megacontext.train.labels import (
     LABEL_COLUMNS,
@@ -15,12 +16,16 @@ from megacontext.train.labels import (
     apply_candidate,
     candidates,
     entry_targets,
+    label_reads,
     label_snapshot,
+    open_reads,
+    read_block,
+    read_candidates,
     read_labels,
     utility,
     write_labels,
 )
-from megacontext.train.rollout import rollout
+from megacontext.train.rollout import rollout, snapshot_wc
 from megacontext.working_context import WorkingContext
 
 BS = 8
@@ -138,3 +143,94 @@ def test_parquet_roundtrip(tmp_path, setup):
     with pytest.raises(mc.StorageError, match="lack columns"):
         write_labels([{"run": "x"}], tmp_path / "bad.parquet")
     assert not (tmp_path / "bad.parquet").exists()
+
+
+# ---------------------------------------------------------------------- reads
+
+
+def test_read_block_opens_the_covering_gist_down_to_the_block(setup):
+    _base, _cfg, tree, _window, snap = setup
+    lv, nd = snap.levels.cpu(), snap.nodes.cpu()
+    seen_levels = set()
+    for b in range(snap.cursor // BS):
+        got = read_block(lv, nd, b, BS)
+        cover = [
+            k
+            for k, (level, node) in enumerate(zip(lv.tolist(), nd.tolist(), strict=True))
+            if level > 0 and node * BS**level <= b * BS < (node + 1) * BS**level
+        ]
+        if not cover:  # the block is tokens already
+            assert got is None
+            continue
+        new_l, new_n, k = got
+        assert k == cover[0]
+        seen_levels.add(int(lv[k]))
+        _wc(new_l, new_n, snap.cursor).check(tree)  # a legal tiling
+        tok = (new_l == 0) & (new_n // BS == b)
+        assert int(tok.sum()) == BS  # b is read as its tokens
+        # only the covering gist changed: everything else is as before
+        assert int((new_l > 0).sum()) == int((lv > 0).sum()) - 1 + ((BS - 1) * (int(lv[k]) - 1))
+    assert seen_levels == {1, 2}  # LOD1 and LOD2 covers both exercised
+
+
+def test_read_labels_value_the_block_and_point_at_its_gist(setup):
+    base, cfg, tree, window, snap = setup
+    rows = label_reads(base, tree, window, snap, cfg, batch=3, top_blocks=2, random_blocks=3)
+    assert 1 <= len(rows) <= 5 and all(r["kind"] == "read" for r in rows)
+    blocks = read_candidates(tree, snap, cfg, 2, 3, 0)
+    assert [r["node"] for r in rows] == blocks
+    # the top blocks by the lexical signal come first
+    s = block_scores(tree, snapshot_wc(snap, cfg), cfg, query_end=snap.cursor)
+    assert float(s[blocks[0]]) == pytest.approx(float(s[blocks][:2].max()))
+    kw = {
+        "positions": cfg.positions,
+        "max_gap": position_gap(cfg, base),
+        "sink": cfg.attention_sink,
+    }
+    with torch.no_grad():
+        ref = wc_nll(
+            base, _wc(snap.levels, snap.nodes, snap.cursor), tree, snap.targets, snap.cursor, **kw
+        )
+        for r in rows:
+            lv, nd, k = read_block(snap.levels, snap.nodes, r["node"], BS)
+            assert r["entry"] == k and r["level"] == int(snap.levels[k])
+            nll = wc_nll(base, _wc(lv, nd, snap.cursor), tree, snap.targets, snap.cursor, **kw)
+            assert r["dnll"] == pytest.approx(float(nll.mean() - ref.mean()), abs=2e-5)
+    assert set(LABEL_COLUMNS) - set(rows[0]) == {
+        "run",
+        "cycle",
+        "gistnet_hash",
+        "lensnet_hash",
+        "lora_hash",
+    }
+
+
+def test_entry_targets_take_the_best_read():
+    rows = [
+        {"entry": 1, "n_entries": 1, "utility": -0.4, "kind": "read"},
+        {"entry": 1, "n_entries": 1, "utility": 0.7, "kind": "read"},
+        {"entry": 3, "n_entries": 1, "utility": 0.2, "kind": "expand"},
+        {"entry": 3, "n_entries": 1, "utility": -0.2, "kind": "expand"},
+    ]
+    t, lab = entry_targets(rows, 5)
+    assert lab.tolist() == [False, True, False, True, False]
+    assert t[1].item() == pytest.approx(0.7) and t[3].item() == pytest.approx(0.0)
+
+
+def test_open_reads_repoints_labels_at_the_opened_children(setup):
+    _base, cfg, _tree, _window, snap = setup
+    lv = snap.levels.tolist()
+    k2 = lv.index(2)
+    node = int(snap.nodes[k2])
+    b = node * BS + 3  # an LOD1 block under that LOD2 gist
+    rows = [
+        {"entry": k2, "n_entries": 1, "level": 2, "node": b, "kind": "read", "utility": 0.9},
+        {"entry": k2, "n_entries": 1, "level": 2, "node": b + 1, "kind": "read", "utility": -0.5},
+    ]
+    snap2, moved = open_reads(snap, rows, cfg)
+    assert len(snap2.levels) == len(snap.levels) + BS - 1
+    for r in moved:
+        assert int(snap2.levels[r["entry"]]) == 1 and int(snap2.nodes[r["entry"]]) == r["node"]
+    assert [r["utility"] for r in moved] == [0.9, -0.5]
+    # nothing above tau_expand: nothing to open
+    assert open_reads(snap, rows[1:], cfg) is None

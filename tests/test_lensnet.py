@@ -265,6 +265,46 @@ def test_buckets():
     assert sb.tolist() == [[v.bit_length() - 1 for v in spans]]
 
 
+def test_relevance_input(tmp_path, reference):
+    lens = make_lens(relevance_buckets=8)
+    entries, tail, levels, span, distance, mask = make_inputs(mask=True)
+    rel = torch.zeros(levels.shape)
+    base = lens(entries, tail, levels, span, distance, mask, relevance=rel)
+    # the bucket rule: floor(z) + 2 clamped to [0, R - 1]; NaN as 0
+    z = torch.tensor([-9.0, -1.5, -1.0, 0.0, 0.99, 1.0, 4.2, 5.0, 100.0, float("nan")])
+    assert lens.relevance_bucket(z).tolist() == [0, 0, 1, 2, 2, 3, 6, 7, 7, 2]
+    # an entry's relevance moves its own score
+    hot = rel.clone()
+    hot[0, 3] = 9.0
+    moved = lens(entries, tail, levels, span, distance, mask, relevance=hot)
+    assert not torch.equal(moved[0, 3], base[0, 3])
+    assert torch.equal(moved[1], base[1])  # another batch row: untouched
+    # z-scores in one bucket give the same scores
+    same = lens(entries, tail, levels, span, distance, mask, relevance=rel + 0.5)
+    assert torch.equal(same, base)
+    # required exactly when the config has buckets; a plain LensNet refuses it
+    with pytest.raises(ConfigError) as e:
+        lens(entries, tail, levels, span, distance, mask)
+    assert e.value.field == "relevance"
+    with pytest.raises(ConfigError) as e:
+        lens(entries, tail, levels, span, distance, mask, relevance=rel[:, :-1])
+    assert e.value.field == "relevance"
+    with pytest.raises(ConfigError) as e:
+        make_lens()(entries, tail, levels, span, distance, mask, relevance=rel)
+    assert e.value.field == "relevance"
+    # a causal score may not read what the newest tokens decide
+    with pytest.raises(ConfigError) as e:
+        LensNet(40, causal=True, relevance_buckets=4)
+    assert e.value.field == "relevance_buckets"
+    # saved and loaded with its table
+    loaded = LensNet.load(lens.save(tmp_path / "rel.safetensors"))
+    assert loaded.config.relevance_buckets == 8
+    assert torch.equal(loaded(entries, tail, levels, span, distance, mask, relevance=hot), moved)
+    # the relevance table gets a gradient
+    moved.square().sum().backward()
+    assert lens.relevance_emb.weight.grad.abs().sum() > 0
+
+
 def test_save_load_roundtrip(tmp_path, reference):
     lens = make_lens(n_blocks=2, causal=True, causal_chunk=8)
     path = lens.save(tmp_path / "sub" / "lens.safetensors")
@@ -356,7 +396,12 @@ def test_input_errors_name_the_tensor(reference):
 
 
 def test_parameter_count_formula():
-    for kw in [{}, {"n_blocks": 3}, {"d_lens": 96, "heads": 3, "head_hidden": 7, "mlp_ratio": 1}]:
+    for kw in [
+        {},
+        {"n_blocks": 3},
+        {"d_lens": 96, "heads": 3, "head_hidden": 7, "mlp_ratio": 1},
+        {"relevance_buckets": 16},
+    ]:
         for dim in (40, 576):
             lens = LensNet(dim, **kw)
             assert (

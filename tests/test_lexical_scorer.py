@@ -10,11 +10,16 @@ import pytest
 import torch
 
 import megacontext as mc
+from megacontext.focus import lens_scores
 from megacontext.lexical_scorer import (
     K1,
     block_relevance,
+    block_scores,
+    entry_relevance,
     lexical_scores,
     query_weights,
+    retrieval_scores,
+    robust_z,
     wanted_blocks,
 )
 
@@ -244,3 +249,60 @@ def test_a_saved_session_keeps_its_query(systems, tmp_path):
     r = mc.MegaContext.open(tmp_path / "sess", base=systems["lexical"].base)
     assert r.focus.query_end == s.focus.query_end == 2000
     assert torch.equal(r.scores(), s.scores())
+
+
+# ------------------------------------------------------------- retrieval LensNet
+
+
+def test_entry_relevance_is_the_best_block_under_each_entry(systems):
+    s = systems["recency"].session()
+    s.ingest(_history())
+    wc, cfg = s.wc, systems["lexical"].config
+    sc = block_scores(s.tree, wc, cfg)
+    z = robust_z(sc)
+    rel = entry_relevance(wc, z, BS)
+    assert rel.shape == (len(wc),) and rel.dtype == torch.float32
+    n_b = sc.numel()
+    for i, (st, sp) in enumerate(zip(wc.starts.tolist(), wc.spans.tolist(), strict=True)):
+        lo, hi = st // BS, min((st + sp - 1) // BS + 1, n_b)
+        want = float(z[lo:hi].max()) if hi > lo else 0.0
+        assert float(rel[i]) == pytest.approx(want, abs=1e-6), i
+    # the planted block's z is an outlier and its covering gist carries it
+    assert float(rel.max()) == pytest.approx(float(z[5]), abs=1e-6)
+    assert torch.count_nonzero(entry_relevance(wc, None, BS)) == 0
+
+
+def test_retrieval_scores_open_what_lensnet_wants_and_make_the_room(systems):
+    s = systems["recency"].session()
+    s.ingest(_history())
+    wc, cfg = s.wc, systems["lexical"].config
+    sc = block_scores(s.tree, wc, cfg)
+    lv = wc.levels.cpu()
+    # LensNet wanting the gist over the planted block gives the lexical plan exactly
+    cover = (lv > 0) & (wc.starts.cpu() <= 5 * BS) & (wc.starts.cpu() + wc.spans.cpu() > 5 * BS)
+    u = torch.where(cover, 0.9, -0.3)
+    assert torch.equal(retrieval_scores(wc, cfg, sc, u), lexical_scores(s.tree, wc, cfg))
+    # nothing above tau_expand: every score 0, the recency WC stays
+    assert torch.count_nonzero(retrieval_scores(wc, cfg, sc, torch.full((len(wc),), 0.19))) == 0
+    # at most retrieval_share * w_max / bs gists open, the best first
+    gists = torch.nonzero(lv > 0).flatten()
+    u = torch.zeros(len(wc))
+    u[gists] = torch.linspace(0.3, 0.9, gists.numel())
+    few = cfg.model_copy(update={"retrieval_share": 2 * BS / cfg.w_max})
+    got = retrieval_scores(wc, few, sc, u)
+    opened = torch.nonzero(got == 1.0).flatten().tolist()
+    assert opened == gists[-2:].tolist()
+
+
+def test_a_retrieval_lensnet_drives_the_focus_loop(tiny_base, systems):
+    lens = mc.LensNet(tiny_base.dim, d_lens=32, heads=4, head_hidden=16, relevance_buckets=8)
+    cfg = systems["lexical"].config.model_copy(update={"lens": "lensnet"})
+    s = mc.MegaContext(tiny_base, None, lens, cfg).session()
+    s.ingest(_history())
+    s.wc.check(s.tree)
+    assert s.wc.cost <= cfg.w_max
+    loop = s.focus
+    u, sc = lens_scores(lens, tiny_base, loop.tree, loop.wc, cfg, loop.query_end)
+    assert sc is not None and torch.equal(sc, block_scores(loop.tree, loop.wc, cfg, loop.query_end))
+    want = retrieval_scores(loop.wc, cfg, sc, u.detach().cpu())
+    assert torch.equal(loop.scores(), want)

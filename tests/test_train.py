@@ -534,3 +534,34 @@ def test_demo_reports_every_stage(tiny_base, tmp_path, capsys):
     assert res["windows"]["ordinary"] == 2 and res["windows"]["long_range"] >= 1
     assert all(v > 0 for row in res["stages"].values() for v in row.values())
     assert "| cycle 1 |" in capsys.readouterr().out
+
+
+def test_a_retrieval_lensnet_trains_on_read_labels(tiny_base, tmp_path):
+    """``labels.kind: reads`` with a LensNet that reads the relevance input: the
+    warm-lens phase labels block reads (Parquet ``kind == 'read'``, each pointing at
+    the gist that covers its block), trains on them and moves the relevance table."""
+    cfg = config(
+        tmp_path,
+        "cycles=0",
+        "warm_gist.steps=0",
+        "warm_lens.steps=2",
+        "label_windows=2",
+        "labels.kind=reads",
+        "labels.top_blocks=2",
+        "labels.random_blocks=2",
+        "lensnet.relevance_buckets=8",
+        "lens_loss.budget_weight=0.0",
+    )
+    trainer = Trainer(cfg, base=fresh_base(tiny_base))
+    before = trainer.lensnet.relevance_emb.weight.detach().clone()
+    trainer.run()
+    rows = pq.read_table(tmp_path / "artifacts" / "deltas" / "tiny" / "cycle0-warm-lens.parquet")
+    rows = rows.to_pylist()
+    assert 2 <= len(rows) <= 2 * 2 * 4  # windows x snapshots x (top + random)
+    assert {r["kind"] for r in rows} == {"read"}
+    assert all(r["level"] >= 1 for r in rows)
+    assert not torch.equal(trainer.lensnet.relevance_emb.weight.detach(), before)
+    saved = mc.LensNet.load(
+        tmp_path / "artifacts" / "checkpoints" / "tiny" / "cycle0-warm-lens" / "lensnet.safetensors"
+    )
+    assert saved.config.relevance_buckets == 8

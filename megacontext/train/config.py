@@ -172,6 +172,14 @@ class LensLossConfig(_Strict):
 
 
 class LabelConfig(_Strict):
+    kind: Literal["candidates", "reads"] = Field(
+        "candidates",
+        description="candidates: one-LOD-change expand / collapse labels; reads: a block read as "
+        "tokens through its covering gist (a retrieval LensNet's labels, "
+        "megacontext.train.labels)",
+    )
+    top_blocks: int = Field(4, ge=0, description="reads: the best blocks by the lexical signal")
+    random_blocks: int = Field(4, ge=0, description="reads: other blocks drawn uniformly")
     batch: int = Field(8, ge=1, description="candidate WCs per base forward")
     max_candidates: int | None = Field(64, ge=1, description="per snapshot (random subset)")
     temperature: float = Field(0.05, gt=0, description="utility scale (nats)")
@@ -231,8 +239,7 @@ class TrainConfig(_Strict):
         mc = self.mc_config()
         if self.data.history % mc.block_size:
             raise ValueError(
-                f"data.history: {self.data.history} is not a multiple of block_size "
-                f"{mc.block_size}"
+                f"data.history: {self.data.history} is not a multiple of block_size {mc.block_size}"
             )
         if self.data.wc == "region":
             bs, r = mc.block_size, self.data.region

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import MegaContextConfig
-from ..focus import lens_inputs, tail_size
+from ..focus import lens_scores
 from .config import GistLossConfig, LensLossConfig
 from .forward import (
     forward_rows,
@@ -126,15 +126,8 @@ def lens_loss(
         return None, {}
     bs = cfg.block_size
     wc = snapshot_wc(snap, cfg)
-    p = next(lensnet.parameters())
-    entries, tail, lv, sp, dist = lens_inputs(base, tree, wc, tail_size(lensnet))
-    s = lensnet(
-        entries.detach().to(device=p.device, dtype=p.dtype),
-        tail.detach().to(device=p.device, dtype=p.dtype),
-        lv.to(p.device),
-        sp.to(p.device),
-        dist.to(p.device),
-    )[0].float()
+    # a retrieval LensNet's query is the newest tokens at the snapshot
+    s = lens_scores(lensnet, base, tree, wc, cfg, query_end=snap.cursor)[0]
     n = s.shape[0]
     u, lab = entry_targets(rows, n)
     u, lab = u.to(s.device), lab.to(s.device)

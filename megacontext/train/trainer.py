@@ -52,7 +52,7 @@ from .checkpoint import (
 from .config import PHASE_NAMES, OptimConfig, TrainConfig
 from .curriculum import curriculum_source
 from .forward import forward_rows, wc_embeddings, wc_row
-from .labels import label_snapshot, module_hash, write_labels
+from .labels import label_reads, label_snapshot, module_hash, open_reads, write_labels
 from .phases import gist_loss, lens_loss, lora_loss
 from .rollout import region_snapshot, rollout
 
@@ -413,21 +413,39 @@ class Trainer:
                 allocator_backend=cfg.allocator_backend,
             )
             for s in snaps:
+                seed = _seed(cfg.seed, phase_idx) % (1 << 31)
+                common = {"batch": lc.batch, "temperature": lc.temperature, "seed": seed}
                 with self._autocast():
-                    rows = label_snapshot(
-                        self.base,
-                        tree,
-                        w,
-                        s,
-                        self.mc,
-                        batch=lc.batch,
-                        max_candidates=lc.max_candidates,
-                        temperature=lc.temperature,
-                        token_cost=lc.token_cost,
-                        seed=_seed(cfg.seed, phase_idx) % (1 << 31),
-                    )
+                    if lc.kind == "reads":
+                        rows = label_reads(
+                            self.base,
+                            tree,
+                            w,
+                            s,
+                            self.mc,
+                            top_blocks=lc.top_blocks,
+                            random_blocks=lc.random_blocks,
+                            token_cost=lc.token_cost,
+                            **common,
+                        )
+                    else:
+                        rows = label_snapshot(
+                            self.base,
+                            tree,
+                            w,
+                            s,
+                            self.mc,
+                            max_candidates=lc.max_candidates,
+                            token_cost=lc.token_cost,
+                            **common,
+                        )
                 items.append((w, tree, s, rows))
                 table += [{"run": cfg.run, "cycle": cycle, **hashes, **r} for r in rows]
+                opened = open_reads(s, rows, self.mc) if lc.kind == "reads" else None
+                if opened is not None:  # the WC after the first refocus: the same labels
+                    items.append((w, tree, *opened))
+            if self.progress is not None:
+                self.progress(f"{tag} labels", cycle, k + 1, len(windows), math.nan)
         if table:
             suffix = f"-rank{self.rank}" if self.rank else ""
             write_labels(table, self.deltas_dir / f"cycle{cycle}-{tag}{suffix}.parquet")
