@@ -192,9 +192,9 @@ def main() -> None:
                 "pays": int(pays.sum()),
                 "wanted_and_pays": int((wanted & pays).sum()),
                 "lens_spearman": spearman(u_blk, -lab) if lens is not None else math.nan,
-                "lens_top1": bool(np.argmax(u_blk) == np.argmin(lab))
-                if lens is not None
-                else False,
+                "lens_top1": (
+                    bool(np.argmax(u_blk) == np.argmin(lab)) if lens is not None else False
+                ),
             }
         )
         for b, sv, lb, wv in zip(blocks, sig, lab, wanted, strict=True):

@@ -476,7 +476,8 @@ class FocusAllocator:
         ):
             if mine != theirs:
                 raise ConfigError(
-                    f"working context has {name}={theirs} but the allocator's config has {mine}",
+                    f"working context has {name}={theirs} but the allocator's config has "
+                    f"{mine}",
                     field=name,
                     value=theirs,
                 )
@@ -509,7 +510,8 @@ class FocusAllocator:
             scores = scores[0]
         if scores.dim() != 1 or scores.shape[0] != len(wc):
             raise ConfigError(
-                f"scores must have shape [{len(wc)}] (one per WC entry), got {tuple(scores.shape)}",
+                f"scores must have shape [{len(wc)}] (one per WC entry), got "
+                f"{tuple(scores.shape)}",
                 field="scores",
             )
         backend = self.resolve_backend(wc)

@@ -1022,7 +1022,8 @@ class ShardDataset:
         if total == 0:
             longest = int(lengths.max()) if len(lengths) else 0
             raise InputError(
-                f"{self.root} [{self.split}]: no document has {length} tokens (longest: {longest})"
+                f"{self.root} [{self.split}]: no document has {length} tokens "
+                f"(longest: {longest})"
             )
         rng = np.random.default_rng(seed)
         picks = rng.integers(0, total, size=n, dtype=np.int64)

@@ -997,7 +997,8 @@ def _check_ids(ids: Any, arg: str, vocab_size: int, model: str) -> torch.Tensor:
         top = int(ids.numpy().max())
         if top >= vocab_size:
             raise InputError(
-                f"{arg}: token id {top} is outside the vocabulary of {model} (0..{vocab_size - 1})"
+                f"{arg}: token id {top} is outside the vocabulary of {model} "
+                f"(0..{vocab_size - 1})"
             )
     ids = ids.to(torch.long)
     lo, hi = int(ids.min()), int(ids.max())

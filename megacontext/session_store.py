@@ -673,10 +673,8 @@ def _read_version(
         record = need(
             "modules",
             dict,
-            lambda v: (
-                set(v) == set(MODULES)
-                and all(s in ("saved", "none", "unsaved") for s in v.values())
-            ),
+            lambda v: set(v) == set(MODULES)
+            and all(s in ("saved", "none", "unsaved") for s in v.values()),
             "{gistnet, lensnet: saved | none | unsaved}",
         )
     else:
@@ -700,7 +698,8 @@ def _read_version(
             raise _err(
                 state_path,
                 name,
-                f"rank {tensors[name].dim()} (shape {tuple(tensors[name].shape)}), expected {rank}",
+                f"rank {tensors[name].dim()} (shape "
+                f"{tuple(tensors[name].shape)}), expected {rank}",
             )
     for name in ("wc_levels", "wc_nodes", "allocator_state"):
         if tensors[name].is_floating_point() or tensors[name].dtype == torch.bool:

@@ -191,9 +191,9 @@ def test_bad_input_is_one_line_and_exit_code_2(files, path, param, bad, expect):
     result = runner.invoke(app, args, input="")
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output
-    assert result.exception is None or isinstance(result.exception, SystemExit), (
-        f"{args}: {result.exception!r}"
-    )
+    assert result.exception is None or isinstance(
+        result.exception, SystemExit
+    ), f"{args}: {result.exception!r}"
     assert result.exit_code == 2, f"{args}: exit {result.exit_code}\n{output}"
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, f"{args}: {result.stderr!r}"

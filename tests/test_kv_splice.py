@@ -42,9 +42,8 @@ def rand_bits(shape, dtype, g: torch.Generator) -> torch.Tensor:
 
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
-    a, e = (
-        actual.contiguous().view(_BITS[actual.dtype]),
-        expected.contiguous().view(_BITS[expected.dtype]),
+    a, e = actual.contiguous().view(_BITS[actual.dtype]), expected.contiguous().view(
+        _BITS[expected.dtype]
     )
     n = int((a != e).sum())
     assert n == 0, f"{what}: {n} of {a.numel()} elements differ"

@@ -43,9 +43,7 @@ ns: dict = {}
 exec(COMMON, ns)
 VOCAB, DIM, stream, embed = ns["VOCAB"], ns["DIM"], ns["stream"], ns["embed"]
 
-WORKER = (
-    COMMON
-    + """
+WORKER = COMMON + """
 import sys
 from megacontext.tree import MegaContextTree
 path, seed, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -59,7 +57,6 @@ while tree.num_tokens < total:
     print("committed", tree.num_tokens, flush=True)
 print("done", flush=True)
 """
-)
 
 
 def reference(ids, *, bs=4, levels=2, dtype=torch.float16, model_name=""):

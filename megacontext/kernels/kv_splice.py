@@ -325,7 +325,7 @@ def _check_rotation(
     if (position_delta is None) != (inv_freq is None):
         missing = "inv_freq" if inv_freq is None else "position_delta"
         raise ConfigError(
-            f"kv_splice: position_delta and inv_freq must be given together ({missing} is None)",
+            "kv_splice: position_delta and inv_freq must be given together " f"({missing} is None)",
             field=missing,
             value=None,
         )

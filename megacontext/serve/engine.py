@@ -367,7 +367,8 @@ class Engine:
                 matches = [s for s in candidates if s is not None and s["num_tokens"] == n]
                 if not matches:
                     raise StorageError(
-                        f"{record_path}: no recorded state matches the saved session's {n} tokens",
+                        f"{record_path}: no recorded state matches the saved session's "
+                        f"{n} tokens",
                         path=str(record_path),
                         field="num_tokens",
                     )

@@ -159,7 +159,8 @@ def format_demo(results: dict[str, Any]) -> str:
     """The Markdown summary of a :func:`run_demo` result (NLL and ΔNLL vs full per set)."""
     full = results["stages"]["full"]
     lines = [
-        f"W = {results['budget']}, history = {results['history']}, windows = {results['windows']}",
+        f"W = {results['budget']}, history = {results['history']}, "
+        f"windows = {results['windows']}",
         "| stage | ordinary NLL | ΔNLL vs full | long-range NLL | ΔNLL vs full |",
         "|---|---|---|---|---|",
     ]
