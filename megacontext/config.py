@@ -161,6 +161,13 @@ class MegaContextConfig(BaseModel):
         "each block's tokens, with room made by collapsing the least relevant token "
         "blocks) or recency (no scorer: only budget-forced collapses)",
     )
+    lens_plan: Literal["auto", "scores", "retrieval"] = Field(
+        "auto",
+        description="how a LensNet's scores act: scores (straight to the allocator), "
+        "retrieval (the gists it scores above tau_expand are opened, at most "
+        "retrieval_share of w_max, and the lexical swap plan makes their room; nothing "
+        "else moves) or auto (retrieval for a LensNet with the relevance input, else scores)",
+    )
     lexical_query: int = Field(
         64, ge=1, description="newest tokens the lexical scorer reads as its query"
     )

@@ -528,7 +528,11 @@ class FocusLoop:
             return torch.zeros(len(self.wc), dtype=torch.float32)
         u, s = lens_scores(self.lensnet, self.base, self.tree, self.wc, self.config, self.query_end)
         u = u.cpu()
-        if s is not None:  # a retrieval LensNet picks what to open, the plan makes room
+        plan = self.config.lens_plan
+        if plan == "retrieval" or (plan == "auto" and s is not None):
+            # LensNet picks what to open, the lexical plan makes the room
+            if s is None:
+                s = block_scores(self.tree, self.wc, self.config, self.query_end)
             return retrieval_scores(self.wc, self.config, s, u)
         return u
 

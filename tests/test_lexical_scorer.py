@@ -306,3 +306,28 @@ def test_a_retrieval_lensnet_drives_the_focus_loop(tiny_base, systems):
     assert sc is not None and torch.equal(sc, block_scores(loop.tree, loop.wc, cfg, loop.query_end))
     want = retrieval_scores(loop.wc, cfg, sc, u.detach().cpu())
     assert torch.equal(loop.scores(), want)
+
+
+def test_lens_plan_picks_how_lensnet_scores_act(tiny_base, systems):
+    cfg = systems["lexical"].config.model_copy(update={"lens": "lensnet"})
+    plain = mc.LensNet(tiny_base.dim, d_lens=32, heads=4, head_hidden=16)
+    rel = mc.LensNet(tiny_base.dim, d_lens=32, heads=4, head_hidden=16, relevance_buckets=8)
+    for lens, plan, retrieval in (
+        (plain, "auto", False),
+        (plain, "retrieval", True),
+        (rel, "auto", True),
+        (rel, "scores", False),
+    ):
+        c = cfg.model_copy(update={"lens_plan": plan})
+        s = mc.MegaContext(tiny_base, None, lens, c).session()
+        s.ingest(_history())
+        loop = s.focus
+        u, sc = lens_scores(lens, tiny_base, loop.tree, loop.wc, c, loop.query_end)
+        u = u.detach().cpu()
+        if retrieval:
+            sc = block_scores(loop.tree, loop.wc, c, loop.query_end)
+            assert torch.equal(loop.scores(), retrieval_scores(loop.wc, c, sc, u))
+        else:
+            assert torch.equal(loop.scores(), u)
+    with pytest.raises(mc.ConfigError):
+        mc.MegaContextConfig(lens_plan="sometimes")

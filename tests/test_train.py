@@ -536,22 +536,25 @@ def test_demo_reports_every_stage(tiny_base, tmp_path, capsys):
     assert "| cycle 1 |" in capsys.readouterr().out
 
 
+def _reads_overrides() -> dict[str, object]:
+    return {
+        "cycles": 0,
+        "warm_gist.steps": 0,
+        "warm_lens.steps": 2,
+        "label_windows": 2,
+        "labels.kind": "reads",
+        "labels.top_blocks": 2,
+        "labels.random_blocks": 2,
+        "lensnet.relevance_buckets": 8,
+        "lens_loss.budget_weight": 0.0,
+    }
+
+
 def test_a_retrieval_lensnet_trains_on_read_labels(tiny_base, tmp_path):
     """``labels.kind: reads`` with a LensNet that reads the relevance input: the
     warm-lens phase labels block reads (Parquet ``kind == 'read'``, each pointing at
     the gist that covers its block), trains on them and moves the relevance table."""
-    cfg = config(
-        tmp_path,
-        "cycles=0",
-        "warm_gist.steps=0",
-        "warm_lens.steps=2",
-        "label_windows=2",
-        "labels.kind=reads",
-        "labels.top_blocks=2",
-        "labels.random_blocks=2",
-        "lensnet.relevance_buckets=8",
-        "lens_loss.budget_weight=0.0",
-    )
+    cfg = config(tmp_path, *[f"{k}={v}" for k, v in _reads_overrides().items()])
     trainer = Trainer(cfg, base=fresh_base(tiny_base))
     before = trainer.lensnet.relevance_emb.weight.detach().clone()
     trainer.run()
@@ -561,6 +564,31 @@ def test_a_retrieval_lensnet_trains_on_read_labels(tiny_base, tmp_path):
     assert {r["kind"] for r in rows} == {"read"}
     assert all(r["level"] >= 1 for r in rows)
     assert not torch.equal(trainer.lensnet.relevance_emb.weight.detach(), before)
+    # labels.reuse: a second run reads the first run's labels, and trains the same
+    first = tmp_path / "artifacts" / "deltas" / "tiny" / "cycle0-warm-lens.parquet"
+    again = Trainer(
+        config(
+            tmp_path / "again",
+            *[f"{k}={v}" for k, v in _reads_overrides().items()],
+            f"labels.reuse={first}",
+        ),
+        base=fresh_base(tiny_base),
+    )
+    again.run()
+    assert module_hash(again.lensnet) == module_hash(trainer.lensnet)
+    other = mc.GistNet(tiny_base.dim, block_size=8, levels=2, seed=99, width=32, depth=1, heads=2)
+    wrong = Trainer(
+        config(
+            tmp_path / "wrong",
+            *[f"{k}={v}" for k, v in _reads_overrides().items()],
+            f"labels.reuse={first}",
+        ),
+        base=fresh_base(tiny_base),
+    )
+    wrong.gistnet.load_state_dict(other.state_dict())
+    with pytest.raises(mc.ConfigError, match="labels.reuse") as e:
+        wrong.run()
+    assert e.value.field == "labels.reuse"
     saved = mc.LensNet.load(
         tmp_path / "artifacts" / "checkpoints" / "tiny" / "cycle0-warm-lens" / "lensnet.safetensors"
     )

@@ -180,6 +180,12 @@ class LabelConfig(_Strict):
     )
     top_blocks: int = Field(4, ge=0, description="reads: the best blocks by the lexical signal")
     random_blocks: int = Field(4, ge=0, description="reads: other blocks drawn uniformly")
+    reuse: str | None = Field(
+        None,
+        description="a label Parquet file an earlier run of the same data, seed and GistNet "
+        "wrote (artifacts/deltas/<run>/cycle0-warm-lens.parquet): its rows are read instead of "
+        "recomputed (checked: GistNet hash, window, snapshot step and cursor)",
+    )
     batch: int = Field(8, ge=1, description="candidate WCs per base forward")
     max_candidates: int | None = Field(64, ge=1, description="per snapshot (random subset)")
     temperature: float = Field(0.05, gt=0, description="utility scale (nats)")

@@ -52,7 +52,14 @@ from .checkpoint import (
 from .config import PHASE_NAMES, OptimConfig, TrainConfig
 from .curriculum import curriculum_source
 from .forward import forward_rows, wc_embeddings, wc_row
-from .labels import label_reads, label_snapshot, module_hash, open_reads, write_labels
+from .labels import (
+    label_reads,
+    label_snapshot,
+    module_hash,
+    open_reads,
+    read_labels,
+    write_labels,
+)
 from .phases import gist_loss, lens_loss, lora_loss
 from .rollout import region_snapshot, rollout
 
@@ -399,6 +406,7 @@ class Trainer:
                 else ""
             ),
         }
+        reused = self._reused_labels(hashes["gistnet_hash"]) if lc.reuse else None
         for k, w in enumerate(windows):
             tree, snaps = rollout(
                 self.base,
@@ -413,6 +421,14 @@ class Trainer:
                 allocator_backend=cfg.allocator_backend,
             )
             for s in snaps:
+                if reused is not None:
+                    rows = self._reused_rows(reused, k, s)
+                    items.append((w, tree, s, rows))
+                    table += [{"run": cfg.run, "cycle": cycle, **hashes, **r} for r in rows]
+                    opened = open_reads(s, rows, self.mc) if lc.kind == "reads" else None
+                    if opened is not None:
+                        items.append((w, tree, *opened))
+                    continue
                 seed = _seed(cfg.seed, phase_idx) % (1 << 31)
                 common = {"batch": lc.batch, "temperature": lc.temperature, "seed": seed}
                 with self._autocast():
@@ -450,6 +466,40 @@ class Trainer:
             suffix = f"-rank{self.rank}" if self.rank else ""
             write_labels(table, self.deltas_dir / f"cycle{cycle}-{tag}{suffix}.parquet")
         return items
+
+    _RUN_COLUMNS = ("run", "cycle", "gistnet_hash", "lensnet_hash", "lora_hash")
+
+    def _reused_labels(self, gistnet_hash: str) -> dict[tuple[int, int], list[dict[str, Any]]]:
+        """``labels.reuse``'s rows by ``(doc, snapshot_step)``, checked against this
+        run's GistNet (the labels value its gists)."""
+        path = self.cfg.labels.reuse
+        rows = read_labels(path)
+        other = {r["gistnet_hash"] for r in rows}
+        if other != {gistnet_hash}:
+            raise ConfigError(
+                f"labels.reuse: {path} was labelled with GistNet {sorted(other)}, this run's "
+                f"GistNet is {gistnet_hash}",
+                field="labels.reuse",
+                value=path,
+            )
+        out: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for r in rows:
+            key = (int(r["doc"]), int(r["snapshot_step"]))
+            out.setdefault(key, []).append(
+                {k: v for k, v in r.items() if k not in self._RUN_COLUMNS}
+            )
+        return out
+
+    def _reused_rows(self, reused: dict, doc: int, snap: Any) -> list[dict[str, Any]]:
+        rows = reused.get((doc, snap.step), [])
+        if any(int(r["cursor"]) != snap.cursor for r in rows):
+            raise ConfigError(
+                f"labels.reuse: {self.cfg.labels.reuse} labels window {doc} step {snap.step} at "
+                f"another cursor than this run's {snap.cursor} (other data or seed)",
+                field="labels.reuse",
+                value=self.cfg.labels.reuse,
+            )
+        return rows
 
     # ------------------------------------------------------------------ evaluation
 
