@@ -7,7 +7,7 @@ token by token (``Session.feed``: a refocus every 32 tokens, as in decoding). Fr
 the decode-phase telemetry, :func:`megacontext.eval.accept.swap_criteria` judges
 discretionary actions per decoded block (bar ≤ 0.25), ping-pong (bar 0) and mean
 residency (bar ≥ 3), with all actions per block beside them. Each ``--lens`` is a
-row. Run::
+row (``--lens lensnet --lensnet PATH``: a trained LensNet with the shipped gists). Run::
 
     OMP_NUM_THREADS=2 uv run python bench/decode_swaps.py --lens lexical recency \\
         --out docs/results/<date>-cpu-heldout/decode-swaps
@@ -33,6 +33,7 @@ from megacontext.eval.common import sweep_documents
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lens", nargs="+", default=["lexical", "recency"])
+    ap.add_argument("--lensnet", type=Path, help="the LensNet of --lens lensnet")
     ap.add_argument("--docs", type=int, default=2)
     ap.add_argument("--history", type=int, default=4096)
     ap.add_argument("--blocks", type=int, default=64)
@@ -45,10 +46,15 @@ def main() -> None:
     docs = sweep_documents(base, args.docs, args.history + args.blocks * bs)
     t0 = time.time()
     results = {}
+    if "lensnet" in args.lens and args.lensnet is None:
+        ap.error("--lens lensnet needs --lensnet PATH")
     for lens in args.lens:
         system = mc.MegaContext.pretrained(
             "smollm2-135m", base=base, w_max=args.w_max, lens=lens, refocus_iterations=8
         )
+        if lens == "lensnet":
+            lensnet = mc.LensNet.load(args.lensnet)
+            system = mc.MegaContext(base, system.gistnet, lensnet, system.config)
         rows, traces, residencies = [], [], []
         for doc_id, _, ids in docs:
             s = system.session()

@@ -38,7 +38,12 @@ from megacontext.train.config import apply_overrides
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lens", required=True, help="the scorer's session peer: lexical | attention")
+    ap.add_argument(
+        "--lens",
+        required=True,
+        help="the scorer's session peer: lexical | attention | lensnet (with --lensnet)",
+    )
+    ap.add_argument("--lensnet", type=Path, help="LensNet weights for --lens lensnet")
     ap.add_argument("--gistnet", type=Path, help="GistNet weights (default mean pooling)")
     ap.add_argument("--suite", default="budget", choices=["budget", "longbench"])
     ap.add_argument("--size", default="medium", choices=["tiny", "small", "medium"])
@@ -51,14 +56,19 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    peer = f"mc_{args.lens}"
+    peer = "megacontext" if args.lens == "lensnet" else f"mc_{args.lens}"
+    if args.lens == "lensnet" and args.lensnet is None:
+        ap.error("--lens lensnet needs --lensnet PATH")
     if peer not in registry.peer_names():
         ap.error(f"no session peer {peer!r}; expected one of {registry.session_names()}")
     args.out.mkdir(parents=True, exist_ok=True)
     base = mc.load_base("smollm2-135m")
     gist = mc.GistNet.load(args.gistnet) if args.gistnet else None
     extra = apply_overrides({}, args.set)  # KEY=VALUE, values parsed as YAML
-    system = mc.MegaContext(base, gist, None, mc.MegaContextConfig(model=base.name, **extra))
+    lensnet = mc.LensNet.load(args.lensnet) if args.lensnet else None
+    if lensnet is not None:
+        extra.setdefault("lens", "lensnet")
+    system = mc.MegaContext(base, gist, lensnet, mc.MegaContextConfig(model=base.name, **extra))
     t0 = time.time()
     others = list(dict.fromkeys([*args.methods, "mc_recency"]))
     run = suites.budget_sweep if args.suite == "budget" else suites.longbench_suite
@@ -80,6 +90,7 @@ def main() -> None:
         f"Command: `uv run python {' '.join(sys.argv)}`  ",
         f"CPU {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"{time.strftime('%Y-%m-%d')}; GistNet {args.gistnet or 'mean pooling'}; "
+        f"LensNet {args.lensnet or 'none'}; "
         f"config changes {extra}; size {args.size}; {time.time() - t0:.0f} s.",
         "",
         f"| document | W | {' | '.join(cols)} | {peer} − recency |",
