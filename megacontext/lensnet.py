@@ -82,7 +82,8 @@ class LensNetConfig(BaseModel):
         0,
         ge=0,
         description="0: no relevance input; R > 0: forward takes relevance [B, N] (the entry's "
-        "lexical z-score for the newest tokens) and adds E_rel[clamp(floor(z) + 2, 0, R - 1)]",
+        "lexical z-score for the newest tokens) and adds E_rel[bucket(z)], two buckets per "
+        "octave of 1 + z (LensNet.relevance_bucket)",
     )
     causal: bool = Field(False, description="the causal ablation variant (see module doc)")
     causal_chunk: int = Field(256, gt=0, description="causal: entries per prefix chunk")
@@ -397,10 +398,14 @@ class LensNet(nn.Module):
         return x
 
     def relevance_bucket(self, relevance: torch.Tensor) -> torch.Tensor:
-        """``clamp(floor(z) + 2, 0, R - 1)`` (int64; NaN counts as 0): z-scores below -1
-        share bucket 0, ``R - 3`` and above share the last."""
-        z = torch.nan_to_num(relevance.double(), nan=0.0, posinf=1e6, neginf=-1e6)
-        return (torch.floor(z) + 2).clamp(0, self.config.relevance_buckets - 1).long()
+        """``0`` for ``z <= 0``, else ``clamp(1 + floor(2 log2(1 + z)), 1, R - 1)`` (int64;
+        NaN counts as 0): two buckets per octave, because a robust z-score spans 0 to
+        hundreds (a rare token found in one block among blocks that share nothing has
+        a tiny MAD) and what it means changes by orders of magnitude, not units."""
+        z = torch.nan_to_num(relevance.double(), nan=0.0, posinf=1e12, neginf=0.0).clamp(min=0.0)
+        b = 1 + torch.floor(2.0 * torch.log2(1.0 + z))
+        b = torch.where(z > 0, b, torch.zeros_like(b))
+        return b.clamp(0, self.config.relevance_buckets - 1).long()
 
     def buckets(
         self, levels: torch.Tensor, span: torch.Tensor, distance: torch.Tensor

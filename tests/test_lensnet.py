@@ -270,9 +270,9 @@ def test_relevance_input(tmp_path, reference):
     entries, tail, levels, span, distance, mask = make_inputs(mask=True)
     rel = torch.zeros(levels.shape)
     base = lens(entries, tail, levels, span, distance, mask, relevance=rel)
-    # the bucket rule: floor(z) + 2 clamped to [0, R - 1]; NaN as 0
-    z = torch.tensor([-9.0, -1.5, -1.0, 0.0, 0.99, 1.0, 4.2, 5.0, 100.0, float("nan")])
-    assert lens.relevance_bucket(z).tolist() == [0, 0, 1, 2, 2, 3, 6, 7, 7, 2]
+    # the bucket rule: 0 for z <= 0 (and NaN), else 1 + floor(2 log2(1 + z)), at most R - 1
+    z = torch.tensor([-9.0, 0.0, 0.2, 0.42, 1.0, 3.0, 6.9, 7.0, 1e4, float("nan")])
+    assert lens.relevance_bucket(z).tolist() == [0, 0, 1, 2, 3, 5, 6, 7, 7, 0]
     # an entry's relevance moves its own score
     hot = rel.clone()
     hot[0, 3] = 9.0
@@ -280,7 +280,7 @@ def test_relevance_input(tmp_path, reference):
     assert not torch.equal(moved[0, 3], base[0, 3])
     assert torch.equal(moved[1], base[1])  # another batch row: untouched
     # z-scores in one bucket give the same scores
-    same = lens(entries, tail, levels, span, distance, mask, relevance=rel + 0.5)
+    same = lens(entries, tail, levels, span, distance, mask, relevance=rel - 0.5)
     assert torch.equal(same, base)
     # required exactly when the config has buckets; a plain LensNet refuses it
     with pytest.raises(ConfigError) as e:
