@@ -7,6 +7,7 @@ import copy
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -588,6 +589,23 @@ def test_a_retrieval_lensnet_trains_on_read_labels(tiny_base, tmp_path):
     wrong.gistnet.load_state_dict(other.state_dict())
     with pytest.raises(mc.ConfigError, match="labels.reuse") as e:
         wrong.run()
+    assert e.value.field == "labels.reuse"
+    # labels of other windows at the same cursors: caught by the snapshot's Loss@H
+    table = pq.read_table(first).to_pylist()
+    for r in table:
+        r["nll_snapshot"] += 0.5
+    tampered = tmp_path / "tampered.parquet"
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(first)), tampered)
+    shifted = Trainer(
+        config(
+            tmp_path / "shifted",
+            *[f"{k}={v}" for k, v in _reads_overrides().items()],
+            f"labels.reuse={tampered}",
+        ),
+        base=fresh_base(tiny_base),
+    )
+    with pytest.raises(mc.ConfigError, match="Loss@H") as e:
+        shifted.run()
     assert e.value.field == "labels.reuse"
     saved = mc.LensNet.load(
         tmp_path / "artifacts" / "checkpoints" / "tiny" / "cycle0-warm-lens" / "lensnet.safetensors"

@@ -79,6 +79,7 @@ __all__ = [
     "read_block",
     "read_candidates",
     "read_labels",
+    "snapshot_nll",
     "utility",
     "write_labels",
 ]
@@ -212,17 +213,26 @@ def label_snapshot(
     return out
 
 
+def _row(base, tree, tokens, cfg: MegaContextConfig, levels: torch.Tensor, nodes: torch.Tensor):
+    emb = wc_embeddings(base, tokens, levels, nodes, cfg.block_size, gists="tree", tree=tree)
+    return wc_row(base, emb, levels, nodes, cfg)
+
+
+@torch.no_grad()
+def snapshot_nll(
+    base: Any, tree: Any, tokens: torch.Tensor, snap: Snapshot, cfg: MegaContextConfig
+):
+    """Loss@H of the snapshot's own WC (the labels' ``nll_snapshot``): one forward."""
+    r, start = _row(base, tree, tokens, cfg, snap.levels, snap.nodes)
+    logp = forward_rows(base, [r], [snap.targets], [start])[0]
+    return float(-logp.gather(-1, snap.targets.to(logp.device)[:, None]).mean())
+
+
 @torch.no_grad()
 def _evaluate(base, tree, tokens, snap: Snapshot, cfg: MegaContextConfig, wcs, batch: int):
     """``(NLL@H(snapshot), NLL@H(c) - NLL@H(snapshot), mean KL(p_s || p_c))`` per
     candidate WC ``c = (levels, nodes)`` of ``wcs``, ``batch`` WCs per base forward
     (the snapshot itself in the first chunk)."""
-    bs = cfg.block_size
-
-    def row(levels: torch.Tensor, nodes: torch.Tensor):
-        emb = wc_embeddings(base, tokens, levels, nodes, bs, gists="tree", tree=tree)
-        return wc_row(base, emb, levels, nodes, cfg)
-
     tgt = snap.targets
     pending: list[Any] = [None, *wcs]  # None = the snapshot itself, in the first chunk
     nll_s = logp_s = None
@@ -231,7 +241,9 @@ def _evaluate(base, tree, tokens, snap: Snapshot, cfg: MegaContextConfig, wcs, b
         chunk = pending[c0 : c0 + batch]
         rows, starts = [], []
         for c in chunk:
-            r, start = row(*((snap.levels, snap.nodes) if c is None else c))
+            r, start = _row(
+                base, tree, tokens, cfg, *((snap.levels, snap.nodes) if c is None else c)
+            )
             rows.append(r)
             starts.append(start)
         logp = forward_rows(base, rows, [tgt] * len(rows), starts)

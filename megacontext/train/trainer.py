@@ -58,6 +58,7 @@ from .labels import (
     module_hash,
     open_reads,
     read_labels,
+    snapshot_nll,
     write_labels,
 )
 from .phases import gist_loss, lens_loss, lora_loss
@@ -422,7 +423,7 @@ class Trainer:
             )
             for s in snaps:
                 if reused is not None:
-                    rows = self._reused_rows(reused, k, s)
+                    rows = self._reused_rows(reused, k, s, w, tree)
                     items.append((w, tree, s, rows))
                     table += [{"run": cfg.run, "cycle": cycle, **hashes, **r} for r in rows]
                     opened = open_reads(s, rows, self.mc) if lc.kind == "reads" else None
@@ -490,15 +491,31 @@ class Trainer:
             )
         return out
 
-    def _reused_rows(self, reused: dict, doc: int, snap: Any) -> list[dict[str, Any]]:
+    def _reused_rows(
+        self, reused: dict, doc: int, snap: Any, tokens: torch.Tensor, tree: Any
+    ) -> list[dict[str, Any]]:
+        """The reused rows of one snapshot, after checking that they label this very
+        snapshot: same cursor, and its Loss@H recomputed (one forward) equals theirs."""
         rows = reused.get((doc, snap.step), [])
+        path = self.cfg.labels.reuse
         if any(int(r["cursor"]) != snap.cursor for r in rows):
             raise ConfigError(
-                f"labels.reuse: {self.cfg.labels.reuse} labels window {doc} step {snap.step} at "
-                f"another cursor than this run's {snap.cursor} (other data or seed)",
+                f"labels.reuse: {path} labels window {doc} step {snap.step} at another cursor "
+                f"than this run's {snap.cursor} (other data or seed)",
                 field="labels.reuse",
-                value=self.cfg.labels.reuse,
+                value=path,
             )
+        if rows:
+            with self._autocast():
+                mine = snapshot_nll(self.base, tree, tokens, snap, self.mc)
+            if abs(mine - float(rows[0]["nll_snapshot"])) > 1e-3:
+                raise ConfigError(
+                    f"labels.reuse: {path} window {doc} step {snap.step} has Loss@H "
+                    f"{float(rows[0]['nll_snapshot']):.4f}, this run's snapshot {mine:.4f} "
+                    "(other windows, base model or data)",
+                    field="labels.reuse",
+                    value=path,
+                )
         return rows
 
     # ------------------------------------------------------------------ evaluation
