@@ -51,6 +51,15 @@ def setup(tiny_base):
     return tiny_base, cfg, tree, window, snaps[-1]
 
 
+def _nll_kwargs(base, cfg) -> dict:
+    """``wc_nll``'s keyword arguments for the config's positions and sink."""
+    return {
+        "positions": cfg.positions,
+        "max_gap": position_gap(cfg, base),
+        "sink": cfg.attention_sink,
+    }
+
+
 def _wc(levels, nodes, cursor):
     return WorkingContext(levels, nodes, block_size=BS, max_level=2, w_max=10**6, num_tokens=cursor)
 
@@ -72,11 +81,7 @@ def test_batched_labels_match_unbatched_recomputation(setup):
     base, cfg, tree, window, snap = setup
     rows = label_snapshot(base, tree, window, snap, cfg, batch=5, temperature=0.05)
     assert len(rows) == len(candidates(snap.levels, snap.nodes, snap.cursor, cfg))
-    kw = {
-        "positions": cfg.positions,
-        "max_gap": position_gap(cfg, base),
-        "sink": cfg.attention_sink,
-    }
+    kw = _nll_kwargs(base, cfg)
     with torch.no_grad():
         ref = wc_nll(
             base, _wc(snap.levels, snap.nodes, snap.cursor), tree, snap.targets, snap.cursor, **kw
@@ -182,11 +187,7 @@ def test_read_labels_value_the_block_and_point_at_its_gist(setup):
     # the top blocks by the lexical signal come first
     s = block_scores(tree, snapshot_wc(snap, cfg), cfg, query_end=snap.cursor)
     assert float(s[blocks[0]]) == pytest.approx(float(s[blocks][:2].max()))
-    kw = {
-        "positions": cfg.positions,
-        "max_gap": position_gap(cfg, base),
-        "sink": cfg.attention_sink,
-    }
+    kw = _nll_kwargs(base, cfg)
     with torch.no_grad():
         ref = wc_nll(
             base, _wc(snap.levels, snap.nodes, snap.cursor), tree, snap.targets, snap.cursor, **kw

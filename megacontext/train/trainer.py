@@ -422,39 +422,28 @@ class Trainer:
                 allocator_backend=cfg.allocator_backend,
             )
             for s in snaps:
-                if reused is not None:
-                    rows = self._reused_rows(reused, k, s, w, tree)
-                    items.append((w, tree, s, rows))
-                    table += [{"run": cfg.run, "cycle": cycle, **hashes, **r} for r in rows]
-                    opened = open_reads(s, rows, self.mc) if lc.kind == "reads" else None
-                    if opened is not None:
-                        items.append((w, tree, *opened))
-                    continue
-                seed = _seed(cfg.seed, phase_idx) % (1 << 31)
-                common = {"batch": lc.batch, "temperature": lc.temperature, "seed": seed}
+                if lc.kind == "reads":
+                    label, extra = label_reads, {
+                        "top_blocks": lc.top_blocks,
+                        "random_blocks": lc.random_blocks,
+                    }
+                else:
+                    label, extra = label_snapshot, {"max_candidates": lc.max_candidates}
                 with self._autocast():
-                    if lc.kind == "reads":
-                        rows = label_reads(
-                            self.base,
-                            tree,
-                            w,
-                            s,
-                            self.mc,
-                            top_blocks=lc.top_blocks,
-                            random_blocks=lc.random_blocks,
-                            token_cost=lc.token_cost,
-                            **common,
-                        )
+                    if reused is not None:
+                        rows = self._reused_rows(reused, k, s, w, tree)
                     else:
-                        rows = label_snapshot(
+                        rows = label(
                             self.base,
                             tree,
                             w,
                             s,
                             self.mc,
-                            max_candidates=lc.max_candidates,
+                            batch=lc.batch,
+                            temperature=lc.temperature,
                             token_cost=lc.token_cost,
-                            **common,
+                            seed=_seed(cfg.seed, phase_idx) % (1 << 31),
+                            **extra,
                         )
                 items.append((w, tree, s, rows))
                 table += [{"run": cfg.run, "cycle": cycle, **hashes, **r} for r in rows]
