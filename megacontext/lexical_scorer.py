@@ -163,6 +163,13 @@ def _coverage(wc: Any, bs: int, n_b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
+def _covers(lo: torch.Tensor, hi: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """bool ``[N]``: whether entry ``i`` covers a block marked in ``blocks [n_b]`` (one
+    in ``[lo[i], hi[i])``), by a prefix sum."""
+    prefix = torch.cat([torch.zeros(1, dtype=torch.int64), blocks.to(torch.int64).cumsum(0)])
+    return (prefix[hi] - prefix[lo]) > 0
+
+
 def entry_relevance(wc: Any, z: torch.Tensor | None, block_size: int) -> torch.Tensor:
     """float32 ``[N]``: for each entry of ``wc`` the largest robust z-score ``z [n_b]``
     (:func:`robust_z` of :func:`block_scores`) over the complete blocks before the
@@ -205,18 +212,16 @@ def swap_plan(
     n_b = int(s.numel())
     levels = wc.levels.cpu().to(torch.int64)
     lo, hi = _coverage(wc, bs, n_b)
-    prefix = torch.cat([torch.zeros(1, dtype=torch.int64), keep.to(torch.int64).cumsum(0)])
-    covers = (prefix[hi] - prefix[lo]) > 0
     out[expand] = 1.0
-    out[covers & (levels == 0)] = 0.5
+    out[_covers(lo, hi, keep) & (levels == 0)] = 0.5
     need = int(expand.sum()) * (bs - 1) - (int(config.w_max) - n)
     if need <= 0 or n_b == 0:
         return out
     k = -(-need // (bs - 1))
     tok = levels == 0
-    first = (wc.starts.cpu() // bs)[tok]
-    inside = first < n_b
-    counts = torch.bincount(first[inside], minlength=n_b)[:n_b]
+    blk = wc.starts.cpu() // bs
+    first = blk[tok]
+    counts = torch.bincount(first[first < n_b], minlength=n_b)[:n_b]
     full = torch.nonzero((counts == bs) & ~keep).flatten()
     if full.numel() == 0:
         return out
@@ -224,7 +229,6 @@ def swap_plan(
     victims = full[torch.argsort(s[full], stable=True)][:k]
     drop = torch.zeros(n_b, dtype=torch.bool)
     drop[victims] = True
-    blk = wc.starts.cpu() // bs
     in_drop = tok & (blk < n_b) & drop[blk.clamp(max=n_b - 1)]
     out[in_drop] = -1.0
     return out
@@ -253,9 +257,7 @@ def lexical_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None
     wanted = torch.zeros(n_b, dtype=torch.bool)
     wanted[want] = True
     lo, hi = _coverage(wc, bs, n_b)
-    prefix = torch.cat([torch.zeros(1, dtype=torch.int64), wanted.to(torch.int64).cumsum(0)])
-    covers = (prefix[hi] - prefix[lo]) > 0
-    expand = covers & (wc.levels.cpu() > 0)
+    expand = _covers(lo, hi, wanted) & (wc.levels.cpu() > 0)
     return swap_plan(wc, config, s, expand, wanted)
 
 
