@@ -1226,8 +1226,12 @@ def eval_(
             help="ablation suite: a LensNet trained with lensnet.causal=true (.safetensors)",
         ),
     ] = None,
+    untrained: Annotated[bool, _UNTRAINED_OPT] = False,
 ) -> None:
-    """Evaluate MegaContext against the peers at equal budget; write Parquet + a report."""
+    """Evaluate MegaContext against the peers at equal budget; write Parquet + a report.
+    The system is what ``run`` reads: the pretrained memory shipped for ``--model``
+    (its config too) unless ``--untrained`` (mean pooling and a seeded untrained
+    LensNet) or weights are given."""
     import shlex
     import sys
 
@@ -1235,9 +1239,12 @@ def eval_(
     from .eval.peers import untrained_system
     from .eval.runner import default_out_dir, run_eval
     from .eval.suites import SIZES, SUITES
+    from .pretrained import memory_for_model
+    from .runtime import MegaContext
 
     if causal_lensnet is not None and "ablation" not in suite and list(suite) != ["all"]:
         raise typer.BadParameter("only the ablation suite reads it", param_hint="--causal-lensnet")
+    _untrained_alone(untrained, gistnet=gistnet, lensnet=lensnet, checkpoint=checkpoint)
     _one_system_source(checkpoint, gistnet, lensnet)
     for path, hint in (
         (gistnet, "--gistnet"),
@@ -1255,20 +1262,30 @@ def eval_(
             param_hint="SUITE",
         )
     base = load_base(model)
-    system = untrained_system(base)
+    name = memory_for_model(model) if not untrained else None
     if checkpoint is not None:
         system = _checkpoint_system(checkpoint, model, gistnet, lensnet)
+    elif gistnet is None and lensnet is None and name is not None:
+        system = MegaContext.pretrained(name, base=base)
+        err_console.print(
+            f"memory: {name} (focus {system.config.lens}); --untrained for mean pooling "
+            "and an untrained LensNet",
+            markup=False,
+            soft_wrap=True,
+        )
     elif gistnet is not None or lensnet is not None:
         from .gistnet import GistNet
         from .lensnet import LensNet
-        from .runtime import MegaContext
 
+        seeded = untrained_system(base)
         system = MegaContext(
             base,
             GistNet.load(gistnet) if gistnet is not None else None,
-            LensNet.load(lensnet) if lensnet is not None else system.lensnet,
-            system.config,
+            LensNet.load(lensnet) if lensnet is not None else seeded.lensnet,
+            seeded.config,
         )
+    else:
+        system = untrained_system(base)
     out_dir = default_out_dir(out) if out is not None else None
     suite_kw = {}
     if causal_lensnet is not None:

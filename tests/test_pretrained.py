@@ -414,6 +414,25 @@ def test_accept_measures_the_shipped_memory_by_default(exported, checkpoint, sys
     assert result.exit_code == 2 and "--untrained" in result.stderr
 
 
+def test_eval_measures_the_shipped_memory_by_default(exported, checkpoint, systems, tmp_path):
+    seen = systems
+    args = ["eval", "needle", "--size", "tiny", "--model", "tiny-llama"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "memory: tiny" in result.stderr
+    gist, lens, cfg = seen[0]
+    assert isinstance(gist, GistNet) and isinstance(lens, LensNet) and cfg.tau_expand == 0.1
+    seen.clear()
+    result = runner.invoke(app, [*args, "--untrained", "--out", str(tmp_path / "u")])
+    assert result.exit_code == 0, result.output
+    assert "memory:" not in result.stderr
+    gist, lens, cfg = seen[0]  # mean pooling and the seeded untrained LensNet
+    assert gist is None and isinstance(lens, LensNet) and cfg.tau_expand == 0.2
+    gist = str(checkpoint / "gistnet.safetensors")
+    result = runner.invoke(app, [*args, "--untrained", "--gistnet", gist])
+    assert result.exit_code == 2 and "--untrained" in result.stderr
+
+
 def test_run_without_a_shipped_memory_is_untrained(root, text, systems):
     seen = systems
     result = _run(text)

@@ -98,7 +98,7 @@ def run_eval(
             f"gistnet={'mean-pool' if system.gistnet is None else type(system.gistnet).__name__}, "
             f"lensnet={'none' if system.lensnet is None else type(system.lensnet).__name__}"
             f" ({'untrained, seeded' if is_untrained(system) else 'as given'}), "
-            f"kv_mode={system.config.kv_mode}, "
+            f"lens={system.config.lens}, kv_mode={system.config.kv_mode}, "
             f"LoRA adapter on the system's base: {'yes' if has_lora(system.base.model) else 'no'}"
         ),
         "size": size,
