@@ -41,6 +41,8 @@ def test_registry_order_is_the_report_order():
         "no_hysteresis",
         "recency",
         "attention",
+        "lexical",
+        "lexical_no_hysteresis",
         "random",
         "random_no_hysteresis",
     ]

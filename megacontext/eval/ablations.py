@@ -19,6 +19,8 @@ the method registry, :data:`VARIANTS` the built-in ones):
 - ``no_hysteresis``: the system's LensNet with ``cooldown_steps = min_residency = 0``;
 - ``recency``: no LensNet (the allocator only collapses what the budget forces);
 - ``attention``: the training-free attention scorer (``lens: attention``);
+- ``lexical`` / ``lexical_no_hysteresis``: the training-free lexical scorer
+  (``lens: lexical``, the shipped memory's focus) with and without hysteresis;
 - ``random`` / ``random_no_hysteresis``: a seeded random scorer
   (:class:`GroupRandomLens`, one uniform score in ``[-1, 1]`` per sibling group and
   step) with and without hysteresis, exercising the allocator independently of

@@ -379,6 +379,24 @@ class Attention(Variant):
         return None
 
 
+class Lexical(Variant):
+    """The training-free lexical scorer (``lens: lexical``), no LensNet: the shipped
+    memory's focus for ``smollm2-135m``."""
+
+    name = "lexical"
+    lens = "lexical"
+
+    def scorer(self, system: Any, *, causal_lens: Any, seed: int) -> Any:
+        return None
+
+
+class LexicalNoHysteresis(Lexical):
+    """:class:`Lexical` with ``cooldown_steps = min_residency = 0``."""
+
+    name = "lexical_no_hysteresis"
+    hysteresis = False
+
+
 class Random(Variant):
     """A seeded :class:`GroupRandomLens` (the allocator, independent of LensNet)."""
 
