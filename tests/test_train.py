@@ -310,6 +310,14 @@ def test_tiny_end_to_end(uninterrupted):
     assert len(steps) == 1 + 1 + 2 + 2 + 1
     assert all(r["lr"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in steps)
     assert any(r.get("val_loss_at_h_40") is not None for r in iters)
+    # the label phases' progress: one row per window (warm-lens, then b2), in order
+    prog = [r for r in iters if r.get("label_window") is not None]
+    assert [(r["phase_index"], r["label_window"], r["label_windows"]) for r in prog] == [
+        (1.0, 1.0, 1.0),
+        (3.0, 1.0, 1.0),
+    ]
+    assert all(r["label_elapsed_s"] > 0 and r["label_eta_s"] == 0 for r in prog)
+    assert prog[0]["label_rows"] > 0
     # every trained module moved in its phase
     assert states[-1][1]["gistnet"] != before["gistnet"]
     assert states[-1][1]["lensnet"] != before["lensnet"]

@@ -391,10 +391,13 @@ class Trainer:
             for k, w in enumerate(windows)
         ]
 
-    def make_labels(self, phase_idx: int, cycle: int, with_lens: bool, tag: str):
+    def make_labels(self, phase_idx: int, cycle: int, with_lens: bool, tag: str, tel: Any = None):
         """Roll out ``label_windows`` windows and label every snapshot; writes
         ``artifacts/deltas/<run>/cycle<c>-<tag>.parquet``. Returns the labelled items
-        ``(tokens, tree, snapshot, rows)``."""
+        ``(tokens, tree, snapshot, rows)``. With telemetry ``tel``, one row per window
+        (``label_window`` of ``label_windows``, ``label_elapsed_s``, ``label_eta_s``,
+        ``label_rows``), flushed at once: the label phase is most of a LensNet run's
+        time, and a run in the background shows its progress there."""
         cfg, lc = self.cfg, self.cfg.labels
         windows = self.train_windows(cfg.label_windows, self._data_seed(phase_idx, 1 << 20))
         items, table = [], []
@@ -408,6 +411,7 @@ class Trainer:
             ),
         }
         reused = self._reused_labels(hashes["gistnet_hash"]) if lc.reuse else None
+        start = time.perf_counter()
         for k, w in enumerate(windows):
             tree, snaps = rollout(
                 self.base,
@@ -452,6 +456,19 @@ class Trainer:
                     items.append((w, tree, *opened))
             if self.progress is not None:
                 self.progress(f"{tag} labels", cycle, k + 1, len(windows), math.nan)
+            if tel is not None:
+                elapsed = time.perf_counter() - start
+                tel.log_iteration(
+                    iteration=self.global_step,
+                    cycle=cycle,
+                    phase_index=PHASE_NAMES.index(tag),
+                    label_window=k + 1,
+                    label_windows=len(windows),
+                    label_rows=len(table),
+                    label_elapsed_s=elapsed,
+                    label_eta_s=elapsed / (k + 1) * (len(windows) - k - 1),
+                )
+                tel.flush()
         if table:
             suffix = f"-rank{self.rank}" if self.rank else ""
             write_labels(table, self.deltas_dir / f"cycle{cycle}-{tag}{suffix}.parquet")
@@ -584,7 +601,7 @@ class Trainer:
         cfg = self.cfg
         labelled = None
         if phase in ("warm-lens", "b2"):
-            labelled = self.make_labels(idx, cycle, with_lens=phase == "b2", tag=phase)
+            labelled = self.make_labels(idx, cycle, with_lens=phase == "b2", tag=phase, tel=tel)
             if not labelled or not any(rows for *_, rows in labelled):
                 return
         if phase == "b1":
