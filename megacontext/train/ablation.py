@@ -257,6 +257,8 @@ def run_ablation(
         "variants": {},
     }
     if results["baselines"] is None:
+        n = sum(len(v) for v in sets.values())
+        log(f"baselines: full context and truncation to {budget} over {n} held-out items")
         results["baselines"] = baseline_nlls(base, sets, budget)
 
     def save() -> None:
@@ -290,6 +292,7 @@ def run_ablation(
             row["nll"], row["eval_seconds"] = done["nll"], done["eval_seconds"]
         else:
             t0 = time.perf_counter()
+            log(f"{v}: evaluating {ckpt} at w_max = {budget}")
             # a fresh base per checkpoint: its LoRA adapter is injected in place
             system = load_checkpoint(ckpt, base=load_base(cfg.model, device=cfg.device))
             row["nll"] = system_nlls(system, sets, budget)
