@@ -336,6 +336,14 @@ def test_suite_input_errors(base, system):
     causal_sys = mc.MegaContext(base, None, causal_twin(system.lensnet), system.config)
     with pytest.raises(InputError, match="causal"):
         ablation_suite(base, causal_sys, "tiny")
+    with pytest.raises(InputError, match="docs must be >= 1"):
+        ablation_suite(base, system, "tiny", docs=0)
+
+
+def test_docs_overrides_the_size(base, system):
+    rows = ablation_suite(base, system, "tiny", variants=["recency"], docs=1, log=lambda m: None)
+    assert len({r["doc"] for r in rows}) == 1
+    assert {r["method"] for r in rows} <= {"full", "truncation", "recency"}
 
 
 def test_cli_causal_lensnet_needs_the_ablation_suite(tmp_path):

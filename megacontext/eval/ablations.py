@@ -282,16 +282,19 @@ def ablation_suite(
     causal_lensnet: str | Path | None = None,
     variants: Sequence[str] | None = None,
     seed: int = 0,
+    docs: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The focus ablations on ``docs`` held-out documents (alternating code and
-    prose, :func:`~megacontext.eval.suites.sweep_documents`): ``history`` tokens
-    ingested at ``W = budget``, the next ``feed`` tokens decoded teacher-forced.
-    One row per (document, variant) plus the ``full`` and ``truncation`` reference
-    rows; ``causal_lensnet``: a trained causal LensNet ``.safetensors`` or a causal
-    trainer checkpoint directory (:func:`load_causal`)."""
+    """The focus ablations on ``docs`` held-out documents (default: the size's;
+    alternating code and prose, :func:`~megacontext.eval.suites.sweep_documents`):
+    ``history`` tokens ingested at ``W = budget``, the next ``feed`` tokens decoded
+    teacher-forced. One row per (document, variant) plus the ``full`` and
+    ``truncation`` reference rows; ``causal_lensnet``: a trained causal LensNet
+    ``.safetensors`` or a causal trainer checkpoint directory (:func:`load_causal`)."""
     if size not in SIZES or "ablation" not in SIZES[size]:
         raise InputError(f"unknown ablation size {size!r}; expected one of {list(SIZES)}")
-    cfg = SIZES[size]["ablation"]
+    if docs is not None and docs < 1:
+        raise InputError(f"ablation docs must be >= 1, got {docs}")
+    cfg = {**SIZES[size]["ablation"], **({"docs": docs} if docs is not None else {})}
     known = variant_names()
     names = list(known if variants is None else variants)
     bad = [v for v in names if v not in known]
