@@ -400,7 +400,10 @@ def continuation(run: Run, corpus: str, ids: torch.Tensor, ends, budgets, length
                 gloop = None
                 for W in budgets:
                     key = dict(task="continuation", corpus=corpus, target=e, W=W, T=T)
-                    if T <= W or run.done(f"mc_hybrid+{name}", **key):
+                    recency = not run.done(f"mc_hybrid+{name}", **key)
+                    # --resume over recency rows still adds the lexical rows they lack
+                    lexical = LEXICAL and not run.done(f"mc_lexical+{name}", **key)
+                    if T <= W or not (recency or lexical):
                         continue
                     if gloop is None:
                         cfg = mc.MegaContextConfig(
@@ -408,9 +411,10 @@ def continuation(run: Run, corpus: str, ids: torch.Tensor, ends, budgets, length
                         )
                         gloop = FocusLoop(base, gist, None, cfg)
                         gloop.ingest(hist)
-                    view = gist_view(base, gloop, W)
-                    run.score(view, targets, method=f"mc_hybrid+{name}", **key)
-                    if LEXICAL and not run.done(f"mc_lexical+{name}", **key):
+                    if recency:
+                        view = gist_view(base, gloop, W)
+                        run.score(view, targets, method=f"mc_hybrid+{name}", **key)
+                    if lexical:
                         view = lexical_view(base, gloop, W)
                         run.score(view, targets, method=f"mc_lexical+{name}", **key)
 
