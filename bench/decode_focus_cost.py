@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -65,9 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = " | ".join(f"{m[c]:.4f}" if c in m else "–" for c in cols)
         lines.append(f"| {doc} | {cells} | {d:+.4f} |")
     n = len(diffs)
-    mean = sum(diffs) / n
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
-    med = sorted(diffs)[n // 2] if n % 2 else sum(sorted(diffs)[n // 2 - 1 : n // 2 + 1]) / 2
+    mean, med = statistics.fmean(diffs), statistics.median(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else float("nan")
     lines += [
         "",
         f"Paired difference over {n} documents: mean {mean:+.4f} ± {se:.4f} (s.e.), "
