@@ -6,7 +6,10 @@ evaluation seeds) at two settings of the issue's bar:
 - ``6x``: 3,072-token histories at ``W = 512``, depths 10 %–90 %, pass key and
   key–value lookup; full context fits, so its exact match is the reference;
 - ``32x``: 32,768-token histories at ``W = 1,024``, depths 10 %, 50 %, 90 %, pass key
-  (full context does not fit the base model's 8,192 positions).
+  (full context does not fit the base model's 8,192 positions);
+- ``medium``: the tasks of ``megacontext eval needle --size medium`` (pass key,
+  key-value and code identifiers, 2k and 4k tokens, ``W`` 512 and 1,024) with the
+  methods chosen here.
 
 Per method: the answer's NLL, the greedy answer's exact match (``contains``), and the
 recovered fraction ``(NLL_trunc - NLL_m) / (NLL_trunc - NLL_full)`` where full context
@@ -49,6 +52,8 @@ SETTINGS = {
         "tasks": ["passkey", "kv"],
     },
     "32x": {"lengths": [32768], "depths": [0.1, 0.5, 0.9], "budgets": [1024], "tasks": ["passkey"]},
+    # `megacontext eval needle --size medium`'s tasks (code identifiers too), any methods
+    "medium": common.SIZES["medium"]["needle"],
 }
 
 
@@ -60,15 +65,15 @@ def render(rows: list[dict], meta: dict) -> str:
         f"{meta['machine']}; {meta['date']}; system: {meta['system']}.",
         "",
     ]
-    for setting in dict.fromkeys(r["setting"] for r in rows):
-        sub = [r for r in rows if r["setting"] == setting]
+    for setting, budget in dict.fromkeys((r["setting"], r["budget"]) for r in rows):
+        sub = [r for r in rows if r["setting"] == setting and r["budget"] == budget]
         docs = sorted({r["doc"] for r in sub})
+        lengths = ", ".join(f"{n:,}" for n in sorted({r["length"] for r in sub}))
         methods = list(dict.fromkeys(r["method"] for r in sub))
         full = {r["doc"]: r["nll"] for r in sub if r["method"] == "full"}
         trunc = {r["doc"]: r["nll"] for r in sub if r["method"] == "truncation"}
         lines += [
-            f"## {setting}: {sub[0]['length']:,}-token histories, W = {sub[0]['budget']:,} "
-            f"({len(docs)} tasks)",
+            f"## {setting}: {lengths}-token histories, W = {budget:,} " f"({len(docs)} tasks)",
             "",
             "| method | answer NLL | exact match | recovered fraction |",
             "|---|---:|---:|---:|",
@@ -203,7 +208,7 @@ def main() -> None:
             for r in got:
                 r.pop("_session", None)
                 r["setting"] = setting
-                r["length"] = cfg["lengths"][0]
+                r.setdefault("length", cfg["lengths"][0])
             rows += got
             print(f"{setting}: {len(got)} rows in {time.time() - t0:.0f} s", flush=True)
             keep = sorted({k for r in rows for k in r})

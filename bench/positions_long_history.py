@@ -495,6 +495,13 @@ def main() -> None:
     ap.add_argument("--schemes", nargs="+", choices=ALL_SCHEMES, help="MegaContext schemes")
     ap.add_argument("--no-passkey", action="store_true", help="skip the pass key")
     ap.add_argument(
+        "--corpora",
+        nargs="+",
+        choices=("code", "prose"),
+        default=["code", "prose"],
+        help="the corpora to read (default both; one each lets two processes share a run)",
+    )
+    ap.add_argument(
         "--no-sink",
         action="store_true",
         help="read the MegaContext views without the attention sink (attention_sink: false)",
@@ -568,16 +575,17 @@ def main() -> None:
             f"({prose.numel():,} tokens, the text repeated {reps}x to reach 128k)"
         )
     ends = [need - 4096 * i for i in range(args.targets)]
+    corpora = [(c, ids) for c, ids in (("code", code), ("prose", prose)) if c in args.corpora]
     # most important first: one target per corpus at the small budget, the pass key,
     # the large budget, then the further targets
-    for corpus, ids in (("code", code), ("prose", prose)):
+    for corpus, ids in corpora:
         continuation(run, corpus, ids, ends[:1], BUDGETS[:1], LENGTHS)
     if not args.no_passkey:
         passkey(run, BUDGETS)
-    for corpus, ids in (("code", code), ("prose", prose)):
+    for corpus, ids in corpora:
         continuation(run, corpus, ids, ends[:1], BUDGETS[1:], LENGTHS)
     # further targets at the smaller budget only (time on a shared 2-core CPU)
-    for corpus, ids in (("code", code), ("prose", prose)):
+    for corpus, ids in corpora:
         continuation(run, corpus, ids, ends[1:], BUDGETS[:1], LENGTHS)
     run.extra["done"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     run.flush()

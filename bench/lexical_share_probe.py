@@ -1,0 +1,196 @@
+"""How much of the budget the lexical focus may retrieve, chosen on training-split data.
+
+Every block the lexical scorer opens (``lens: lexical``) displaces ``bs - 1`` recent
+token entries, so ``retrieval_share`` (at most ``floor(share · w_max / bs)`` blocks per
+refocus) trades what retrieval brings against what the recent window loses. This probe
+reads, per setting, the shipped memory (its GistNet, three levels, nearby positions,
+the attention sink) after its ingest refocuses, on **training-split** material only:
+
+- ``code`` / ``prose``: the next 64 tokens after 4k, 16k and 32k tokens of the
+  standard library's modules in name order / the pydoc topics text
+  (``bench/positions_long_history.py``'s ``--texts stdlib``), ``W = 1,024``, beside
+  truncation and the recency WC;
+- ``needle``: pass-key and key-value tasks on training filler with training seeds
+  (:func:`megacontext.synthetic.train_seed` namespace), 3,072 tokens at ``W = 512``,
+  depths 10 %–90 %: the answer's NLL and the recovered fraction
+  ``(NLL_trunc - NLL) / (NLL_trunc - NLL_full)``.
+
+Settings are ``NAME=KEY:VALUE,...`` of :class:`megacontext.MegaContextConfig` fields
+(``share0.25=retrieval_share:0.25``). Rows go to ``OUT/rows.parquet`` as they finish and
+``OUT/results.md`` is rewritten. Run (one process per part, one thread each)::
+
+    OMP_NUM_THREADS=1 uv run python bench/lexical_share_probe.py --part code \\
+        --setting share0.25=retrieval_share:0.25 --setting share0.125=retrieval_share:0.125 \\
+        --out docs/results/<date>-train-probe/lexical-share-code
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import megacontext as mc
+from megacontext import synthetic
+from megacontext.eval.peers import full_view, truncation_view, view_nll
+from megacontext.focus import FocusLoop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import positions_long_history as plh
+
+H = 64
+MEMORY = Path(__file__).resolve().parents[1] / "megacontext/memories/smollm2-135m"
+LENGTHS = (4096, 16384, 32768)
+DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def parse_setting(spec: str) -> tuple[str, dict]:
+    name, _, body = spec.partition("=")
+    upd: dict = {}
+    for part in filter(None, body.split(",")):
+        key, _, value = part.partition(":")
+        upd[key] = float(value)
+    mc.MegaContextConfig(**upd)  # a typed error for a field or value that is not one
+    return name, upd
+
+
+def read(base: mc.Base, loop: FocusLoop, W: int, upd: dict, targets: torch.Tensor) -> dict:
+    """NLL of ``targets`` after the lexical WC of ``loop``'s tree under ``upd``."""
+    keep = loop.config
+    loop.config = keep.model_copy(update=upd)
+    try:
+        view = plh.lexical_view(base, loop, W)
+    finally:
+        loop.config = keep
+    return {"nll": float(view_nll(base, view, targets).mean()), "actions": view.meta["actions"]}
+
+
+def continuation(base, gist, part: str, settings, ntargets: int, emit) -> None:
+    W = 1024
+    need = max(LENGTHS) + H + 4096 * (ntargets - 1)
+    ids = plh.code_ids(base, need) if part == "code" else plh.prose_ids(base, need)[0]
+    for e in [max(LENGTHS) + H + 4096 * i for i in range(ntargets)]:
+        tg = ids[e - H : e]
+        trunc = float(view_nll(base, truncation_view(base, ids[e - H - W : e - H], W), tg).mean())
+        for T in LENGTHS:
+            cfg = mc.MegaContextConfig(model=base.name, w_max=W, levels=3)
+            loop = FocusLoop(base, gist, None, cfg)
+            loop.ingest(ids[e - H - T : e - H])
+            rec = float(view_nll(base, plh.gist_view(base, loop, W), tg).mean())
+            key = {"part": part, "item": f"end{e}", "T": T, "W": W}
+            emit({**key, "setting": "truncation", "nll": trunc, "actions": 0})
+            emit({**key, "setting": "recency", "nll": rec, "actions": 0})
+            for name, upd in settings:
+                emit({**key, "setting": name, **read(base, loop, W, upd, tg)})
+
+
+def needles(base, gist, settings, reps: int, emit) -> None:
+    W, length, i = 512, 3072, 0
+    for task in ("passkey", "kv"):
+        for depth in DEPTHS:
+            for _ in range(reps):
+                t = synthetic.GENERATORS[task](
+                    base.tokenizer,
+                    length=length,
+                    depth=depth,
+                    seed=synthetic.train_seed(7, i),
+                    haystack="train",
+                )
+                i += 1
+                hist, tgt = base.encode(t.context), base.encode(t.target)
+                key = {"part": "needle", "item": f"{task}/d{depth}/s{t.meta['seed']}"}
+                key.update(T=length, W=W)
+                trunc = float(view_nll(base, truncation_view(base, hist, W), tgt).mean())
+                emit({**key, "setting": "truncation", "nll": trunc, "actions": 0})
+                full = float(view_nll(base, full_view(base, hist), tgt).mean())
+                emit({**key, "setting": "full", "nll": full, "actions": 0})
+                cfg = mc.MegaContextConfig(model=base.name, w_max=W, levels=3)
+                loop = FocusLoop(base, gist, None, cfg)
+                loop.ingest(hist)
+                for name, upd in settings:
+                    emit({**key, "setting": name, **read(base, loop, W, upd, tgt)})
+
+
+def render(rows: list[dict], command: str) -> str:
+    out = ["# Lexical retrieval share on training-split data", "", f"`{command}`", ""]
+    names = list(dict.fromkeys(r["setting"] for r in rows))
+    by = {(r["part"], r["item"], r["T"], r["setting"]): r for r in rows}
+    items = sorted({(r["part"], r["item"], r["T"]) for r in rows})
+    for part in sorted({p for p, _, _ in items}):
+        if part == "needle":
+            got = [k for k in items if k[0] == part and (*k, "full") in by]
+            out += [f"## needle (n = {len(got)})", "", "| setting | answer NLL | recovered |"]
+            out.append("|---|---:|---:|")
+            for s in names:
+                have = [k for k in got if (*k, s) in by]
+                if not have:
+                    continue
+                nll = statistics.mean(by[(*k, s)]["nll"] for k in have)
+                rec = statistics.mean(
+                    (by[(*k, "truncation")]["nll"] - by[(*k, s)]["nll"])
+                    / (by[(*k, "truncation")]["nll"] - by[(*k, "full")]["nll"])
+                    for k in have
+                )
+                out.append(f"| {s} | {nll:.3f} | {rec:.2f} |")
+            out.append("")
+            continue
+        Ts = sorted({T for p, _, T in items if p == part})
+        out += [f"## {part}, W = 1,024: NLL minus truncation (mean over targets)", ""]
+        out.append("| setting | " + " | ".join(f"T={T:,} (n)" for T in Ts) + " |")
+        out.append("|---|" + "---:|" * len(Ts))
+        for s in names:
+            if s == "truncation":
+                continue
+            cells = []
+            for T in Ts:
+                ks = [k for k in items if k[0] == part and k[2] == T and (*k, s) in by]
+                d = [by[(*k, s)]["nll"] - by[(*k, "truncation")]["nll"] for k in ks]
+                cells.append(f"{statistics.mean(d):+.4f} ({len(d)})" if d else "–")
+            out.append(f"| {s} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=("code", "prose", "needle"), required=True)
+    ap.add_argument("--setting", action="append", required=True, metavar="NAME=KEY:VALUE,...")
+    ap.add_argument("--targets", type=int, default=6, help="targets per length (code/prose)")
+    ap.add_argument("--reps", type=int, default=2, help="tasks per task kind and depth")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    settings = [parse_setting(s) for s in args.setting]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "OMP_NUM_THREADS=1 uv run python bench/lexical_share_probe.py " + " ".join(
+        sys.argv[1:]
+    )
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        pq.write_table(pa.Table.from_pylist(rows), args.out / "rows.parquet")
+        (args.out / "results.md").write_text(
+            render(rows, command)
+            + f"\n{time.strftime('%Y-%m-%d')}; CPU, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; the shipped memory's GistNet\n"
+        )
+        print(row, flush=True)
+
+    torch.manual_seed(0)
+    base = mc.load_base("smollm2-135m")
+    gist = mc.GistNet.load(MEMORY / "gistnet.safetensors")
+    if args.part == "needle":
+        needles(base, gist, settings, args.reps, emit)
+    else:
+        continuation(base, gist, args.part, settings, args.targets, emit)
+
+
+if __name__ == "__main__":
+    main()
