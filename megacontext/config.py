@@ -163,10 +163,12 @@ class MegaContextConfig(BaseModel):
     )
     lens_plan: Literal["auto", "scores", "retrieval"] = Field(
         "auto",
-        description="how a LensNet's scores act: scores (straight to the allocator), "
-        "retrieval (the gists it scores above tau_expand are opened, at most "
-        "retrieval_share of w_max, and the lexical swap plan makes their room; nothing "
-        "else moves) or auto (retrieval for a LensNet with the relevance input, else scores)",
+        description="how a LensNet's or the attention scorer's scores act: scores "
+        "(straight to the allocator), retrieval (the gists it scores above tau_expand "
+        "are opened, at most retrieval_share of w_max, and the swap plan makes their "
+        "room from the token blocks the lexical scorer, or for lens attention the "
+        "attention scorer, rates lowest; nothing else moves) or auto (retrieval for the "
+        "attention scorer and for a LensNet with the relevance input, else scores)",
     )
     lexical_query: int = Field(
         64, ge=1, description="newest tokens the lexical scorer reads as its query"

@@ -40,6 +40,7 @@ from .config import MegaContextConfig
 from .errors import ConfigError
 from .lensnet import LensNetConfig
 from .lexical_scorer import (
+    block_means,
     block_scores,
     entry_relevance,
     lexical_scores,
@@ -521,7 +522,16 @@ class FocusLoop:
         attention scorer's (``config.lens``) or zeros (recency)."""
         assert self.wc is not None
         if self.scorer is not None:
-            return self.scorer(self.wc, self.positions())
+            u = self.scorer(self.wc, self.positions())
+            if self.config.lens_plan == "scores":
+                return u
+            # the attention scorer picks what to open; room comes from the token
+            # blocks it reads least, and nothing else moves (its uncalibrated scores
+            # sent straight to the allocator collapse entries no budget asks for:
+            # 97-144 entries left at W = 512, docs/runtime.md)
+            u = u.float().cpu()
+            s = block_means(self.wc, u, self.config.block_size)
+            return retrieval_scores(self.wc, self.config, s, u)
         if self.config.lens == "lexical":
             return lexical_scores(self.tree, self.wc, self.config, self.query_end)
         if not self.scoring:

@@ -61,6 +61,7 @@ from .errors import InvariantError
 
 __all__ = [
     "K1",
+    "block_means",
     "block_relevance",
     "block_scores",
     "entry_relevance",
@@ -232,6 +233,21 @@ def swap_plan(
     in_drop = tok & (blk < n_b) & drop[blk.clamp(max=n_b - 1)]
     out[in_drop] = -1.0
     return out
+
+
+def block_means(wc: Any, u: torch.Tensor, block_size: int) -> torch.Tensor:
+    """float32 ``[n_b]``: the mean of ``u [N]`` over each complete block's LOD0 entries,
+    for the ``n_b = protected_start // bs`` blocks before ``wc``'s protected tail (0 for
+    a block with no LOD0 entry). A scorer's own per-block verdict, for
+    :func:`swap_plan`'s choice of which token blocks make room."""
+    bs = int(block_size)
+    n_b = int(wc.protected_start) // bs
+    levels = wc.levels.cpu()
+    blk = wc.starts.cpu() // bs
+    tok = (levels == 0) & (blk < n_b)
+    sums = torch.zeros(n_b, dtype=torch.float32).index_add_(0, blk[tok], u.float().cpu()[tok])
+    counts = torch.bincount(blk[tok], minlength=n_b)[:n_b].clamp(min=1)
+    return sums / counts
 
 
 def retrieval_limit(config: Any) -> int:

@@ -33,6 +33,9 @@ def _cfg(**kw):
         attention_queries=4,
         cooldown_steps=0,
         min_residency=0,
+        # the scores straight to the allocator: these tests check the scorer's own
+        # verdicts; the retrieval plan (the default) has its tests below
+        lens_plan="scores",
     )
     return mc.MegaContextConfig(**{**base, **kw})
 
@@ -352,3 +355,59 @@ def test_scorer_without_queries_scores_zeros(tiny_base):
         scorer.probs(loop.wc, loop.positions())
     cache.set_lengths([len(loop.wc)])
     assert not loop.scores().any()
+
+
+def _loop_with(tiny_base, fn, **kw):
+    cfg = _cfg(w_max=64, n_diff=4, **kw)
+    loop = FocusLoop(tiny_base, None, None, cfg, scorer=lambda wc, pos: fn(wc))
+    loop.ingest(_ids(300, seed=3))
+    return loop
+
+
+@pytest.mark.parametrize("plan", ["scores", "retrieval", "auto"])
+def test_retrieval_plan_moves_nothing_no_expand_needs(tiny_base, plan):
+    """Uniformly low attention scores: sent straight to the allocator (``scores``)
+    they collapse token blocks no budget asks for; under ``lens_plan: retrieval`` (and
+    ``auto``, the default) nothing is opened, so nothing moves."""
+    loop = _loop_with(tiny_base, lambda wc: torch.full((len(wc),), -0.9), lens_plan=plan)
+    before = len(loop.wc)
+    actions = loop.refocus().actions
+    if plan == "scores":
+        assert actions and all(a.kind == "collapse" for a in actions)
+        assert len(loop.wc) < before
+    else:
+        assert actions == [] and len(loop.wc) == before
+
+
+def test_retrieval_plan_opens_the_best_gist_and_makes_just_its_room(tiny_base):
+    """One gist the scorer reads above tau_expand is opened; the room comes from the
+    token blocks it reads least (the newest blocks read most here), no more."""
+    target = {}
+
+    def fn(wc):
+        u = torch.zeros(len(wc))
+        lv = wc.levels.cpu()
+        tok = torch.nonzero(lv == 0).flatten()
+        # token entries: utility rising with recency, all below tau
+        u[tok] = torch.linspace(-0.15, 0.15, tok.numel())
+        gists = torch.nonzero(lv == 1).flatten()
+        if "node" not in target:
+            target["node"] = int(wc.nodes[gists[0]])
+        hit = gists[wc.nodes[gists].cpu() == target["node"]]
+        u[hit] = 0.9
+        return u
+
+    loop = _loop_with(tiny_base, fn, lens_plan="retrieval", cooldown_steps=0)
+    bs = loop.config.block_size
+    free = loop.config.w_max - len(loop.wc)
+    tok_before = loop.wc.starts[loop.wc.levels == 0].clone()
+    actions = loop.refocus().actions
+    expands = [a for a in actions if a.kind == "expand"]
+    collapses = [a for a in actions if a.kind == "collapse"]
+    assert len(expands) == 1 and int(expands[0].node) == target["node"]
+    assert len(collapses) == max(0, -(-(bs - 1 - free) // (bs - 1)))
+    # the collapsed token blocks are the ones read least: the oldest token blocks
+    starts = sorted(int(s) for s in tok_before.tolist() if s % bs == 0)
+    for a in collapses:
+        assert int(a.node) * bs in starts[: len(collapses)]
+    assert len(loop.wc) <= loop.config.w_max
