@@ -52,6 +52,12 @@ schemes re-pack positions) are re-rotated by the move (RoPE rotations compose, a
 the cache does for keys); a recorded token that is no longer an LOD0 entry takes its
 covering entry's position. Entries the allocator cannot act on (the protected tail,
 LOD0 expands) are masked by the allocator.
+
+How the utilities act is ``MegaContextConfig.lens_plan``. The default (``auto``) is
+``retrieval``: the gists above ``tau_expand`` are opened, and room comes from the
+token blocks with the lowest mean utility, so nothing else moves. ``scores`` sends them
+straight to the allocator, where, uncalibrated, they collapse what no budget asks for
+(``FocusLoop.scores``, docs/runtime.md).
 """
 
 from __future__ import annotations
