@@ -73,7 +73,7 @@ def render(rows: list[dict], meta: dict) -> str:
         full = {r["doc"]: r["nll"] for r in sub if r["method"] == "full"}
         trunc = {r["doc"]: r["nll"] for r in sub if r["method"] == "truncation"}
         lines += [
-            f"## {setting}: {lengths}-token histories, W = {budget:,} " f"({len(docs)} tasks)",
+            f"## {setting}: {lengths}-token histories, W = {budget:,} ({len(docs)} tasks)",
             "",
             "| method | answer NLL | exact match | recovered fraction |",
             "|---|---:|---:|---:|",

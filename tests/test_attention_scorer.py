@@ -405,7 +405,7 @@ def test_retrieval_plan_opens_the_best_gist_and_makes_just_its_room(tiny_base):
     expands = [a for a in actions if a.kind == "expand"]
     collapses = [a for a in actions if a.kind == "collapse"]
     assert len(expands) == 1 and int(expands[0].node) == target["node"]
-    assert len(collapses) == max(0, -(-(bs - 1 - free) // (bs - 1)))
+    assert len(collapses) == max(0, -(-(bs - 1 - free) // (bs - 1))) >= 1
     # the collapsed token blocks are the ones read least: the oldest token blocks
     starts = sorted(int(s) for s in tok_before.tolist() if s % bs == 0)
     for a in collapses:
