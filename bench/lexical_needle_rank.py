@@ -20,6 +20,7 @@ import argparse
 import megacontext as mc
 from megacontext import lexical_scorer, synthetic
 from megacontext.focus import FocusLoop
+from megacontext.lexical_scorer import retrieval_limit
 
 
 def main() -> None:
@@ -33,10 +34,8 @@ def main() -> None:
     base = mc.load_base("smollm2-135m")
     cfg = mc.MegaContextConfig(model=base.name, w_max=args.w_max, levels=3, lens="lexical")
     bs = cfg.block_size
-    print(
-        f"retrieval_share 0.25 opens at most {int(0.25 * args.w_max) // bs} blocks, "
-        f"0.125 at most {int(0.125 * args.w_max) // bs}"
-    )
+    opens = {share: retrieval_limit(cfg.replace(retrieval_share=share)) for share in (0.25, 0.125)}
+    print(f"retrieval_share 0.25 opens at most {opens[0.25]} blocks, 0.125 at most {opens[0.125]}")
     for i, depth in enumerate(args.depths):
         t = synthetic.passkey(
             base.tokenizer,
