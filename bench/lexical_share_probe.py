@@ -15,7 +15,9 @@ the attention sink) after its ingest refocuses, on **training-split** material o
   depths 10 %–90 %: the answer's NLL and the recovered fraction
   ``(NLL_trunc - NLL) / (NLL_trunc - NLL_full)`` of the mean NLLs;
 - ``needle32``: pass keys in 32,768 tokens of training filler at ``W = 1,024``, depths
-  10 %, 50 %, 90 % (no full context: it does not fit): the answer's NLL.
+  10 %, 50 %, 90 % (no full context: it does not fit): the answer's NLL;
+- ``needle32rep``: the same, in a 9,000-token piece of training filler repeated (the
+  held-out filler is that short, so the text before its question has far copies).
 
 Settings are ``NAME=KEY:VALUE,...`` of :class:`megacontext.MegaContextConfig` fields
 (``share0.25=retrieval_share:0.25``). Rows go to ``OUT/rows.parquet`` as they finish and
@@ -34,10 +36,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import megacontext as mc
 from megacontext import synthetic
+from megacontext.data import stdlib_prose
 from megacontext.eval.peers import full_view, truncation_view, view_nll
 from megacontext.focus import FocusLoop
 
@@ -119,15 +123,57 @@ def needles(base, gist, settings, reps: int, emit, far: bool = False) -> None:
                     emit({**key, "setting": name, **read(base, loop, W, upd, tgt)})
 
 
+REPEAT_FILLER = 9000  # tokens: about the held-out filler's length (9,062)
+
+
+def repeated_passkey(base: mc.Base, length: int, depth: float, seed: int):
+    """A pass key in ``length`` tokens of one ``REPEAT_FILLER``-token piece of
+    training-split pydoc prose (start drawn from ``seed``) repeated: the text before
+    the question then has copies far back, as in a haystack built from a short
+    filler. Returns ``(history ids, target ids, item name)``."""
+    rng = np.random.default_rng([seed, 1])
+    key = str(int(rng.integers(10_000, 100_000)))
+    text = base.encode(stdlib_prose("train"))
+    t0 = int(rng.integers(0, text.numel() - REPEAT_FILLER))
+    piece = text[t0 : t0 + REPEAT_FILLER]
+    stmt = base.encode(f"\n\nThe pass key is {key}. Remember it: {key} is the pass key.\n\n")
+    query = base.encode("\n\nWhat is the pass key? The pass key is")
+    n_fill = length - stmt.numel() - query.numel()
+    fill = piece.repeat(-(-n_fill // REPEAT_FILLER))[:n_fill]
+    at = round(depth * n_fill)
+    hist = torch.cat([fill[:at], stmt, fill[at:], query])
+    span = (at, at + stmt.numel())
+    return hist, base.encode(f" {key}"), f"passkey-rep/d{depth}/s{seed}", span
+
+
+def needles_repeated(base, gist, settings, reps: int, emit) -> None:
+    """``needle32rep``: pass keys at depths 10 %, 50 %, 90 % of 32,768 tokens of a
+    repeated training filler (:func:`repeated_passkey`), ``W = 1,024``."""
+    W, length, i = 1024, 32768, 0
+    for depth in (0.1, 0.5, 0.9):
+        for _ in range(reps):
+            hist, tgt, item, _ = repeated_passkey(base, length, depth, synthetic.train_seed(9, i))
+            i += 1
+            key = {"part": "needle32rep", "item": item, "T": length, "W": W}
+            trunc = float(view_nll(base, truncation_view(base, hist, W), tgt).mean())
+            emit({**key, "setting": "truncation", "nll": trunc, "actions": 0})
+            cfg = mc.MegaContextConfig(model=base.name, w_max=W, levels=3)
+            loop = FocusLoop(base, gist, None, cfg)
+            loop.ingest(hist)
+            for name, upd in settings:
+                emit({**key, "setting": name, **read(base, loop, W, upd, tgt)})
+
+
 def render(rows: list[dict], command: str) -> str:
     out = ["# Lexical retrieval share on training-split data", "", f"`{command}`", ""]
     names = list(dict.fromkeys(r["setting"] for r in rows))
     by = {(r["part"], r["item"], r["T"], r["setting"]): r for r in rows}
     items = sorted({(r["part"], r["item"], r["T"]) for r in rows})
     for part in sorted({p for p, _, _ in items}):
-        if part == "needle32":
+        if part in ("needle32", "needle32rep"):
             got = [k for k in items if k[0] == part]
-            out += [f"## needle32: 32,768-token pass keys, W = 1,024 (n = {len(got)})", ""]
+            what = "pass keys" if part == "needle32" else "pass keys in a repeated filler"
+            out += [f"## {part}: 32,768-token {what}, W = 1,024 (n = {len(got)})", ""]
             out += ["| setting | answer NLL | answers under 1 nat |", "|---|---:|---:|"]
             for s in names:
                 have = [by[(*k, s)]["nll"] for k in got if (*k, s) in by]
@@ -172,7 +218,9 @@ def render(rows: list[dict], command: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("code", "prose", "needle", "needle32"), required=True)
+    ap.add_argument(
+        "--part", choices=("code", "prose", "needle", "needle32", "needle32rep"), required=True
+    )
     ap.add_argument("--setting", action="append", default=[], metavar="NAME=KEY:VALUE,...")
     ap.add_argument("--targets", type=int, default=6, help="targets per length (code/prose)")
     ap.add_argument("--reps", type=int, default=2, help="tasks per task kind and depth")
@@ -210,7 +258,9 @@ def main() -> None:
     torch.manual_seed(0)
     base = mc.load_base("smollm2-135m")
     gist = mc.GistNet.load(MEMORY / "gistnet.safetensors")
-    if args.part in ("needle", "needle32"):
+    if args.part == "needle32rep":
+        needles_repeated(base, gist, settings, args.reps, emit)
+    elif args.part in ("needle", "needle32"):
         needles(base, gist, settings, args.reps, emit, far=args.part == "needle32")
     else:
         continuation(base, gist, args.part, settings, args.targets, emit)

@@ -185,6 +185,14 @@ class MegaContextConfig(BaseModel):
         description="the lexical scorer retrieves a block whose BM25 score lies this "
         "many robust standard deviations (1.4826 MAD) above the median block's",
     )
+    lexical_max_overlap: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="the lexical scorer never retrieves a block more than this share of "
+        "whose token bigrams occur in its query: a far copy of the text before the "
+        "question is already in the recent window, so it adds nothing (1.0: off)",
+    )
     retrieval_share: float = Field(
         0.25,
         gt=0.0,

@@ -62,6 +62,7 @@ from .errors import InvariantError
 __all__ = [
     "K1",
     "block_means",
+    "block_overlap",
     "block_relevance",
     "block_scores",
     "entry_relevance",
@@ -74,6 +75,7 @@ __all__ = [
 ]
 
 K1 = 1.2
+_PAIR = 1 << 32
 
 
 def query_weights(query: torch.Tensor, half_life: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,30 +130,63 @@ def robust_z(s: torch.Tensor) -> torch.Tensor | None:
     return (s - med) / scale
 
 
-def wanted_blocks(s: torch.Tensor, z_min: float, limit: int) -> torch.Tensor:
+def block_overlap(blocks: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """float32 ``[n_b]``: the share of each block's ``bs - 1`` token bigrams
+    ``(x_i, x_{i+1})`` of ``blocks`` (int64 ``[n_b, bs]``) that occur among the
+    bigrams of ``query`` (int64 ``[m]``); 1 for a block copied from the query."""
+    if blocks.dim() != 2:
+        raise InvariantError(f"blocks must be [n_b, bs], got {tuple(blocks.shape)}")
+    n_b, bs = int(blocks.shape[0]), int(blocks.shape[1])
+    if n_b == 0 or bs < 2 or query.numel() < 2:
+        return torch.zeros(n_b, dtype=torch.float32)
+    # a bigram as one int64: token ids are far below 2^31
+    q = query.to(torch.int64)
+    qb = torch.unique(q[:-1] * _PAIR + q[1:])
+    b = blocks.to(torch.int64)
+    hit = torch.isin(b[:, :-1] * _PAIR + b[:, 1:], qb)
+    return hit.sum(1).to(torch.float32) / float(bs - 1)
+
+
+def wanted_blocks(
+    s: torch.Tensor, z_min: float, limit: int, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """Indices (int64, best first) of the blocks whose robust z-score of ``s [n_b]``
-    is at least ``z_min``, at most ``limit`` of them."""
-    z = robust_z(s) if limit > 0 else None
+    is at least ``z_min``, at most ``limit`` of them. Blocks marked in ``exclude``
+    (bool ``[n_b]``) are no candidates: the z-scores are those of the others."""
+    idx = torch.arange(s.numel())
+    if exclude is not None:
+        idx = idx[~exclude]
+    z = robust_z(s[idx]) if limit > 0 else None
     if z is None:
         return torch.zeros(0, dtype=torch.int64)
     order = torch.argsort(z, descending=True, stable=True)
-    keep = order[z[order] >= z_min]
-    return keep[:limit]
+    return idx[order[z[order] >= z_min]][:limit]
+
+
+def _history_query(
+    tree: Any, wc: Any, config: Any, query_end: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The complete blocks before ``wc``'s protected tail (int64 ``[n_b, bs]``) and
+    the ``lexical_query`` tokens before ``query_end`` (default: the newest)."""
+    bs = int(config.block_size)
+    T = int(tree.num_tokens)
+    n_b = int(wc.protected_start) // bs
+    if n_b < 1:
+        return torch.zeros(0, bs, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    ids = tree.tokens(0, T)
+    end = T if query_end is None else min(int(query_end), T)
+    query = ids[max(end - int(config.lexical_query), 0) : end]
+    return ids[: n_b * bs].view(n_b, bs), query
 
 
 def block_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None) -> torch.Tensor:
     """BM25 ``s [n_b]`` (float32) of the history's complete blocks before ``wc``'s
     protected tail, for the ``lexical_query`` tokens before ``query_end`` (default: the
     newest), weighted by ``lexical_half_life`` (module doc)."""
-    bs = int(config.block_size)
-    T = int(tree.num_tokens)
-    n_b = int(wc.protected_start) // bs
-    if n_b < 1:
+    blocks, query = _history_query(tree, wc, config, query_end)
+    if blocks.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float32)
-    ids = tree.tokens(0, T)
-    end = T if query_end is None else min(int(query_end), T)
-    query = ids[max(end - int(config.lexical_query), 0) : end]
-    return block_relevance(ids[: n_b * bs].view(n_b, bs), query, float(config.lexical_half_life))
+    return block_relevance(blocks, query, float(config.lexical_half_life))
 
 
 def _coverage(wc: Any, bs: int, n_b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,11 +298,15 @@ def lexical_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None
     ``lexical_query`` tokens before ``query_end`` (default: the newest tokens)."""
     n = len(wc)
     bs = int(config.block_size)
-    s = block_scores(tree, wc, config, query_end)
-    n_b = int(s.numel())
+    blocks, query = _history_query(tree, wc, config, query_end)
+    n_b = int(blocks.shape[0])
     if n_b < 2:
         return torch.zeros(n, dtype=torch.float32)
-    want = wanted_blocks(s, float(config.lexical_z), retrieval_limit(config))
+    s = block_relevance(blocks, query, float(config.lexical_half_life))
+    copies = None
+    if float(config.lexical_max_overlap) < 1.0:
+        copies = block_overlap(blocks, query) > float(config.lexical_max_overlap)
+    want = wanted_blocks(s, float(config.lexical_z), retrieval_limit(config), copies)
     if want.numel() == 0:
         return torch.zeros(n, dtype=torch.float32)
     wanted = torch.zeros(n_b, dtype=torch.bool)

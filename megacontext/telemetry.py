@@ -270,11 +270,14 @@ def _import_wandb() -> Any:
 class Telemetry:
     """Writes one run directory of per-iteration metrics and allocator actions.
 
-    ``Telemetry(run_dir, config=..., tags=..., wandb=None, flush_every=64)`` creates
-    ``run_dir`` (and ``meta.json``) or re-opens an existing run to append to it.
-    ``log_iteration(**fields)`` buffers one row; every ``flush_every`` iteration rows
-    the buffers are written as new Parquet parts (also on :meth:`flush` and
-    :meth:`close`). Use it as a context manager to close it on exit.
+    ``Telemetry(run_dir, config=..., tags=..., wandb=None, flush_every=64,
+    flush_seconds=30.0)`` creates ``run_dir`` (and ``meta.json``) or re-opens an
+    existing run to append to it. ``log_iteration(**fields)`` buffers one row; the
+    buffers are written as new Parquet parts every ``flush_every`` iteration rows, or
+    at the first row logged ``flush_seconds`` after the last write (so a slow run, a
+    CPU step every 45 s, shows its progress while it runs; ``None``: by count only),
+    and on :meth:`flush` and :meth:`close`. Use it as a context manager to close it on
+    exit.
 
     W&B: with ``wandb=True`` (or ``wandb=None`` and ``MEGACONTEXT_WANDB=1``) each
     iteration's numeric fields also go to ``run.log``; ``WANDB_MODE=offline`` works
@@ -290,6 +293,7 @@ class Telemetry:
         wandb: bool | None = None,
         tags: list[str] | None = None,
         flush_every: int = 64,
+        flush_seconds: float | None = 30.0,
     ):
         if not isinstance(flush_every, int) or flush_every < 1:
             raise ConfigError(
@@ -297,8 +301,18 @@ class Telemetry:
                 field="flush_every",
                 value=flush_every,
             )
+        if flush_seconds is not None and not (
+            isinstance(flush_seconds, (int, float)) and flush_seconds > 0
+        ):
+            raise ConfigError(
+                f"flush_seconds must be a positive number or None, got {flush_seconds!r}",
+                field="flush_seconds",
+                value=flush_seconds,
+            )
         self.run_dir = Path(run_dir)
         self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self._last_flush = time.monotonic()
         self._closed = False
         self._iterations: list[dict[str, Any]] = []
         self._actions: list[dict[str, Any]] = []
@@ -389,7 +403,11 @@ class Telemetry:
                 if v is not None and k != "wall_time" and not isinstance(v, str)
             }
             self._wandb_run.log(numeric)
-        if len(self._iterations) >= self.flush_every:
+        late = (
+            self.flush_seconds is not None
+            and time.monotonic() - self._last_flush >= self.flush_seconds
+        )
+        if len(self._iterations) >= self.flush_every or late:
             self.flush()
 
     def log_actions(
@@ -440,6 +458,7 @@ class Telemetry:
         If a write fails, the rows of that table stay buffered (a later flush retries)
         and the parts already on disk are untouched.
         """
+        self._last_flush = time.monotonic()
         if self._iterations:
             fields = list(ITERATION_SCHEMA) + [pa.field(n, pa.float64()) for n in self._extras]
             table = pa.Table.from_pylist(self._iterations, schema=pa.schema(fields))

@@ -4,6 +4,7 @@ brings a planted far block back as tokens where recency does not."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -13,6 +14,7 @@ import megacontext as mc
 from megacontext.focus import lens_scores
 from megacontext.lexical_scorer import (
     K1,
+    block_overlap,
     block_relevance,
     block_scores,
     entry_relevance,
@@ -100,6 +102,42 @@ def test_wanted_blocks_outlier_rule_and_limit():
     assert wanted_blocks(torch.ones(10), 1.0, 8).numel() == 0  # nothing stands out
 
 
+def test_block_overlap_is_the_share_of_bigrams_found_in_the_query():
+    q = torch.tensor([5, 6, 7, 8, 5])  # bigrams 5-6, 6-7, 7-8, 8-5
+    blocks = torch.tensor([[5, 6, 7, 8], [8, 7, 6, 5], [1, 5, 6, 2], [6, 7, 8, 5]])
+    got = block_overlap(blocks, q)
+    assert got.dtype == torch.float32
+    # all three bigrams / none (reversed: same tokens, other order) / one / all three
+    assert got.tolist() == pytest.approx([1.0, 0.0, 1 / 3, 1.0])
+    assert block_overlap(blocks, q[:1]).tolist() == [0.0] * 4  # no bigram in the query
+    assert block_overlap(blocks[:0], q).shape == (0,)
+    # the dense definition on random ids
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 6, (30, 8), generator=g)
+    query = torch.randint(0, 6, (20,), generator=g)
+    pairs = set(itertools.pairwise(query.tolist()))
+    want = [sum(p in pairs for p in itertools.pairwise(r.tolist())) / 7 for r in blocks]
+    assert block_overlap(blocks, query).tolist() == pytest.approx(want)
+
+
+def test_wanted_blocks_skip_the_excluded_ones():
+    s = torch.tensor([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 9.0, 7.0, 8.0])
+    exclude = torch.zeros(9, dtype=torch.bool)
+    exclude[6] = True
+    assert wanted_blocks(s, 4.0, 8).tolist() == [6, 8, 7]
+    assert wanted_blocks(s, 4.0, 8, exclude).tolist() == [8, 7]
+    assert wanted_blocks(s, 4.0, 1, exclude).tolist() == [8]
+    # the z-scores are those among the candidates: with two far outliers a third
+    # one does not stand out (the standard deviation, the MAD being 0), without them
+    # it does
+    sparse = torch.zeros(50)
+    sparse[[3, 4, 5]] = torch.tensor([40.0, 40.0, 5.0])
+    assert wanted_blocks(sparse, 4.0, 8).tolist() == [3, 4]
+    copies = torch.zeros(50, dtype=torch.bool)
+    copies[[3, 4]] = True
+    assert wanted_blocks(sparse, 4.0, 8, copies).tolist() == [5]
+
+
 @pytest.fixture(scope="module")
 def systems(tiny_base):
     cfg = mc.MegaContextConfig(model="tiny-llama", w_max=256, refocus_iterations=8)
@@ -182,12 +220,40 @@ def test_scores_plan_exactly_the_room_needed(systems):
     assert torch.count_nonzero(lexical_scores(s.tree, wc, none)) == 0
 
 
+def test_a_far_copy_of_the_query_is_not_retrieved(tiny_base):
+    """The text right before a question, copied far back, outranks what the question
+    asks for; with ``lexical_max_overlap`` the copy is skipped and the planted block
+    is brought back."""
+    ids = _history()
+    T = ids.numel()
+    # a copy of the whole query window (64 tokens: two blocks, each matching it fully)
+    ids[12 * BS : 12 * BS + 64] = ids[T - 64 :]
+    # one block per refocus may be opened
+    cfg = mc.MegaContextConfig(
+        model="tiny-llama", w_max=256, refocus_iterations=8, lens="lexical", retrieval_share=0.125
+    )
+    got = {}
+    for rho in (1.0, 0.5):
+        system = mc.MegaContext(
+            tiny_base, None, None, cfg.model_copy(update={"lexical_max_overlap": rho})
+        )
+        s = system.session()
+        s.ingest(ids)
+        s.wc.check(s.tree)
+        got[rho] = s.wc
+    planted, copy = (5 * BS, 6 * BS), (12 * BS, 14 * BS)
+    assert _tokens_of(got[1.0], *planted) == 0 and _tokens_of(got[1.0], *copy) > 0
+    assert _tokens_of(got[0.5], *planted) == BS and _tokens_of(got[0.5], *copy) == 0
+
+
 def test_config_fields_are_validated():
     bad_values = (
         ("lexical_query", 0),
         ("lexical_half_life", 0.0),
         ("lexical_z", 0.0),
         ("retrieval_share", 1.5),
+        ("lexical_max_overlap", 0.0),
+        ("lexical_max_overlap", 1.5),
     )
     for field, bad in bad_values:
         with pytest.raises(mc.ConfigError) as e:

@@ -195,6 +195,36 @@ def test_several_flushes_make_parts_read_back_in_order(tmp_path):
         tel.log_iteration(iteration=11)
 
 
+def test_a_slow_run_writes_its_rows_after_flush_seconds(tmp_path, monkeypatch):
+    """A CPU training step every 45 s must show in the run directory while the run
+    goes on, long before ``flush_every`` rows have been buffered."""
+    import megacontext.telemetry as telemetry
+
+    clock = [1000.0]
+    monkeypatch.setattr(telemetry.time, "monotonic", lambda: clock[0])
+    run = tmp_path / "r"
+    tel = Telemetry(run, flush_every=64, flush_seconds=30.0)
+    tel.log_iteration(iteration=0)
+    clock[0] += 29.0
+    tel.log_iteration(iteration=1)
+    assert part_names(run) == []  # neither 64 rows nor 30 s yet
+    clock[0] += 1.0
+    tel.log_iteration(iteration=2)  # 30 s after the start: written
+    assert read_run(run)[0].column("iteration").to_pylist() == [0, 1, 2]
+    clock[0] += 10.0
+    tel.log_iteration(iteration=3)  # the clock restarted at the write
+    assert len(part_names(run)) == 1
+    tel.close()
+    assert read_run(run)[0].column("iteration").to_pylist() == [0, 1, 2, 3]
+    # None: by count only
+    run2 = tmp_path / "r2"
+    tel = Telemetry(run2, flush_every=64, flush_seconds=None)
+    clock[0] += 1e6
+    tel.log_iteration(iteration=0)
+    assert part_names(run2) == []
+    tel.close()
+
+
 def test_parts_sort_numerically_past_five_digits(tmp_path):
     run = tmp_path / "r"
     Telemetry(run).close()
@@ -339,6 +369,9 @@ def test_action_validation_is_all_or_nothing(tmp_path, row, name, match):
 def test_bad_arguments(tmp_path):
     with pytest.raises(ConfigError, match="flush_every"):
         Telemetry(tmp_path / "r", flush_every=0)
+    for bad in (0, -1.0, "30"):
+        with pytest.raises(ConfigError, match="flush_seconds"):
+            Telemetry(tmp_path / "r", flush_seconds=bad)
     (tmp_path / "file").write_text("x")
     with pytest.raises(StorageError, match="not a directory"):
         Telemetry(tmp_path / "file")
