@@ -189,9 +189,10 @@ class MegaContextConfig(BaseModel):
         1.0,
         gt=0.0,
         le=1.0,
-        description="the lexical scorer never retrieves a block more than this share of "
-        "whose token bigrams occur in its query: a far copy of the text before the "
-        "question is already in the recent window, so it adds nothing (1.0: off)",
+        description="a block more than this share of whose token bigrams occur in the "
+        "lexical query is a far copy of the text before the question, already in the "
+        "recent window: the lexical scorer retrieves the first block after it that is no "
+        "copy instead, after every other wanted block (1.0: off)",
     )
     retrieval_share: float = Field(
         0.25,

@@ -25,6 +25,15 @@ filler before a short question outvoted it (the needle's block retrieved in 22 o
 MAD is 0), a block is *wanted* when ``z[b] >= lexical_z``, best first, at most
 ``floor(retrieval_share · w_max / bs)`` of them.
 
+Far copies of the query (``lexical_max_overlap`` < 1). A haystack built from a short
+text repeats the text that precedes a question, and those copies outscore what the
+question asks for. A block more than ``lexical_max_overlap`` of whose ``bs - 1``
+token bigrams occur among the query's (:func:`block_overlap`) adds nothing the recent
+window lacks, so it is no candidate (the z-scores are against the other blocks);
+instead, each copy that stands out brings the first block after it that is no copy,
+ranked after every other wanted block: what followed the repeated text last time,
+which is what continuing repeated text needs (an induction step).
+
 Scores ``u`` per WC entry, on the allocator's scale (it expands above
 ``tau_expand`` and collapses below ``-tau_collapse`` only to make room or when told):
 
@@ -115,16 +124,17 @@ def block_relevance(
     return (w * idf * tf * (K1 + 1.0) / (tf + K1)).sum(1)
 
 
-def robust_z(s: torch.Tensor) -> torch.Tensor | None:
-    """Robust z-scores ``(s - median s) / (1.4826 · MAD(s))`` of ``s [n_b]`` (the
-    standard deviation when the MAD is 0); ``None`` when fewer than 2 values or no
-    spread."""
-    if s.numel() < 2:
+def robust_z(s: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Robust z-scores ``(s - median r) / (1.4826 · MAD(r))`` of ``s [n_b]`` against
+    the values ``r`` = ``ref`` (default ``s``; the standard deviation when the MAD is
+    0); ``None`` when ``r`` has fewer than 2 values or no spread."""
+    r = s if ref is None else ref
+    if r.numel() < 2:
         return None
-    med = s.median()
-    scale = 1.4826 * (s - med).abs().median()
+    med = r.median()
+    scale = 1.4826 * (r - med).abs().median()
     if float(scale) <= 0.0:
-        scale = s.std()
+        scale = r.std()
     if not math.isfinite(float(scale)) or float(scale) <= 0.0:
         return None
     return (s - med) / scale
@@ -148,19 +158,35 @@ def block_overlap(blocks: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
 
 
 def wanted_blocks(
-    s: torch.Tensor, z_min: float, limit: int, exclude: torch.Tensor | None = None
+    s: torch.Tensor, z_min: float, limit: int, copies: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Indices (int64, best first) of the blocks whose robust z-score of ``s [n_b]``
-    is at least ``z_min``, at most ``limit`` of them. Blocks marked in ``exclude``
-    (bool ``[n_b]``) are no candidates: the z-scores are those of the others."""
-    idx = torch.arange(s.numel())
-    if exclude is not None:
-        idx = idx[~exclude]
-    z = robust_z(s[idx]) if limit > 0 else None
+    is at least ``z_min``, at most ``limit`` of them.
+
+    Blocks marked in ``copies`` (bool ``[n_b]``: far copies of the query) are no
+    candidates, and the z-scores are against the others. A copy that stands out
+    brings instead the first block after it that is no copy (what followed the text
+    the query repeats: an induction step), ranked after every other wanted block."""
+    if limit <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    z = robust_z(s, None if copies is None else s[~copies])
     if z is None:
         return torch.zeros(0, dtype=torch.int64)
     order = torch.argsort(z, descending=True, stable=True)
-    return idx[order[z[order] >= z_min]][:limit]
+    hot = order[z[order] >= z_min]
+    if copies is None:
+        return hot[:limit]
+    is_copy = copies[hot]
+    out = hot[~is_copy].tolist()
+    seen, n_b, flags = set(out), int(s.numel()), copies.tolist()
+    for b in hot[is_copy].tolist():
+        nxt = b + 1
+        while nxt < n_b and flags[nxt]:
+            nxt += 1
+        if nxt < n_b and nxt not in seen:
+            out.append(nxt)
+            seen.add(nxt)
+    return torch.tensor(out[:limit], dtype=torch.int64)
 
 
 def _history_query(

@@ -120,13 +120,21 @@ def test_block_overlap_is_the_share_of_bigrams_found_in_the_query():
     assert block_overlap(blocks, query).tolist() == pytest.approx(want)
 
 
-def test_wanted_blocks_skip_the_excluded_ones():
-    s = torch.tensor([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 9.0, 7.0, 8.0])
-    exclude = torch.zeros(9, dtype=torch.bool)
-    exclude[6] = True
+def test_a_copy_brings_the_block_after_it_ranked_last():
+    s = torch.tensor([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 9.0, 7.0, 8.0, 1.0])
+    copies = torch.zeros(10, dtype=torch.bool)
+    copies[6] = True
     assert wanted_blocks(s, 4.0, 8).tolist() == [6, 8, 7]
-    assert wanted_blocks(s, 4.0, 8, exclude).tolist() == [8, 7]
-    assert wanted_blocks(s, 4.0, 1, exclude).tolist() == [8]
+    # 6 is a copy: 8 and 7 first, then what follows 6 (7, already wanted: skipped)
+    assert wanted_blocks(s, 4.0, 8, copies).tolist() == [8, 7]
+    copies[8] = True  # 8 a copy too: its successor 9 comes after 7
+    assert wanted_blocks(s, 4.0, 8, copies).tolist() == [7, 9]
+    assert wanted_blocks(s, 4.0, 1, copies).tolist() == [7]
+    # a run of copies: the first block after the run; none past the last block
+    copies[[7, 9]] = True
+    assert wanted_blocks(s, 4.0, 8, copies).numel() == 0
+    copies[9] = False
+    assert wanted_blocks(s, 4.0, 8, copies).tolist() == [9]
     # the z-scores are those among the candidates: with two far outliers a third
     # one does not stand out (the standard deviation, the MAD being 0), without them
     # it does
@@ -135,6 +143,7 @@ def test_wanted_blocks_skip_the_excluded_ones():
     assert wanted_blocks(sparse, 4.0, 8).tolist() == [3, 4]
     copies = torch.zeros(50, dtype=torch.bool)
     copies[[3, 4]] = True
+    # (4's successor 5 is wanted already; 3's successor is the first non-copy, 5)
     assert wanted_blocks(sparse, 4.0, 8, copies).tolist() == [5]
 
 
