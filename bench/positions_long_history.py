@@ -55,6 +55,7 @@ from megacontext.eval.peers import (
     view_nll,
 )
 from megacontext.focus import FocusLoop, position_gap, refocus_after_ingest
+from megacontext.train.config import apply_overrides
 from megacontext.working_context import WorkingContext, entry_positions, with_sink
 
 H = 64
@@ -172,6 +173,7 @@ def lexical_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
             "refocus_iterations": 8,
             "positions": "nearby",
             "far_gap": FAR_GAP,
+            **LEXICAL_SET,
         }
     )
     lex = FocusLoop(base, loop.gistnet, None, cfg)
@@ -194,6 +196,9 @@ def lexical_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
 
 # --lexical: a lexical-focus row beside each --gistnet recency row
 LEXICAL = False
+# --lexical-set KEY=VALUE: config fields of the lexical rows, named in their method
+LEXICAL_SET: dict = {}
+LEXICAL_TAG = ""
 # --no-sink: read every MegaContext view without the attention sink (the ablation)
 SINK = True
 # --far-gap: MegaContextConfig.far_gap of the --gistnet (and --lexical) rows
@@ -402,7 +407,7 @@ def continuation(run: Run, corpus: str, ids: torch.Tensor, ends, budgets, length
                     key = dict(task="continuation", corpus=corpus, target=e, W=W, T=T)
                     recency = not run.done(f"mc_hybrid+{name}", **key)
                     # --resume over recency rows still adds the lexical rows they lack
-                    lexical = LEXICAL and not run.done(f"mc_lexical+{name}", **key)
+                    lexical = LEXICAL and not run.done(f"mc_lexical{LEXICAL_TAG}+{name}", **key)
                     if T <= W or not (recency or lexical):
                         continue
                     if gloop is None:
@@ -416,7 +421,7 @@ def continuation(run: Run, corpus: str, ids: torch.Tensor, ends, budgets, length
                         run.score(view, targets, method=f"mc_hybrid+{name}", **key)
                     if lexical:
                         view = lexical_view(base, gloop, W)
-                        run.score(view, targets, method=f"mc_lexical+{name}", **key)
+                        run.score(view, targets, method=f"mc_lexical{LEXICAL_TAG}+{name}", **key)
 
 
 def timed_session_ingest(run: Run, hist: torch.Tensor) -> FocusLoop:
@@ -518,6 +523,14 @@ def main() -> None:
         help="far_gap of the --gistnet and --lexical rows (MegaContextConfig.far_gap: the "
         "most positions their gists sit behind the recent window; default: no cap)",
     )
+    ap.add_argument(
+        "--lexical-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a MegaContextConfig field of the --lexical rows (value parsed as YAML); "
+        "their method is then 'mc_lexical[KEY=VALUE,...]+NAME'",
+    )
     args = ap.parse_args()
     if args.render:
         import pyarrow.parquet as pq
@@ -528,8 +541,12 @@ def main() -> None:
         (args.out / "results.md").write_text(render(rows, extra))
         plot(rows, args.out / "nll_vs_history.png")
         return
-    global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK, SCHEMES, LEXICAL, SINK, FAR_GAP
+    global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK, SCHEMES, LEXICAL, SINK, FAR_GAP, LEXICAL_TAG
     LEXICAL = args.lexical
+    if args.lexical_set:
+        LEXICAL_SET.update(apply_overrides({}, args.lexical_set))
+        mc.MegaContextConfig(**LEXICAL_SET)  # a typed error for a bad field or value
+        LEXICAL_TAG = "[" + ",".join(args.lexical_set) + "]"
     FAR_GAP = args.far_gap
     SINK = not args.no_sink
     LENGTHS = tuple(args.lengths or LENGTHS)
