@@ -194,6 +194,13 @@ class MegaContextConfig(BaseModel):
         "recent window: the lexical scorer retrieves the first block after it that is no "
         "copy instead, after every other wanted block (1.0: off)",
     )
+    lexical_induction: int = Field(
+        0,
+        ge=0,
+        description="k > 0: the lexical scorer first wants the blocks holding what "
+        "followed each earlier occurrence of the query's last k tokens (the newest "
+        "first, at most half its slots; an induction step); 0: off",
+    )
     retrieval_share: float = Field(
         0.25,
         gt=0.0,

@@ -34,6 +34,12 @@ instead, each copy that stands out brings the first block after it that is no co
 ranked after every other wanted block: what followed the repeated text last time,
 which is what continuing repeated text needs (an induction step).
 
+Induction (``lexical_induction = k`` > 0). The blocks holding the token that followed
+each earlier occurrence of the query's last ``k`` tokens (:func:`induction_blocks`,
+the newest first, at most half the slots) are wanted before every other block: where
+the text the question ends with was seen before, what came next is what the answer,
+or the continuation, needs.
+
 Scores ``u`` per WC entry, on the allocator's scale (it expands above
 ``tau_expand`` and collapses below ``-tau_collapse`` only to make room or when told):
 
@@ -74,6 +80,7 @@ __all__ = [
     "block_overlap",
     "block_relevance",
     "block_scores",
+    "induction_blocks",
     "entry_relevance",
     "lexical_scores",
     "query_weights",
@@ -157,6 +164,33 @@ def block_overlap(blocks: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return hit.sum(1).to(torch.float32) / float(bs - 1)
 
 
+def induction_blocks(
+    history: torch.Tensor, query: torch.Tensor, k: int, bs: int, stop: int | None = None
+) -> torch.Tensor:
+    """Blocks (int64, the newest occurrence first, distinct) holding the token that
+    followed each earlier occurrence of the query's last ``k`` tokens in ``history``
+    (int64 ``[n_b · bs]``, the complete blocks before the protected tail): where that
+    text was seen before, what came next is what the text after the query is likely
+    to need (an induction step). An occurrence must end before ``stop - 1`` (default
+    and at most ``n - k``: never the query itself, wherever it ends) and have a next
+    token in ``history``."""
+    n = int(history.numel())
+    if k < 1 or query.numel() < k or n <= k:
+        return torch.zeros(0, dtype=torch.int64)
+    tail = query[-k:].to(torch.int64)
+    h = history.to(torch.int64)
+    # candidate ends: the query's last token, with room for k - 1 before it and a
+    # next token after it
+    ends = torch.nonzero(h[k - 1 : n - 1] == tail[-1]).flatten() + (k - 1)
+    for j in range(1, k):
+        if ends.numel() == 0:
+            break
+        ends = ends[h[ends - j] == tail[-1 - j]]
+    ends = ends[ends < (n - k if stop is None else min(n - k, stop - k))]
+    blocks = torch.flip((ends + 1) // bs, dims=[0]).tolist()
+    return torch.tensor(list(dict.fromkeys(blocks)), dtype=torch.int64)
+
+
 def wanted_blocks(
     s: torch.Tensor, z_min: float, limit: int, copies: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -191,25 +225,26 @@ def wanted_blocks(
 
 def _history_query(
     tree: Any, wc: Any, config: Any, query_end: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The complete blocks before ``wc``'s protected tail (int64 ``[n_b, bs]``) and
-    the ``lexical_query`` tokens before ``query_end`` (default: the newest)."""
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The complete blocks before ``wc``'s protected tail (int64 ``[n_b, bs]``), the
+    ``lexical_query`` tokens before ``query_end`` (default: the newest) and where
+    they end."""
     bs = int(config.block_size)
     T = int(tree.num_tokens)
     n_b = int(wc.protected_start) // bs
-    if n_b < 1:
-        return torch.zeros(0, bs, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    ids = tree.tokens(0, T)
     end = T if query_end is None else min(int(query_end), T)
+    if n_b < 1:
+        return torch.zeros(0, bs, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), end
+    ids = tree.tokens(0, T)
     query = ids[max(end - int(config.lexical_query), 0) : end]
-    return ids[: n_b * bs].view(n_b, bs), query
+    return ids[: n_b * bs].view(n_b, bs), query, end
 
 
 def block_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None) -> torch.Tensor:
     """BM25 ``s [n_b]`` (float32) of the history's complete blocks before ``wc``'s
     protected tail, for the ``lexical_query`` tokens before ``query_end`` (default: the
     newest), weighted by ``lexical_half_life`` (module doc)."""
-    blocks, query = _history_query(tree, wc, config, query_end)
+    blocks, query, _ = _history_query(tree, wc, config, query_end)
     if blocks.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float32)
     return block_relevance(blocks, query, float(config.lexical_half_life))
@@ -324,7 +359,7 @@ def lexical_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None
     ``lexical_query`` tokens before ``query_end`` (default: the newest tokens)."""
     n = len(wc)
     bs = int(config.block_size)
-    blocks, query = _history_query(tree, wc, config, query_end)
+    blocks, query, end = _history_query(tree, wc, config, query_end)
     n_b = int(blocks.shape[0])
     if n_b < 2:
         return torch.zeros(n, dtype=torch.float32)
@@ -332,7 +367,14 @@ def lexical_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None
     copies = None
     if float(config.lexical_max_overlap) < 1.0:
         copies = block_overlap(blocks, query) > float(config.lexical_max_overlap)
-    want = wanted_blocks(s, float(config.lexical_z), retrieval_limit(config), copies)
+    limit = retrieval_limit(config)
+    want = wanted_blocks(s, float(config.lexical_z), limit, copies)
+    k = int(config.lexical_induction)
+    if k > 0 and limit > 0:
+        # at most half the slots, so that a common phrase cannot crowd out the rest
+        found = induction_blocks(blocks.reshape(-1), query, k, bs, stop=end)
+        first = found[: -(-limit // 2)].tolist()
+        want = torch.tensor(list(dict.fromkeys(first + want.tolist()))[:limit], dtype=torch.int64)
     if want.numel() == 0:
         return torch.zeros(n, dtype=torch.float32)
     wanted = torch.zeros(n_b, dtype=torch.bool)

@@ -18,6 +18,7 @@ from megacontext.lexical_scorer import (
     block_relevance,
     block_scores,
     entry_relevance,
+    induction_blocks,
     lexical_scores,
     query_weights,
     retrieval_scores,
@@ -147,6 +148,22 @@ def test_a_copy_brings_the_block_after_it_ranked_last():
     assert wanted_blocks(sparse, 4.0, 8, copies).tolist() == [5]
 
 
+def test_induction_blocks_are_what_followed_the_query_end_before():
+    h = torch.tensor([1, 2, 3, 9, 5, 1, 2, 3, 7, 8, 1, 2, 3, 4, 0, 0])
+    q = torch.tensor([6, 1, 2, 3])
+    # "1 2 3" ends at 2, 7 and 12: the next tokens (3, 8, 13) are in blocks 0, 2, 3
+    assert induction_blocks(h, q, 3, 4).tolist() == [3, 2, 0]  # the newest first
+    assert induction_blocks(h, q, 4, 4).numel() == 0  # "6 1 2 3" never occurs
+    assert induction_blocks(h, q, 0, 4).numel() == 0
+    # an occurrence must end before stop - k (the query's own end, when it is pinned
+    # inside the history) and have a next token
+    assert induction_blocks(h, q, 3, 4, stop=12).tolist() == [2, 0]
+    assert induction_blocks(h[:8], q, 3, 4).tolist() == [0]  # 7 is the last token
+    # the same block once
+    once = torch.tensor([2, 5, 2, 6, 0, 0, 0, 0])
+    assert induction_blocks(once, torch.tensor([2]), 1, 4).tolist() == [0]
+
+
 @pytest.fixture(scope="module")
 def systems(tiny_base):
     cfg = mc.MegaContextConfig(model="tiny-llama", w_max=256, refocus_iterations=8)
@@ -263,6 +280,7 @@ def test_config_fields_are_validated():
         ("retrieval_share", 1.5),
         ("lexical_max_overlap", 0.0),
         ("lexical_max_overlap", 1.5),
+        ("lexical_induction", -1),
     )
     for field, bad in bad_values:
         with pytest.raises(mc.ConfigError) as e:
