@@ -186,7 +186,7 @@ class MegaContextConfig(BaseModel):
         "many robust standard deviations (1.4826 MAD) above the median block's",
     )
     lexical_max_overlap: float = Field(
-        1.0,
+        0.5,
         gt=0.0,
         le=1.0,
         description="a block more than this share of whose token bigrams occur in the "
@@ -195,19 +195,18 @@ class MegaContextConfig(BaseModel):
         "copy instead, after every other wanted block (1.0: off)",
     )
     lexical_induction: int = Field(
-        0,
+        8,
         ge=0,
         description="k > 0: the lexical scorer first wants the blocks holding what "
         "followed each earlier occurrence of the query's last k tokens (the newest "
         "first, at most half its slots; an induction step); 0: off",
     )
     retrieval_share: float = Field(
-        0.25,
+        0.125,
         gt=0.0,
         le=1.0,
         description="the most of w_max the lexical scorer fills with retrieved blocks "
-        "(every retrieved block displaces a recent one; 0.125 reads long plain text "
-        "better and loses far pass keys: docs/runtime.md)",
+        "(every retrieved block displaces a recent one; docs/runtime.md)",
     )
     attention_layers: list[int] | None = Field(
         None,

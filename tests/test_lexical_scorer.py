@@ -256,20 +256,28 @@ def test_a_far_copy_of_the_query_is_not_retrieved(tiny_base):
     ids[12 * BS : 12 * BS + 64] = ids[T - 64 :]
     # one block per refocus may be opened
     cfg = mc.MegaContextConfig(
-        model="tiny-llama", w_max=256, refocus_iterations=8, lens="lexical", retrieval_share=0.125
+        model="tiny-llama",
+        w_max=256,
+        refocus_iterations=8,
+        lens="lexical",
+        retrieval_share=0.125,
+        lexical_induction=0,
     )
     got = {}
-    for rho in (1.0, 0.5):
-        system = mc.MegaContext(
-            tiny_base, None, None, cfg.model_copy(update={"lexical_max_overlap": rho})
-        )
+    for rho, k in ((1.0, 0), (0.5, 0), (0.5, 8)):
+        update = {"lexical_max_overlap": rho, "lexical_induction": k}
+        system = mc.MegaContext(tiny_base, None, None, cfg.model_copy(update=update))
         s = system.session()
         s.ingest(ids)
         s.wc.check(s.tree)
-        got[rho] = s.wc
-    planted, copy = (5 * BS, 6 * BS), (12 * BS, 14 * BS)
-    assert _tokens_of(got[1.0], *planted) == 0 and _tokens_of(got[1.0], *copy) > 0
-    assert _tokens_of(got[0.5], *planted) == BS and _tokens_of(got[0.5], *copy) == 0
+        got[rho, k] = s.wc
+    planted, copy, after = (5 * BS, 6 * BS), (12 * BS, 14 * BS), (14 * BS, 15 * BS)
+    assert _tokens_of(got[1.0, 0], *planted) == 0 and _tokens_of(got[1.0, 0], *copy) > 0
+    assert _tokens_of(got[0.5, 0], *planted) == BS and _tokens_of(got[0.5, 0], *copy) == 0
+    # induction: the query's last 8 tokens occurred before (in the copy), so what
+    # followed them there comes first and takes the one slot
+    assert _tokens_of(got[0.5, 8], *after) == BS
+    assert _tokens_of(got[0.5, 8], *planted) == 0 and _tokens_of(got[0.5, 8], *copy) == 0
 
 
 def test_config_fields_are_validated():
