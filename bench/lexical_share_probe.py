@@ -111,16 +111,23 @@ def needles(base, gist, settings, reps: int, emit, far: bool = False) -> None:
                 key = {"part": "needle32" if far else "needle"}
                 key["item"] = f"{task}/d{depth}/s{t.meta['seed']}"
                 key.update(T=length, W=W)
-                trunc = float(view_nll(base, truncation_view(base, hist, W), tgt).mean())
-                emit({**key, "setting": "truncation", "nll": trunc, "actions": 0})
-                if not far:  # 32k tokens do not fit the base model's positions
-                    full = float(view_nll(base, full_view(base, hist), tgt).mean())
-                    emit({**key, "setting": "full", "nll": full, "actions": 0})
-                cfg = mc.MegaContextConfig(model=base.name, w_max=W, levels=3)
-                loop = FocusLoop(base, gist, None, cfg)
-                loop.ingest(hist)
-                for name, upd in settings:
-                    emit({**key, "setting": name, **read(base, loop, W, upd, tgt)})
+                # 32k tokens do not fit the base model's positions: no full context
+                read_task(base, gist, settings, key, hist, tgt, not far, emit)
+
+
+def read_task(base, gist, settings, key: dict, hist, tgt, full: bool, emit) -> None:
+    """Emit the rows of one needle task: truncation, full context (``full``), then
+    each setting's lexical WC over one ingest of ``hist`` at ``key["W"]``."""
+    W = key["W"]
+    trunc = float(view_nll(base, truncation_view(base, hist, W), tgt).mean())
+    emit({**key, "setting": "truncation", "nll": trunc, "actions": 0})
+    if full:
+        nll = float(view_nll(base, full_view(base, hist), tgt).mean())
+        emit({**key, "setting": "full", "nll": nll, "actions": 0})
+    loop = FocusLoop(base, gist, None, mc.MegaContextConfig(model=base.name, w_max=W, levels=3))
+    loop.ingest(hist)
+    for name, upd in settings:
+        emit({**key, "setting": name, **read(base, loop, W, upd, tgt)})
 
 
 REPEAT_FILLER = 9000  # tokens: about the held-out filler's length (9,062)
@@ -130,7 +137,8 @@ def repeated_passkey(base: mc.Base, length: int, depth: float, seed: int):
     """A pass key in ``length`` tokens of one ``REPEAT_FILLER``-token piece of
     training-split pydoc prose (start drawn from ``seed``) repeated: the text before
     the question then has copies far back, as in a haystack built from a short
-    filler. Returns ``(history ids, target ids, item name)``."""
+    filler. Returns ``(history ids, target ids, item name, the statement's token
+    span)``."""
     rng = np.random.default_rng([seed, 1])
     key = str(int(rng.integers(10_000, 100_000)))
     text = base.encode(stdlib_prose("train"))
@@ -155,13 +163,7 @@ def needles_repeated(base, gist, settings, reps: int, emit) -> None:
             hist, tgt, item, _ = repeated_passkey(base, length, depth, synthetic.train_seed(9, i))
             i += 1
             key = {"part": "needle32rep", "item": item, "T": length, "W": W}
-            trunc = float(view_nll(base, truncation_view(base, hist, W), tgt).mean())
-            emit({**key, "setting": "truncation", "nll": trunc, "actions": 0})
-            cfg = mc.MegaContextConfig(model=base.name, w_max=W, levels=3)
-            loop = FocusLoop(base, gist, None, cfg)
-            loop.ingest(hist)
-            for name, upd in settings:
-                emit({**key, "setting": name, **read(base, loop, W, upd, tgt)})
+            read_task(base, gist, settings, key, hist, tgt, False, emit)
 
 
 def render(rows: list[dict], command: str) -> str:
