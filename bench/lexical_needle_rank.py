@@ -7,7 +7,10 @@ protected tail (:func:`megacontext.lexical_scorer.block_scores`), their robust
 z-scores, and the rank of the block that holds the needle (the task's
 ``needle_span``). At most ``floor(retrieval_share · w_max / bs)`` blocks are opened
 per refocus, best first, so a needle ranked below that is not retrieved. Also the
-first characters of the best-ranked blocks and of the query. Run::
+first characters of the best-ranked blocks and of the query, and the blocks the
+scorer wants under the package defaults
+(:func:`megacontext.lexical_scorer.retrieved_blocks`: far copies of the query skipped,
+induction first) with whether the needle's block is among them. Run::
 
     OMP_NUM_THREADS=1 uv run python bench/lexical_needle_rank.py --length 32768 --w-max 1024 \\
         --depths 0.1 0.5 0.9 --seed 0
@@ -57,6 +60,13 @@ def main() -> None:
             f"depth {depth} (seed {t.meta['seed']}): needle block(s) {blocks}, "
             f"rank {ranks} of {z.numel()}, z {[round(float(z[b]), 1) for b in blocks]}; "
             f"best z {[round(float(z[b]), 1) for b in order[: args.top]]}"
+        )
+        _, want = lexical_scorer.retrieved_blocks(loop.tree, loop.wc, cfg)
+        got = [b for b in blocks if b in want.tolist()]
+        print(
+            f"    wanted under the defaults (share {cfg.retrieval_share}, overlap "
+            f"{cfg.lexical_max_overlap}, induction {cfg.lexical_induction}): "
+            f"{want.tolist()}; needle block(s) among them: {got or 'none'}"
         )
         for b in order[: args.top]:
             text = base.tokenizer.decode(hist[b * bs : (b + 1) * bs].tolist())

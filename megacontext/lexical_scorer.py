@@ -85,6 +85,7 @@ __all__ = [
     "lexical_scores",
     "query_weights",
     "retrieval_scores",
+    "retrieved_blocks",
     "robust_z",
     "swap_plan",
     "wanted_blocks",
@@ -352,17 +353,19 @@ def retrieval_limit(config: Any) -> int:
 
 
 @torch.no_grad()
-def lexical_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None) -> torch.Tensor:
-    """float32 ``[N]`` scores of ``wc``'s entries (see the module doc) from ``tree``'s
-    token ids and ``config``'s ``lexical_query``, ``lexical_half_life``, ``lexical_z``,
-    ``retrieval_share``, ``w_max`` and ``block_size``. The query is the
-    ``lexical_query`` tokens before ``query_end`` (default: the newest tokens)."""
-    n = len(wc)
+def retrieved_blocks(
+    tree: Any, wc: Any, config: Any, query_end: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BM25 ``s [n_b]`` (float32) of the blocks before ``wc``'s protected tail and the
+    blocks the lexical scorer wants (int64, first wanted first, at most
+    :func:`retrieval_limit`): induction blocks (``lexical_induction``), then the
+    blocks that stand out (``lexical_z``), far copies of the query replaced by what
+    follows them (``lexical_max_overlap``); see the module doc."""
     bs = int(config.block_size)
     blocks, query, end = _history_query(tree, wc, config, query_end)
     n_b = int(blocks.shape[0])
     if n_b < 2:
-        return torch.zeros(n, dtype=torch.float32)
+        return torch.zeros(n_b, dtype=torch.float32), torch.zeros(0, dtype=torch.int64)
     s = block_relevance(blocks, query, float(config.lexical_half_life))
     copies = None
     if float(config.lexical_max_overlap) < 1.0:
@@ -375,11 +378,23 @@ def lexical_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None
         found = induction_blocks(blocks.reshape(-1), query, k, bs, stop=end)
         first = found[: -(-limit // 2)].tolist()
         want = torch.tensor(list(dict.fromkeys(first + want.tolist()))[:limit], dtype=torch.int64)
+    return s, want
+
+
+@torch.no_grad()
+def lexical_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None) -> torch.Tensor:
+    """float32 ``[N]`` scores of ``wc``'s entries (see the module doc) from ``tree``'s
+    token ids and ``config``'s ``lexical_*`` fields, ``retrieval_share``, ``w_max``
+    and ``block_size``: :func:`retrieved_blocks`, then :func:`swap_plan`. The query is
+    the ``lexical_query`` tokens before ``query_end`` (default: the newest tokens)."""
+    n = len(wc)
+    s, want = retrieved_blocks(tree, wc, config, query_end)
+    n_b = int(s.numel())
     if want.numel() == 0:
         return torch.zeros(n, dtype=torch.float32)
     wanted = torch.zeros(n_b, dtype=torch.bool)
     wanted[want] = True
-    lo, hi = _coverage(wc, bs, n_b)
+    lo, hi = _coverage(wc, int(config.block_size), n_b)
     expand = _covers(lo, hi, wanted) & (wc.levels.cpu() > 0)
     return swap_plan(wc, config, s, expand, wanted)
 
