@@ -54,9 +54,10 @@ Scores ``u`` per WC entry, on the allocator's scale (it expands above
   nothing wanted every score is 0 and the working context is the recency one.
 
 It reads only the tree's token ids: no forward of the base model, no cache. Cost per
-refocus: one ``isin`` over the history's ``T`` token ids (O(T log |q|)) plus the
-matches (``bench/bench_lexical_scorer.py``: ~1 ms at 8k tokens, ~6 ms at 128k on a
-2-core CPU).
+refocus: ``isin`` over the history's ``T`` token ids and over its bigrams
+(O(T log |q|)), one comparison pass for induction, plus the matches
+(``bench/bench_lexical_scorer.py``: ~1.3 ms at 8k tokens, ~14 ms at 128k on a 2-core
+CPU).
 
 Why lexical: the base model's own attention over the working context
 (``lens: attention``) sees a far block only through its gist, whose key does not
