@@ -532,16 +532,17 @@ def main() -> None:
         "their method is then 'mc_lexical[KEY=VALUE,...]+NAME'",
     )
     args = ap.parse_args()
+    global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK, SCHEMES, LEXICAL, SINK, FAR_GAP, LEXICAL_TAG
     if args.render:
         import pyarrow.parquet as pq
 
         rows = pq.read_table(args.out / "rows.parquet").to_pylist()
+        BUDGETS = tuple(sorted({int(r["W"]) for r in rows if r.get("W") is not None}))
         old = (args.out / "results.md").read_text().splitlines()
         extra = dict(ln[2:].split(": ", 1) for ln in old if ln.startswith("- ") and ": " in ln)
         (args.out / "results.md").write_text(render(rows, extra))
         plot(rows, args.out / "nll_vs_history.png")
         return
-    global LENGTHS, BUDGETS, PASSKEY_T, PASSKEY_BACK, SCHEMES, LEXICAL, SINK, FAR_GAP, LEXICAL_TAG
     LEXICAL = args.lexical
     if args.lexical_set:
         LEXICAL_SET.update(apply_overrides({}, args.lexical_set))
