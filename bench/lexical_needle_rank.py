@@ -50,7 +50,8 @@ def main() -> None:
         hist = base.encode(t.context)
         loop = FocusLoop(base, None, None, cfg)
         loop.ingest(hist)
-        s = lexical_scorer.block_scores(loop.tree, loop.wc, cfg)
+        # the same BM25 scores block_scores gives, and the blocks the defaults open
+        s, want = lexical_scorer.retrieved_blocks(loop.tree, loop.wc, cfg)
         z = lexical_scorer.robust_z(s)
         order = z.argsort(descending=True, stable=True).tolist()
         start, end = t.meta["needle_span"]
@@ -61,7 +62,6 @@ def main() -> None:
             f"rank {ranks} of {z.numel()}, z {[round(float(z[b]), 1) for b in blocks]}; "
             f"best z {[round(float(z[b]), 1) for b in order[: args.top]]}"
         )
-        _, want = lexical_scorer.retrieved_blocks(loop.tree, loop.wc, cfg)
         got = [b for b in blocks if b in want.tolist()]
         print(
             f"    wanted under the defaults (share {cfg.retrieval_share}, overlap "
