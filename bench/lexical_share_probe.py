@@ -6,10 +6,12 @@ refocus) trades what retrieval brings against what the recent window loses. This
 reads, per setting, the shipped memory (its GistNet, three levels, nearby positions,
 the attention sink) after its ingest refocuses, on **training-split** material only:
 
-- ``code`` / ``prose``: the next 64 tokens after 4k, 16k and 32k tokens of the
-  standard library's modules in name order / the pydoc topics text
-  (``bench/positions_long_history.py``'s ``--texts stdlib``), ``W = 1,024``, beside
-  truncation and the recency WC;
+- ``code`` / ``prose`` / ``paper``: the next 64 tokens after 4k, 16k and 32k tokens
+  of the standard library's training-split modules in name order / the training
+  split's pydoc topics / the training-split LongBench Qasper and MultiFieldQA-en
+  contexts (scientific and web prose no suite reads), ``W = 1,024``, beside
+  truncation and the recency WC (before session 13 ``code`` and ``prose`` read every
+  module and topic, a few validation documents among them);
 - ``needle``: pass-key and key-value tasks on training filler with training seeds
   (:func:`megacontext.synthetic.train_seed` namespace), 3,072 tokens at ``W = 512``,
   depths 10 %–90 %: the answer's NLL and the recovered fraction
@@ -41,7 +43,8 @@ import torch
 
 import megacontext as mc
 from megacontext import synthetic
-from megacontext.data import stdlib_prose
+from megacontext.data import stdlib_modules, stdlib_prose
+from megacontext.eval.longbench import load_longbench, longbench_dir
 from megacontext.eval.peers import full_view, truncation_view, view_nll
 from megacontext.focus import FocusLoop
 
@@ -59,7 +62,10 @@ def parse_setting(spec: str) -> tuple[str, dict]:
     upd: dict = {}
     for part in filter(None, body.split(",")):
         key, _, value = part.partition(":")
-        upd[key] = float(value)
+        try:
+            upd[key] = float(value)
+        except ValueError:
+            upd[key] = value  # a string field (room_from:oldest)
     mc.MegaContextConfig(**upd)  # a typed error for a field or value that is not one
     return name, upd
 
@@ -75,10 +81,55 @@ def read(base: mc.Base, loop: FocusLoop, W: int, upd: dict, targets: torch.Tenso
     return {"nll": float(view_nll(base, view, targets).mean()), "actions": view.meta["actions"]}
 
 
+def _repeat(base: mc.Base, ids: torch.Tensor, need: int) -> torch.Tensor:
+    """``ids`` joined with blank lines and repeated until ``need`` tokens."""
+    sep = base.encode("\n\n")
+    one = torch.cat([ids, sep])
+    return one.repeat(-(-need // one.numel()))[:need]
+
+
+def train_code_ids(base: mc.Base, need: int) -> torch.Tensor:
+    """The standard library's top-level modules in the training split, in name order
+    (:func:`megacontext.data.stdlib_modules`), until ``need`` tokens (repeated if short)."""
+    parts, n = [], 0
+    for _, path in stdlib_modules("train"):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(base.encode(text.strip() + "\n\n\n"))
+        n += parts[-1].numel()
+        if n >= need:
+            break
+    return _repeat(base, torch.cat(parts), need)
+
+
+def train_prose_ids(base: mc.Base, need: int) -> torch.Tensor:
+    """The training split's pydoc topics (:func:`megacontext.data.stdlib_prose`),
+    repeated until ``need`` tokens."""
+    return _repeat(base, base.encode(stdlib_prose("train")), need)
+
+
+def paper_ids(base: mc.Base, need: int) -> torch.Tensor:
+    """Long English prose the trainer's rule puts in the training split and no suite
+    reads: the LongBench Qasper and MultiFieldQA-en contexts of the *train* split
+    (:func:`megacontext.eval.longbench.load_longbench`; the LongBench suite reads only
+    the validation rows, and NarrativeQA, the held-out prose, is left out), in file
+    order, repeated until ``need`` tokens."""
+    folder = longbench_dir()
+    if folder is None:
+        raise SystemExit("--part paper needs ../shared/data/longbench")
+    rows = load_longbench(folder, tasks=("qasper", "multifieldqa_en"), split="train")
+    return _repeat(base, torch.cat([base.encode(r.context.strip() + "\n\n") for r in rows]), need)
+
+
+TEXTS = {"code": train_code_ids, "prose": train_prose_ids, "paper": paper_ids}
+
+
 def continuation(base, gist, part: str, settings, ntargets: int, emit) -> None:
     W = 1024
     need = max(LENGTHS) + H + 4096 * (ntargets - 1)
-    ids = plh.code_ids(base, need) if part == "code" else plh.prose_ids(base, need)[0]
+    ids = TEXTS[part](base, need)
     for e in [max(LENGTHS) + H + 4096 * i for i in range(ntargets)]:
         tg = ids[e - H : e]
         trunc = float(view_nll(base, truncation_view(base, ids[e - H - W : e - H], W), tg).mean())
@@ -221,7 +272,9 @@ def render(rows: list[dict], command: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--part", choices=("code", "prose", "needle", "needle32", "needle32rep"), required=True
+        "--part",
+        choices=("code", "prose", "paper", "needle", "needle32", "needle32rep"),
+        required=True,
     )
     ap.add_argument("--setting", action="append", default=[], metavar="NAME=KEY:VALUE,...")
     ap.add_argument("--targets", type=int, default=6, help="targets per length (code/prose)")
