@@ -12,7 +12,8 @@ the attention sink) after its ingest refocuses, on **training-split** material o
   contexts (scientific and web prose no suite reads), ``W = 1,024``, beside
   truncation and the recency WC (before session 13 ``code`` and ``prose`` read every
   module and topic, a few validation documents among them);
-- ``needle``: pass-key and key-value tasks on training filler with training seeds
+- ``needle``: pass-key and key-value tasks (``--kinds``: also code identifiers) on
+  training filler with training seeds
   (:func:`megacontext.synthetic.train_seed` namespace), 3,072 tokens at ``W = 512``,
   depths 10 %–90 %: the answer's NLL and the recovered fraction
   ``(NLL_trunc - NLL) / (NLL_trunc - NLL_full)`` of the mean NLLs;
@@ -145,9 +146,9 @@ def continuation(base, gist, part: str, settings, ntargets: int, emit) -> None:
                 emit({**key, "setting": name, **read(base, loop, W, upd, tg)})
 
 
-def needles(base, gist, settings, reps: int, emit, far: bool = False) -> None:
+def needles(base, gist, settings, reps: int, emit, far: bool = False, kinds=None) -> None:
     W, length, i = (1024, 32768, 0) if far else (512, 3072, 0)
-    for task in ("passkey",) if far else ("passkey", "kv"):
+    for task in kinds or (("passkey",) if far else ("passkey", "kv")):
         for depth in (0.1, 0.5, 0.9) if far else DEPTHS:
             for _ in range(reps):
                 t = synthetic.GENERATORS[task](
@@ -279,6 +280,12 @@ def main() -> None:
     ap.add_argument("--setting", action="append", default=[], metavar="NAME=KEY:VALUE,...")
     ap.add_argument("--targets", type=int, default=6, help="targets per length (code/prose)")
     ap.add_argument("--reps", type=int, default=2, help="tasks per task kind and depth")
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=tuple(synthetic.GENERATORS),
+        help="needle / needle32 task kinds (default: passkey and kv / passkey)",
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--render", action="store_true", help="only rewrite OUT/results.md")
     args = ap.parse_args()
@@ -316,7 +323,8 @@ def main() -> None:
     if args.part == "needle32rep":
         needles_repeated(base, gist, settings, args.reps, emit)
     elif args.part in ("needle", "needle32"):
-        needles(base, gist, settings, args.reps, emit, far=args.part == "needle32")
+        far = args.part == "needle32"
+        needles(base, gist, settings, args.reps, emit, far, args.kinds)
     else:
         continuation(base, gist, args.part, settings, args.targets, emit)
 

@@ -185,6 +185,14 @@ class MegaContextConfig(BaseModel):
         description="the lexical scorer retrieves a block whose BM25 score lies this "
         "many robust standard deviations (1.4826 MAD) above the median block's",
     )
+    lexical_seen_weight: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="a query token that also occurs in the w_max - lexical_query tokens "
+        "before the query counts this much in the lexical scorer's BM25: what the recent "
+        "window already holds needs no far block (1.0: off)",
+    )
     lexical_max_overlap: float = Field(
         0.5,
         gt=0.0,
@@ -200,6 +208,21 @@ class MegaContextConfig(BaseModel):
         description="k > 0: the lexical scorer first wants the blocks holding what "
         "followed each earlier occurrence of the query's last k tokens (the newest "
         "first, at most half its slots; an induction step); 0: off",
+    )
+    lexical_follow: int = Field(
+        8,
+        ge=0,
+        description="r > 0: a block the lexical scorer wants whose last key term (the "
+        "query tokens of the largest weight x idf) lies in its last r tokens brings the "
+        "block after it, right after it: what follows the match (a record's value after "
+        "its key) is there; 0: off (docs/runtime.md)",
+    )
+    room_from: Literal["least_relevant", "oldest"] = Field(
+        "least_relevant",
+        description="which token blocks a retrieval's swap plan collapses to make room "
+        "for the blocks it opens: least_relevant (the lowest BM25, or attention, score "
+        "first; the oldest on ties) or oldest (the oldest first: the recent window "
+        "shrinks from its far end, as truncation's would)",
     )
     retrieval_share: float = Field(
         0.125,

@@ -40,6 +40,18 @@ the newest first, at most half the slots) are wanted before every other block: w
 the text the question ends with was seen before, what came next is what the answer,
 or the continuation, needs.
 
+What follows the match (``lexical_follow = r``, default 8; 0: off). A block wanted for its BM25
+score whose last *key term* (the query ids whose weight times idf is at least half
+the largest) lies in its last ``r`` tokens brings the block after it, ranked right
+after it (:func:`followed_blocks`): a record's value after its key, a definition's
+body after its name, a statement cut by the block edge.
+
+Two variants, off by default because neither helped both code and prose on
+training-split continuation (``docs/results/2026-12-05-train-probe/README.md``):
+``lexical_seen_weight < 1`` discounts the query ids already in the
+``w_max - lexical_query`` tokens before the query, and ``room_from: oldest`` makes
+room from the oldest token blocks instead of the least relevant ones.
+
 Scores ``u`` per WC entry, on the allocator's scale (it expands above
 ``tau_expand`` and collapses below ``-tau_collapse`` only to make room or when told):
 
@@ -81,6 +93,7 @@ __all__ = [
     "block_overlap",
     "block_relevance",
     "block_scores",
+    "followed_blocks",
     "entry_relevance",
     "induction_blocks",
     "lexical_scores",
@@ -96,31 +109,44 @@ K1 = 1.2
 _PAIR = 1 << 32
 
 
-def query_weights(query: torch.Tensor, half_life: float) -> tuple[torch.Tensor, torch.Tensor]:
+def query_weights(
+    query: torch.Tensor,
+    half_life: float,
+    seen: torch.Tensor | None = None,
+    seen_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct ids ``q [k]`` of ``query`` (int64 ``[m]``, oldest first) and their
     weights ``w [k]``: ``w_j = max over q_j's occurrences of 2^(-age / half_life)``,
-    ``age`` = 0 for the newest token (``half_life = inf``: all 1)."""
+    ``age`` = 0 for the newest token (``half_life = inf``: all 1), times
+    ``seen_weight`` for an id found in ``seen`` (int64, the recent text before the
+    query: what the recent window already holds needs no far block)."""
     q, inverse = torch.unique(query.to(torch.int64), return_inverse=True)
     age = torch.arange(query.numel() - 1, -1, -1, dtype=torch.float32)
     per = torch.pow(2.0, -age / float(half_life))
     w = torch.zeros(q.numel(), dtype=torch.float32).scatter_reduce(
         0, inverse, per, reduce="amax", include_self=False
     )
+    if seen is not None and seen_weight != 1.0 and seen.numel():
+        w = torch.where(torch.isin(q, seen.to(torch.int64)), w * float(seen_weight), w)
     return q, w
 
 
 def block_relevance(
-    blocks: torch.Tensor, query: torch.Tensor, half_life: float = math.inf
+    blocks: torch.Tensor,
+    query: torch.Tensor,
+    half_life: float = math.inf,
+    seen: torch.Tensor | None = None,
+    seen_weight: float = 1.0,
 ) -> torch.Tensor:
     """BM25 score ``s [n_b]`` (float32) of each block of ``blocks`` (int64
     ``[n_b, bs]`` token ids) for the distinct ids of ``query`` (int64 ``[m]``, oldest
-    first), each weighted by :func:`query_weights`."""
+    first), each weighted by :func:`query_weights` (``seen``, ``seen_weight``)."""
     if blocks.dim() != 2:
         raise InvariantError(f"blocks must be [n_b, bs], got {tuple(blocks.shape)}")
     n_b = int(blocks.shape[0])
     if n_b == 0 or query.numel() == 0:
         return torch.zeros(n_b, dtype=torch.float32)
-    q, w = query_weights(query, half_life)  # q sorted
+    q, w = query_weights(query, half_life, seen, seen_weight)  # q sorted
     m, bs = int(q.numel()), int(blocks.shape[1])
     # only the history's tokens that are query tokens are counted: isin + bincount
     # instead of an [n_b, bs, m] comparison (O(T log m) + O(matches))
@@ -193,6 +219,41 @@ def induction_blocks(
     return torch.tensor(list(dict.fromkeys(blocks)), dtype=torch.int64)
 
 
+def followed_blocks(
+    blocks: torch.Tensor,
+    query: torch.Tensor,
+    want: torch.Tensor,
+    r: int,
+    half_life: float = math.inf,
+    seen: torch.Tensor | None = None,
+    seen_weight: float = 1.0,
+) -> torch.Tensor:
+    """``want`` (int64 block indices, best first) with the block after each wanted
+    block ``b`` inserted right after it when ``b``'s last *key term* lies in its last
+    ``r`` tokens: what follows the match (a record's value after its key, a statement
+    cut by the block edge) is in ``b + 1``. Key terms are the query's distinct ids
+    whose weight times idf (:func:`query_weights`, BM25's idf over ``blocks``, int64
+    ``[n_b, bs]``) is at least half the largest."""
+    n_b, bs = int(blocks.shape[0]), int(blocks.shape[1])
+    if r < 1 or want.numel() == 0 or query.numel() == 0:
+        return want
+    q, w = query_weights(query, half_life, seen, seen_weight)
+    m = int(q.numel())
+    flat = blocks.reshape(-1).to(torch.int64)
+    pos = torch.nonzero(torch.isin(flat, q)).squeeze(1)
+    j = torch.searchsorted(q, flat[pos])
+    df = torch.bincount(torch.unique((pos // bs) * m + j) % m, minlength=m).to(torch.float32)
+    c = w * torch.log1p((n_b - df + 0.5) / (df + 0.5))
+    key = q[c >= 0.5 * c.max()]
+    out: list[int] = []
+    for b in want.tolist():
+        out.append(b)
+        hit = torch.nonzero(torch.isin(blocks[b].to(torch.int64), key)).flatten()
+        if hit.numel() and int(hit.max()) >= bs - r and b + 1 < n_b:
+            out.append(b + 1)
+    return torch.tensor(list(dict.fromkeys(out)), dtype=torch.int64)
+
+
 def wanted_blocks(
     s: torch.Tensor, z_min: float, limit: int, copies: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -227,29 +288,43 @@ def wanted_blocks(
 
 def _history_query(
     tree: Any, wc: Any, config: Any, query_end: int | None
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """The complete blocks before ``wc``'s protected tail (int64 ``[n_b, bs]``), the
-    ``lexical_query`` tokens before ``query_end`` (default: the newest) and where
-    they end."""
+    ``lexical_query`` tokens before ``query_end`` (default: the newest), where they
+    end, and the ``w_max - lexical_query`` tokens before the query (the recent text
+    ``lexical_seen_weight`` discounts)."""
     bs = int(config.block_size)
     T = int(tree.num_tokens)
     n_b = int(wc.protected_start) // bs
     end = T if query_end is None else min(int(query_end), T)
+    none = torch.zeros(0, dtype=torch.int64)
     if n_b < 1:
-        return torch.zeros(0, bs, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), end
+        return torch.zeros(0, bs, dtype=torch.int64), none, end, none
     ids = tree.tokens(0, T)
-    query = ids[max(end - int(config.lexical_query), 0) : end]
-    return ids[: n_b * bs].view(n_b, bs), query, end
+    q0 = max(end - int(config.lexical_query), 0)
+    seen = ids[max(q0 - max(int(config.w_max) - int(config.lexical_query), 0), 0) : q0]
+    return ids[: n_b * bs].view(n_b, bs), ids[q0:end], end, seen
+
+
+def _relevance(blocks: torch.Tensor, query: torch.Tensor, seen: torch.Tensor, config: Any):
+    return block_relevance(
+        blocks,
+        query,
+        float(config.lexical_half_life),
+        seen,
+        float(config.lexical_seen_weight),
+    )
 
 
 def block_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None) -> torch.Tensor:
     """BM25 ``s [n_b]`` (float32) of the history's complete blocks before ``wc``'s
     protected tail, for the ``lexical_query`` tokens before ``query_end`` (default: the
-    newest), weighted by ``lexical_half_life`` (module doc)."""
-    blocks, query, _ = _history_query(tree, wc, config, query_end)
+    newest), weighted by ``lexical_half_life`` and ``lexical_seen_weight`` (module
+    doc)."""
+    blocks, query, _, seen = _history_query(tree, wc, config, query_end)
     if blocks.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float32)
-    return block_relevance(blocks, query, float(config.lexical_half_life))
+    return _relevance(blocks, query, seen, config)
 
 
 def _coverage(wc: Any, bs: int, n_b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +379,8 @@ def swap_plan(
     tokens of the blocks ``keep`` (bool ``[n_b]``), ``-1`` on as many complete LOD0
     blocks outside ``keep`` and the protected tail as the expands need (``bs - 1``
     entries each, less the budget's free room), the lowest ``s [n_b]`` first and the
-    oldest on ties; 0 elsewhere. Shared by ``lens: lexical`` and a retrieval LensNet."""
+    oldest on ties (``room_from = "least_relevant"``) or the oldest first
+    (``"oldest"``); 0 elsewhere. Shared by ``lens: lexical`` and a retrieval LensNet."""
     n = len(wc)
     out = torch.zeros(n, dtype=torch.float32)
     bs = int(config.block_size)
@@ -324,8 +400,11 @@ def swap_plan(
     full = torch.nonzero((counts == bs) & ~keep).flatten()
     if full.numel() == 0:
         return out
-    # lowest relevance first, the oldest on ties (a stable sort of ascending ids)
-    victims = full[torch.argsort(s[full], stable=True)][:k]
+    if config.room_from == "oldest":
+        victims = full[:k]
+    else:
+        # lowest relevance first, the oldest on ties (a stable sort of ascending ids)
+        victims = full[torch.argsort(s[full], stable=True)][:k]
     drop = torch.zeros(n_b, dtype=torch.bool)
     drop[victims] = True
     in_drop = tok & (blk < n_b) & drop[blk.clamp(max=n_b - 1)]
@@ -363,16 +442,26 @@ def retrieved_blocks(
     blocks that stand out (``lexical_z``), far copies of the query replaced by what
     follows them (``lexical_max_overlap``); see the module doc."""
     bs = int(config.block_size)
-    blocks, query, end = _history_query(tree, wc, config, query_end)
+    blocks, query, end, seen = _history_query(tree, wc, config, query_end)
     n_b = int(blocks.shape[0])
     if n_b < 2:
         return torch.zeros(n_b, dtype=torch.float32), torch.zeros(0, dtype=torch.int64)
-    s = block_relevance(blocks, query, float(config.lexical_half_life))
+    s = _relevance(blocks, query, seen, config)
     copies = None
     if float(config.lexical_max_overlap) < 1.0:
         copies = block_overlap(blocks, query) > float(config.lexical_max_overlap)
     limit = retrieval_limit(config)
     want = wanted_blocks(s, float(config.lexical_z), limit, copies)
+    if int(config.lexical_follow) > 0:
+        want = followed_blocks(
+            blocks,
+            query,
+            want,
+            int(config.lexical_follow),
+            float(config.lexical_half_life),
+            seen,
+            float(config.lexical_seen_weight),
+        )[:limit]
     k = int(config.lexical_induction)
     if k > 0 and limit > 0:
         # at most half the slots, so that a common phrase cannot crowd out the rest

@@ -18,6 +18,7 @@ from megacontext.lexical_scorer import (
     block_relevance,
     block_scores,
     entry_relevance,
+    followed_blocks,
     induction_blocks,
     lexical_scores,
     query_weights,
@@ -244,6 +245,76 @@ def test_scores_plan_exactly_the_room_needed(systems):
     # a share of 0-blocks wants nothing
     none = cfg.model_copy(update={"retrieval_share": 0.01})
     assert torch.count_nonzero(lexical_scores(s.tree, wc, none)) == 0
+
+
+def test_room_is_made_from_the_chosen_token_blocks(systems):
+    ids = _history()
+    s = systems["recency"].session()
+    s.ingest(ids)
+    wc = s.wc
+    lv, st = wc.levels.cpu(), wc.starts.cpu()
+    tok = (lv == 0) & (st < wc.protected_start)
+    oldest = int(st[tok].min()) // BS
+    # the oldest recent token block shares a (weak) query token: not the least relevant
+    ids[oldest * BS + 3] = int(ids[-20])
+    s = systems["recency"].session()
+    s.ingest(ids)
+    wc = s.wc
+    counts = torch.bincount(st[tok] // BS)
+    got = {}
+    for room_from in ("least_relevant", "oldest"):
+        cfg = systems["lexical"].config.model_copy(
+            update={"room_from": room_from, "w_max": 200, "retrieval_share": 0.25}
+        )
+        u = lexical_scores(s.tree, wc, cfg)
+        victims = sorted(set((wc.starts.cpu()[u == -1.0] // BS).tolist()))
+        assert victims, "w_max below the WC's cost: the expand needs room"
+        # the candidates: complete LOD0 blocks before the protected tail, not kept
+        kept = set((st[u == 0.5] // BS).tolist())
+        full = [b for b in range(counts.numel()) if counts[b] == BS and b not in kept]
+        if room_from == "oldest":
+            assert victims == full[: len(victims)]
+        else:
+            rel = block_scores(s.tree, wc, cfg)
+            ranked = sorted(full, key=lambda b: (float(rel[b]), b))
+            assert victims == sorted(ranked[: len(victims)])
+        got[room_from] = victims
+    assert oldest in got["oldest"] and oldest not in got["least_relevant"]
+    with pytest.raises(ValueError):
+        mc.MegaContextConfig(room_from="newest")
+
+
+def test_a_match_at_a_block_end_brings_the_block_after_it():
+    blocks = torch.full((5, 8), 7, dtype=torch.int64)  # 7: a common filler token
+    blocks[1, 7] = 900  # the key term at the end of block 1: its value is in block 2
+    blocks[3, 0] = 900  # at the start of block 3: what follows is in block 3 itself
+    blocks[4, 7] = 900  # the last block: nothing after it
+    blocks[0, 7] = 7
+    query = torch.tensor([7, 7, 7, 900, 7])
+    want = torch.tensor([3, 1, 4])
+    assert followed_blocks(blocks, query, want, 2).tolist() == [3, 1, 2, 4]
+    assert followed_blocks(blocks, query, want, 0).tolist() == [3, 1, 4]
+    # r = bs: every wanted block with a key term brings its successor
+    assert followed_blocks(blocks, query, want, 8).tolist() == [3, 4, 1, 2]
+    # only key terms count: the common 7 at the end of every block does not
+    blocks[1, 7] = 7
+    blocks[1, 2] = 900
+    assert followed_blocks(blocks, query, torch.tensor([1]), 2).tolist() == [1]
+    with pytest.raises(ValueError):
+        mc.MegaContextConfig(lexical_follow=-1)
+
+
+def test_query_tokens_seen_before_the_query_count_less():
+    q, w = query_weights(torch.tensor([5, 9, 7]), math.inf, torch.tensor([9, 1]), 0.25)
+    assert q.tolist() == [5, 7, 9] and w.tolist() == [1.0, 1.0, 0.25]
+    # 1.0 leaves the weights alone; 0 drops a seen token's matches
+    _, same = query_weights(torch.tensor([5, 9, 7]), math.inf, torch.tensor([9]), 1.0)
+    assert torch.equal(same, torch.ones(3))
+    blocks = torch.tensor([[9, 0, 0, 0], [5, 0, 0, 0]])
+    s = block_relevance(blocks, torch.tensor([5, 9]), math.inf, torch.tensor([9]), 0.0)
+    assert float(s[0]) == 0.0 and float(s[1]) > 0.0
+    with pytest.raises(ValueError):
+        mc.MegaContextConfig(lexical_seen_weight=1.5)
 
 
 def test_a_far_copy_of_the_query_is_not_retrieved(tiny_base):
