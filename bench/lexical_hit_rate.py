@@ -8,8 +8,10 @@ counted here over many tasks without a forward of the base model: a session buil
 with mean-pool gists has the same working context, block for block, as one with the
 shipped GistNet.
 
-Per task (``megacontext.synthetic``: pass key, key-value, code identifier; depths
-10 %–90 %), the needle's blocks (its ``needle_span``, one or two blocks) are
+Per task (``megacontext.synthetic``: pass key, key-value, code identifier; with
+``--kinds passkey-rep`` also pass keys in a repeated training filler,
+``bench/lexical_share_probe.py``'s ``repeated_passkey``; depths 10 %–90 %), the
+needle's blocks (its ``needle_span``, one or two blocks) are
 
 - ``window``: already tokens in the recency working context (nothing to retrieve);
 - ``hit``: all wanted by the scorer under the setting;
@@ -43,9 +45,9 @@ from megacontext.focus import FocusLoop
 from megacontext.lexical_scorer import retrieved_blocks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lexical_share_probe import parse_setting
+from lexical_share_probe import parse_setting, repeated_passkey
 
-KINDS = ("passkey", "kv", "code")
+KINDS = ("passkey", "kv", "code", "passkey-rep")
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 OUTCOMES = ("window", "hit", "partial", "miss")
 
@@ -90,7 +92,7 @@ def main() -> None:
     ap.add_argument("--haystack", choices=("train", "validation"), required=True)
     ap.add_argument("--length", type=int, default=32768)
     ap.add_argument("--w-max", type=int, default=1024)
-    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS[:3]))
     ap.add_argument("--reps", type=int, default=4, help="tasks per kind and depth")
     ap.add_argument("--setting", action="append", default=[], metavar="NAME=KEY:VALUE,...")
     ap.add_argument("--out", type=Path, required=True)
@@ -110,16 +112,22 @@ def main() -> None:
             for _ in range(args.reps):
                 seed = task_seed(args.haystack, i)
                 i += 1
-                t = synthetic.GENERATORS[kind](
-                    base.tokenizer, length=args.length, depth=depth, seed=seed,
-                    haystack=args.haystack,
-                )  # fmt: skip
+                if kind == "passkey-rep":
+                    if args.haystack != "train":
+                        ap.error("passkey-rep is built from training filler only")
+                    hist, _, _, (lo, hi) = repeated_passkey(base, args.length, depth, seed)
+                else:
+                    t = synthetic.GENERATORS[kind](
+                        base.tokenizer, length=args.length, depth=depth, seed=seed,
+                        haystack=args.haystack,
+                    )  # fmt: skip
+                    hist = base.encode(t.context)
+                    lo, hi = t.meta["needle_span"]
                 loop = FocusLoop(base, None, None, cfg)
-                loop.ingest(base.encode(t.context))
+                loop.ingest(hist)
                 wc, bs = loop.wc, cfg.block_size
                 lv, st = wc.levels.cpu(), wc.starts.cpu()
                 first_tok = int(st[lv == 0].min()) // bs
-                lo, hi = t.meta["needle_span"]
                 needle = sorted({lo // bs, (hi - 1) // bs})
                 for name, upd in settings:
                     _, want = retrieved_blocks(loop.tree, wc, cfg.model_copy(update=upd))
