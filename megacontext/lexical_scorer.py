@@ -94,6 +94,7 @@ __all__ = [
     "block_relevance",
     "block_scores",
     "followed_blocks",
+    "key_terms",
     "entry_relevance",
     "induction_blocks",
     "lexical_scores",
@@ -147,7 +148,18 @@ def block_relevance(
     if n_b == 0 or query.numel() == 0:
         return torch.zeros(n_b, dtype=torch.float32)
     q, w = query_weights(query, half_life, seen, seen_weight)  # q sorted
-    m, bs = int(q.numel()), int(blocks.shape[1])
+    tf, idf = _term_stats(blocks, q)
+    return _bm25(w, tf, idf)
+
+
+def _bm25(w: torch.Tensor, tf: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
+    return (w * idf * tf * (K1 + 1.0) / (tf + K1)).sum(1)
+
+
+def _term_stats(blocks: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tf [n_b, m]`` (float32: how often each sorted id of ``q [m]`` occurs in each
+    block of ``blocks [n_b, bs]``) and BM25's ``idf [m]``."""
+    n_b, bs, m = int(blocks.shape[0]), int(blocks.shape[1]), int(q.numel())
     # only the history's tokens that are query tokens are counted: isin + bincount
     # instead of an [n_b, bs, m] comparison (O(T log m) + O(matches))
     flat = blocks.reshape(-1).to(torch.int64)
@@ -155,8 +167,7 @@ def block_relevance(
     j = torch.searchsorted(q, flat[pos])
     tf = torch.bincount((pos // bs) * m + j, minlength=n_b * m).view(n_b, m).to(torch.float32)
     df = (tf > 0).sum(0).to(torch.float32)
-    idf = torch.log1p((n_b - df + 0.5) / (df + 0.5))
-    return (w * idf * tf * (K1 + 1.0) / (tf + K1)).sum(1)
+    return tf, torch.log1p((n_b - df + 0.5) / (df + 0.5))
 
 
 def robust_z(s: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -219,32 +230,24 @@ def induction_blocks(
     return torch.tensor(list(dict.fromkeys(blocks)), dtype=torch.int64)
 
 
+def key_terms(q: torch.Tensor, w: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
+    """The query's *key terms*: the ids of ``q [m]`` whose weight ``w [m]``
+    (:func:`query_weights`) times BM25's ``idf [m]`` is at least half the largest."""
+    c = w * idf
+    return q[c >= 0.5 * c.max()] if c.numel() else q
+
+
 def followed_blocks(
-    blocks: torch.Tensor,
-    query: torch.Tensor,
-    want: torch.Tensor,
-    r: int,
-    half_life: float = math.inf,
-    seen: torch.Tensor | None = None,
-    seen_weight: float = 1.0,
+    blocks: torch.Tensor, want: torch.Tensor, key: torch.Tensor, r: int
 ) -> torch.Tensor:
     """``want`` (int64 block indices, best first) with the block after each wanted
-    block ``b`` inserted right after it when ``b``'s last *key term* lies in its last
-    ``r`` tokens: what follows the match (a record's value after its key, a statement
-    cut by the block edge) is in ``b + 1``. Key terms are the query's distinct ids
-    whose weight times idf (:func:`query_weights`, BM25's idf over ``blocks``, int64
-    ``[n_b, bs]``) is at least half the largest."""
+    block ``b`` of ``blocks`` (int64 ``[n_b, bs]``) inserted right after it when
+    ``b``'s last key term (an id of ``key``, :func:`key_terms`) lies in its last ``r``
+    tokens: what follows the match (a record's value after its key, a statement cut
+    by the block edge) is in ``b + 1``."""
     n_b, bs = int(blocks.shape[0]), int(blocks.shape[1])
-    if r < 1 or want.numel() == 0 or query.numel() == 0:
+    if r < 1 or want.numel() == 0 or key.numel() == 0:
         return want
-    q, w = query_weights(query, half_life, seen, seen_weight)
-    m = int(q.numel())
-    flat = blocks.reshape(-1).to(torch.int64)
-    pos = torch.nonzero(torch.isin(flat, q)).squeeze(1)
-    j = torch.searchsorted(q, flat[pos])
-    df = torch.bincount(torch.unique((pos // bs) * m + j) % m, minlength=m).to(torch.float32)
-    c = w * torch.log1p((n_b - df + 0.5) / (df + 0.5))
-    key = q[c >= 0.5 * c.max()]
     out: list[int] = []
     for b in want.tolist():
         out.append(b)
@@ -306,16 +309,6 @@ def _history_query(
     return ids[: n_b * bs].view(n_b, bs), ids[q0:end], end, seen
 
 
-def _relevance(blocks: torch.Tensor, query: torch.Tensor, seen: torch.Tensor, config: Any):
-    return block_relevance(
-        blocks,
-        query,
-        float(config.lexical_half_life),
-        seen,
-        float(config.lexical_seen_weight),
-    )
-
-
 def block_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None) -> torch.Tensor:
     """BM25 ``s [n_b]`` (float32) of the history's complete blocks before ``wc``'s
     protected tail, for the ``lexical_query`` tokens before ``query_end`` (default: the
@@ -324,7 +317,9 @@ def block_scores(tree: Any, wc: Any, config: Any, query_end: int | None = None) 
     blocks, query, _, seen = _history_query(tree, wc, config, query_end)
     if blocks.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float32)
-    return _relevance(blocks, query, seen, config)
+    return block_relevance(
+        blocks, query, float(config.lexical_half_life), seen, float(config.lexical_seen_weight)
+    )
 
 
 def _coverage(wc: Any, bs: int, n_b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -446,22 +441,19 @@ def retrieved_blocks(
     n_b = int(blocks.shape[0])
     if n_b < 2:
         return torch.zeros(n_b, dtype=torch.float32), torch.zeros(0, dtype=torch.int64)
-    s = _relevance(blocks, query, seen, config)
+    q, w = query_weights(
+        query, float(config.lexical_half_life), seen, float(config.lexical_seen_weight)
+    )
+    tf, idf = _term_stats(blocks, q)
+    s = _bm25(w, tf, idf)
     copies = None
     if float(config.lexical_max_overlap) < 1.0:
         copies = block_overlap(blocks, query) > float(config.lexical_max_overlap)
     limit = retrieval_limit(config)
     want = wanted_blocks(s, float(config.lexical_z), limit, copies)
     if int(config.lexical_follow) > 0:
-        want = followed_blocks(
-            blocks,
-            query,
-            want,
-            int(config.lexical_follow),
-            float(config.lexical_half_life),
-            seen,
-            float(config.lexical_seen_weight),
-        )[:limit]
+        key = key_terms(q, w, idf)
+        want = followed_blocks(blocks, want, key, int(config.lexical_follow))[:limit]
     k = int(config.lexical_induction)
     if k > 0 and limit > 0:
         # at most half the slots, so that a common phrase cannot crowd out the rest

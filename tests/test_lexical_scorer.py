@@ -20,6 +20,7 @@ from megacontext.lexical_scorer import (
     entry_relevance,
     followed_blocks,
     induction_blocks,
+    key_terms,
     lexical_scores,
     query_weights,
     retrieval_scores,
@@ -289,17 +290,21 @@ def test_a_match_at_a_block_end_brings_the_block_after_it():
     blocks[1, 7] = 900  # the key term at the end of block 1: its value is in block 2
     blocks[3, 0] = 900  # at the start of block 3: what follows is in block 3 itself
     blocks[4, 7] = 900  # the last block: nothing after it
-    blocks[0, 7] = 7
     query = torch.tensor([7, 7, 7, 900, 7])
+    # the key terms: the rare 900 (in 3 of 5 blocks), not the common 7 (in all)
+    q, w = query_weights(query, math.inf)
+    df = torch.tensor([5.0, 3.0])
+    key = key_terms(q, w, torch.log1p((5 - df + 0.5) / (df + 0.5)))
+    assert key.tolist() == [900]
     want = torch.tensor([3, 1, 4])
-    assert followed_blocks(blocks, query, want, 2).tolist() == [3, 1, 2, 4]
-    assert followed_blocks(blocks, query, want, 0).tolist() == [3, 1, 4]
+    assert followed_blocks(blocks, want, key, 2).tolist() == [3, 1, 2, 4]
+    assert followed_blocks(blocks, want, key, 0).tolist() == [3, 1, 4]
     # r = bs: every wanted block with a key term brings its successor
-    assert followed_blocks(blocks, query, want, 8).tolist() == [3, 4, 1, 2]
+    assert followed_blocks(blocks, want, key, 8).tolist() == [3, 4, 1, 2]
     # only key terms count: the common 7 at the end of every block does not
     blocks[1, 7] = 7
     blocks[1, 2] = 900
-    assert followed_blocks(blocks, query, torch.tensor([1]), 2).tolist() == [1]
+    assert followed_blocks(blocks, torch.tensor([1]), key, 2).tolist() == [1]
     with pytest.raises(ValueError):
         mc.MegaContextConfig(lexical_follow=-1)
 
