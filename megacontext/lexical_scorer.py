@@ -68,8 +68,8 @@ Scores ``u`` per WC entry, on the allocator's scale (it expands above
 It reads only the tree's token ids: no forward of the base model, no cache. Cost per
 refocus: ``isin`` over the history's ``T`` token ids and over its bigrams
 (O(T log |q|)), one comparison pass for induction, plus the matches
-(``bench/bench_lexical_scorer.py``: ~1.3 ms at 8k tokens, ~14 ms at 128k on a 2-core
-CPU).
+(``bench/bench_lexical_scorer.py``: ~1.4 ms at 8k tokens, ~10 ms at 128k on a 2-core
+CPU; 0.08× / 0.67× one LensNet call).
 
 Why lexical: the base model's own attention over the working context
 (``lens: attention``) sees a far block only through its gist, whose key does not
