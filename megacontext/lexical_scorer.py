@@ -40,11 +40,11 @@ the newest first, at most half the slots) are wanted before every other block: w
 the text the question ends with was seen before, what came next is what the answer,
 or the continuation, needs.
 
-What follows the match (``lexical_follow = r``, default 8; 0: off). A block wanted for its BM25
-score whose last *key term* (the query ids whose weight times idf is at least half
-the largest) lies in its last ``r`` tokens brings the block after it, ranked right
-after it (:func:`followed_blocks`): a record's value after its key, a definition's
-body after its name, a statement cut by the block edge.
+What follows the match (``lexical_follow = r``, default 8; 0: off). A block wanted
+for its BM25 score whose last *key term* (:func:`key_terms`: the query ids whose
+weight times idf is at least half the largest) lies in its last ``r`` tokens brings
+the block after it, ranked right after it (:func:`followed_blocks`): a record's value
+after its key, a definition's body after its name, a statement cut by the block edge.
 
 Two variants, off by default because neither helped both code and prose on
 training-split continuation (``docs/results/2026-12-05-train-probe/README.md``):
@@ -93,10 +93,10 @@ __all__ = [
     "block_overlap",
     "block_relevance",
     "block_scores",
-    "followed_blocks",
-    "key_terms",
     "entry_relevance",
+    "followed_blocks",
     "induction_blocks",
+    "key_terms",
     "lexical_scores",
     "query_weights",
     "retrieval_scores",
@@ -435,7 +435,8 @@ def retrieved_blocks(
     blocks the lexical scorer wants (int64, first wanted first, at most
     :func:`retrieval_limit`): induction blocks (``lexical_induction``), then the
     blocks that stand out (``lexical_z``), far copies of the query replaced by what
-    follows them (``lexical_max_overlap``); see the module doc."""
+    follows them (``lexical_max_overlap``), each followed by the block after it when
+    its last key term ends it (``lexical_follow``); see the module doc."""
     bs = int(config.block_size)
     blocks, query, end, seen = _history_query(tree, wc, config, query_end)
     n_b = int(blocks.shape[0])
