@@ -44,7 +44,7 @@ import torch
 
 import megacontext as mc
 from megacontext import synthetic
-from megacontext.data import stdlib_modules, stdlib_prose
+from megacontext.data import stdlib_prose
 from megacontext.eval.longbench import load_longbench, longbench_dir
 from megacontext.eval.peers import full_view, truncation_view, view_nll
 from megacontext.focus import FocusLoop
@@ -91,18 +91,8 @@ def _repeat(base: mc.Base, ids: torch.Tensor, need: int) -> torch.Tensor:
 
 def train_code_ids(base: mc.Base, need: int) -> torch.Tensor:
     """The standard library's top-level modules in the training split, in name order
-    (:func:`megacontext.data.stdlib_modules`), until ``need`` tokens (repeated if short)."""
-    parts, n = [], 0
-    for _, path in stdlib_modules("train"):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        parts.append(base.encode(text.strip() + "\n\n\n"))
-        n += parts[-1].numel()
-        if n >= need:
-            break
-    return _repeat(base, torch.cat(parts), need)
+    (``positions_long_history.code_ids``), until ``need`` tokens (repeated if short)."""
+    return _repeat(base, plh.code_ids(base, need, "train"), need)
 
 
 def train_prose_ids(base: mc.Base, need: int) -> torch.Tensor:

@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
 
 import megacontext as mc
+from megacontext.data import stdlib_modules
 from megacontext.eval.peers import (
     View,
     infllm_view,
@@ -69,10 +69,12 @@ METHODS = ("truncation", "streaming", "infllm", *(f"mc_{s}" for s in ALL_SCHEMES
 COMPACT_BUDGETS = (1024,)
 
 
-def code_ids(base: mc.Base, need: int) -> torch.Tensor:
-    """Top-level standard-library modules in name order, until ``need`` tokens."""
+def code_ids(base: mc.Base, need: int, split: str | None = None) -> torch.Tensor:
+    """Top-level standard-library modules in name order (of ``split``, by
+    :func:`megacontext.data.stdlib_modules`; ``None``: all), until ``need`` tokens
+    (fewer when the modules run out)."""
     parts, n = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+    for _, path in stdlib_modules(split):
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
