@@ -63,10 +63,12 @@ def parse_setting(spec: str) -> tuple[str, dict]:
     upd: dict = {}
     for part in filter(None, body.split(",")):
         key, _, value = part.partition(":")
-        try:
-            upd[key] = float(value)
-        except ValueError:
-            upd[key] = value  # a string field (room_from:oldest)
+        for kind in (int, float, str):  # model_copy(update=) does not coerce: 64, not 64.0
+            try:
+                upd[key] = kind(value)
+                break
+            except ValueError:
+                continue
     mc.MegaContextConfig(**upd)  # a typed error for a field or value that is not one
     return name, upd
 
@@ -79,7 +81,15 @@ def read(base: mc.Base, loop: FocusLoop, W: int, upd: dict, targets: torch.Tenso
         view = plh.lexical_view(base, loop, W)
     finally:
         loop.config = keep
-    return {"nll": float(view_nll(base, view, targets).mean()), "actions": view.meta["actions"]}
+    m = view.meta
+    return {
+        "nll": float(view_nll(base, view, targets).mean()),
+        "actions": m["actions"],
+        # verify_tokens > 0: whether the focus was kept, and what each WC read
+        "kept": m.get("kept"),
+        "nll_focus": m.get("nll_focus"),
+        "nll_recency": m.get("nll_recency"),
+    }
 
 
 def _repeat(base: mc.Base, ids: torch.Tensor, need: int) -> torch.Tensor:
@@ -299,7 +309,9 @@ def main() -> None:
 
     def emit(row: dict) -> None:
         rows.append(row)
-        pq.write_table(pa.Table.from_pylist(rows), args.out / "rows.parquet")
+        cols = list(dict.fromkeys(k for r in rows for k in r))  # later rows add columns
+        table = pa.Table.from_pylist([{k: r.get(k) for k in cols} for r in rows])
+        pq.write_table(table, args.out / "rows.parquet")
         (args.out / "results.md").write_text(
             render(rows, command)
             + f"\n{time.strftime('%Y-%m-%d')}; CPU, torch {torch.__version__}, "

@@ -188,10 +188,13 @@ def lexical_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
         actions.extend(got)
         return got
 
-    refocus_after_ingest(cfg, step)
+    refocus_after_ingest(cfg, step, lex.verify)
     wc = lex.wc
     per_level = torch.bincount(wc.levels.long(), minlength=wc.max_level + 1).tolist()
     meta = {"per_level": per_level, "actions": len(actions)}
+    if lex.verdicts:  # verify_tokens > 0 and the scorer acted
+        v = lex.verdicts[-1]
+        meta.update(kept=int(v.kept), nll_focus=v.nll_focus, nll_recency=v.nll_recency)
     emb, pos = with_sink(base, wc.embeddings(base, lex.tree), lex.positions(), wc.levels, SINK)
     return View("mc_lexical", emb, pos, lex.next_position(), meta)
 

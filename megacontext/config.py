@@ -231,6 +231,22 @@ class MegaContextConfig(BaseModel):
         description="the most of w_max the lexical scorer fills with retrieved blocks "
         "(every retrieved block displaces a recent one; docs/runtime.md)",
     )
+    verify_tokens: int = Field(
+        32,
+        ge=0,
+        description="v > 0: after an ingest's refocuses the base model reads the last v "
+        "tokens of the history under the focused working context and under the recency "
+        "one (one forward, two rows); the focus is kept only when it predicts them at "
+        "least verify_margin nats per token better, else the working context goes back "
+        "to recency (the last block: a focus that reads the question worse is dropped). "
+        "0: off (docs/runtime.md)",
+    )
+    verify_margin: float = Field(
+        0.0,
+        description="nats per token the focused working context must beat the recency one "
+        "by on the last verify_tokens tokens to be kept (negative: a focus a little worse "
+        "is still kept)",
+    )
     attention_layers: list[int] | None = Field(
         None,
         description="layers whose queries the attention scorer reads; None = every "

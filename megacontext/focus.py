@@ -47,12 +47,14 @@ from .lexical_scorer import (
     retrieval_scores,
     robust_z,
 )
+from .nll import nll_after
 from .tree import MegaContextTree, mean_pool
-from .working_context import WorkingContext, entry_positions
+from .working_context import WorkingContext, entry_positions, with_sink
 
 __all__ = [
     "FocusLoop",
     "FocusStep",
+    "Verdict",
     "gist_fn",
     "lens_inputs",
     "lens_scores",
@@ -289,9 +291,16 @@ def lens_scores(
     return out[0].float(), s
 
 
-def refocus_after_ingest(config: MegaContextConfig, refocus: Callable[[], list]) -> int:
+def refocus_after_ingest(
+    config: MegaContextConfig,
+    refocus: Callable[[], list],
+    verify: Callable[[], Any] | None = None,
+) -> int:
     """Run ``refocus()`` (one iteration, returning its actions) up to
-    ``config.refocus_iterations`` times after an ingest; returns the iterations run.
+    ``config.refocus_iterations`` times after an ingest, then, when
+    ``config.verify_tokens`` and some iteration acted, ``verify()`` once (the caller's
+    :meth:`FocusLoop.verify`, which may put the recency WC back); returns the
+    iterations run.
 
     A far needle under an LOD2 gist needs an expand to LOD1, then another to tokens,
     and a node the allocator just created waits ``cooldown_steps`` steps before it
@@ -302,15 +311,25 @@ def refocus_after_ingest(config: MegaContextConfig, refocus: Callable[[], list])
     and nothing waits) or at the bound. Shared by the runtime and the trainer's
     rollout, so both refocus alike."""
     idle = ran = 0
+    acted = False
     for _ in range(config.refocus_iterations):
         ran += 1
         if refocus():
             idle = 0
+            acted = True
             continue
         idle += 1
         if idle > config.cooldown_steps:
             break
+    if acted and verify is not None and config.verify_tokens:
+        verify()
     return ran
+
+
+def _token_tail(wc: WorkingContext) -> int:
+    """How many of ``wc``'s last entries are LOD0 tokens (the newest first)."""
+    gist = torch.nonzero(wc.levels.cpu() != 0)
+    return len(wc) - (int(gist[-1, 0]) + 1 if gist.numel() else 0)
 
 
 @dataclass
@@ -338,6 +357,22 @@ class FocusStep:
     def changed(self) -> bool:
         """Whether the WC may differ from ``old_levels``/``old_nodes``."""
         return bool(self.actions) or self.forced
+
+
+@dataclass
+class Verdict:
+    """What :meth:`FocusLoop.verify` found.
+
+    ``kept``: the focused WC stays (``False``: the recency WC replaced it);
+    ``nll_focus`` / ``nll_recency``: the mean NLL (nats per token) of the last
+    ``tokens`` tokens of the history read under each (``nan`` when nothing was read:
+    the two WCs are the same, or the WC holds too few trailing tokens).
+    """
+
+    kept: bool
+    nll_focus: float
+    nll_recency: float
+    tokens: int
 
 
 class FocusLoop:
@@ -403,6 +438,8 @@ class FocusLoop:
         self.allocator = FocusAllocator(config, backend=allocator_backend)
         self.gist = gist_fn(gistnet)
         self.tail_size = tail_size(lensnet)
+        # every verify() of this history, oldest first (telemetry and benches read it)
+        self.verdicts: list[Verdict] = []
         check_positions(config, base)
         self.max_gap = position_gap(config, base)
 
@@ -545,6 +582,52 @@ class FocusLoop:
                 s = block_scores(self.tree, self.wc, self.config, self.query_end)
             return retrieval_scores(self.wc, self.config, s, u)
         return u
+
+    @torch.no_grad()
+    def verify(self) -> Verdict:
+        """Keep the focused WC only if it reads the end of the history better than
+        the recency WC does, else put the recency WC back.
+
+        With ``v = config.verify_tokens`` and the last ``v`` WC entries the history's
+        last ``v`` tokens (the protected tail), both WCs are read in one base forward
+        (two rows, :func:`~megacontext.nll.nll_after`): row ``r`` is ``wc_r[:N_r - v]``
+        at its positions (behind the sink when ``config.attention_sink`` and it reads
+        one) predicting ``ids[T - v : T]``. The focus stays when
+        ``mean NLL_focus <= mean NLL_recency - config.verify_margin``. The query the
+        scorer read overlaps these tokens, so a retrieved block that shares their
+        words is favoured: ``verify_margin`` is the guard. Records the verdict in
+        ``self.verdicts``."""
+        assert self.wc is not None
+        cfg = self.config
+        recency = WorkingContext.from_tree(self.tree, cfg.w_max, cfg.protected_tokens)
+        nan = float("nan")
+        same = len(recency) == len(self.wc) and bool(
+            torch.equal(recency.levels.cpu(), self.wc.levels.cpu())
+            and torch.equal(recency.nodes.cpu(), self.wc.nodes.cpu())
+        )
+        v = min(cfg.verify_tokens, _token_tail(self.wc), _token_tail(recency), self.num_tokens - 1)
+        if same or v < 1:
+            verdict = Verdict(True, nan, nan, 0)
+            self.verdicts.append(verdict)
+            return verdict
+        T = self.num_tokens
+        targets = torch.as_tensor(self.tree.tokens(T - v, T), dtype=torch.int64).cpu()
+        contexts, starts = [], []
+        for wc in (self.wc, recency):
+            pos = self.positions(wc).cpu()
+            emb, p = with_sink(
+                self.base, wc.embeddings(self.base, self.tree), pos, wc.levels, cfg.attention_sink
+            )
+            contexts.append((emb[: len(emb) - v], p[: len(p) - v]))
+            starts.append(int(pos[len(pos) - v]))
+        nll = nll_after(self.base, contexts, [targets, targets], starts).mean(dim=1)
+        focus, rec = float(nll[0]), float(nll[1])
+        kept = focus <= rec - cfg.verify_margin
+        if not kept:
+            self.wc = recency
+        verdict = Verdict(kept, focus, rec, v)
+        self.verdicts.append(verdict)
+        return verdict
 
     def refocus(self) -> FocusStep:
         """One iteration: score, allocator step and, when hysteresis held back every

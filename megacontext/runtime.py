@@ -529,6 +529,17 @@ class Session:
         self._log(res)
         return res.actions
 
+    def _verify(self) -> None:
+        """:meth:`FocusLoop.verify` after an ingest's refocuses; when it puts the
+        recency WC back, the cache is recomputed from the first changed entry."""
+        assert self.wc is not None
+        old_levels, old_nodes = self.wc.levels.clone(), self.wc.nodes.clone()
+        with self._phases("lens"):  # a scoring cost: the next telemetry row carries it
+            verdict = self.focus.verify()
+        if not verdict.kept:
+            with self._phases("cache"):
+                self._update_cache(old_levels, old_nodes, force_exact=True)
+
     def _update_cache(self, old_levels, old_nodes, force_exact: bool = False) -> None:
         assert self.wc is not None
         self._cache_epoch += 1
@@ -660,7 +671,7 @@ class Session:
             ):
                 # a far needle under an LOD2 gist needs two expands (LOD2 -> LOD1 ->
                 # tokens): iterate, each step on the cache the previous one updated
-                refocus_after_ingest(self.config, self.refocus)
+                refocus_after_ingest(self.config, self.refocus, self._verify)
         except BaseException:
             self._rollback(snapshot)
             raise

@@ -7,9 +7,10 @@ import torch
 
 import megacontext as mc
 from megacontext.cache import MegaContextCache
-from megacontext.focus import FocusLoop, lens_inputs, lens_tail
+from megacontext.focus import FocusLoop, lens_inputs, lens_tail, refocus_after_ingest
 from megacontext.nll import nll_after
 from megacontext.train.rollout import rollout
+from megacontext.working_context import WorkingContext, with_sink
 
 
 def _cfg(**kw):
@@ -171,3 +172,94 @@ def test_with_config_carries_every_field(tiny_base):
     assert system.with_config(lensnet=None).lensnet is None
     with pytest.raises(mc.ConfigError, match="w_max"):
         system.with_config(w_max=-1)
+
+
+def _planted(n: int = 3000, seed: int = 0) -> torch.Tensor:
+    """Random tokens whose last 64 repeat a far span: the lexical scorer opens it."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 40000, (n,), generator=g)
+    ids[-64:] = ids[500:564]
+    return ids
+
+
+def _tail_nll(base, loop, wc, v):
+    """Mean NLL of the history's last ``v`` tokens read inside ``wc``: one plain
+    forward over the whole WC (behind the sink when it reads one)."""
+    emb, pos = with_sink(base, wc.embeddings(base, loop.tree), loop.positions(wc), wc.levels, True)
+    logits = base.model(inputs_embeds=emb[None], position_ids=pos[None]).logits[0].float()
+    lp = logits.log_softmax(-1)[len(emb) - v - 1 : len(emb) - 1]
+    T = loop.num_tokens
+    ids = torch.as_tensor(loop.tree.tokens(T - v, T), dtype=torch.int64)
+    return float(-lp.gather(1, ids[:, None]).mean())
+
+
+@pytest.mark.parametrize("margin", [-100.0, 100.0])
+def test_verify_reads_both_working_contexts_and_keeps_the_better(tiny_base, margin):
+    v = 24
+    cfg = _cfg(
+        w_max=512, lens="lexical", refocus_iterations=8, verify_tokens=v, verify_margin=margin
+    )
+    loop = FocusLoop(tiny_base, None, None, cfg)
+    loop.ingest(_planted())
+    recency = WorkingContext.from_tree(loop.tree, cfg.w_max, cfg.protected_tokens)
+    focused = []
+
+    def step():
+        acts = loop.refocus().actions
+        focused.append(loop.wc.clone())
+        return acts
+
+    refocus_after_ingest(cfg, step, loop.verify)
+    (verdict,) = loop.verdicts
+    focus_wc = focused[-1]
+    assert not torch.equal(focus_wc.nodes.cpu(), recency.nodes.cpu())  # the scorer acted
+    assert verdict.tokens == v
+    assert verdict.nll_focus == pytest.approx(_tail_nll(tiny_base, loop, focus_wc, v), abs=2e-4)
+    assert verdict.nll_recency == pytest.approx(_tail_nll(tiny_base, loop, recency, v), abs=2e-4)
+    # a margin of -100 keeps any focus, +100 none
+    assert verdict.kept == (margin < 0)
+    want = focus_wc if margin < 0 else recency
+    assert torch.equal(loop.wc.levels.cpu(), want.levels.cpu())
+    assert torch.equal(loop.wc.nodes.cpu(), want.nodes.cpu())
+
+
+def test_verify_is_skipped_when_nothing_moved_or_off(tiny_base):
+    cfg = _cfg(w_max=512, lens="lexical", refocus_iterations=8, verify_tokens=0)
+    loop = FocusLoop(tiny_base, None, None, cfg)
+    loop.ingest(_planted())
+    refocus_after_ingest(cfg, lambda: loop.refocus().actions, loop.verify)
+    assert loop.verdicts == []  # off
+    on = cfg.model_copy(update={"verify_tokens": 16})
+    loop.config = on
+    loop.verify()  # called directly on the recency WC: same as recency, no forward
+    assert loop.verdicts[-1].kept
+    loop.rebuild()
+    loop.verify()
+    assert loop.verdicts[-1].tokens == 0 and loop.verdicts[-1].kept
+
+
+def test_a_session_that_reverts_to_recency_keeps_an_exact_cache(tiny_base):
+    ids = _planted()
+    got = {}
+    for name, margin in (("kept", -100.0), ("reverted", 100.0), ("recency", None)):
+        extra = {"lens": "recency"} if margin is None else {"verify_margin": margin}
+        cfg = _cfg(**{"w_max": 512, "lens": "lexical", "refocus_iterations": 8, **extra})
+        cfg = cfg.model_copy(update={"verify_tokens": 16})
+        s = mc.MegaContext(tiny_base, None, None, cfg).session()
+        s.ingest(ids)
+        got[name] = s
+    rev, rec, kept = got["reverted"], got["recency"], got["kept"]
+    assert not torch.equal(kept.wc.nodes.cpu(), rec.wc.nodes.cpu())
+    assert torch.equal(rev.wc.levels.cpu(), rec.wc.levels.cpu())
+    assert torch.equal(rev.wc.nodes.cpu(), rec.wc.nodes.cpu())
+    assert not rev.focus.verdicts[-1].kept and kept.focus.verdicts[-1].kept
+    # the reverted session's next-token logits are the recency session's: its cache
+    # was recomputed for the WC it went back to
+    torch.testing.assert_close(rev.next_token_logits(), rec.next_token_logits(), atol=1e-4, rtol=0)
+    rev.generate(8, temperature=0.0)
+    rev.wc.check(rev.tree)
+
+
+def test_verify_fields_are_validated():
+    with pytest.raises(mc.ConfigError, match="verify_tokens"):
+        mc.MegaContextConfig(model="tiny-llama", verify_tokens=-1)

@@ -168,7 +168,9 @@ def test_induction_blocks_are_what_followed_the_query_end_before():
 
 @pytest.fixture(scope="module")
 def systems(tiny_base):
-    cfg = mc.MegaContextConfig(model="tiny-llama", w_max=256, refocus_iterations=8)
+    # the scorer's own choice: the base model's check of it (verify_tokens, tested in
+    # tests/test_focus.py) would read a random tiny model's guesses
+    cfg = mc.MegaContextConfig(model="tiny-llama", w_max=256, refocus_iterations=8, verify_tokens=0)
     return {
         lens: mc.MegaContext(tiny_base, None, None, cfg.model_copy(update={"lens": lens}))
         for lens in ("lexical", "recency")
@@ -338,6 +340,7 @@ def test_a_far_copy_of_the_query_is_not_retrieved(tiny_base):
         lens="lexical",
         retrieval_share=0.125,
         lexical_induction=0,
+        verify_tokens=0,
     )
     got = {}
     for rho, k in ((1.0, 0), (0.5, 0), (0.5, 8)):
@@ -390,6 +393,7 @@ def test_a_retrieved_span_is_read_by_what_follows_it(tiny_base):
             lens="lexical",
             kv_mode=mode,
             kv_after_expand=after,
+            verify_tokens=0,
         )
         s = mc.MegaContext(tiny_base, None, None, cfg).session()
         s.ingest(ids)

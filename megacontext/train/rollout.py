@@ -92,7 +92,8 @@ def rollout(
     loop = FocusLoop(base, gistnet, lensnet, cfg, allocator_backend=allocator_backend)
     loop.ingest(window[:history])
     if loop.scoring:
-        refocus_after_ingest(cfg, lambda: loop.refocus().actions)  # as Session.ingest
+        # as Session.ingest, the base model's check of the focus included
+        refocus_after_ingest(cfg, lambda: loop.refocus().actions, loop.verify)
     snaps: list[Snapshot] = []
     t = history
     for b in range(blocks):
