@@ -241,6 +241,14 @@ class MegaContextConfig(BaseModel):
         "to recency (the last block: a focus that reads the question worse is dropped). "
         "0: off (docs/runtime.md)",
     )
+    verify_query: Literal["same", "before"] = Field(
+        "same",
+        description="which focus verify_tokens judges: same (the focus itself, whose "
+        "query holds the tokens it is judged on, so a block sharing their words is "
+        "favoured) or before (lens lexical only: the focus the scorer reaches with its "
+        "query ending verify_tokens earlier, judged on tokens it did not read; nothing "
+        "retrieved there keeps the focus)",
+    )
     verify_margin: float = Field(
         0.0,
         description="nats per token the focused working context must beat the recency one "

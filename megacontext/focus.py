@@ -326,6 +326,13 @@ def refocus_after_ingest(
     return ran
 
 
+def _same(a: WorkingContext, b: WorkingContext) -> bool:
+    """Whether two WCs hold the same entries."""
+    return len(a) == len(b) and bool(
+        torch.equal(a.levels.cpu(), b.levels.cpu()) and torch.equal(a.nodes.cpu(), b.nodes.cpu())
+    )
+
+
 def _token_tail(wc: WorkingContext) -> int:
     """How many of ``wc``'s last entries are LOD0 tokens (the newest first)."""
     gist = torch.nonzero(wc.levels.cpu() != 0)
@@ -440,6 +447,9 @@ class FocusLoop:
         self.tail_size = tail_size(lensnet)
         # every verify() of this history, oldest first (telemetry and benches read it)
         self.verdicts: list[Verdict] = []
+        # verify() dropped this ingest's focus: the scorer stays off (recency) until
+        # the next ingest, so decoding does not bring back what the check rejected
+        self.vetoed = False
         check_positions(config, base)
         self.max_gap = position_gap(config, base)
 
@@ -475,6 +485,7 @@ class FocusLoop:
         old = self.wc
         self.rebuild()
         self.query_end = self.tree.num_tokens
+        self.vetoed = False
         return old
 
     def append(self, ids: torch.Tensor) -> None:
@@ -558,6 +569,8 @@ class FocusLoop:
         """The scorer's float32 scores ``[N]`` for the current WC: LensNet's, the
         attention scorer's (``config.lens``) or zeros (recency)."""
         assert self.wc is not None
+        if self.vetoed:
+            return torch.zeros(len(self.wc), dtype=torch.float32)
         if self.scorer is not None:
             u = self.scorer(self.wc, self.positions())
             if self.config.lens_plan == "scores":
@@ -595,25 +608,32 @@ class FocusLoop:
         one) predicting ``ids[T - v : T]``. The focus stays when
         ``mean NLL_focus <= mean NLL_recency - config.verify_margin``. The query the
         scorer read overlaps these tokens, so a retrieved block that shares their
-        words is favoured: ``verify_margin`` is the guard. Records the verdict in
-        ``self.verdicts``."""
+        words is favoured. ``config.verify_query: before`` (``lens: lexical``) judges
+        instead the focus the scorer reaches with its query ending ``v`` tokens
+        earlier (:meth:`_focus_before`, tokens it did not read); when that is the
+        recency WC there is nothing to judge and the focus stays. Cost: one base
+        forward of two rows of about ``w_max`` entries, only after an ingest whose
+        refocuses acted. Records the verdict in ``self.verdicts``; a dropped focus
+        sets ``self.vetoed``, and :meth:`scores` is then zeros (recency) until the
+        next :meth:`ingest`, so the refocuses of decoding do not bring it back."""
         assert self.wc is not None
         cfg = self.config
         recency = WorkingContext.from_tree(self.tree, cfg.w_max, cfg.protected_tokens)
         nan = float("nan")
-        same = len(recency) == len(self.wc) and bool(
-            torch.equal(recency.levels.cpu(), self.wc.levels.cpu())
-            and torch.equal(recency.nodes.cpu(), self.wc.nodes.cpu())
-        )
+        same = _same(self.wc, recency)
         v = min(cfg.verify_tokens, _token_tail(self.wc), _token_tail(recency), self.num_tokens - 1)
+        T = self.num_tokens
+        judged = self.wc
+        if not same and v >= 1 and cfg.verify_query == "before" and cfg.lens == "lexical":
+            judged = self._focus_before(T - v)
+            same = _same(judged, recency)
         if same or v < 1:
             verdict = Verdict(True, nan, nan, 0)
             self.verdicts.append(verdict)
             return verdict
-        T = self.num_tokens
         targets = torch.as_tensor(self.tree.tokens(T - v, T), dtype=torch.int64).cpu()
         contexts, starts = [], []
-        for wc in (self.wc, recency):
+        for wc in (judged, recency):
             pos = self.positions(wc).cpu()
             emb, p = with_sink(
                 self.base, wc.embeddings(self.base, self.tree), pos, wc.levels, cfg.attention_sink
@@ -625,9 +645,22 @@ class FocusLoop:
         kept = focus <= rec - cfg.verify_margin
         if not kept:
             self.wc = recency
+            self.vetoed = True
         verdict = Verdict(kept, focus, rec, v)
         self.verdicts.append(verdict)
         return verdict
+
+    def _focus_before(self, end: int) -> WorkingContext:
+        """The WC the scorer's ingest refocuses reach from the recency WC with the
+        query ending at token ``end`` (``verify_query: before``): a scratch loop over
+        the same tree, so this loop's allocator state is untouched."""
+        scratch = FocusLoop(self.base, self.gistnet, self.lensnet, self.config, scorer=self.scorer)
+        scratch.tree = self.tree
+        scratch.rebuild()
+        scratch.query_end = end
+        refocus_after_ingest(self.config, lambda: scratch.refocus().actions)
+        assert scratch.wc is not None
+        return scratch.wc
 
     def refocus(self) -> FocusStep:
         """One iteration: score, allocator step and, when hysteresis held back every

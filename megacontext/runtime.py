@@ -688,6 +688,8 @@ class Session:
             "allocator": self.allocator.state_dict(),
             "counters": (self.iteration, self._blocks_since_refocus),
             "query_end": self.focus.query_end,
+            "vetoed": self.focus.vetoed,
+            "verdicts": len(self.focus.verdicts),
             "lists": (len(self.history), len(self.actions), len(self.residencies)),
             "queries": (
                 None if self.attention_scorer is None else self.attention_scorer.recorder.state()
@@ -704,6 +706,8 @@ class Session:
         self.allocator.load_state_dict(snap["allocator"])
         self.iteration, self._blocks_since_refocus = snap["counters"]
         self.focus.query_end = snap["query_end"]
+        self.focus.vetoed = snap["vetoed"]
+        del self.focus.verdicts[snap["verdicts"] :]
         n_history, n_actions, n_residencies = snap["lists"]
         del self.history[n_history:], self.actions[n_actions:]
         del self.residencies[n_residencies:]
@@ -908,6 +912,8 @@ class Session:
             "residencies": self.residencies,
             "num_tokens": self.num_tokens,
             "query_end": self.focus.query_end,
+            # verify dropped the last ingest's focus: decoding stays on recency
+            "focus_vetoed": self.focus.vetoed,
             # whether the saved K/V rows read the attention sink
             "kv_sink": self.cache.sink_on[0],
         }
@@ -972,6 +978,7 @@ class Session:
         self.residencies = list(meta["residencies"])
         # sessions saved before the field existed: the newest tokens are the query
         self.focus.query_end = meta.get("query_end")
+        self.focus.vetoed = bool(meta.get("focus_vetoed", False))
         if stored.commit is not None:
             self._commits[session_store.session_key(stored.path)] = stored.commit.commit
 

@@ -653,8 +653,9 @@ def _read_version(
     need("blocks_since_refocus", int, nonneg, "an integer >= 0")
     if meta.get("query_end") is not None:
         need("query_end", int, nonneg, "an integer >= 0")
-    if "kv_sink" in meta and not isinstance(meta["kv_sink"], bool):
-        raise _err(meta_path, "kv_sink", f"must be true or false, got {meta['kv_sink']!r}")
+    for flag in ("kv_sink", "focus_vetoed"):
+        if flag in meta and not isinstance(meta[flag], bool):
+            raise _err(meta_path, flag, f"must be true or false, got {meta[flag]!r}")
     need(
         "residencies",
         list,

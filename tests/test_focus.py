@@ -256,10 +256,55 @@ def test_a_session_that_reverts_to_recency_keeps_an_exact_cache(tiny_base):
     # the reverted session's next-token logits are the recency session's: its cache
     # was recomputed for the WC it went back to
     torch.testing.assert_close(rev.next_token_logits(), rec.next_token_logits(), atol=1e-4, rtol=0)
-    rev.generate(8, temperature=0.0)
+    # the rejected focus stays rejected while the session decodes: no expand comes
+    # back (the lexical query is still the ingest's), only budget collapses
+    assert rev.focus.vetoed and not kept.focus.vetoed
+    n = len(rev.actions)
+    rev.generate(40, temperature=0.0)
     rev.wc.check(rev.tree)
+    assert all(a.kind == "collapse" for a in rev.actions[n:])
+
+
+def test_a_saved_session_keeps_its_veto(tiny_base, tmp_path):
+    cfg = _cfg(w_max=512, lens="lexical", refocus_iterations=8, verify_margin=100.0)
+    system = mc.MegaContext(tiny_base, None, None, cfg.model_copy(update={"verify_tokens": 16}))
+    s = system.session()
+    s.ingest(_planted())
+    assert s.focus.vetoed
+    path = s.save(tmp_path / "s")
+    back = system.open(path)
+    assert back.focus.vetoed
+    # the next ingest is a new question (here one that matches nothing): the veto
+    # was the last question's
+    back.ingest(torch.arange(45000, 45100))
+    assert not back.focus.vetoed
 
 
 def test_verify_fields_are_validated():
     with pytest.raises(mc.ConfigError, match="verify_tokens"):
         mc.MegaContextConfig(model="tiny-llama", verify_tokens=-1)
+
+
+@pytest.mark.parametrize("margin", [-100.0, 100.0])
+def test_verify_before_judges_the_focus_of_the_earlier_query(tiny_base, margin):
+    cfg = _cfg(w_max=512, lens="lexical", refocus_iterations=8, verify_margin=margin)
+    cfg = cfg.model_copy(update={"verify_tokens": 16, "verify_query": "before"})
+    # the query before the last 16 tokens still ends with a copy of a far span
+    loop = FocusLoop(tiny_base, None, None, cfg)
+    loop.ingest(_planted())
+    refocus_after_ingest(cfg, lambda: loop.refocus().actions, loop.verify)
+    (verdict,) = loop.verdicts
+    assert verdict.tokens == 16 and verdict.kept == (margin < 0)
+    # only the last 16 tokens copy a far span: the earlier query retrieves nothing,
+    # so there is nothing to judge and the focus stays, whatever the margin
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 40000, (3000,), generator=g)
+    ids[-80:-16] = torch.arange(45000, 45064)  # found nowhere else
+    ids[-16:] = ids[500:516]
+    loop = FocusLoop(tiny_base, None, None, cfg)
+    loop.ingest(ids)
+    refocus_after_ingest(cfg, lambda: loop.refocus().actions, loop.verify)
+    (verdict,) = loop.verdicts
+    assert verdict.tokens == 0 and verdict.kept
+    recency = WorkingContext.from_tree(loop.tree, cfg.w_max, cfg.protected_tokens)
+    assert not torch.equal(loop.wc.nodes.cpu(), recency.nodes.cpu())

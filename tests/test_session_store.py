@@ -263,6 +263,8 @@ def test_bad_session_files_are_typed_errors(tiny_base, tmp_path):
         (lambda m: m.update(query_end=-1), "query_end"),
         (lambda m: m.update(query_end="x"), "query_end"),
         (lambda m: m.update(query_end=10**6), "query_end"),
+        (lambda m: m.update(focus_vetoed="yes"), "focus_vetoed"),
+        (lambda m: m.update(kv_sink=1), "kv_sink"),
         (lambda m: m.update(allocator_backend="rm -rf"), "allocator_backend"),
         (lambda m: m.update(modules={"gistnet": "none"}), "modules"),
         (lambda m: m.update(files={"../../etc/passwd": {"size": 1, "crc32": "00000000"}}), "files"),
