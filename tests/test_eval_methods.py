@@ -43,6 +43,7 @@ def test_registry_order_is_the_report_order():
         "attention",
         "lexical",
         "lexical_no_hysteresis",
+        "lexical_unverified",
         "random",
         "random_no_hysteresis",
     ]

@@ -21,10 +21,13 @@ the method registry, :data:`VARIANTS` the built-in ones):
 - ``attention``: the training-free attention scorer (``lens: attention``);
 - ``lexical`` / ``lexical_no_hysteresis``: the training-free lexical scorer
   (``lens: lexical``, the shipped memory's focus) with and without hysteresis;
+- ``lexical_unverified``: ``lexical`` with ``verify_tokens = 0`` (the base model does
+  not check the focus after the ingest);
 - ``random`` / ``random_no_hysteresis``: a seeded random scorer
   (:class:`GroupRandomLens`, one uniform score in ``[-1, 1]`` per sibling group and
   step) with and without hysteresis, exercising the allocator independently of
-  LensNet's quality (the same seed for both).
+  LensNet's quality (the same seed for both); unchecked (``verify_tokens = 0``), a
+  control.
 
 Reference rows on the same continuation tokens: ``full`` (the frozen base model
 reading history + continuation, when it fits the model) and ``truncation`` (the

@@ -311,6 +311,7 @@ class Variant(Method):
     needs_lens: ClassVar[bool] = False  # derived from the system's LensNet
     hysteresis: ClassVar[bool] = True  # False: cooldown_steps = min_residency = 0
     lens: ClassVar[str] = "lensnet"  # config.lens of the variant's system
+    verify: ClassVar[bool] = True  # False: verify_tokens = 0 (the focus is not checked)
 
     @abc.abstractmethod
     def scorer(self, system: Any, *, causal_lens: Any, seed: int) -> Any:
@@ -325,6 +326,8 @@ class Variant(Method):
         changes: dict[str, Any] = {"w_max": int(budget), "lens": self.lens}
         if not self.hysteresis:
             changes |= {"cooldown_steps": 0, "min_residency": 0}
+        if not self.verify:
+            changes["verify_tokens"] = 0
         lens = self.scorer(system, causal_lens=causal_lens, seed=seed)
         base, gistnet = system.base, system.gistnet
         if isinstance(lens, MegaContext):  # a whole causal checkpoint
@@ -397,10 +400,21 @@ class LexicalNoHysteresis(Lexical):
     hysteresis = False
 
 
+class LexicalUnverified(Lexical):
+    """:class:`Lexical` with ``verify_tokens = 0``: the scorer's focus as it is, not
+    checked by the base model after the ingest."""
+
+    name = "lexical_unverified"
+    verify = False
+
+
 class Random(Variant):
-    """A seeded :class:`GroupRandomLens` (the allocator, independent of LensNet)."""
+    """A seeded :class:`GroupRandomLens` (the allocator, independent of LensNet). A
+    control: its focus is not checked by the base model (``verify_tokens = 0``), which
+    would put most of it back to recency."""
 
     name = "random"
+    verify = False
 
     def scorer(self, system: Any, *, causal_lens: Any, seed: int) -> Any:
         return GroupRandomLens(seed, system.config.block_size)
