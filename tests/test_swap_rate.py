@@ -84,6 +84,9 @@ def _random_decode(tiny_base, cooldown, min_res, blocks=64):
         cooldown_steps=cooldown,
         min_residency=min_res,
         kv_mode="exact",
+        # the allocator under a random scorer: the base model's check of the focus
+        # (verify_tokens) would drop it at the ingest and keep it off while decoding
+        verify_tokens=0,
     )
     s = mc.MegaContext(tiny_base, None, GroupRandomLens(seed=3, block_size=bs), cfg).session()
     g = torch.Generator().manual_seed(0)

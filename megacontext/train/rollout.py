@@ -92,8 +92,9 @@ def rollout(
     loop = FocusLoop(base, gistnet, lensnet, cfg, allocator_backend=allocator_backend)
     loop.ingest(window[:history])
     if loop.scoring:
-        # as Session.ingest, the base model's check of the focus included
-        refocus_after_ingest(cfg, lambda: loop.refocus().actions, loop.verify)
+        # as Session.ingest, but unchecked (no verify): the snapshots are the scorer's
+        # own focus, which training studies; a veto would leave only recency ones
+        refocus_after_ingest(cfg, lambda: loop.refocus().actions)
     snaps: list[Snapshot] = []
     t = history
     for b in range(blocks):
