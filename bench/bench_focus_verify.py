@@ -11,8 +11,9 @@ span (so the lexical scorer opens it and there is something to check).
         --benchmark-json=bench/results/focus-verify-<device>-<date>.json
     .venv/bin/python bench/bench_focus_verify.py bench/results/focus-verify-<device>-<date>.json
 
-The summary prints verify / prefill. Absolute times on a shared CPU machine are not
-claims.
+``verify_session`` is the same check given the recency WC's tail logits, as a
+session runs it (its ingest prefill computed them): one row. The summary prints each
+over prefill. Absolute times on a shared CPU machine are not claims.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import megacontext as mc
 from megacontext.focus import FocusLoop, refocus_after_ingest
 from megacontext.nll import context_logprobs
-from megacontext.working_context import with_sink
+from megacontext.working_context import WorkingContext, with_sink
 
 W, T = 1024, 8192
 _state: dict = {}
@@ -62,6 +63,27 @@ def test_verify(benchmark):
     assert loop.verdicts[-1].tokens == 32  # both WCs were read
 
 
+def test_verify_session(benchmark):
+    """What a :class:`~megacontext.runtime.Session` runs: the recency row's logits come
+    from its ingest prefill, so the check is one row."""
+    s = _loop()
+    base, loop = s["base"], s["loop"]
+    recency = WorkingContext.from_tree(loop.tree, W, loop.config.protected_tokens)
+    emb, pos = with_sink(
+        base, recency.embeddings(base, loop.tree), loop.positions(recency), recency.levels, True
+    )
+    with torch.no_grad():
+        logits = context_logprobs(base, emb[None], pos[None], logits_to_keep=33)[0]
+
+    def reset():
+        loop.wc = s["focused"].clone()
+        return (logits,), {}
+
+    benchmark.group = f"W={W}"
+    benchmark.pedantic(loop.verify, setup=reset, rounds=5, warmup_rounds=1)
+    assert loop.verdicts[-1].tokens == 32
+
+
 def test_prefill(benchmark):
     s = _loop()
     base, loop, wc = s["base"], s["loop"], s["focused"]
@@ -82,7 +104,8 @@ def summary(path: str) -> None:
     for b in data["benchmarks"]:
         by.setdefault(b["group"], {})[b["name"]] = b["stats"]["median"]
     for group, d in sorted(by.items()):
-        print(f"{group}: verify / prefill = {d['test_verify'] / d['test_prefill']:.2f}")
+        for name in ("test_verify", "test_verify_session"):
+            print(f"{group}: {name[5:]} / prefill = {d[name] / d['test_prefill']:.2f}")
 
 
 if __name__ == "__main__":

@@ -597,7 +597,7 @@ class FocusLoop:
         return u
 
     @torch.no_grad()
-    def verify(self) -> Verdict:
+    def verify(self, recency_logits: torch.Tensor | None = None) -> Verdict:
         """Keep the focused WC only if it reads the end of the history better than
         the recency WC does, else put the recency WC back.
 
@@ -613,7 +613,9 @@ class FocusLoop:
         earlier (:meth:`_focus_before`, tokens it did not read); when that is the
         recency WC there is nothing to judge and the focus stays. Cost: one base
         forward of two rows of about ``w_max`` entries, only after an ingest whose
-        refocuses acted. Records the verdict in ``self.verdicts``; a dropped focus
+        refocuses acted (one row when ``recency_logits``, float ``[k, V]``, the logits
+        of the recency WC's last ``k >= v + 1`` entries, are given: a session keeps
+        them from its prefill). Records the verdict in ``self.verdicts``; a dropped focus
         sets ``self.vetoed``, and :meth:`scores` is then zeros (recency) until the
         next :meth:`ingest`, so the refocuses of decoding do not bring it back."""
         assert self.wc is not None
@@ -632,16 +634,23 @@ class FocusLoop:
             self.verdicts.append(verdict)
             return verdict
         targets = torch.as_tensor(self.tree.tokens(T - v, T), dtype=torch.int64).cpu()
+        known = recency_logits is not None and len(recency_logits) > v
         contexts, starts = [], []
-        for wc in (judged, recency):
+        for wc in (judged,) if known else (judged, recency):
             pos = self.positions(wc).cpu()
             emb, p = with_sink(
                 self.base, wc.embeddings(self.base, self.tree), pos, wc.levels, cfg.attention_sink
             )
             contexts.append((emb[: len(emb) - v], p[: len(p) - v]))
             starts.append(int(pos[len(pos) - v]))
-        nll = nll_after(self.base, contexts, [targets, targets], starts).mean(dim=1)
-        focus, rec = float(nll[0]), float(nll[1])
+        nll = nll_after(self.base, contexts, [targets] * len(contexts), starts).mean(dim=1)
+        focus = float(nll[0])
+        if known:
+            assert recency_logits is not None
+            lp = recency_logits[-(v + 1) : -1].float().log_softmax(-1)
+            rec = float(-lp.gather(1, targets[:, None].to(lp.device)).mean())
+        else:
+            rec = float(nll[1])
         kept = focus <= rec - cfg.verify_margin
         if not kept:
             self.wc = recency

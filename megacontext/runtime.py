@@ -453,10 +453,14 @@ class Session:
         )
         return out.logits[0].float()
 
-    def _prefill(self, start: int, chunk: int = 256, record: bool = False) -> None:
+    def _prefill(
+        self, start: int, chunk: int = 256, record: bool = False, keep: int = 1
+    ) -> torch.Tensor | None:
         """Recompute the cache for WC entries ``[start, N)`` (exact). ``record``: the
         attention scorer keeps the queries of the trailing LOD0 entries (an ingest's
-        new tokens), not those of recomputed gists."""
+        new tokens), not those of recomputed gists. Returns the logits ``[k, V]`` of
+        the last ``k = min(keep, rows of the last chunk)`` entries (``None`` when
+        nothing was recomputed)."""
         assert self.wc is not None
         self._cache_epoch += 1
         n = len(self.wc)
@@ -464,7 +468,7 @@ class Session:
             start = 0
         self.cache.truncate([start])
         if start >= n:
-            return
+            return None
         embeds = self.wc.embeddings(self.base, self.tree)
         positions = self.focus.positions()
         levels, starts = self.wc.levels.cpu(), self.wc.starts.cpu().to(torch.int64)
@@ -476,8 +480,12 @@ class Session:
             if record and e > first_token:
                 t0 = max(s, first_token)
                 rows = (positions[t0:e], starts[t0:e])
-            logits = self._forward(embeds[s:e], positions[s:e], torch.arange(s, e), e, record=rows)
+            k = min(keep, e - s) if e == n else 1
+            logits = self._forward(
+                embeds[s:e], positions[s:e], torch.arange(s, e), e, logits_to_keep=k, record=rows
+            )
         self._next_logits = logits[-1]
+        return logits
 
     def _kept_index(self, old_levels, old_nodes) -> torch.Tensor:
         """For each new WC entry, its slot in the old WC, or -1 when it is new."""
@@ -529,13 +537,14 @@ class Session:
         self._log(res)
         return res.actions
 
-    def _verify(self) -> None:
-        """:meth:`FocusLoop.verify` after an ingest's refocuses; when it puts the
-        recency WC back, the cache is recomputed from the first changed entry."""
+    def _verify(self, recency_logits: torch.Tensor | None = None) -> None:
+        """:meth:`FocusLoop.verify` after an ingest's refocuses, given the recency WC's
+        tail logits from the ingest's prefill; when it puts the recency WC back, the
+        cache is recomputed from the first changed entry."""
         assert self.wc is not None
         old_levels, old_nodes = self.wc.levels.clone(), self.wc.nodes.clone()
         with self._phases("lens"):  # a scoring cost: the next telemetry row carries it
-            verdict = self.focus.verify()
+            verdict = self.focus.verify(recency_logits)
         if not verdict.kept:
             with self._phases("cache"):
                 self._update_cache(old_levels, old_nodes, force_exact=True)
@@ -662,7 +671,9 @@ class Session:
             assert self.wc is not None
             with ph("cache"):
                 first = 0 if old is None else self.focus.first_change(old.levels, old.nodes)
-                self._prefill(min(first, len(self.wc) - 1), record=True)
+                # the recency WC's tail logits: the focus check's recency row, for free
+                keep = self.config.verify_tokens + 1
+                tail = self._prefill(min(first, len(self.wc) - 1), record=True, keep=keep)
             self.wc.check(self.tree)
             self._blocks_since_refocus += ids.numel() // self.config.block_size
             lens = self.config.lens
@@ -671,7 +682,7 @@ class Session:
             ):
                 # a far needle under an LOD2 gist needs two expands (LOD2 -> LOD1 ->
                 # tokens): iterate, each step on the cache the previous one updated
-                refocus_after_ingest(self.config, self.refocus, self._verify)
+                refocus_after_ingest(self.config, self.refocus, lambda: self._verify(tail))
         except BaseException:
             self._rollback(snapshot)
             raise

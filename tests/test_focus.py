@@ -253,6 +253,16 @@ def test_a_session_that_reverts_to_recency_keeps_an_exact_cache(tiny_base):
     assert torch.equal(rev.wc.levels.cpu(), rec.wc.levels.cpu())
     assert torch.equal(rev.wc.nodes.cpu(), rec.wc.nodes.cpu())
     assert not rev.focus.verdicts[-1].kept and kept.focus.verdicts[-1].kept
+    # the session reads the recency row from its prefill's logits (one row less to
+    # run): the same numbers as the focus loop's two-row forward
+    loop = FocusLoop(tiny_base, None, None, rev.config)
+    loop.ingest(ids)
+    refocus_after_ingest(rev.config, lambda: loop.refocus().actions, loop.verify)
+    (alone,) = loop.verdicts
+    (got,) = rev.focus.verdicts
+    assert got.tokens == alone.tokens == 16
+    assert got.nll_recency == pytest.approx(alone.nll_recency, abs=1e-4)
+    assert got.nll_focus == pytest.approx(alone.nll_focus, abs=1e-4)
     # the reverted session's next-token logits are the recency session's: its cache
     # was recomputed for the WC it went back to
     torch.testing.assert_close(rev.next_token_logits(), rec.next_token_logits(), atol=1e-4, rtol=0)
