@@ -578,12 +578,22 @@ def _summary_line(session) -> str:
     util = hist[-1]["token_budget_utilization"]
     res = session.residencies
     mean_res = f"{sum(res) / len(res):.1f}" if res else "n/a"
+    check = ""
+    verdicts = [v for v in session.focus.verdicts if v.tokens]
+    if verdicts:
+        v = verdicts[-1]
+        # the base model's check of the last ingest's focus (verify_tokens)
+        check = (
+            f" | focus {'kept' if v.kept else 'dropped for recency'} by the check "
+            f"({v.nll_focus:.2f} vs {v.nll_recency:.2f} nats/token on the last {v.tokens})"
+        )
     return (
         # tokens decoded since the last refocus wait in the WC for the next one (the
         # cache holds W_max + K), so the count can pass the budget between refocuses
         f"tokens {session.num_tokens:,} | WC {session.wc.cost} entries, budget "
         f"{session.config.w_max} ({util:.0%} used at the last refocus) | {n} refocus "
         f"iterations, {acts} actions | mean residency {mean_res} steps | {lat:.1f} ms/iteration"
+        + check
     )
 
 

@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import megacontext as mc
-from megacontext.cli import app, collect_info
+from megacontext.cli import _summary_line, app, collect_info
 
 runner = CliRunner()
 
@@ -161,3 +162,26 @@ def test_default_budget_fits_the_models_positions(tiny_base):
     assert _default_budget(small, tiny_base) is small
     glob = cfg.replace(positions="global")
     assert _default_budget(glob, tiny_base) is glob
+
+
+@pytest.mark.parametrize("margin", [-100.0, 100.0])
+def test_summary_line_says_what_the_focus_check_did(tiny_base, margin):
+    cfg = mc.MegaContextConfig(
+        model=tiny_base.name,
+        w_max=256,
+        lens="lexical",
+        refocus_iterations=8,
+        verify_tokens=16,
+        verify_margin=margin,
+    )
+    ids = torch.randint(5, 40000, (2000,), generator=torch.Generator().manual_seed(0))
+    ids[-64:] = ids[300:364]  # the question repeats a far span: the scorer opens it
+    s = mc.MegaContext(tiny_base, None, None, cfg).session()
+    s.ingest(ids)
+    line = _summary_line(s)
+    v = s.focus.verdicts[-1]
+    want = "kept" if margin < 0 else "dropped for recency"
+    assert f"focus {want} by the check ({v.nll_focus:.2f} vs {v.nll_recency:.2f}" in line
+    # no verdict (verify off): no such clause
+    s.focus.verdicts.clear()
+    assert "by the check" not in _summary_line(s)
