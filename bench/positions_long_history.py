@@ -238,6 +238,8 @@ class Run:
             "max_position": int(max(int(view.positions.max()), view.next_position + H - 2)),
             "forward_s": time.perf_counter() - t0,
         }
+        if "kept" in view.meta:  # a lexical row whose focus the base model checked
+            row["focus_kept"] = view.meta["kept"]
         self.rows.append(row)
         self.flush()
         print(row, flush=True)
@@ -247,7 +249,9 @@ class Run:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(self.rows), self.out / "rows.parquet")
+        cols = list(dict.fromkeys(k for r in self.rows for k in r))  # later rows add columns
+        table = pa.Table.from_pylist([{k: r.get(k) for k in cols} for r in self.rows])
+        pq.write_table(table, self.out / "rows.parquet")
         (self.out / "results.md").write_text(render(self.rows, self.extra))
         plot(self.rows, self.out / "nll_vs_history.png")
 
