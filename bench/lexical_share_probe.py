@@ -292,7 +292,6 @@ def main() -> None:
     if not (args.setting or args.render):
         ap.error("--setting is required (or --render)")
     settings = [parse_setting(s) for s in args.setting]
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -309,9 +308,7 @@ def main() -> None:
 
     def emit(row: dict) -> None:
         rows.append(row)
-        cols = list(dict.fromkeys(k for r in rows for k in r))  # later rows add columns
-        table = pa.Table.from_pylist([{k: r.get(k) for k in cols} for r in rows])
-        pq.write_table(table, args.out / "rows.parquet")
+        plh.write_rows(rows, args.out / "rows.parquet")
         (args.out / "results.md").write_text(
             render(rows, command)
             + f"\n{time.strftime('%Y-%m-%d')}; CPU, torch {torch.__version__}, "

@@ -213,6 +213,16 @@ FAR_GAP: int | None = None
 GISTNETS: list[tuple[str, mc.GistNet | None, int]] = []
 
 
+def write_rows(rows: list[dict], path: Path) -> None:
+    """``rows`` to Parquet at ``path``, every key any row has a column (later rows may
+    add one: ``from_pylist`` alone keeps only the first row's keys)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in cols} for r in rows]), path)
+
+
 class Run:
     def __init__(self, out: Path, base: mc.Base):
         self.out, self.base = out, base
@@ -246,12 +256,7 @@ class Run:
         return row["nll"]
 
     def flush(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        cols = list(dict.fromkeys(k for r in self.rows for k in r))  # later rows add columns
-        table = pa.Table.from_pylist([{k: r.get(k) for k in cols} for r in self.rows])
-        pq.write_table(table, self.out / "rows.parquet")
+        write_rows(self.rows, self.out / "rows.parquet")
         (self.out / "results.md").write_text(render(self.rows, self.extra))
         plot(self.rows, self.out / "nll_vs_history.png")
 

@@ -333,12 +333,6 @@ def _same(a: WorkingContext, b: WorkingContext) -> bool:
     )
 
 
-def _token_tail(wc: WorkingContext) -> int:
-    """How many of ``wc``'s last entries are LOD0 tokens (the newest first)."""
-    gist = torch.nonzero(wc.levels.cpu() != 0)
-    return len(wc) - (int(gist[-1, 0]) + 1 if gist.numel() else 0)
-
-
 @dataclass
 class FocusStep:
     """What one :meth:`FocusLoop.refocus` changed.
@@ -496,10 +490,14 @@ class FocusLoop:
             self.tree.append(ids, self.embed, self.gist)
         self.wc.extend(self.tree.num_tokens)
 
-    def rebuild(self) -> WorkingContext:
-        """Replace the WC by the recency WC of the whole tree within ``W_max``."""
+    def recency(self) -> WorkingContext:
+        """The recency WC of the whole tree within ``W_max`` (a new one)."""
         cfg = self.config
-        self.wc = WorkingContext.from_tree(self.tree, cfg.w_max, cfg.protected_tokens)
+        return WorkingContext.from_tree(self.tree, cfg.w_max, cfg.protected_tokens)
+
+    def rebuild(self) -> WorkingContext:
+        """Replace the WC by the recency WC (:meth:`recency`)."""
+        self.wc = self.recency()
         return self.wc
 
     # ------------------------------------------------------------------ positions
@@ -620,10 +618,11 @@ class FocusLoop:
         next :meth:`ingest`, so the refocuses of decoding do not bring it back."""
         assert self.wc is not None
         cfg = self.config
-        recency = WorkingContext.from_tree(self.tree, cfg.w_max, cfg.protected_tokens)
+        recency = self.recency()
         nan = float("nan")
         same = _same(self.wc, recency)
-        v = min(cfg.verify_tokens, _token_tail(self.wc), _token_tail(recency), self.num_tokens - 1)
+        tails = [len(wc) - wc.tail_start for wc in (self.wc, recency)]
+        v = min(cfg.verify_tokens, *tails, self.num_tokens - 1)
         T = self.num_tokens
         judged = self.wc
         if not same and v >= 1 and cfg.verify_query == "before" and cfg.lens == "lexical":

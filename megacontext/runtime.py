@@ -471,9 +471,8 @@ class Session:
             return None
         embeds = self.wc.embeddings(self.base, self.tree)
         positions = self.focus.positions()
-        levels, starts = self.wc.levels.cpu(), self.wc.starts.cpu().to(torch.int64)
-        gist = torch.nonzero(levels != 0)
-        first_token = int(gist[-1, 0]) + 1 if gist.numel() else 0  # the LOD0 tail
+        starts = self.wc.starts.cpu().to(torch.int64)
+        first_token = self.wc.tail_start  # the LOD0 tail
         for s in range(start, n, chunk):
             e = min(n, s + chunk)
             rows = None

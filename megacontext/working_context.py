@@ -405,6 +405,13 @@ class WorkingContext:
         return entry_positions(self.levels, self.nodes, self.block_size, scheme, max_gap=max_gap)[1]
 
     @property
+    def tail_start(self) -> int:
+        """Index of the first entry of the trailing run of LOD0 tokens (``len(self)``
+        when the last entry is a gist; 0 when every entry is a token)."""
+        gist = torch.nonzero(self.levels.cpu() != 0)
+        return int(gist[-1, 0]) + 1 if gist.numel() else 0
+
+    @property
     def protected_start(self) -> int:
         """First token of the protected LOD0 tail (see :func:`protected_start`)."""
         return protected_start(self.num_tokens, self.recent_tokens, self.block_size)

@@ -311,3 +311,12 @@ def test_embeddings_from_an_on_disk_tree(tmp_path):
     wc.check(disk)
     base = TinyBase(8)
     torch.testing.assert_close(wc.embeddings(base, disk), wc.embeddings(base, tree), rtol=0, atol=0)
+
+
+def test_tail_start_is_the_first_entry_of_the_trailing_tokens():
+    assert WorkingContext.from_tree(make_tree(0), w_max=64).tail_start == 0
+    assert WorkingContext.from_tree(make_tree(3), w_max=64).tail_start == 0
+    wc = WorkingContext.from_tree(make_tree(300), w_max=64)
+    lv = wc.levels.tolist()
+    t = wc.tail_start
+    assert 0 < t < len(wc) and lv[t - 1] != 0 and all(x == 0 for x in lv[t:])
