@@ -89,6 +89,7 @@ def read(base: mc.Base, loop: FocusLoop, W: int, upd: dict, targets: torch.Tenso
         "kept": m.get("kept"),
         "nll_focus": m.get("nll_focus"),
         "nll_recency": m.get("nll_recency"),
+        "unmatched": m.get("unmatched"),
     }
 
 

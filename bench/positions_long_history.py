@@ -194,7 +194,12 @@ def lexical_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
     meta = {"per_level": per_level, "actions": len(actions)}
     if lex.verdicts:  # verify_tokens > 0 and the scorer acted
         v = lex.verdicts[-1]
-        meta.update(kept=int(v.kept), nll_focus=v.nll_focus, nll_recency=v.nll_recency)
+        meta.update(
+            kept=int(v.kept),
+            nll_focus=v.nll_focus,
+            nll_recency=v.nll_recency,
+            unmatched=v.unmatched,
+        )
     emb, pos = with_sink(base, wc.embeddings(base, lex.tree), lex.positions(), wc.levels, SINK)
     return View("mc_lexical", emb, pos, lex.next_position(), meta)
 

@@ -255,6 +255,14 @@ class MegaContextConfig(BaseModel):
         "by on the last verify_tokens tokens to be kept (negative: a focus a little worse "
         "is still kept)",
     )
+    verify_unmatched: float | None = Field(
+        None,
+        description="u: the check also drops the focus when, on the judged tokens whose "
+        "ids occur nowhere in the spans it opened (tokens no retrieved block can be "
+        "copied from, so the selection does not favour it there), it reads them more "
+        "than u nats per token worse than recency does (negative: it must read them "
+        "better). None: off",
+    )
     attention_layers: list[int] | None = Field(
         None,
         description="layers whose queries the attention scorer reads; None = every "

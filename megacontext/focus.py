@@ -367,13 +367,17 @@ class Verdict:
     ``kept``: the focused WC stays (``False``: the recency WC replaced it);
     ``nll_focus`` / ``nll_recency``: the mean NLL (nats per token) of the last
     ``tokens`` tokens of the history read under each (``nan`` when nothing was read:
-    the two WCs are the same, or the WC holds too few trailing tokens).
+    the two WCs are the same, or the WC holds too few trailing tokens);
+    ``unmatched``: the mean of ``NLL_focus − NLL_recency`` over those of the tokens
+    whose ids occur nowhere in the spans the focus opened (``nan`` when there are none
+    or nothing was read), what ``config.verify_unmatched`` bounds.
     """
 
     kept: bool
     nll_focus: float
     nll_recency: float
     tokens: int
+    unmatched: float = float("nan")
 
 
 class FocusLoop:
@@ -606,7 +610,9 @@ class FocusLoop:
         one) predicting ``ids[T - v : T]``. The focus stays when
         ``mean NLL_focus <= mean NLL_recency - config.verify_margin``. The query the
         scorer read overlaps these tokens, so a retrieved block that shares their
-        words is favoured. ``config.verify_query: before`` (``lens: lexical``) judges
+        words is favoured; with ``config.verify_unmatched = u`` the focus must also not
+        read the judged tokens whose ids occur nowhere in the opened spans more than
+        ``u`` nats per token worse (mean over those tokens; skipped when there are none). ``config.verify_query: before`` (``lens: lexical``) judges
         instead the focus the scorer reaches with its query ending ``v`` tokens
         earlier (:meth:`_focus_before`, tokens it did not read); when that is the
         recency WC there is nothing to judge and the focus stays. Cost: one base
@@ -642,21 +648,35 @@ class FocusLoop:
             )
             contexts.append((emb[: len(emb) - v], p[: len(p) - v]))
             starts.append(int(pos[len(pos) - v]))
-        nll = nll_after(self.base, contexts, [targets] * len(contexts), starts).mean(dim=1)
-        focus = float(nll[0])
+        tok = nll_after(self.base, contexts, [targets] * len(contexts), starts).cpu()
         if known:
             assert recency_logits is not None
             lp = recency_logits[-(v + 1) : -1].float().log_softmax(-1)
-            rec = float(-lp.gather(1, targets[:, None].to(lp.device)).mean())
+            rec_tok = -lp.gather(1, targets[:, None].to(lp.device)).squeeze(1).cpu()
         else:
-            rec = float(nll[1])
+            rec_tok = tok[1]
+        focus, rec = float(tok[0].mean()), float(rec_tok.mean())
         kept = focus <= rec - cfg.verify_margin
+        free = ~torch.isin(targets, self._opened_tokens(judged, recency))
+        harm = float((tok[0] - rec_tok)[free].mean()) if bool(free.any()) else nan
+        if kept and cfg.verify_unmatched is not None and harm == harm:
+            kept = harm <= cfg.verify_unmatched
         if not kept:
             self.wc = recency
             self.vetoed = True
-        verdict = Verdict(kept, focus, rec, v)
+        verdict = Verdict(kept, focus, rec, v, harm)
         self.verdicts.append(verdict)
         return verdict
+
+    def _opened_tokens(self, focus: WorkingContext, recency: WorkingContext) -> torch.Tensor:
+        """The distinct token ids of the history indices ``focus`` reads as tokens and
+        ``recency`` does not (the spans the scorer opened), int64 ``[n]``."""
+        idx = [wc.nodes[wc.levels == 0].cpu().long() for wc in (focus, recency)]
+        opened = idx[0][~torch.isin(idx[0], idx[1])]
+        if opened.numel() == 0:
+            return opened
+        lo, hi = int(opened.min()), int(opened.max()) + 1
+        return torch.unique(self.tree.tokens(lo, hi)[opened - lo])
 
     def _focus_before(self, end: int) -> WorkingContext:
         """The WC the scorer's ingest refocuses reach from the recency WC with the

@@ -290,9 +290,71 @@ def test_a_saved_session_keeps_its_veto(tiny_base, tmp_path):
     assert not back.focus.vetoed
 
 
+def _tail_token_nll(base, loop, wc, v):
+    emb, pos = with_sink(base, wc.embeddings(base, loop.tree), loop.positions(wc), wc.levels, True)
+    logits = base.model(inputs_embeds=emb[None], position_ids=pos[None]).logits[0].float()
+    lp = logits.log_softmax(-1)[len(emb) - v - 1 : len(emb) - 1]
+    T = loop.num_tokens
+    ids = torch.as_tensor(loop.tree.tokens(T - v, T), dtype=torch.int64)
+    return -lp.gather(1, ids[:, None]).squeeze(1), ids
+
+
+@pytest.mark.parametrize("side", [-1.0, 1.0])
+def test_verify_unmatched_bounds_the_harm_on_tokens_no_opened_span_holds(tiny_base, side):
+    v = 24
+    ids = _planted()
+    # the last 12 tokens occur nowhere else: no opened span can hold them
+    ids[-12:] = torch.arange(40000, 40012)
+
+    def verdict(u):
+        cfg = _cfg(
+            w_max=512,
+            lens="lexical",
+            refocus_iterations=8,
+            verify_tokens=v,
+            verify_margin=-100.0,  # the first rule keeps any focus
+            verify_unmatched=u,
+        )
+        loop = FocusLoop(tiny_base, None, None, cfg)
+        loop.ingest(ids)
+        recency = WorkingContext.from_tree(loop.tree, cfg.w_max, cfg.protected_tokens)
+        focused = []
+
+        def step():
+            acts = loop.refocus().actions
+            focused.append(loop.wc.clone())
+            return acts
+
+        refocus_after_ingest(cfg, step, loop.verify)
+        return loop, recency, focused[-1], loop.verdicts[-1]
+
+    loop, recency, focus_wc, off = verdict(None)
+    assert off.kept  # the guard off: the margin keeps the focus
+    focus_nll, judged = _tail_token_nll(tiny_base, loop, focus_wc, v)
+    rec_nll, _ = _tail_token_nll(tiny_base, loop, recency, v)
+    # the opened spans: history indices the focus reads as tokens and recency does not
+    f_idx = focus_wc.nodes[focus_wc.levels == 0]
+    r_idx = recency.nodes[recency.levels == 0]
+    opened = f_idx[~torch.isin(f_idx, r_idx)]
+    assert opened.numel() > 0
+    free = ~torch.isin(judged, loop.tree.tokens(0, loop.num_tokens)[opened])
+    assert int(free.sum()) >= 12
+    harm = float((focus_nll - rec_nll)[free].mean())
+    assert off.unmatched == pytest.approx(harm, abs=2e-4)
+    # a bound just above the harm keeps the focus, just below drops it for recency
+    loop, _, _, guarded = verdict(harm + side * 1e-3)
+    assert guarded.unmatched == pytest.approx(harm, abs=2e-4)
+    assert guarded.kept == (side > 0)
+    want = focus_wc if side > 0 else recency
+    assert torch.equal(loop.wc.nodes.cpu(), want.nodes.cpu())
+    assert loop.vetoed == (side < 0)
+
+
 def test_verify_fields_are_validated():
     with pytest.raises(mc.ConfigError, match="verify_tokens"):
         mc.MegaContextConfig(model="tiny-llama", verify_tokens=-1)
+    with pytest.raises(mc.ConfigError, match="verify_unmatched"):
+        mc.MegaContextConfig(model="tiny-llama", verify_unmatched="high")
 
 
 @pytest.mark.parametrize("margin", [-100.0, 100.0])
