@@ -59,7 +59,7 @@ from gist_quality import H, T, documents
 from positions_long_history import write_rows
 
 SPAN = 1024  # one LOD2 node: the region R, the newest one (the stress's `near`)
-FIT = H // 2  # the first FIT targets are fitted, the rest held out
+FIT = H // 2  # by default the first 32 targets are fitted, the last 32 held out
 
 
 def _prefix_cache(base, embeds: torch.Tensor, positions: torch.Tensor):
@@ -87,15 +87,15 @@ def _cache_of(past):
     return cache
 
 
-def _log_probs(base, past, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``log p [H, V]`` of the 64 targets: ``rows`` (the region's rows then the first
-    H − 1 targets' embeddings) read after the constant prefix ``past``."""
+def _log_probs(base, past, rows: torch.Tensor, positions: torch.Tensor, h: int) -> torch.Tensor:
+    """``log p [h, V]`` of the ``h`` targets: ``rows`` (the region's rows then the first
+    h − 1 targets' embeddings) read after the constant prefix ``past``."""
     out = base.model(
         inputs_embeds=rows[None].to(base.dtype),
         position_ids=positions[None],
         past_key_values=_cache_of(past),
         use_cache=True,
-        logits_to_keep=H,
+        logits_to_keep=h,
     )
     return F.log_softmax(out.logits[0].float(), dim=-1)
 
@@ -113,11 +113,11 @@ def _past_for(base, caches: dict, view, P: int) -> list:
     return caches[key]
 
 
-def _tail_pos(view, P: int, k: int) -> torch.Tensor:
+def _tail_pos(view, P: int, k: int, h: int) -> torch.Tensor:
     """Positions of the rows read after the past: the last prefix token, the ``k``
-    region rows, the first ``H - 1`` targets."""
+    region rows, the first ``h - 1`` targets."""
     nxt = view.next_position
-    return torch.cat([view.positions[P : P + 1 + k], nxt + torch.arange(H - 1)])
+    return torch.cat([view.positions[P : P + 1 + k], nxt + torch.arange(h - 1)])
 
 
 def oracle_document(
@@ -127,12 +127,15 @@ def oracle_document(
     steps: int,
     lr: float,
     schemes: list[str],
+    fit: int = FIT,
+    held: int = H - FIT,
 ) -> list[dict]:
     """Rows for one document: per positions scheme, the control / dropped NLLs and,
     per ``K``, the mean-pool start and the optimised vectors, each half."""
+    h = fit + held
     cfg = mc.MegaContextConfig(model=base.name, w_max=1024)
     tree = gist_history(base, ids[:T], None)
-    targets = ids[T : T + H]
+    targets = ids[T : T + h]
     tgt_emb = base.embed(targets[:-1]).float()
     node = T // SPAN - 1
     rows = []
@@ -156,14 +159,16 @@ def oracle_document(
                 base,
                 _past_for(base, caches, ctrl, P),
                 torch.cat([ctrl.embeds[P:].float(), tgt_emb]),
-                _tail_pos(ctrl, P, SPAN),
+                _tail_pos(ctrl, P, SPAN, h),
+                h,
             )
             drop_nll = _nll(
                 _log_probs(
                     base,
                     _past_for(base, caches, pre, P),
                     torch.cat([pre.embeds[P:].float(), tgt_emb]),
-                    _tail_pos(pre, P, 0),
+                    _tail_pos(pre, P, 0, h),
+                    h,
                 ),
                 targets,
             )
@@ -176,7 +181,7 @@ def oracle_document(
             else:
                 raise SystemExit(f"K={k}: only 1 (LOD2) and 32 (LOD1) have runtime positions")
             past = _past_for(base, caches, view, P)
-            pos = _tail_pos(view, P, k)
+            pos = _tail_pos(view, P, k, h)
             last = view.embeds[P : P + 1].float()
             start = view.embeds[P + 1 : P + 1 + k].float().clone()
             g = torch.nn.Parameter(start.clone())
@@ -185,11 +190,11 @@ def oracle_document(
             curve, fit_curve, held_curve = [], [], []
             t0 = time.time()
             for step in range(steps + 1):
-                logp = _log_probs(base, past, torch.cat([last, g, tgt_emb]), pos)
+                logp = _log_probs(base, past, torch.cat([last, g, tgt_emb]), pos, h)
                 with torch.no_grad():
                     nll = _nll(logp.detach(), targets)
-                fit_curve.append(float(nll[:FIT].mean()))
-                held_curve.append(float(nll[FIT:].mean()))
+                fit_curve.append(float(nll[:fit].mean()))
+                held_curve.append(float(nll[fit:].mean()))
                 if step in (0, steps):
                     if step == 0:
                         init_nll = nll
@@ -204,7 +209,7 @@ def oracle_document(
                         fin_nll = nll
                 if step == steps:
                     break
-                kl = (teacher[:FIT].exp() * (teacher[:FIT] - logp[:FIT])).sum(-1).mean()
+                kl = (teacher[:fit].exp() * (teacher[:fit] - logp[:fit])).sum(-1).mean()
                 opt.zero_grad(set_to_none=True)
                 kl.backward()
                 opt.step()
@@ -219,6 +224,8 @@ def oracle_document(
                     "gists": name,
                     "steps": steps if name == "oracle" else 0,
                     "lr": lr,
+                    "fit_tokens": fit,
+                    "held_tokens": held,
                     "seconds": secs if name == "oracle" else 0.0,
                     "kl_first": curve[0] if curve else math.nan,
                     "kl_last": curve[-1] if curve else math.nan,
@@ -231,16 +238,16 @@ def oracle_document(
                     "fit_curve": fit_curve if name == "oracle" else None,
                     "held_curve": held_curve if name == "oracle" else None,
                 }
-                for half, sl in (("fit", slice(0, FIT)), ("held", slice(FIT, H))):
+                for half, sl in (("fit", slice(0, fit)), ("held", slice(fit, h))):
                     row[f"nll_{half}"] = float(got[sl].mean())
                     row[f"control_{half}"] = float(ctrl_nll[sl].mean())
                     row[f"dropped_{half}"] = float(drop_nll[sl].mean())
                 rows.append(row)
             print(
                 f"  {scheme} K={k}: KL {curve[0]:.3f} -> {curve[-1]:.3f}; held NLL "
-                f"control {float(ctrl_nll[FIT:].mean()):.3f} dropped "
-                f"{float(drop_nll[FIT:].mean()):.3f} mean-pool {float(init_nll[FIT:].mean()):.3f} "
-                f"oracle {float(fin_nll[FIT:].mean()):.3f} ({secs:.0f} s)",
+                f"control {float(ctrl_nll[fit:].mean()):.3f} dropped "
+                f"{float(drop_nll[fit:].mean()):.3f} mean-pool {float(init_nll[fit:].mean()):.3f} "
+                f"oracle {float(fin_nll[fit:].mean()):.3f} ({secs:.0f} s)",
                 flush=True,
             )
     return rows
@@ -271,6 +278,7 @@ def render(out: Path) -> None:
 
     rows = pq.read_table(out / "rows.parquet").to_pylist()
     meta = json.loads((out / "meta.json").read_text())
+    fit, held = meta.get("fit", FIT), meta.get("held", H - FIT)
     lines = [
         "# The embedding-space gist oracle (issue 15)",
         "",
@@ -279,7 +287,7 @@ def render(out: Path) -> None:
         f"transformers {meta['transformers']}; base {meta['base']} ({meta['dtype']}).",
         "",
         f"History T = {T}, region R = the newest {SPAN} tokens (the stress's `near`), "
-        f"H = {H} targets: the first {FIT} fitted (`fit`), the last {H - FIT} held out "
+        f"H = {fit + held} targets: the first {fit} fitted (`fit`), the last {held} held out "
         "(`held`). `mean-pool`: the start (what an untrained GistNet gives); `oracle`: "
         "the K vectors after Adam on KL(control ‖ gists) over the fit half. kept = "
         "(NLL_dropped − NLL) / (NLL_dropped − NLL_control) of the means over documents. "
@@ -348,6 +356,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="code,prose,narrative")
     ap.add_argument("--k", default="32,1", help="vectors per region: 32 (LOD1), 1 (LOD2)")
     ap.add_argument("--positions", default="nearby", help="comma-separated schemes")
+    ap.add_argument("--fit", type=int, default=FIT, help="targets fitted (the first ones)")
+    ap.add_argument("--held", type=int, default=H - FIT, help="targets held out (after them)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--out", type=Path, required=True)
@@ -371,17 +381,21 @@ def main() -> None:
         "transformers": transformers.__version__,
         "base": base.name,
         "dtype": str(base.dtype),
+        "fit": args.fit,
+        "held": args.held,
     }
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
     kinds = args.kinds.split(",")
-    docs = [d for d in documents(base, args.data, args.per_kind) if d[1] in kinds]
+    docs = [
+        d for d in documents(base, args.data, args.per_kind, args.fit + args.held) if d[1] in kinds
+    ]
     ks = [int(k) for k in args.k.split(",")]
     schemes = args.positions.split(",")
     path = args.out / "rows.parquet"
     rows: list[dict] = []
     for doc_id, kind, ids in docs:
         print(f"{doc_id} ({kind})", flush=True)
-        for r in oracle_document(base, ids, ks, args.steps, args.lr, schemes):
+        for r in oracle_document(base, ids, ks, args.steps, args.lr, schemes, args.fit, args.held):
             rows.append({"doc": doc_id, "kind": kind, **r})
         write_rows(rows, path)
         render(args.out)

@@ -51,9 +51,11 @@ T, H = 2048, 64
 LONGBENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "longbench"
 
 
-def documents(base, data: Path, per_kind: int) -> list[tuple[str, str, torch.Tensor]]:
-    """``(doc_id, kind, ids[T + H])`` held-out documents, deterministic."""
-    need = T + H
+def documents(
+    base, data: Path, per_kind: int, horizon: int = H
+) -> list[tuple[str, str, torch.Tensor]]:
+    """``(doc_id, kind, ids[T + horizon])`` held-out documents, deterministic."""
+    need = T + horizon
     out: list[tuple[str, str, torch.Tensor]] = []
     code = ShardDataset(data, "validation", ["code"])
     long = sorted(
