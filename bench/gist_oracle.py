@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -55,7 +53,7 @@ from megacontext.eval.tables import pyplot, save_figure
 from megacontext.focus import position_gap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gist_quality import H, T, documents
+from gist_quality import H, T, documents, run_meta
 from positions_long_history import write_rows
 
 SPAN = 1024  # one LOD2 node: the region R, the newest one (the stress's `near`)
@@ -388,7 +386,7 @@ def main() -> None:
     ap.add_argument("--fit", type=int, default=FIT, help="targets fitted (the first ones)")
     ap.add_argument("--held", type=int, default=H - FIT, help="targets held out (after them)")
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=0.03)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--render", action="store_true", help="only rebuild the report")
     args = ap.parse_args()
@@ -396,23 +394,9 @@ def main() -> None:
     if args.render:
         render(args.out)
         return
-    import transformers
-
     torch.manual_seed(0)
     base = mc.load_base("smollm2-135m")
-    meta = {
-        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} uv run python "
-        + " ".join(sys.argv),
-        "machine": f"{platform.machine()} {platform.processor() or ''} "
-        f"{torch.get_num_threads()} threads".strip(),
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "base": base.name,
-        "dtype": str(base.dtype),
-        "fit": args.fit,
-        "held": args.held,
-    }
+    meta = run_meta(base, fit=args.fit, held=args.held)
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
     kinds = args.kinds.split(",")
     docs = [

@@ -83,6 +83,27 @@ def documents(
     return out
 
 
+def run_meta(base, **extra) -> dict:
+    """The command, machine and versions a bench folder's ``meta.json`` records."""
+    import platform
+    import sys
+
+    import transformers
+
+    return {
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} uv run python "
+        + " ".join(sys.argv),
+        "machine": f"{platform.machine()} {platform.processor() or ''} "
+        f"{torch.get_num_threads()} threads".strip(),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "base": base.name,
+        "dtype": str(base.dtype),
+        **extra,
+    }
+
+
 def _mean(rows, **kw) -> float:
     v = [r["nll"] for r in rows if all(r[k] == x for k, x in kw.items())]
     return float(np.mean(v)) if v else math.nan
@@ -177,30 +198,11 @@ def main() -> None:
     if args.render:
         render(args.out)
         return
-    import platform
-    import sys
-
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import transformers
 
     base = mc.load_base("smollm2-135m")
-    (args.out / "meta.json").write_text(
-        json.dumps(
-            {
-                "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} uv run python "
-                + " ".join(sys.argv),
-                "machine": f"{platform.machine()} {platform.processor() or ''} "
-                f"{torch.get_num_threads()} threads".strip(),
-                "date": time.strftime("%Y-%m-%d"),
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "base": base.name,
-                "dtype": str(base.dtype),
-            },
-            indent=1,
-        )
-    )
+    (args.out / "meta.json").write_text(json.dumps(run_meta(base), indent=1))
     docs = documents(base, args.data, args.per_kind)
     print(f"{len(docs)} documents: " + ", ".join(f"{d} ({k})" for d, k, _ in docs), flush=True)
     systems = [("mean-pool", None)]

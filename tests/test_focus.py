@@ -182,25 +182,26 @@ def _planted(n: int = 3000, seed: int = 0) -> torch.Tensor:
     return ids
 
 
-def _tail_nll(base, loop, wc, v):
-    """Mean NLL of the history's last ``v`` tokens read inside ``wc``: one plain
-    forward over the whole WC (behind the sink when it reads one)."""
+def _tail_token_nll(base, loop, wc, v):
+    """NLL ``[v]`` of the history's last ``v`` tokens read inside ``wc``, and their ids:
+    one plain forward over the whole WC (behind the sink when it reads one)."""
     emb, pos = with_sink(base, wc.embeddings(base, loop.tree), loop.positions(wc), wc.levels, True)
     logits = base.model(inputs_embeds=emb[None], position_ids=pos[None]).logits[0].float()
     lp = logits.log_softmax(-1)[len(emb) - v - 1 : len(emb) - 1]
     T = loop.num_tokens
     ids = torch.as_tensor(loop.tree.tokens(T - v, T), dtype=torch.int64)
-    return float(-lp.gather(1, ids[:, None]).mean())
+    return -lp.gather(1, ids[:, None]).squeeze(1), ids
 
 
-@pytest.mark.parametrize("margin", [-100.0, 100.0])
-def test_verify_reads_both_working_contexts_and_keeps_the_better(tiny_base, margin):
-    v = 24
-    cfg = _cfg(
-        w_max=512, lens="lexical", refocus_iterations=8, verify_tokens=v, verify_margin=margin
-    )
-    loop = FocusLoop(tiny_base, None, None, cfg)
-    loop.ingest(_planted())
+def _tail_nll(base, loop, wc, v):
+    return float(_tail_token_nll(base, loop, wc, v)[0].mean())
+
+
+def _verified(base, ids, cfg):
+    """A loop over ``ids`` after its ingest refocuses and the check: ``(loop, the
+    recency WC, the focused WC the check judged)``."""
+    loop = FocusLoop(base, None, None, cfg)
+    loop.ingest(ids)
     recency = WorkingContext.from_tree(loop.tree, cfg.w_max, cfg.protected_tokens)
     focused = []
 
@@ -210,8 +211,17 @@ def test_verify_reads_both_working_contexts_and_keeps_the_better(tiny_base, marg
         return acts
 
     refocus_after_ingest(cfg, step, loop.verify)
+    return loop, recency, focused[-1]
+
+
+@pytest.mark.parametrize("margin", [-100.0, 100.0])
+def test_verify_reads_both_working_contexts_and_keeps_the_better(tiny_base, margin):
+    v = 24
+    cfg = _cfg(
+        w_max=512, lens="lexical", refocus_iterations=8, verify_tokens=v, verify_margin=margin
+    )
+    loop, recency, focus_wc = _verified(tiny_base, _planted(), cfg)
     (verdict,) = loop.verdicts
-    focus_wc = focused[-1]
     assert not torch.equal(focus_wc.nodes.cpu(), recency.nodes.cpu())  # the scorer acted
     assert verdict.tokens == v
     assert verdict.nll_focus == pytest.approx(_tail_nll(tiny_base, loop, focus_wc, v), abs=2e-4)
@@ -290,15 +300,6 @@ def test_a_saved_session_keeps_its_veto(tiny_base, tmp_path):
     assert not back.focus.vetoed
 
 
-def _tail_token_nll(base, loop, wc, v):
-    emb, pos = with_sink(base, wc.embeddings(base, loop.tree), loop.positions(wc), wc.levels, True)
-    logits = base.model(inputs_embeds=emb[None], position_ids=pos[None]).logits[0].float()
-    lp = logits.log_softmax(-1)[len(emb) - v - 1 : len(emb) - 1]
-    T = loop.num_tokens
-    ids = torch.as_tensor(loop.tree.tokens(T - v, T), dtype=torch.int64)
-    return -lp.gather(1, ids[:, None]).squeeze(1), ids
-
-
 @pytest.mark.parametrize("side", [-1.0, 1.0])
 def test_verify_unmatched_bounds_the_harm_on_tokens_no_opened_span_holds(tiny_base, side):
     v = 24
@@ -315,18 +316,8 @@ def test_verify_unmatched_bounds_the_harm_on_tokens_no_opened_span_holds(tiny_ba
             verify_margin=-100.0,  # the first rule keeps any focus
             verify_unmatched=u,
         )
-        loop = FocusLoop(tiny_base, None, None, cfg)
-        loop.ingest(ids)
-        recency = WorkingContext.from_tree(loop.tree, cfg.w_max, cfg.protected_tokens)
-        focused = []
-
-        def step():
-            acts = loop.refocus().actions
-            focused.append(loop.wc.clone())
-            return acts
-
-        refocus_after_ingest(cfg, step, loop.verify)
-        return loop, recency, focused[-1], loop.verdicts[-1]
+        loop, recency, focus_wc = _verified(tiny_base, ids, cfg)
+        return loop, recency, focus_wc, loop.verdicts[-1]
 
     loop, recency, focus_wc, off = verdict(None)
     assert off.kept  # the guard off: the margin keeps the focus
