@@ -28,6 +28,7 @@ the owner of the KV cache hands in: :class:`megacontext.attention_scorer.Attenti
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -612,7 +613,8 @@ class FocusLoop:
         scorer read overlaps these tokens, so a retrieved block that shares their
         words is favoured; with ``config.verify_unmatched = u`` the focus must also not
         read the judged tokens whose ids occur nowhere in the opened spans more than
-        ``u`` nats per token worse (mean over those tokens; skipped when there are none). ``config.verify_query: before`` (``lens: lexical``) judges
+        ``u`` nats per token worse (mean over those tokens; skipped when there are
+        none). ``config.verify_query: before`` (``lens: lexical``) judges
         instead the focus the scorer reaches with its query ending ``v`` tokens
         earlier (:meth:`_focus_before`, tokens it did not read); when that is the
         recency WC there is nothing to judge and the focus stays. Cost: one base
@@ -659,7 +661,7 @@ class FocusLoop:
         kept = focus <= rec - cfg.verify_margin
         free = ~torch.isin(targets, self._opened_tokens(judged, recency))
         harm = float((tok[0] - rec_tok)[free].mean()) if bool(free.any()) else nan
-        if kept and cfg.verify_unmatched is not None and harm == harm:
+        if kept and cfg.verify_unmatched is not None and not math.isnan(harm):
             kept = harm <= cfg.verify_unmatched
         if not kept:
             self.wc = recency
