@@ -30,50 +30,69 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--memory", default="smollm2-135m", help="a pretrained memory name")
     ap.add_argument("--docs", type=int, default=7, help="held-out documents (code, prose)")
-    ap.add_argument("--variant", default="lexical", help="the variant compared with recency")
+    ap.add_argument(
+        "--variant",
+        default="lexical",
+        help="the variants compared with recency (comma-separated ablation variants)",
+    )
+    ap.add_argument(
+        "--split",
+        default="validation",
+        choices=["validation", "train"],
+        help="the documents' split: train only to choose a setting before a held-out run",
+    )
     ap.add_argument("--out", type=Path, required=True, help="Markdown report")
     args = ap.parse_args(argv)
     system = mc.MegaContext.pretrained(args.memory)
-    variants = ["recency", args.variant]
+    compared = args.variant.split(",")
+    variants = ["recency", *compared]
     rows = ablation_suite(
         system.base,
         system,
         "small",
         variants=variants,
         docs=args.docs,
+        split=args.split,
         log=lambda m: print(m, file=sys.stderr, flush=True),
     )
     by: dict[str, dict[str, float]] = {}
     for r in rows:
         by.setdefault(r["doc"], {})[r["method"]] = r["nll"]
     cols = ["full", "truncation", *variants]
+    split = "" if args.split == "validation" else f" --split {args.split}"
     lines = [
         f"# Decode-regime cost of `{args.variant}` against recency ({args.memory})",
         "",
         f"Command: `python bench/decode_focus_cost.py --docs {args.docs} "
-        f"--variant {args.variant} --memory {args.memory} --out {args.out}`",
+        f"--variant {args.variant} --memory {args.memory}{split} --out {args.out}`",
         "",
-        "2,048 tokens ingested at W = 512, the next 256 decoded teacher-forced; NLL over "
-        "them (nats).",
+        f"2,048 tokens of {args.split}-split documents ingested at W = 512, the next 256 "
+        "decoded teacher-forced; NLL over them (nats).",
         "",
-        "| document | " + " | ".join(cols) + f" | {args.variant} − recency |",
-        "|---|" + "---:|" * (len(cols) + 1),
+        "| document | "
+        + " | ".join(cols)
+        + " | "
+        + " | ".join(f"{v} − recency" for v in compared)
+        + " |",
+        "|---|" + "---:|" * (len(cols) + len(compared)),
     ]
-    diffs = []
+    diffs: dict[str, list[float]] = {v: [] for v in compared}
     for doc, m in by.items():
-        d = m[args.variant] - m["recency"]
-        diffs.append(d)
+        ds = [m[v] - m["recency"] for v in compared]
+        for v, d in zip(compared, ds, strict=True):
+            diffs[v].append(d)
         cells = " | ".join(f"{m[c]:.4f}" if c in m else "–" for c in cols)
-        lines.append(f"| {doc} | {cells} | {d:+.4f} |")
-    n = len(diffs)
-    mean, med = statistics.fmean(diffs), statistics.median(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else float("nan")
-    lines += [
-        "",
-        f"Paired difference over {n} documents: mean {mean:+.4f} ± {se:.4f} (s.e.), "
-        f"median {med:+.4f}.",
-        "",
-    ]
+        lines.append(f"| {doc} | {cells} | " + " | ".join(f"{d:+.4f}" for d in ds) + " |")
+    lines.append("")
+    for v, ds in diffs.items():
+        n = len(ds)
+        mean, med = statistics.fmean(ds), statistics.median(ds)
+        se = statistics.stdev(ds) / math.sqrt(n) if n > 1 else float("nan")
+        lines.append(
+            f"`{v}` − recency, paired over {n} documents: mean {mean:+.4f} ± {se:.4f} "
+            f"(s.e.), median {med:+.4f}.  "
+        )
+    lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, "\n".join(lines))
     print("\n".join(lines))

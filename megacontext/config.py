@@ -170,6 +170,16 @@ class MegaContextConfig(BaseModel):
         "attention scorer, rates lowest; nothing else moves) or auto (retrieval for the "
         "attention scorer and for a LensNet with the relevance input, else scores)",
     )
+    decode_focus: Literal["auto", "rescore", "hold"] = Field(
+        "auto",
+        description="what the scorer does while the session decodes after an ingest: "
+        "rescore (every block, as at the ingest), hold (the blocks the ingest opened "
+        "stay as tokens, and every collapse the budget forces takes the oldest other "
+        "block, as recency's would) or auto (hold for lens lexical, whose query stays "
+        "the ingest's, so rescoring re-applies it to a moving window: the blocks it "
+        "wants are kept and the budget's collapses cut holes in the recent window; "
+        "rescore for a LensNet and the attention scorer, which read the newest tokens)",
+    )
     lexical_query: int = Field(
         64, ge=1, description="newest tokens the lexical scorer reads as its query"
     )
@@ -262,6 +272,17 @@ class MegaContextConfig(BaseModel):
         "copied from, so the selection does not favour it there), it reads them more "
         "than u nats per token worse than recency does (negative: it must read them "
         "better). None: off",
+    )
+    verify_feed: bool = Field(
+        False,
+        description="also judge the focus on tokens fed after an ingest (Session.feed: "
+        "observed text the scorer's query never held, so the judgement does not favour "
+        "the focus): once verify_tokens tokens were fed and, at a block boundary, the "
+        "working context differs from the recency one (the ingest's retrieval, or blocks "
+        "the scorer kept while fed blocks forced collapses), the base model reads the "
+        "newest verify_tokens tokens under both, and a focus that reads them worse goes "
+        "back to recency until the next ingest. Once per ingest; generated tokens cancel "
+        "it (the model's own text favours the context that wrote it)",
     )
     attention_layers: list[int] | None = Field(
         None,

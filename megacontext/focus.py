@@ -64,6 +64,7 @@ __all__ = [
     "newest_tokens_view",
     "refocus_after_ingest",
     "check_positions",
+    "decode_hold",
     "position_bound",
     "position_gap",
     "tail_size",
@@ -327,6 +328,13 @@ def refocus_after_ingest(
     return ran
 
 
+def decode_hold(config: MegaContextConfig) -> bool:
+    """Whether ``config.decode_focus`` holds the ingest's focus while decoding
+    (``auto``: for ``lens: lexical``, whose query stays the ingest's)."""
+    mode = config.decode_focus
+    return mode == "hold" or (mode == "auto" and config.lens == "lexical")
+
+
 def _same(a: WorkingContext, b: WorkingContext) -> bool:
     """Whether two WCs hold the same entries."""
     return len(a) == len(b) and bool(
@@ -371,7 +379,8 @@ class Verdict:
     the two WCs are the same, or the WC holds too few trailing tokens);
     ``unmatched``: the mean of ``NLL_focus − NLL_recency`` over those of the tokens
     whose ids occur nowhere in the spans the focus opened (``nan`` when there are none
-    or nothing was read), what ``config.verify_unmatched`` bounds.
+    or nothing was read), what ``config.verify_unmatched`` bounds; ``stage``:
+    ``"ingest"`` or ``"feed"`` (:meth:`FocusLoop.verify`).
     """
 
     kept: bool
@@ -379,6 +388,7 @@ class Verdict:
     nll_recency: float
     tokens: int
     unmatched: float = float("nan")
+    stage: str = "ingest"
 
 
 class FocusLoop:
@@ -449,6 +459,12 @@ class FocusLoop:
         # verify() dropped this ingest's focus: the scorer stays off (recency) until
         # the next ingest, so decoding does not bring back what the check rejected
         self.vetoed = False
+        # config.verify_feed: observed tokens appended since the ingest whose kept
+        # focus awaits its check on them (None: no check pending)
+        self.feed_check: int | None = None
+        # config.decode_focus "hold": the blocks the last ingest's focus opened (int64
+        # block ids), kept while decoding (None: nothing held, the scorer rescores)
+        self.held: torch.Tensor | None = None
         check_positions(config, base)
         self.max_gap = position_gap(config, base)
 
@@ -485,15 +501,68 @@ class FocusLoop:
         self.rebuild()
         self.query_end = self.tree.num_tokens
         self.vetoed = False
+        self.feed_check = None
+        self.held = None
         return old
 
-    def append(self, ids: torch.Tensor) -> None:
+    def append(self, ids: torch.Tensor, observed: bool = False) -> None:
         """Append decoded tokens ``ids`` (int64 ``[n]``): the tree gists every block
-        they complete and the WC grows by their LOD0 entries."""
+        they complete and the WC grows by their LOD0 entries. ``observed``: the tokens
+        are given text (teacher-forced), not the model's own; they count towards a
+        pending feed check (:meth:`feed_check_due`), which generated tokens cancel."""
         assert self.wc is not None
         with self.phase("gist"):
             self.tree.append(ids, self.embed, self.gist)
         self.wc.extend(self.tree.num_tokens)
+        if self.feed_check is not None:
+            self.feed_check = self.feed_check + int(ids.numel()) if observed else None
+
+    def opened_blocks(self, wc: WorkingContext | None = None) -> torch.Tensor:
+        """int64 ``[k]``: the blocks ``wc`` (default: the current WC) reads as tokens
+        where the recency WC does not, in order: what the focus opened."""
+        wc = self.wc if wc is None else wc
+        assert wc is not None
+        bs = self.config.block_size
+        idx = [w.nodes[w.levels == 0].cpu().long() for w in (wc, self.recency())]
+        opened = idx[0][~torch.isin(idx[0], idx[1])]
+        return torch.unique(opened // bs)
+
+    def hold(self) -> None:
+        """After an ingest's refocuses and check: when ``config.decode_focus`` holds
+        (:func:`decode_hold`; and a scorer runs), record the blocks the focus opened (:meth:`opened_blocks`;
+        none when the check put recency back), which decoding keeps (:meth:`scores`)."""
+        hold = decode_hold(self.config) and self.scoring and self.wc is not None
+        self.held = self.opened_blocks() if hold else None
+
+    def decoding_held(self) -> bool:
+        """Whether :meth:`scores` holds the ingest's focus: ``decode_focus: hold``,
+        something recorded by :meth:`hold`, and tokens decoded since the ingest."""
+        return (
+            self.held is not None
+            and self.query_end is not None
+            and self.num_tokens > self.query_end
+        )
+
+    def arm_feed_check(self) -> None:
+        """After an ingest's refocuses and check: with ``config.verify_feed`` (and
+        ``verify_tokens``, a scorer, no veto) the tokens fed from now on count towards
+        the feed check (:meth:`feed_check_due`)."""
+        cfg = self.config
+        armed = cfg.verify_feed and cfg.verify_tokens > 0 and self.scoring and not self.vetoed
+        self.feed_check = 0 if armed else None
+
+    def feed_check_due(self) -> bool:
+        """Whether the armed feed check should judge the focus now: at least
+        ``config.verify_tokens`` observed tokens since the ingest, a block boundary
+        (the WC changes only at a refocus) and a WC that differs from the recency one
+        (the ingest's retrieval, or blocks the scorer kept while the fed blocks forced
+        collapses). Then :meth:`verify` with ``stage="feed"`` judges it on the newest
+        fed tokens; until then it stays armed."""
+        if self.feed_check is None or self.feed_check < self.config.verify_tokens:
+            return False
+        if self.wc is None or self.num_tokens % self.config.block_size:
+            return False
+        return not _same(self.wc, self.recency())
 
     def recency(self) -> WorkingContext:
         """The recency WC of the whole tree within ``W_max`` (a new one)."""
@@ -570,10 +639,21 @@ class FocusLoop:
     @torch.no_grad()
     def scores(self) -> torch.Tensor:
         """The scorer's float32 scores ``[N]`` for the current WC: LensNet's, the
-        attention scorer's (``config.lens``) or zeros (recency)."""
+        attention scorer's (``config.lens``) or zeros (recency); while decoding under
+        ``decode_focus: hold`` (:meth:`decoding_held`), ``+0.5`` on the tokens of the
+        blocks the ingest opened and 0 elsewhere, so nothing but the budget moves."""
         assert self.wc is not None
         if self.vetoed:
             return torch.zeros(len(self.wc), dtype=torch.float32)
+        if self.decoding_held():
+            # +0.5 on the held blocks' tokens: the budget's collapses (lowest block
+            # mean first, then the oldest) skip them and take the oldest other block
+            assert self.held is not None
+            u = torch.zeros(len(self.wc), dtype=torch.float32)
+            tok = self.wc.levels.cpu() == 0
+            blk = self.wc.starts.cpu().long() // self.config.block_size
+            u[tok & torch.isin(blk, self.held)] = 0.5
+            return u
         if self.scorer is not None:
             u = self.scorer(self.wc, self.positions())
             if self.config.lens_plan == "scores":
@@ -600,7 +680,7 @@ class FocusLoop:
         return u
 
     @torch.no_grad()
-    def verify(self, recency_logits: torch.Tensor | None = None) -> Verdict:
+    def verify(self, recency_logits: torch.Tensor | None = None, stage: str = "ingest") -> Verdict:
         """Keep the focused WC only if it reads the end of the history better than
         the recency WC does, else put the recency WC back.
 
@@ -623,7 +703,16 @@ class FocusLoop:
         of the recency WC's last ``k >= v + 1`` entries, are given: a session keeps
         them from its prefill). Records the verdict in ``self.verdicts``; a dropped focus
         sets ``self.vetoed``, and :meth:`scores` is then zeros (recency) until the
-        next :meth:`ingest`, so the refocuses of decoding do not bring it back."""
+        next :meth:`ingest`, so the refocuses of decoding do not bring it back.
+
+        ``stage``: ``"ingest"`` (after an ingest's refocuses) or ``"feed"``. With
+        ``config.verify_feed`` the focus is judged once more, on the newest ``v``
+        tokens *fed* after the ingest (:meth:`arm_feed_check`, :meth:`feed_check_due`):
+        tokens the scorer's query (it ends at the ingest) never held, so nothing it
+        opened or kept was chosen for sharing their words. One feed check per ingest."""
+        if stage not in ("ingest", "feed"):
+            raise ValueError(f"stage must be 'ingest' or 'feed', got {stage!r}")
+        self.feed_check = None
         assert self.wc is not None
         cfg = self.config
         recency = self.recency()
@@ -633,11 +722,13 @@ class FocusLoop:
         v = min(cfg.verify_tokens, *tails, self.num_tokens - 1)
         T = self.num_tokens
         judged = self.wc
-        if not same and v >= 1 and cfg.verify_query == "before" and cfg.lens == "lexical":
+        # a feed check's tokens are already ones the query did not hold
+        before = cfg.verify_query == "before" and cfg.lens == "lexical" and stage == "ingest"
+        if not same and v >= 1 and before:
             judged = self._focus_before(T - v)
             same = _same(judged, recency)
         if same or v < 1:
-            verdict = Verdict(True, nan, nan, 0)
+            verdict = Verdict(True, nan, nan, 0, stage=stage)
             self.verdicts.append(verdict)
             return verdict
         targets = torch.as_tensor(self.tree.tokens(T - v, T), dtype=torch.int64).cpu()
@@ -666,7 +757,7 @@ class FocusLoop:
         if not kept:
             self.wc = recency
             self.vetoed = True
-        verdict = Verdict(kept, focus, rec, v, harm)
+        verdict = Verdict(kept, focus, rec, v, harm, stage)
         self.verdicts.append(verdict)
         return verdict
 

@@ -536,14 +536,15 @@ class Session:
         self._log(res)
         return res.actions
 
-    def _verify(self, recency_logits: torch.Tensor | None = None) -> None:
-        """:meth:`FocusLoop.verify` after an ingest's refocuses, given the recency WC's
-        tail logits from the ingest's prefill; when it puts the recency WC back, the
-        cache is recomputed from the first changed entry."""
+    def _verify(self, recency_logits: torch.Tensor | None = None, stage: str = "ingest") -> None:
+        """:meth:`FocusLoop.verify` after an ingest's refocuses (given the recency WC's
+        tail logits from the ingest's prefill) or on the tokens fed after it (``stage
+        ="feed"``); when it puts the recency WC back, the cache is recomputed from the
+        first changed entry."""
         assert self.wc is not None
         old_levels, old_nodes = self.wc.levels.clone(), self.wc.nodes.clone()
         with self._phases("lens"):  # a scoring cost: the next telemetry row carries it
-            verdict = self.focus.verify(recency_logits)
+            verdict = self.focus.verify(recency_logits, stage)
         if not verdict.kept:
             with self._phases("cache"):
                 self._update_cache(old_levels, old_nodes, force_exact=True)
@@ -682,6 +683,8 @@ class Session:
                 # a far needle under an LOD2 gist needs two expands (LOD2 -> LOD1 ->
                 # tokens): iterate, each step on the cache the previous one updated
                 refocus_after_ingest(self.config, self.refocus, lambda: self._verify(tail))
+                self.focus.hold()
+                self.focus.arm_feed_check()
         except BaseException:
             self._rollback(snapshot)
             raise
@@ -699,6 +702,8 @@ class Session:
             "counters": (self.iteration, self._blocks_since_refocus),
             "query_end": self.focus.query_end,
             "vetoed": self.focus.vetoed,
+            "feed_check": self.focus.feed_check,
+            "held": self.focus.held,
             "verdicts": len(self.focus.verdicts),
             "lists": (len(self.history), len(self.actions), len(self.residencies)),
             "queries": (
@@ -717,6 +722,8 @@ class Session:
         self.iteration, self._blocks_since_refocus = snap["counters"]
         self.focus.query_end = snap["query_end"]
         self.focus.vetoed = snap["vetoed"]
+        self.focus.feed_check = snap["feed_check"]
+        self.focus.held = snap["held"]
         del self.focus.verdicts[snap["verdicts"] :]
         n_history, n_actions, n_residencies = snap["lists"]
         del self.history[n_history:], self.actions[n_actions:]
@@ -734,8 +741,8 @@ class Session:
             assert self.attention_scorer is not None
             self.attention_scorer.recorder.load_state(snap["queries"])
 
-    def _append_token(self, token: int) -> torch.Tensor:
-        slot, position = self.begin_decode(token)
+    def _append_token(self, token: int, observed: bool = False) -> torch.Tensor:
+        slot, position = self.begin_decode(token, observed)
         with self._phases("decode"):
             logits = self._forward(
                 self._embed(torch.tensor([token])),
@@ -751,15 +758,16 @@ class Session:
     # A decode step in two halves, for drivers that run the base model's forward
     # themselves (SessionBatch): begin_decode, the forward, finish_decode.
 
-    def begin_decode(self, token: int) -> tuple[int, int]:
+    def begin_decode(self, token: int, observed: bool = False) -> tuple[int, int]:
         """Decode step, first half: append ``token`` to the history (tree and WC).
         Returns ``(slot, position)``: the cache slot the token's K/V must be written
         to (its WC index, ``len(wc) - 1``) and its RoPE position (the next position
-        after the WC under ``config.positions``; its global index under ``global``)."""
+        after the WC under ``config.positions``; its global index under ``global``).
+        ``observed``: a given token (:meth:`feed`), not one the model chose."""
         if self.wc is None:
             raise InputError("decoding needs a history: call ingest() first")
         position = self.focus.next_position()
-        self.focus.append(torch.tensor([token]))
+        self.focus.append(torch.tensor([token]), observed=observed)
         return len(self.wc) - 1, position
 
     def finish_decode(
@@ -836,11 +844,16 @@ class Session:
         return self.base.decode(out)
 
     @torch.no_grad()
-    def feed(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    def feed(self, ids: Sequence[int] | torch.Tensor, observed: bool = True) -> torch.Tensor:
         """Teacher-forced decode: append ``ids`` one token at a time exactly as
         :meth:`generate` would (refocus every K tokens) and return each token's NLL
         (float32 ``[n]``, nats) under the logits the session held before it. All or
-        nothing, as :meth:`generate`."""
+        nothing, as :meth:`generate`. With ``config.verify_feed``, once ``verify_tokens``
+        fed tokens follow an ingest and the WC differs from the recency one at a block
+        boundary, the focus is judged on the newest of them (:meth:`FocusLoop.verify`,
+        ``stage="feed"``; once per ingest). ``observed=False``: the tokens are the
+        model's own choices (a driver that picks them from :meth:`next_token_logits`),
+        which cancel that check as :meth:`generate`'s do."""
         if self.wc is None or self._next_logits is None:
             raise InputError("feed() needs a history: call ingest() first")
         ids = self._validate_ids(ids, "ids")
@@ -849,7 +862,9 @@ class Session:
         try:
             for i, tok in enumerate(ids.tolist()):
                 nll[i] = -torch.log_softmax(self._next_logits, -1)[tok]
-                self._append_token(tok)
+                self._append_token(tok, observed=observed)
+                if observed and self.focus.feed_check_due():
+                    self._verify(stage="feed")
         except BaseException:
             self._rollback(snapshot)
             raise
@@ -924,6 +939,10 @@ class Session:
             "query_end": self.focus.query_end,
             # verify dropped the last ingest's focus: decoding stays on recency
             "focus_vetoed": self.focus.vetoed,
+            # observed tokens since an ingest whose focus awaits the feed check
+            "focus_feed_check": self.focus.feed_check,
+            # decode_focus hold: the blocks the last ingest's focus opened
+            "focus_held": None if self.focus.held is None else self.focus.held.tolist(),
             # whether the saved K/V rows read the attention sink
             "kv_sink": self.cache.sink_on[0],
         }
@@ -989,6 +1008,10 @@ class Session:
         # sessions saved before the field existed: the newest tokens are the query
         self.focus.query_end = meta.get("query_end")
         self.focus.vetoed = bool(meta.get("focus_vetoed", False))
+        check = meta.get("focus_feed_check")
+        self.focus.feed_check = None if check is None else int(check)
+        held = meta.get("focus_held")
+        self.focus.held = None if held is None else torch.tensor(held, dtype=torch.int64)
         if stored.commit is not None:
             self._commits[session_store.session_key(stored.path)] = stored.commit.commit
 

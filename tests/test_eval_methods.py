@@ -44,6 +44,10 @@ def test_registry_order_is_the_report_order():
         "lexical",
         "lexical_no_hysteresis",
         "lexical_unverified",
+        "lexical_hold",
+        "lexical_rescore",
+        "lexical_feed_check",
+        "lexical_no_feed_check",
         "random",
         "random_no_hysteresis",
     ]

@@ -285,6 +285,122 @@ def test_a_session_that_reverts_to_recency_keeps_an_exact_cache(tiny_base):
     assert all(a.kind == "collapse" for a in rev.actions[n:])
 
 
+def _fed_session(tiny_base, **kw):
+    """A session over ``_planted()`` whose ingest check kept the lexical focus."""
+    cfg = _cfg(w_max=512, lens="lexical", refocus_iterations=8, verify_margin=-100.0)
+    cfg = cfg.model_copy(update={"verify_tokens": 16, "verify_feed": True, **kw})
+    s = mc.MegaContext(tiny_base, None, None, cfg).session()
+    s.ingest(_planted())
+    assert s.focus.verdicts[-1].kept and s.focus.verdicts[-1].tokens == 16
+    assert s.focus.feed_check == 0 and not s.focus.vetoed
+    return s
+
+
+def test_verify_feed_judges_the_focus_on_the_fed_tokens(tiny_base):
+    s = _fed_session(tiny_base)
+    g = torch.Generator().manual_seed(3)
+    fed = torch.randint(5, 40000, (40,), generator=g)
+    s.feed(fed[:15])
+    assert len(s.focus.verdicts) == 1 and s.focus.feed_check == 15  # not due yet
+    # the check's two rows, computed here before the 16th token: after it the loop
+    # reads the focused and the recency WC on the 16 fed tokens
+    s.feed(fed[15:16])
+    assert s.focus.feed_check is None  # judged once, nothing armed again
+    _, verdict = s.focus.verdicts
+    assert verdict.tokens == 16 and verdict.kept  # the margin keeps any focus
+    loop = s.focus
+    rec = loop.recency()
+    assert verdict.nll_recency == pytest.approx(_tail_nll(tiny_base, loop, rec, 16), abs=2e-4)
+    assert verdict.nll_focus == pytest.approx(_tail_nll(tiny_base, loop, loop.wc, 16), abs=2e-4)
+    s.feed(fed[16:])
+    assert len(s.focus.verdicts) == 2  # once per ingest
+
+
+def test_verify_feed_puts_recency_back_with_an_exact_cache(tiny_base):
+    s = _fed_session(tiny_base)
+    # the same session, told to demand a 100-nat gain from now on: the feed check drops
+    s.focus.config = s.focus.config.model_copy(update={"verify_margin": 100.0})
+    fed = torch.randint(5, 40000, (16,), generator=torch.Generator().manual_seed(4))
+    s.feed(fed)
+    verdict = s.focus.verdicts[-1]
+    assert not verdict.kept and s.focus.vetoed
+    rec = s.focus.recency()
+    assert torch.equal(s.wc.levels.cpu(), rec.levels.cpu())
+    assert torch.equal(s.wc.nodes.cpu(), rec.nodes.cpu())
+    # the cache was recomputed from the first changed entry: the next-token logits
+    # are a fresh forward's over the recency WC
+    emb, pos = with_sink(
+        tiny_base, rec.embeddings(tiny_base, s.tree), s.focus.positions(rec), rec.levels, True
+    )
+    fresh = tiny_base.model(inputs_embeds=emb[None], position_ids=pos[None]).logits[0, -1]
+    torch.testing.assert_close(s.next_token_logits(), fresh.float(), atol=1e-4, rtol=0)
+
+
+def test_verify_feed_waits_while_the_working_context_is_the_recency_one(tiny_base):
+    cfg = _cfg(w_max=512, lens="lexical", refocus_iterations=8, verify_margin=-100.0)
+    cfg = cfg.model_copy(update={"verify_tokens": 16, "verify_feed": True})
+    s = mc.MegaContext(tiny_base, None, None, cfg).session()
+    ids = 5 + torch.randperm(40000, generator=torch.Generator().manual_seed(6))[:3000]
+    s.ingest(ids)  # no token repeats: the scorer wants nothing, no check ran
+    assert s.focus.verdicts == [] and s.focus.feed_check == 0
+    s.feed(torch.arange(42000, 42040))  # nor do these tokens occur before
+    # nothing to judge yet: the WC is the recency one, the check stays armed
+    assert s.focus.verdicts == [] and s.focus.feed_check == 40
+    assert not s.focus.feed_check_due()
+
+
+def test_verify_feed_is_cancelled_by_generation_and_off_by_default(tiny_base, tmp_path):
+    s = _fed_session(tiny_base)
+    s.generate(4, temperature=0.0)
+    assert s.focus.feed_check is None  # the model's own text would favour the focus
+    s.feed(torch.randint(5, 40000, (24,), generator=torch.Generator().manual_seed(5)))
+    assert len(s.focus.verdicts) == 1
+    cfg = _cfg(w_max=512, lens="lexical", refocus_iterations=8, verify_margin=-100.0)
+    d = mc.MegaContext(
+        tiny_base, None, None, cfg.model_copy(update={"verify_tokens": 16})
+    ).session()
+    d.ingest(_planted())
+    assert not d.config.verify_feed and d.focus.feed_check is None
+    # a pending check survives a save, and a failed feed leaves it as it was
+    p = _fed_session(tiny_base)
+    p.feed(torch.tensor([7, 8, 9]))
+    with pytest.raises(mc.InputError):
+        p.feed(torch.tensor([10, -1]))
+    assert p.focus.feed_check == 3
+    back = p.system.open(p.save(tmp_path / "p"))
+    assert back.focus.feed_check == 3
+
+
+def test_decode_focus_hold_keeps_the_opened_blocks_and_collapses_the_oldest(tiny_base, tmp_path):
+    cfg = _cfg(w_max=512, lens="lexical", refocus_iterations=8, verify_margin=-100.0)
+    system = mc.MegaContext(
+        tiny_base, None, None, cfg.model_copy(update={"verify_tokens": 16, "decode_focus": "hold"})
+    )
+    s = system.session()
+    s.ingest(_planted())
+    held = s.focus.held
+    assert held is not None and held.numel() > 0  # the planted span was opened
+    assert torch.equal(held, s.focus.opened_blocks())
+    fed = 5 + torch.randperm(40000, generator=torch.Generator().manual_seed(8))[:64]
+    for i in range(0, 64, 8):
+        s.feed(fed[i : i + 8])
+        s.wc.check(s.tree)
+        bs = s.config.block_size
+        blocks = torch.unique(s.wc.nodes[s.wc.levels == 0].cpu().long() // bs)
+        # the held blocks stay tokens; every other token block is one run that ends
+        # at the newest token: the budget collapsed the oldest, no hole in between
+        assert torch.isin(held, blocks).all()
+        run = blocks[~torch.isin(blocks, held)]
+        assert torch.equal(run, torch.arange(int(run[0]), int(run[0]) + run.numel()))
+        assert int(run[-1]) == (s.num_tokens - 1) // bs
+    assert all(a.kind == "collapse" for a in s.actions[-8:])
+    back = system.open(s.save(tmp_path / "s"))
+    assert torch.equal(back.focus.held, held)
+    # the next ingest is a new question: nothing held from the last one until it ends
+    back.ingest(torch.arange(45000, 45100))
+    assert back.focus.held is not None and back.focus.held.numel() == 0
+
+
 def test_a_saved_session_keeps_its_veto(tiny_base, tmp_path):
     cfg = _cfg(w_max=512, lens="lexical", refocus_iterations=8, verify_margin=100.0)
     system = mc.MegaContext(tiny_base, None, None, cfg.model_copy(update={"verify_tokens": 16}))

@@ -267,6 +267,11 @@ def run_variant(
         "tau_collapse": mcx.config.tau_collapse,
         "ingest_s": t1 - t0,
         "feed_s": feed_s,
+        # every check of the focus: stage, verdict, NLL focus / recency per token
+        "verdicts": "; ".join(
+            f"{v.stage} {'kept' if v.kept else 'dropped'} {v.nll_focus:.4f}/{v.nll_recency:.4f}"
+            for v in s.focus.verdicts
+        ),
         **summary,
     }
     return row, tel
@@ -286,9 +291,11 @@ def ablation_suite(
     variants: Sequence[str] | None = None,
     seed: int = 0,
     docs: int | None = None,
+    split: str = "validation",
 ) -> list[dict[str, Any]]:
     """The focus ablations on ``docs`` held-out documents (default: the size's;
-    alternating code and prose, :func:`~megacontext.eval.suites.sweep_documents`):
+    alternating code and prose, :func:`~megacontext.eval.suites.sweep_documents`;
+    ``split="train"`` for a probe before a held-out run):
     ``history`` tokens ingested at ``W = budget``, the next ``feed`` tokens decoded
     teacher-forced. One row per (document, variant) plus the ``full`` and
     ``truncation`` reference rows; ``causal_lensnet``: a trained causal LensNet
@@ -318,7 +325,7 @@ def ablation_suite(
         causal_lens, source = load_causal(causal_lensnet, system)
     w, T, F = cfg["budget"], cfg["history"], cfg["feed"]
     window = system.config.cooldown_steps + system.config.min_residency
-    docs = sweep_documents(base, cfg["docs"], T + F)
+    docs = sweep_documents(base, cfg["docs"], T + F, split)
     rows: list[dict[str, Any]] = []
     for d, (doc_id, kind, ids) in enumerate(docs):
         hist, cont = ids[:T], ids[T:]

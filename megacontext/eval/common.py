@@ -120,19 +120,22 @@ def add_derived(rows: list[dict[str, Any]], group: Sequence[str]) -> list[dict[s
     return rows
 
 
-def sweep_documents(base: Any, n: int, tokens: int) -> list[tuple[str, str, torch.Tensor]]:
+def sweep_documents(
+    base: Any, n: int, tokens: int, split: str = "validation"
+) -> list[tuple[str, str, torch.Tensor]]:
     """``n`` held-out documents of at least ``tokens`` tokens, alternating code and
-    prose, all from the validation split by the trainer's rule
+    prose, all from the validation split (``split="train"``: the training split's,
+    for choosing a setting before it is measured held out) by the trainer's rule
     (:func:`megacontext.data.split_of` over the ids ``megacontext ingest`` gives):
     code = the validation split's top-level standard-library modules, largest first
     (:func:`~megacontext.data.stdlib_modules`); prose = consecutive slices of
     :func:`~megacontext.data.stdlib_prose` (the validation split's pydoc topics without the
     paragraphs a training topic also holds). Returns ``(doc_id, kind,
     ids[:tokens])``; a code ``doc_id`` is ``code/<module file>``."""
+    if split not in ("train", "validation"):
+        raise InputError(f"split must be 'train' or 'validation', got {split!r}")
     code: list[tuple[str, str, torch.Tensor]] = []
-    files = sorted(
-        (p for _, p in stdlib_modules("validation")), key=lambda p: (-p.stat().st_size, p.name)
-    )
+    files = sorted((p for _, p in stdlib_modules(split)), key=lambda p: (-p.stat().st_size, p.name))
     for p in files:
         if len(code) >= (n + 1) // 2:
             break
@@ -141,9 +144,10 @@ def sweep_documents(base: Any, n: int, tokens: int) -> list[tuple[str, str, torc
         ids = base.encode(text)
         if ids.numel() >= tokens:
             code.append((f"code/{p.name}", "code", ids[:tokens]))
-    prose_ids = base.encode(stdlib_prose("validation"))
+    prose_ids = base.encode(stdlib_prose(split))
+    tag = "val" if split == "validation" else split
     prose = [
-        (f"prose/topics-val@{i * tokens}", "prose", prose_ids[i * tokens : (i + 1) * tokens])
+        (f"prose/topics-{tag}@{i * tokens}", "prose", prose_ids[i * tokens : (i + 1) * tokens])
         for i in range(n // 2)
         if (i + 1) * tokens <= prose_ids.numel()
     ]
@@ -152,7 +156,6 @@ def sweep_documents(base: Any, n: int, tokens: int) -> list[tuple[str, str, torc
         docs += code[i : i + 1] + prose[i : i + 1]
     if len(docs) < n:
         raise InputError(
-            f"found only {len(docs)} held-out (validation-split) documents of {tokens} "
-            f"tokens, need {n}"
+            f"found only {len(docs)} {split}-split documents of {tokens} " f"tokens, need {n}"
         )
     return docs[:n]

@@ -312,6 +312,8 @@ class Variant(Method):
     hysteresis: ClassVar[bool] = True  # False: cooldown_steps = min_residency = 0
     lens: ClassVar[str] = "lensnet"  # config.lens of the variant's system
     verify: ClassVar[bool] = True  # False: verify_tokens = 0 (the focus is not checked)
+    verify_feed: ClassVar[bool | None] = None  # config.verify_feed; None: the system's
+    decode_focus: ClassVar[str | None] = None  # config.decode_focus; None: the system's
 
     @abc.abstractmethod
     def scorer(self, system: Any, *, causal_lens: Any, seed: int) -> Any:
@@ -328,6 +330,10 @@ class Variant(Method):
             changes |= {"cooldown_steps": 0, "min_residency": 0}
         if not self.verify:
             changes["verify_tokens"] = 0
+        if self.verify_feed is not None:
+            changes["verify_feed"] = self.verify_feed
+        if self.decode_focus is not None:
+            changes["decode_focus"] = self.decode_focus
         lens = self.scorer(system, causal_lens=causal_lens, seed=seed)
         base, gistnet = system.base, system.gistnet
         if isinstance(lens, MegaContext):  # a whole causal checkpoint
@@ -406,6 +412,36 @@ class LexicalUnverified(Lexical):
 
     name = "lexical_unverified"
     verify = False
+
+
+class LexicalHold(Lexical):
+    """:class:`Lexical` with ``decode_focus: hold``: decoding keeps the blocks the
+    ingest opened and otherwise collapses the oldest, as recency does."""
+
+    name = "lexical_hold"
+    decode_focus = "hold"
+
+
+class LexicalRescore(Lexical):
+    """:class:`Lexical` with ``decode_focus: rescore``: every decoded block rescored."""
+
+    name = "lexical_rescore"
+    decode_focus = "rescore"
+
+
+class LexicalFeedCheck(Lexical):
+    """:class:`Lexical` with ``verify_feed`` on: a focus kept at the ingest is judged
+    again on the first ``verify_tokens`` tokens fed after it."""
+
+    name = "lexical_feed_check"
+    verify_feed = True
+
+
+class LexicalNoFeedCheck(Lexical):
+    """:class:`Lexical` with ``verify_feed`` off: only the ingest's check."""
+
+    name = "lexical_no_feed_check"
+    verify_feed = False
 
 
 class Random(Variant):

@@ -145,7 +145,7 @@ def _answer(base: Any, view: View, answer: dict[str, Any]) -> str:
         text = base.decode(toks).lstrip()
         if text and any(s in text for s in stop):
             break
-        session.feed([tok])
+        session.feed([tok], observed=False)  # the model's own choice
     return cut_at_stop(base.decode(toks), stop)
 
 
