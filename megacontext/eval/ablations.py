@@ -23,6 +23,10 @@ the method registry, :data:`VARIANTS` the built-in ones):
   (``lens: lexical``, the shipped memory's focus) with and without hysteresis;
 - ``lexical_unverified``: ``lexical`` with ``verify_tokens = 0`` (the base model does
   not check the focus after the ingest);
+- ``lexical_hold`` / ``lexical_rescore``: ``lexical`` with ``decode_focus`` ``hold``
+  (the default for the lexical scorer) or ``rescore``;
+- ``lexical_feed_check`` / ``lexical_no_feed_check``: ``lexical`` with
+  ``verify_feed`` on or off;
 - ``random`` / ``random_no_hysteresis``: a seeded random scorer
   (:class:`GroupRandomLens`, one uniform score in ``[-1, 1]`` per sibling group and
   step) with and without hysteresis, exercising the allocator independently of
