@@ -53,7 +53,6 @@ Run (one process; ~2 min per document on the 2-core CPU)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -70,7 +69,7 @@ from megacontext.focus import position_gap
 from megacontext.kernels.kv_splice import rope_rotate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gist_quality import H, T, documents, run_meta
+from gist_quality import H, T, bench_parser, documents, rendered, run_meta
 from positions_long_history import write_rows
 
 SPAN = 1024  # R: the newest LOD2 node
@@ -289,21 +288,15 @@ def render(out: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=Path("artifacts/data/stdlib"))
+    ap = bench_parser(__doc__)
     ap.add_argument(
         "--gistnet",
         action="append",
         default=[],
         help="NAME=PATH: also read this GistNet's gists (mean pooling is always read)",
     )
-    ap.add_argument("--per-kind", type=int, default=3)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--render", action="store_true", help="only rebuild the report")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.render:
-        render(args.out)
+    if rendered(args, render):
         return
     torch.manual_seed(0)
     base = mc.load_base("smollm2-135m")

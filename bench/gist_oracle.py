@@ -35,7 +35,6 @@ measured), ``results.md`` and ``oracle.png``; ``--render`` rebuilds the report.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -53,7 +52,7 @@ from megacontext.eval.tables import pyplot, save_figure
 from megacontext.focus import position_gap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gist_quality import H, T, documents, run_meta
+from gist_quality import H, T, bench_parser, documents, rendered, run_meta
 from positions_long_history import write_rows
 
 SPAN = 1024  # one LOD2 node: the region R, the newest one (the stress's `near`)
@@ -405,15 +404,13 @@ def render(out: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=Path("artifacts/data/stdlib"))
+    ap = bench_parser(__doc__)
     ap.add_argument(
         "--gistnet",
         default=None,
         help="NAME=PATH: start from this GistNet's gists instead of mean pooling "
         "(with --steps 0: only measure them)",
     )
-    ap.add_argument("--per-kind", type=int, default=3)
     ap.add_argument("--kinds", default="code,prose,narrative")
     ap.add_argument("--k", default="32,1", help="vectors per region: 32 (LOD1), 1 (LOD2)")
     ap.add_argument("--positions", default="nearby", help="comma-separated schemes")
@@ -421,12 +418,8 @@ def main() -> None:
     ap.add_argument("--held", type=int, default=H - FIT, help="targets held out (after them)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=0.03)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--render", action="store_true", help="only rebuild the report")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.render:
-        render(args.out)
+    if rendered(args, render):
         return
     torch.manual_seed(0)
     base = mc.load_base("smollm2-135m")

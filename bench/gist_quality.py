@@ -83,6 +83,26 @@ def documents(
     return out
 
 
+def bench_parser(doc: str, per_kind: int = 3) -> argparse.ArgumentParser:
+    """The options the gist benches share: ``--data``, ``--per-kind``, ``--out``,
+    ``--render``; the description is the first paragraph of ``doc``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=Path("artifacts/data/stdlib"))
+    ap.add_argument("--per-kind", type=int, default=per_kind)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--render", action="store_true", help="only rebuild the report")
+    return ap
+
+
+def rendered(args: argparse.Namespace, render) -> bool:
+    """Make ``args.out``; with ``--render`` rebuild its report (``render(out)``) and
+    return True: the bench has nothing more to do."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        render(args.out)
+    return bool(args.render)
+
+
 def run_meta(base, **extra) -> dict:
     """The command, machine and versions a bench folder's ``meta.json`` records."""
     import platform
@@ -187,16 +207,10 @@ def render(out: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_parser(__doc__, per_kind=4)
     ap.add_argument("--gistnet", action="append", default=[], help="NAME=PATH (repeatable)")
-    ap.add_argument("--data", type=Path, default=Path("artifacts/data/stdlib"))
-    ap.add_argument("--per-kind", type=int, default=4)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--render", action="store_true", help="only rebuild the report")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.render:
-        render(args.out)
+    if rendered(args, render):
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
