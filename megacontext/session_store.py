@@ -656,6 +656,15 @@ def _read_version(
     for flag in ("kv_sink", "focus_vetoed"):
         if flag in meta and not isinstance(meta[flag], bool):
             raise _err(meta_path, flag, f"must be true or false, got {meta[flag]!r}")
+    if meta.get("focus_feed_check") is not None:
+        need("focus_feed_check", int, nonneg, "an integer >= 0 or null")
+    if meta.get("focus_held") is not None:
+        need(
+            "focus_held",
+            list,
+            lambda v: all(_is_int(b) and 0 <= b * config.block_size < num_tokens for b in v),
+            "a list of the history's block indices or null",
+        )
     need(
         "residencies",
         list,
