@@ -328,6 +328,13 @@ def refocus_after_ingest(
     return ran
 
 
+def _opened(focus: WorkingContext, recency: WorkingContext) -> torch.Tensor:
+    """int64 ``[n]``: the history indices ``focus`` reads as tokens and ``recency``
+    does not (the spans a scorer opened), in WC order."""
+    idx = [wc.nodes[wc.levels == 0].cpu().long() for wc in (focus, recency)]
+    return idx[0][~torch.isin(idx[0], idx[1])]
+
+
 def decode_hold(config: MegaContextConfig) -> bool:
     """Whether ``config.decode_focus`` holds the ingest's focus while decoding
     (``auto``: for ``lens: lexical``, whose query stays the ingest's)."""
@@ -522,10 +529,7 @@ class FocusLoop:
         where the recency WC does not, in order: what the focus opened."""
         wc = self.wc if wc is None else wc
         assert wc is not None
-        bs = self.config.block_size
-        idx = [w.nodes[w.levels == 0].cpu().long() for w in (wc, self.recency())]
-        opened = idx[0][~torch.isin(idx[0], idx[1])]
-        return torch.unique(opened // bs)
+        return torch.unique(_opened(wc, self.recency()) // self.config.block_size)
 
     def hold(self) -> None:
         """After an ingest's refocuses and check: when ``config.decode_focus`` holds
@@ -764,8 +768,7 @@ class FocusLoop:
     def _opened_tokens(self, focus: WorkingContext, recency: WorkingContext) -> torch.Tensor:
         """The distinct token ids of the history indices ``focus`` reads as tokens and
         ``recency`` does not (the spans the scorer opened), int64 ``[n]``."""
-        idx = [wc.nodes[wc.levels == 0].cpu().long() for wc in (focus, recency)]
-        opened = idx[0][~torch.isin(idx[0], idx[1])]
+        opened = _opened(focus, recency)
         if opened.numel() == 0:
             return opened
         lo, hi = int(opened.min()), int(opened.max()) + 1
