@@ -533,8 +533,9 @@ class FocusLoop:
 
     def hold(self) -> None:
         """After an ingest's refocuses and check: when ``config.decode_focus`` holds
-        (:func:`decode_hold`; and a scorer runs), record the blocks the focus opened (:meth:`opened_blocks`;
-        none when the check put recency back), which decoding keeps (:meth:`scores`)."""
+        (:func:`decode_hold`; and a scorer runs), record the blocks the focus opened
+        (:meth:`opened_blocks`; none when the check put recency back), which decoding
+        keeps (:meth:`scores`)."""
         hold = decode_hold(self.config) and self.scoring and self.wc is not None
         self.held = self.opened_blocks() if hold else None
 

@@ -156,6 +156,6 @@ def sweep_documents(
         docs += code[i : i + 1] + prose[i : i + 1]
     if len(docs) < n:
         raise InputError(
-            f"found only {len(docs)} {split}-split documents of {tokens} " f"tokens, need {n}"
+            f"found only {len(docs)} {split}-split documents of {tokens} tokens, need {n}"
         )
     return docs[:n]
