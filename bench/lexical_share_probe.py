@@ -23,7 +23,9 @@ the attention sink) after its ingest refocuses, on **training-split** material o
   held-out filler is that short, so the text before its question has far copies).
 
 Settings are ``NAME=KEY:VALUE,...`` of :class:`megacontext.MegaContextConfig` fields
-(``share0.25=retrieval_share:0.25``). Rows go to ``OUT/rows.parquet`` as they finish and
+(``share0.25=retrieval_share:0.25``; ``none`` turns an optional field off). A setting
+run with ``verify_peak:none`` records each check's ``peak``, and the table adds what
+``verify_peak`` 0.5 / 1 / 2 would read (``NAME+peakC``: :func:`with_peaks`). Rows go to ``OUT/rows.parquet`` as they finish and
 ``OUT/results.md`` is rewritten. Run (one process per part, one thread each)::
 
     OMP_NUM_THREADS=1 uv run python bench/lexical_share_probe.py --part code \\
@@ -63,6 +65,9 @@ def parse_setting(spec: str) -> tuple[str, dict]:
     upd: dict = {}
     for part in filter(None, body.split(",")):
         key, _, value = part.partition(":")
+        if value.lower() == "none":  # an optional field turned off (verify_peak:none)
+            upd[key] = None
+            continue
         for kind in (int, float, str):  # model_copy(update=) does not coerce: 64, not 64.0
             try:
                 upd[key] = kind(value)
@@ -90,6 +95,7 @@ def read(base: mc.Base, loop: FocusLoop, W: int, upd: dict, targets: torch.Tenso
         "nll_focus": m.get("nll_focus"),
         "nll_recency": m.get("nll_recency"),
         "unmatched": m.get("unmatched"),
+        "peak": m.get("peak"),
     }
 
 
@@ -169,8 +175,9 @@ def needles(base, gist, settings, reps: int, emit, far: bool = False, kinds=None
 
 
 def read_task(base, gist, settings, key: dict, hist, tgt, full: bool, emit) -> None:
-    """Emit the rows of one needle task: truncation, full context (``full``), then
-    each setting's lexical WC over one ingest of ``hist`` at ``key["W"]``."""
+    """Emit the rows of one needle task: truncation, full context (``full``), the
+    recency WC, then each setting's lexical WC over one ingest of ``hist`` at
+    ``key["W"]``."""
     W = key["W"]
     trunc = float(view_nll(base, truncation_view(base, hist, W), tgt).mean())
     emit({**key, "setting": "truncation", "nll": trunc, "actions": 0})
@@ -179,6 +186,9 @@ def read_task(base, gist, settings, key: dict, hist, tgt, full: bool, emit) -> N
         emit({**key, "setting": "full", "nll": nll, "actions": 0})
     loop = FocusLoop(base, gist, None, mc.MegaContextConfig(model=base.name, w_max=W, levels=3))
     loop.ingest(hist)
+    # what a focus the check drops reads (with_peaks)
+    rec = float(view_nll(base, plh.gist_view(base, loop, W), tgt).mean())
+    emit({**key, "setting": "recency", "nll": rec, "actions": 0})
     for name, upd in settings:
         emit({**key, "setting": name, **read(base, loop, W, upd, tgt)})
 
@@ -219,8 +229,40 @@ def needles_repeated(base, gist, settings, reps: int, emit) -> None:
             read_task(base, gist, settings, key, hist, tgt, False, emit)
 
 
+# the verify_peak bars render() derives from a setting's recorded peaks
+PEAKS = (0.5, 1.0, 2.0)
+
+
+def with_peaks(rows: list[dict], peaks=PEAKS) -> list[dict]:
+    """``rows`` plus, for every setting whose rows record the check's ``peak`` (run
+    with ``verify_peak:none``) and every ``c`` in ``peaks``, the rows that setting
+    would give with ``verify_peak: c``, named ``NAME+peakC``: a kept focus whose peak
+    is below ``c`` reads the recency WC instead (the check's only change), so its NLL
+    becomes the item's ``recency`` row (needle rows written before session 17 have
+    none: such a row is then left out of the derived setting)."""
+    rec = {(r["part"], r["item"], r["T"]): r["nll"] for r in rows if r["setting"] == "recency"}
+    out = list(rows)
+    for r in rows:
+        if r.get("peak") is None or r["setting"] in ("recency", "truncation", "full"):
+            continue
+        for c in peaks:
+            nll = r["nll"]
+            if r.get("kept") and r["peak"] < c:
+                nll = rec.get((r["part"], r["item"], r["T"]))
+                if nll is None:
+                    continue
+            out.append({**r, "setting": f"{r['setting']}+peak{c:g}", "nll": nll})
+    # a setting whose scorer never acted has no peak: it reads the same WC under any c
+    peaked = {r["setting"] for r in rows if r.get("peak") is not None}
+    for r in rows:
+        if r["setting"] in peaked and r.get("peak") is None:
+            out += [{**r, "setting": f"{r['setting']}+peak{c:g}"} for c in peaks]
+    return out
+
+
 def render(rows: list[dict], command: str) -> str:
     out = ["# Lexical retrieval share on training-split data", "", f"`{command}`", ""]
+    rows = with_peaks(rows)
     names = list(dict.fromkeys(r["setting"] for r in rows))
     by = {(r["part"], r["item"], r["T"], r["setting"]): r for r in rows}
     items = sorted({(r["part"], r["item"], r["T"]) for r in rows})

@@ -199,6 +199,7 @@ def lexical_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
             nll_focus=v.nll_focus,
             nll_recency=v.nll_recency,
             unmatched=v.unmatched,
+            peak=v.peak,
         )
     emb, pos = with_sink(base, wc.embeddings(base, lex.tree), lex.positions(), wc.levels, SINK)
     return View("mc_lexical", emb, pos, lex.next_position(), meta)

@@ -273,6 +273,15 @@ class MegaContextConfig(BaseModel):
         "than u nats per token worse than recency does (negative: it must read them "
         "better). None: off",
     )
+    verify_peak: float | None = Field(
+        1.0,
+        allow_inf_nan=False,
+        description="c: the check also drops the focus unless at least one judged token "
+        "reads at least c nats better under it than under recency: evidence that the "
+        "text refers to something an opened span holds (a needle's question, a repeated "
+        "identifier), where a topical match spreads small gains over many tokens and "
+        "costs what follows (docs/runtime.md; 1.0 chosen on training-split text). None: off",
+    )
     verify_feed: bool = Field(
         False,
         description="also judge the focus on tokens fed after an ingest (Session.feed: "

@@ -386,8 +386,10 @@ class Verdict:
     the two WCs are the same, or the WC holds too few trailing tokens);
     ``unmatched``: the mean of ``NLL_focus − NLL_recency`` over those of the tokens
     whose ids occur nowhere in the spans the focus opened (``nan`` when there are none
-    or nothing was read), what ``config.verify_unmatched`` bounds; ``stage``:
-    ``"ingest"`` or ``"feed"`` (:meth:`FocusLoop.verify`).
+    or nothing was read), what ``config.verify_unmatched`` bounds; ``peak``: the
+    largest ``NLL_recency − NLL_focus`` over those tokens (``nan`` when nothing was
+    read), what ``config.verify_peak`` bounds from below; ``stage``: ``"ingest"`` or
+    ``"feed"`` (:meth:`FocusLoop.verify`).
     """
 
     kept: bool
@@ -396,6 +398,7 @@ class Verdict:
     tokens: int
     unmatched: float = float("nan")
     stage: str = "ingest"
+    peak: float = float("nan")
 
 
 class FocusLoop:
@@ -699,7 +702,8 @@ class FocusLoop:
         words is favoured; with ``config.verify_unmatched = u`` the focus must also not
         read the judged tokens whose ids occur nowhere in the opened spans more than
         ``u`` nats per token worse (mean over those tokens; skipped when there are
-        none). ``config.verify_query: before`` (``lens: lexical``) judges
+        none), and with ``config.verify_peak = c`` at least one judged token must read
+        ``c`` nats better under the focus (``max(NLL_recency − NLL_focus) >= c``). ``config.verify_query: before`` (``lens: lexical``) judges
         instead the focus the scorer reaches with its query ending ``v`` tokens
         earlier (:meth:`_focus_before`, tokens it did not read); when that is the
         recency WC there is nothing to judge and the focus stays. Cost: one base
@@ -759,10 +763,13 @@ class FocusLoop:
         harm = float((tok[0] - rec_tok)[free].mean()) if bool(free.any()) else nan
         if kept and cfg.verify_unmatched is not None and not math.isnan(harm):
             kept = harm <= cfg.verify_unmatched
+        peak = float((rec_tok - tok[0]).max())
+        if kept and cfg.verify_peak is not None:
+            kept = peak >= cfg.verify_peak
         if not kept:
             self.wc = recency
             self.vetoed = True
-        verdict = Verdict(kept, focus, rec, v, harm, stage)
+        verdict = Verdict(kept, focus, rec, v, harm, stage, peak)
         self.verdicts.append(verdict)
         return verdict
 

@@ -24,6 +24,9 @@ def _cfg(**kw):
         tau_collapse=0.0,
         cooldown_steps=0,
         min_residency=0,
+        # the check's mean rule alone (verify_margin decides); the peak rule
+        # (verify_peak, the default 1.0) has its own test
+        verify_peak=None,
     )
     return mc.MegaContextConfig(**{**base, **kw})
 
@@ -457,11 +460,46 @@ def test_verify_unmatched_bounds_the_harm_on_tokens_no_opened_span_holds(tiny_ba
     assert loop.vetoed == (side < 0)
 
 
+@pytest.mark.parametrize("side", [-1.0, 1.0])
+def test_verify_peak_needs_one_judged_token_read_c_nats_better(tiny_base, side):
+    v = 24
+    ids = _planted()
+
+    def verdict(c):
+        cfg = _cfg(
+            w_max=512,
+            lens="lexical",
+            refocus_iterations=8,
+            verify_tokens=v,
+            verify_margin=-100.0,  # the mean rule keeps any focus
+            verify_peak=c,
+        )
+        loop, recency, focus_wc = _verified(tiny_base, ids, cfg)
+        return loop, recency, focus_wc, loop.verdicts[-1]
+
+    loop, recency, focus_wc, off = verdict(None)
+    assert off.kept
+    focus_nll, _ = _tail_token_nll(tiny_base, loop, focus_wc, v)
+    rec_nll, _ = _tail_token_nll(tiny_base, loop, recency, v)
+    peak = float((rec_nll - focus_nll).max())
+    assert off.peak == pytest.approx(peak, abs=2e-4)
+    # a bar just below the peak keeps the focus, just above it drops it for recency
+    loop, _, _, guarded = verdict(peak - side * 1e-3)
+    assert guarded.peak == pytest.approx(peak, abs=2e-4)
+    assert guarded.kept == (side > 0)
+    want = focus_wc if side > 0 else recency
+    assert torch.equal(loop.wc.nodes.cpu(), want.nodes.cpu())
+    assert loop.vetoed == (side < 0)
+
+
 def test_verify_fields_are_validated():
     with pytest.raises(mc.ConfigError, match="verify_tokens"):
         mc.MegaContextConfig(model="tiny-llama", verify_tokens=-1)
     with pytest.raises(mc.ConfigError, match="verify_unmatched"):
         mc.MegaContextConfig(model="tiny-llama", verify_unmatched="high")
+    for bad in ("high", float("nan"), float("inf")):
+        with pytest.raises(mc.ConfigError, match="verify_peak"):
+            mc.MegaContextConfig(model="tiny-llama", verify_peak=bad)
 
 
 @pytest.mark.parametrize("margin", [-100.0, 100.0])

@@ -44,7 +44,9 @@ def test_exact_refocus_equals_a_fresh_forward(tiny_base):
 
 
 def test_splice_keeps_invariants_and_stays_close(tiny_base):
-    s = _session(tiny_base, "splice")
+    # the check's mean rule only: the peak rule would drop the random scorer's focus
+    # at the ingest, and the splice would then have nothing to follow
+    s = _session(tiny_base, "splice", verify_peak=None)
     s.ingest(_ids(2000))
     before = s.cache.buffers[0].data_ptr(), s.cache.buffers[1].data_ptr()
     s.generate(96)
