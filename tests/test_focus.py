@@ -419,6 +419,22 @@ def test_a_saved_session_keeps_its_veto(tiny_base, tmp_path):
     assert not back.focus.vetoed
 
 
+def _guarded(base, ids, v, **guard):
+    """``(loop, recency WC, focus WC, verdict)`` of the lexical focus over ``ids``
+    judged on ``v`` tokens by the mean rule with a margin that keeps any focus, plus
+    the one extra rule in ``guard`` (``verify_unmatched`` or ``verify_peak``)."""
+    cfg = _cfg(
+        w_max=512,
+        lens="lexical",
+        refocus_iterations=8,
+        verify_tokens=v,
+        verify_margin=-100.0,  # the mean rule keeps any focus
+        **guard,
+    )
+    loop, recency, focus_wc = _verified(base, ids, cfg)
+    return loop, recency, focus_wc, loop.verdicts[-1]
+
+
 @pytest.mark.parametrize("side", [-1.0, 1.0])
 def test_verify_unmatched_bounds_the_harm_on_tokens_no_opened_span_holds(tiny_base, side):
     v = 24
@@ -427,16 +443,7 @@ def test_verify_unmatched_bounds_the_harm_on_tokens_no_opened_span_holds(tiny_ba
     ids[-12:] = torch.arange(40000, 40012)
 
     def verdict(u):
-        cfg = _cfg(
-            w_max=512,
-            lens="lexical",
-            refocus_iterations=8,
-            verify_tokens=v,
-            verify_margin=-100.0,  # the first rule keeps any focus
-            verify_unmatched=u,
-        )
-        loop, recency, focus_wc = _verified(tiny_base, ids, cfg)
-        return loop, recency, focus_wc, loop.verdicts[-1]
+        return _guarded(tiny_base, ids, v, verify_unmatched=u)
 
     loop, recency, focus_wc, off = verdict(None)
     assert off.kept  # the guard off: the margin keeps the focus
@@ -466,16 +473,7 @@ def test_verify_peak_needs_one_judged_token_read_c_nats_better(tiny_base, side):
     ids = _planted()
 
     def verdict(c):
-        cfg = _cfg(
-            w_max=512,
-            lens="lexical",
-            refocus_iterations=8,
-            verify_tokens=v,
-            verify_margin=-100.0,  # the mean rule keeps any focus
-            verify_peak=c,
-        )
-        loop, recency, focus_wc = _verified(tiny_base, ids, cfg)
-        return loop, recency, focus_wc, loop.verdicts[-1]
+        return _guarded(tiny_base, ids, v, verify_peak=c)
 
     loop, recency, focus_wc, off = verdict(None)
     assert off.kept
