@@ -104,9 +104,9 @@ def one(base, gist, ids: torch.Tensor, e: int, T: int) -> dict:
     cfg = mc.MegaContextConfig(model=base.name, w_max=W, levels=3)
     ingest = FocusLoop(base, gist, None, cfg)
     ingest.ingest(ids[e - H - T : e - H])
-    lcfg = cfg.model_copy(
-        update={"lens": "lexical", "refocus_iterations": 8, "positions": "nearby"}
-    ).model_copy(update={"verify_tokens": 0})
+    # the check off: the scorer's own choice
+    update = {"lens": "lexical", "refocus_iterations": 8, "positions": "nearby", "verify_tokens": 0}
+    lcfg = cfg.model_copy(update=update)
     lex = FocusLoop(base, gist, None, lcfg)
     lex.tree = ingest.tree
     lex.rebuild()

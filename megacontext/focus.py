@@ -703,10 +703,11 @@ class FocusLoop:
         read the judged tokens whose ids occur nowhere in the opened spans more than
         ``u`` nats per token worse (mean over those tokens; skipped when there are
         none), and with ``config.verify_peak = c`` at least one judged token must read
-        ``c`` nats better under the focus (``max(NLL_recency − NLL_focus) >= c``). ``config.verify_query: before`` (``lens: lexical``) judges
-        instead the focus the scorer reaches with its query ending ``v`` tokens
-        earlier (:meth:`_focus_before`, tokens it did not read); when that is the
-        recency WC there is nothing to judge and the focus stays. Cost: one base
+        ``c`` nats better under the focus (``max(NLL_recency − NLL_focus) >= c``).
+        ``config.verify_query: before`` (``lens: lexical``) judges instead the focus
+        the scorer reaches with its query ending ``v`` tokens earlier
+        (:meth:`_focus_before`, tokens it did not read); when that is the recency WC
+        there is nothing to judge and the focus stays. Cost: one base
         forward of two rows of about ``w_max`` entries, only after an ingest whose
         refocuses acted (one row when ``recency_logits``, float ``[k, V]``, the logits
         of the recency WC's last ``k >= v + 1`` entries, are given: a session keeps
