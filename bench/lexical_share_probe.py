@@ -25,8 +25,8 @@ the attention sink) after its ingest refocuses, on **training-split** material o
 Settings are ``NAME=KEY:VALUE,...`` of :class:`megacontext.MegaContextConfig` fields
 (``share0.25=retrieval_share:0.25``; ``none`` turns an optional field off). A setting
 run with ``verify_peak:none`` records each check's ``peak``, and the table adds what
-``verify_peak`` 0.5 / 1 / 2 would read (``NAME+peakC``: :func:`with_peaks`). Rows go to ``OUT/rows.parquet`` as they finish and
-``OUT/results.md`` is rewritten. Run (one process per part, one thread each)::
+``verify_peak`` 0.5 / 1 / 2 would read (``NAME+peakC``: :func:`with_peaks`). Rows go to
+``OUT/rows.parquet`` as they finish and ``OUT/results.md`` is rewritten. Run (one process per part, one thread each)::
 
     OMP_NUM_THREADS=1 uv run python bench/lexical_share_probe.py --part code \\
         --setting share0.25=retrieval_share:0.25 --setting share0.125=retrieval_share:0.125 \\
@@ -241,22 +241,20 @@ def with_peaks(rows: list[dict], peaks=PEAKS) -> list[dict]:
     becomes the item's ``recency`` row (needle rows written before session 17 have
     none: such a row is then left out of the derived setting)."""
     rec = {(r["part"], r["item"], r["T"]): r["nll"] for r in rows if r["setting"] == "recency"}
+    # a row of such a setting without a peak (its scorer never acted) reads the same
+    # WC under any c
+    peaked = {r["setting"] for r in rows if r.get("peak") is not None}
     out = list(rows)
     for r in rows:
-        if r.get("peak") is None or r["setting"] in ("recency", "truncation", "full"):
+        if r["setting"] not in peaked:
             continue
         for c in peaks:
             nll = r["nll"]
-            if r.get("kept") and r["peak"] < c:
+            if r.get("kept") and r.get("peak") is not None and r["peak"] < c:
                 nll = rec.get((r["part"], r["item"], r["T"]))
                 if nll is None:
                     continue
             out.append({**r, "setting": f"{r['setting']}+peak{c:g}", "nll": nll})
-    # a setting whose scorer never acted has no peak: it reads the same WC under any c
-    peaked = {r["setting"] for r in rows if r.get("peak") is not None}
-    for r in rows:
-        if r["setting"] in peaked and r.get("peak") is None:
-            out += [{**r, "setting": f"{r['setting']}+peak{c:g}"} for c in peaks]
     return out
 
 
