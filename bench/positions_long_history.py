@@ -151,16 +151,16 @@ def mc_views(base: mc.Base, history: torch.Tensor, budgets, loop: FocusLoop | No
     return out
 
 
-def gist_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
+def gist_view(base: mc.Base, loop: FocusLoop, w: int, sink_at: str = "window") -> View:
     """The recency WC at ``w_max = w`` of ``loop``'s tree (gisted by its GistNet) under
-    the default ``hybrid`` positions."""
+    the default ``hybrid`` positions, its sink at ``sink_at``."""
     wc = WorkingContext.from_tree(loop.tree, w, loop.config.protected_tokens)
     wc.check(loop.tree)
     cfg = mc.MegaContextConfig(model=base.name, w_max=w, positions="hybrid", far_gap=FAR_GAP)
     gap = position_gap(cfg, base)
     pos, nxt = entry_positions(wc.levels, wc.nodes, wc.block_size, "hybrid", max_gap=gap)
     per_level = torch.bincount(wc.levels.long(), minlength=wc.max_level + 1).tolist()
-    emb, pos = with_sink(base, wc.embeddings(base, loop.tree), pos, wc.levels, SINK)
+    emb, pos = with_sink(base, wc.embeddings(base, loop.tree), pos, wc.levels, SINK, sink_at)
     return View("mc_hybrid", emb, pos, nxt, {"per_level": per_level})
 
 
@@ -201,7 +201,9 @@ def lexical_view(base: mc.Base, loop: FocusLoop, w: int) -> View:
             unmatched=v.unmatched,
             peak=v.peak,
         )
-    emb, pos = with_sink(base, wc.embeddings(base, lex.tree), lex.positions(), wc.levels, SINK)
+    emb, pos = with_sink(
+        base, wc.embeddings(base, lex.tree), lex.positions(), wc.levels, SINK, cfg.sink_at
+    )
     return View("mc_lexical", emb, pos, lex.next_position(), meta)
 
 

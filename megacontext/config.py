@@ -126,9 +126,15 @@ class MegaContextConfig(BaseModel):
     attention_sink: bool = Field(
         True,
         description="when the working context starts with a gist, the base model first "
-        "reads one sink token (the tokenizer's BOS, else EOS) at position 0, as the first "
+        "reads one sink token (the tokenizer's BOS, else EOS) first, as the first "
         "token of every sequence it was trained on; gists in the first slot make a poor "
         "sink (docs/positions.md)",
+    )
+    sink_at: Literal["window", "start"] = Field(
+        "window",
+        description="the attention sink's RoPE position: window (right before the first "
+        "token entry, so the recent window starts after its sink as a text does, however "
+        "far back the gists sit) or start (position 0, the ablation; docs/positions.md)",
     )
     positions: Literal["nearby", "hybrid", "compact", "global"] = Field(
         "nearby",

@@ -747,7 +747,12 @@ class FocusLoop:
         for wc in (judged,) if known else (judged, recency):
             pos = self.positions(wc).cpu()
             emb, p = with_sink(
-                self.base, wc.embeddings(self.base, self.tree), pos, wc.levels, cfg.attention_sink
+                self.base,
+                wc.embeddings(self.base, self.tree),
+                pos,
+                wc.levels,
+                cfg.attention_sink,
+                cfg.sink_at,
             )
             contexts.append((emb[: len(emb) - v], p[: len(p) - v]))
             starts.append(int(pos[len(pos) - v]))

@@ -49,7 +49,13 @@ from .hook import patch, recording
 from .nll import nll_after
 from .telemetry import swap_counts
 from .tree import MegaContextTree
-from .working_context import WorkingContext, entry_positions, reads_sink, with_sink
+from .working_context import (
+    WorkingContext,
+    entry_positions,
+    reads_sink,
+    sink_position,
+    with_sink,
+)
 
 __all__ = ["PHASES", "MegaContext", "Session", "SessionBatch", "sample_token"]
 
@@ -294,6 +300,7 @@ class Session:
             sink=1 if cfg.attention_sink else 0,
         )
         self._cache_kw = cache_kwarg(self.base.model)
+        self._sink_position = 0  # where the cached sink's K/V were computed
         if cfg.attention_sink:
             self._init_sink()
         # lens: attention scores from this cache and the queries the hook records
@@ -362,23 +369,35 @@ class Session:
         return self.focus.embed(ids)
 
     @torch.no_grad()
-    def _init_sink(self) -> None:
-        """The sink token's K/V at position 0 (it reads only itself, so they are
-        constants of the model), computed by the runtime's own forward path into a
-        one-slot cache and copied into this cache's sink slot."""
+    def _init_sink(self, position: int = 0) -> None:
+        """The sink token's K/V at ``position`` (it reads only itself, so they depend
+        on nothing but the position), computed by the runtime's own forward path into
+        a one-slot cache and copied into this cache's sink slot."""
         one = MegaContextCache.for_model(
             self.base.model, batch_size=1, capacity=1, double_buffer=False
         )
         one.plan(torch.zeros(1, 1, dtype=torch.long), [1])
         self.base.model(
             inputs_embeds=self.base.embed(torch.tensor([[self.base.sink_token_id]])),
-            position_ids=torch.zeros(1, 1, dtype=torch.long, device=self.base.device),
+            position_ids=torch.full((1, 1), position, dtype=torch.long, device=self.base.device),
             attention_mask=None,
             use_cache=True,
             logits_to_keep=1,
             **{self._cache_kw: one},
         )
         self.cache.set_sink(one.kv[:, 0, 0, :, :1], one.kv[:, 1, 0, :, :1])
+        self._sink_position = position
+
+    def _place_sink(self) -> bool:
+        """Move the cached sink to the current WC's :func:`sink_position` (a
+        one-token forward); True when it moved. Under ``sink_at: window`` it follows
+        the first token entry, so a refocus that adds or removes gists moves it."""
+        assert self.wc is not None
+        want = sink_position(self.focus.positions(), self.wc.levels, self.config.sink_at)
+        if want == self._sink_position:
+            return False
+        self._init_sink(want)
+        return True
 
     def _wants_sink(self) -> bool:
         """Whether the current WC is read behind the attention sink (:func:`reads_sink`)."""
@@ -386,12 +405,14 @@ class Session:
         return reads_sink(self.wc.levels, self.config.attention_sink)
 
     def _sync_sink(self) -> bool:
-        """Set the cache's sink flag from the WC; True when it changed, so every cached
-        row is stale (each one read the sink or not)."""
+        """Set the cache's sink flag and place from the WC; True when either changed,
+        so every cached row is stale (each one read the sink or not, or read it at
+        another distance)."""
         want = self._wants_sink()
         changed = want != self.cache.sink_on[0]
         self.cache.sink_on[0] = want
-        return changed
+        moved = want and self._place_sink()
+        return changed or moved
 
     def _validate_ids(self, ids: Any, arg: str = "text_or_ids") -> torch.Tensor:
         """Text or token ids -> int64 ``[n]`` (n >= 1) on the CPU, or InputError naming
@@ -563,6 +584,10 @@ class Session:
             # the sink comes or goes: no kept row read what it now reads
             self._prefill(0)
             return
+        if self.cache.sink_on[0]:
+            # a moved sink is recomputed at its place; kept rows keep the K/V they
+            # computed against its old place, as they keep those of moved neighbours
+            self._place_sink()
         index = self._kept_index(old_levels, old_nodes)
         index[-1] = -1
         # kept entries whose position moved (bounded schemes) are re-rotated in the
@@ -895,6 +920,7 @@ class Session:
             positions=self.config.positions,
             max_gap=self.focus.max_gap,
             sink=self.config.attention_sink,
+            sink_at=self.config.sink_at,
         )
         return float(nll.mean())
 
@@ -943,8 +969,9 @@ class Session:
             "focus_feed_check": self.focus.feed_check,
             # decode_focus hold: the blocks the last ingest's focus opened
             "focus_held": None if self.focus.held is None else self.focus.held.tolist(),
-            # whether the saved K/V rows read the attention sink
+            # whether the saved K/V rows read the attention sink, and at which position
             "kv_sink": self.cache.sink_on[0],
+            "kv_sink_position": self._sink_position if self.cache.sink_on[0] else None,
         }
         key = session_store.session_key(path)
         commit = session_store.write_session(
@@ -999,7 +1026,11 @@ class Session:
         kv_sink = bool(meta.get("kv_sink", False))
         self.cache.load_state_dict({"kv": kv, "lengths": [kv.shape[4]], "sink_on": [kv_sink]})
         self._next_logits = st["next_logits"].to(self.base.device, torch.float32)
-        if kv_sink != self._wants_sink():
+        # sessions saved before the sink could move read it at position 0
+        saved_at = meta.get("kv_sink_position")
+        if kv_sink:
+            self._init_sink(0 if saved_at is None else int(saved_at))
+        if kv_sink != self._wants_sink() or (kv_sink and self._place_sink()):
             # the rows read another context than this configuration's: recompute them
             self._prefill(0)
         self.iteration = int(meta["iteration"])
@@ -1116,6 +1147,7 @@ def wc_nll(
     positions: str = "global",
     max_gap: int = 0,
     sink: bool = False,
+    sink_at: str = "window",
 ) -> torch.Tensor:
     """NLL ``[H]`` of ``targets`` (the tokens right after the history, ``cursor`` =
     the first one's global index) given ``wc``: one forward over the WC's embeddings
@@ -1123,12 +1155,12 @@ def wc_nll(
     (:func:`~megacontext.working_context.entry_positions`; under ``global`` each at
     its global position, gists at their span centres, targets from ``cursor``; under
     a bounded scheme the targets follow at the WC's next position), behind the
-    attention sink when ``sink`` and the WC starts with a gist
+    attention sink (at ``sink_at``) when ``sink`` and the WC starts with a gist
     (:func:`~megacontext.working_context.with_sink`); see
     :func:`megacontext.nll.nll_after`."""
     pos, nxt = entry_positions(wc.levels, wc.nodes, wc.block_size, positions, max_gap=max_gap)
     start = cursor if positions == "global" else nxt
-    context = with_sink(base, wc.embeddings(base, tree), pos.cpu(), wc.levels, sink)
+    context = with_sink(base, wc.embeddings(base, tree), pos.cpu(), wc.levels, sink, sink_at)
     return nll_after(base, [context], [targets], [start])[0]
 
 

@@ -656,6 +656,8 @@ def _read_version(
     for flag in ("kv_sink", "focus_vetoed"):
         if flag in meta and not isinstance(meta[flag], bool):
             raise _err(meta_path, flag, f"must be true or false, got {meta[flag]!r}")
+    if meta.get("kv_sink_position") is not None:
+        need("kv_sink_position", int, nonneg, "an integer >= 0 or null")
     if meta.get("focus_feed_check") is not None:
         need("focus_feed_check", int, nonneg, "an integer >= 0 or null")
     if meta.get("focus_held") is not None:

@@ -27,7 +27,9 @@ __all__ = [
     "WorkingContext",
     "entry_positions",
     "protected_start",
+    "SINK_PLACES",
     "reads_sink",
+    "sink_position",
     "with_sink",
 ]
 
@@ -58,33 +60,67 @@ def protected_start(num_tokens: int, recent_tokens: int, block_size: int) -> int
 POSITION_SCHEMES = ("nearby", "hybrid", "compact", "global")
 
 
+SINK_PLACES = ("window", "start")
+
+
 def reads_sink(levels: torch.Tensor, enabled: bool = True) -> bool:
     """Whether the base model reads the attention sink before a WC whose entry levels
     are ``levels [N]``: ``enabled`` and the first entry is a gist.
 
     A language model turns the first token it reads into an attention sink (it takes
     the attention mass no other key should); it was trained with a real token there.
-    When the WC starts with a gist, one sink token (``base.sink_token_id``) at
-    position 0 goes first, so the gists are read as content rather than as the sink.
-    When the WC starts with token 0 of the history it is read as it is."""
+    When the WC starts with a gist, one sink token (``base.sink_token_id``) goes
+    first (at :func:`sink_position`), so the gists are read as content rather than
+    as the sink. When the WC starts with token 0 of the history it is read as it is."""
     return bool(enabled) and levels.numel() > 0 and int(levels[0]) > 0
 
 
+def sink_position(positions: torch.Tensor, levels: torch.Tensor, at: str = "window") -> int:
+    """The RoPE position of the attention sink read before a WC whose entries sit at
+    ``positions [N]`` with levels ``levels [N]``.
+
+    - ``window`` (the default): ``max(min(positions[levels == 0]) - 1, 0)``, right
+      before the first token entry. The recent window (and under ``nearby`` a
+      retrieved span before it) then starts right after its sink, as every text the
+      model was trained on does, however far back the gists sit. Measured on
+      training-split text (``bench/sink_place_probe.py``): a sink thousands of
+      positions before the window costs plain text about as much as dropping 32
+      of its tokens and more (docs/positions.md, "Where the sink sits").
+    - ``start``: position 0 (sessions 6-17; the ablation).
+
+    Gists read a ``window`` sink at a negative distance; only they do."""
+    if at not in SINK_PLACES:
+        raise ConfigError(
+            f"unknown sink place {at!r}; expected one of {SINK_PLACES}", field="sink_at", value=at
+        )
+    tokens = levels.to(positions.device) == 0
+    if at == "start" or not bool(tokens.any()):
+        return 0
+    return max(int(positions[tokens].min()) - 1, 0)
+
+
 def with_sink(
-    base: Any, embeds: torch.Tensor, positions: torch.Tensor, levels: torch.Tensor, enabled: bool
+    base: Any,
+    embeds: torch.Tensor,
+    positions: torch.Tensor,
+    levels: torch.Tensor,
+    enabled: bool,
+    at: str = "window",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(embeds [S + N, d], positions [S + N])``: the WC's rows ``embeds [N, d]`` at
-    ``positions [N]``, behind the sink token at position 0 when :func:`reads_sink`
-    (``S = 1``), else unchanged (``S = 0``). The entries keep their positions: the
-    sink changes what they attend to, not where they are. The runtime keeps the same
-    row in its cache (``MegaContextCache(sink=1)``), so a forward over this equals
-    the session's."""
+    ``positions [N]``, behind the sink token at :func:`sink_position` (``at``) when
+    :func:`reads_sink` (``S = 1``), else unchanged (``S = 0``). The entries keep their
+    positions: the sink changes what they attend to, not where they are. The runtime
+    keeps the same row in its cache (``MegaContextCache(sink=1)``), so a forward over
+    this equals the session's."""
     if not reads_sink(levels, enabled):
         return embeds, positions
     tok = torch.tensor([base.sink_token_id], dtype=torch.long)
     sink = base.embed(tok).to(device=embeds.device, dtype=embeds.dtype)
-    zero = torch.zeros(1, dtype=positions.dtype, device=positions.device)
-    return torch.cat([sink, embeds]), torch.cat([zero, positions])
+    where = torch.full(
+        (1,), sink_position(positions, levels, at), dtype=positions.dtype, device=positions.device
+    )
+    return torch.cat([sink, embeds]), torch.cat([where, positions])
 
 
 def entry_positions(

@@ -13,7 +13,7 @@ import torch
 import megacontext as mc
 from megacontext.cache import MegaContextCache
 from megacontext.runtime import wc_nll
-from megacontext.working_context import reads_sink, with_sink
+from megacontext.working_context import reads_sink, sink_position, with_sink
 
 
 def _ids(n, seed=0):
@@ -34,17 +34,35 @@ def test_reads_sink_only_before_a_gist():
     assert not reads_sink(torch.zeros(0, dtype=torch.int32))
 
 
-def test_with_sink_prepends_the_sink_token_at_position_zero(tiny_base):
+def test_with_sink_prepends_the_sink_token_before_the_first_token_entry(tiny_base):
     emb = torch.randn(3, tiny_base.dim)
     pos = torch.tensor([5, 6, 9])
     e, p = with_sink(tiny_base, emb, pos, torch.tensor([1, 0, 0]), True)
-    assert e.shape == (4, tiny_base.dim) and p.tolist() == [0, 5, 6, 9]
+    assert e.shape == (4, tiny_base.dim) and p.tolist() == [5, 5, 6, 9]
+    _, p = with_sink(tiny_base, emb, pos, torch.tensor([1, 0, 0]), True, "start")
+    assert p.tolist() == [0, 5, 6, 9]
     want = tiny_base.embed(torch.tensor([tiny_base.sink_token_id]))[0]
     torch.testing.assert_close(e[0], want.to(e.dtype))
     assert torch.equal(e[1:], emb)
     for levels, on in ((torch.tensor([0, 0, 0]), True), (torch.tensor([1, 0, 0]), False)):
         e, p = with_sink(tiny_base, emb, pos, levels, on)
         assert e is emb and p is pos
+
+
+def test_sink_position_is_right_before_the_first_token_entry():
+    # nearby: gists at 0..2, a retrieved span (LOD0 inside the far memory) and the
+    # recent window at 900.. : the sink goes right before the span
+    levels = torch.tensor([2, 1, 0, 0, 1, 0, 0])
+    pos = torch.tensor([0, 1, 900, 901, 2, 902, 903])
+    assert sink_position(pos, levels) == 899
+    assert sink_position(pos, levels, "start") == 0
+    # a window that starts at position 0 (compact, no gist before it): not below 0
+    assert sink_position(torch.tensor([0, 1]), torch.tensor([0, 0])) == 0
+    assert sink_position(torch.tensor([0, 1]), torch.tensor([1, 1])) == 0
+    with pytest.raises(mc.ConfigError, match="sink place"):
+        sink_position(pos, levels, "middle")
+    with pytest.raises(mc.ConfigError, match="sink_at"):
+        mc.MegaContextConfig(sink_at="middle")
 
 
 def test_sink_token_is_bos_else_eos(tiny_base):
@@ -132,14 +150,24 @@ def _session(base, **kw):
 
 def _fresh(base, s, sink):
     embeds, pos = with_sink(
-        base, s.wc.embeddings(base, s.tree), s.focus.positions(), s.wc.levels, sink
+        base,
+        s.wc.embeddings(base, s.tree),
+        s.focus.positions(),
+        s.wc.levels,
+        sink,
+        s.config.sink_at,
     )
     return base.model(inputs_embeds=embeds[None], position_ids=pos[None]).logits[0, -1].float()
 
 
+def _placed(s) -> int:
+    return sink_position(s.focus.positions(), s.wc.levels, s.config.sink_at)
+
+
 @pytest.mark.parametrize("mode", ["exact", "splice"])
-def test_the_sink_comes_in_when_the_first_entry_becomes_a_gist(tiny_base, mode):
-    s = _session(tiny_base, kv_mode=mode)
+@pytest.mark.parametrize("at", ["window", "start"])
+def test_the_sink_comes_in_when_the_first_entry_becomes_a_gist(tiny_base, mode, at):
+    s = _session(tiny_base, kv_mode=mode, sink_at=at)
     s.ingest(_ids(100))
     assert int(s.wc.levels[0]) == 0 and s.cache.sink_on == [False]
     torch.testing.assert_close(
@@ -150,8 +178,12 @@ def test_the_sink_comes_in_when_the_first_entry_becomes_a_gist(tiny_base, mode):
     torch.testing.assert_close(
         s.next_token_logits(), _fresh(tiny_base, s, True), atol=1e-4, rtol=1e-4
     )
+    was = s._sink_position
+    assert was == _placed(s) and (was > 0) == (at == "window")
     s.generate(40)  # decode across refocuses with the sink in place
     assert s.cache.sink_on == [True]
+    # the cached sink follows the window (a refocus that adds gists moves it)
+    assert s._sink_position == _placed(s) and (s._sink_position != was) == (at == "window")
     if mode == "exact":  # splice keeps K/V computed in older contexts by design
         torch.testing.assert_close(
             s.next_token_logits(), _fresh(tiny_base, s, True), atol=1e-4, rtol=1e-4
@@ -184,3 +216,25 @@ def test_a_saved_session_reopens_with_its_sink(tiny_base, tmp_path):
     assert r.cache.sink_on == [True]
     torch.testing.assert_close(r.next_token_logits(), s.next_token_logits(), rtol=0, atol=1e-5)
     assert r.generate(20) == s.generate(20)
+
+
+def test_a_session_saved_before_the_sink_moved_is_recomputed(tiny_base, tmp_path, monkeypatch):
+    # a session written before kv_sink_position existed read its sink at position 0
+    from megacontext import session_store
+
+    write = session_store.write_session
+
+    def old_write(path, *, meta, **kw):
+        meta = {k: v for k, v in meta.items() if k != "kv_sink_position"}
+        return write(path, meta=meta, **kw)
+
+    s = _session(tiny_base, kv_mode="exact")
+    s.ingest(_ids(600))
+    assert s._sink_position > 0
+    monkeypatch.setattr(session_store, "write_session", old_write)
+    s.save(tmp_path / "s")
+    r = mc.MegaContext.open(tmp_path / "s", base=tiny_base)
+    assert r.cache.sink_on == [True] and r._sink_position == _placed(r)
+    torch.testing.assert_close(
+        r.next_token_logits(), _fresh(tiny_base, r, True), atol=1e-4, rtol=1e-4
+    )

@@ -111,6 +111,7 @@ def compression_views(
     scheme: str = "global",
     max_gap: int = 0,
     sink: bool = False,
+    sink_at: str = "window",
 ) -> dict[str, View]:
     """The views of the history held by ``tree`` (``T`` tokens, ``T`` a multiple of
     ``bs²``) with the LOD2 node ``node`` (tokens ``[node·bs², (node+1)·bs²)``) read as
@@ -150,7 +151,7 @@ def compression_views(
         )
         meta = {"levels": levels, "nodes": nodes, "region": (s, e), "node": node}
         pos, nxt = wc.positions(scheme, max_gap).cpu(), wc.next_position(scheme, max_gap)
-        embeds, pos = with_sink(base, wc.embeddings(base, tree), pos, levels, sink)
+        embeds, pos = with_sink(base, wc.embeddings(base, tree), pos, levels, sink, sink_at)
         views[cond] = View(cond, embeds, pos, nxt, meta)
     return views
 
@@ -245,13 +246,16 @@ def _rows_for(
     scheme: str,
     max_gap: int,
     sink: bool,
+    sink_at: str = "window",
 ) -> list[dict[str, Any]]:
     """One row per condition; ``control`` (a dict shared by a document's placements)
     caches the control NLL, which does not depend on the placement."""
     bs = int(tree.block_size)
     ratio = {"control": 1.0, "lod1": float(bs), "lod2": float(bs * bs), "dropped": math.inf}
     conds = [c for c in CONDITIONS if not (c == "control" and control and "nll" in control)]
-    views = compression_views(reader, tree, node, conds, scheme=scheme, max_gap=max_gap, sink=sink)
+    views = compression_views(
+        reader, tree, node, conds, scheme=scheme, max_gap=max_gap, sink=sink, sink_at=sink_at
+    )
     rows = []
     for cond in CONDITIONS:
         t0 = time.perf_counter()
@@ -324,7 +328,7 @@ def compression_suite(
     # the runtime's positions: the system's scheme (the default config's without one)
     mc_cfg = MegaContextConfig(block_size=bs) if system is None else system.config
     scheme, max_gap = mc_cfg.positions, position_gap(mc_cfg, reader)
-    sink = mc_cfg.attention_sink
+    sink, sink_at = mc_cfg.attention_sink, mc_cfg.sink_at
     gist_name = "mean-pool" if gistnet is None else type(gistnet).__name__
     if documents is None:
         documents = compression_documents(reader, cfg["narrative"], cfg["code"], T + H)
@@ -350,7 +354,7 @@ def compression_suite(
             tags = {**common, "kind": kind, "doc": doc_id, "placement": placement}
             tags |= {"history_tokens": T, "horizon": H}
             rows += _rows_for(
-                reader, tree, node, ids[T : T + H], H, tags, control, scheme, max_gap, sink
+                reader, tree, node, ids[T : T + H], H, tags, control, scheme, max_gap, sink, sink_at
             )
     for placement in PLACEMENTS:
         for i in range(cfg["passkey"]):
@@ -364,7 +368,7 @@ def compression_suite(
             tags = {**common, "kind": "passkey", "doc": doc, "placement": placement}
             tags |= {"history_tokens": T, "horizon": n, "statement_start": task["statement"][0]}
             rows += _rows_for(
-                reader, tree, node, task["stream"], n, tags, None, scheme, max_gap, sink
+                reader, tree, node, task["stream"], n, tags, None, scheme, max_gap, sink, sink_at
             )
     return rows
 

@@ -244,6 +244,7 @@ def session_view(
         session.focus.positions().cpu(),
         wc.levels,
         session.config.attention_sink,
+        session.config.sink_at,
     )
     levels = torch.bincount(wc.levels.cpu().long(), minlength=wc.max_level + 1).tolist()
     meta = {"per_level": levels, "actions": len(session.actions)}

@@ -72,7 +72,7 @@ def wc_row(
     ``config.attention_sink`` and the WC starts with a gist (``S = 1``,
     :func:`~megacontext.working_context.with_sink`)."""
     pos, start = wc_positions(levels, nodes, config, base)
-    return with_sink(base, embeds, pos, levels, config.attention_sink), start
+    return with_sink(base, embeds, pos, levels, config.attention_sink, config.sink_at), start
 
 
 def _gist_call(gistnet: Any, x: torch.Tensor, level: int) -> torch.Tensor:
