@@ -258,6 +258,31 @@ def with_peaks(rows: list[dict], peaks=PEAKS) -> list[dict]:
     return out
 
 
+def load_memory() -> tuple[mc.Base, mc.GistNet]:
+    """The embedded model and the shipped memory's GistNet (seeded: the probes' runs
+    are repeatable)."""
+    torch.manual_seed(0)
+    return mc.load_base("smollm2-135m"), mc.GistNet.load(MEMORY / "gistnet.safetensors")
+
+
+def row_writer(rows: list[dict], out: Path, render, command: str):
+    """``emit(row)``: append ``row`` to ``rows``, then rewrite ``out/rows.parquet`` and
+    ``out/results.md`` (``render(rows, command)`` and a machine line), so a stopped run
+    keeps every row it finished."""
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        plh.write_rows(rows, out / "rows.parquet")
+        (out / "results.md").write_text(
+            render(rows, command)
+            + f"\n{time.strftime('%Y-%m-%d')}; CPU, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; the shipped memory's GistNet\n"
+        )
+        print(row, flush=True)
+
+    return emit
+
+
 def render(rows: list[dict], command: str) -> str:
     out = ["# Lexical retrieval share on training-split data", "", f"`{command}`", ""]
     rows = with_peaks(rows)
@@ -347,19 +372,8 @@ def main() -> None:
         (args.out / "results.md").write_text(render(rows, command) + "\n" + old[-1] + "\n")
         return
 
-    def emit(row: dict) -> None:
-        rows.append(row)
-        plh.write_rows(rows, args.out / "rows.parquet")
-        (args.out / "results.md").write_text(
-            render(rows, command)
-            + f"\n{time.strftime('%Y-%m-%d')}; CPU, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; the shipped memory's GistNet\n"
-        )
-        print(row, flush=True)
-
-    torch.manual_seed(0)
-    base = mc.load_base("smollm2-135m")
-    gist = mc.GistNet.load(MEMORY / "gistnet.safetensors")
+    emit = row_writer(rows, args.out, render, command)
+    base, gist = load_memory()
     if args.part == "needle32rep":
         needles_repeated(base, gist, settings, args.reps, emit)
     elif args.part in ("needle", "needle32"):

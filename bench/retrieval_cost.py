@@ -178,9 +178,7 @@ def main() -> None:
     args = ap.parse_args()
     command = "OMP_NUM_THREADS=1 uv run python bench/retrieval_cost.py " + " ".join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    base = mc.load_base("smollm2-135m")
-    gist = mc.GistNet.load(lsp.MEMORY / "gistnet.safetensors")
+    base, gist = lsp.load_memory()
     top = max(max(args.length), max(lsp.LENGTHS))
     ids = lsp.TEXTS[args.part](base, top + H + 4096 * (args.targets - 1))
     rows: list[dict] = []

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -110,22 +109,9 @@ def main() -> None:
     args = ap.parse_args()
     command = "OMP_NUM_THREADS=1 uv run python bench/sink_place_probe.py " + " ".join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    base = mc.load_base("smollm2-135m")
-    gist = mc.GistNet.load(lsp.MEMORY / "gistnet.safetensors")
-    need = max(LENGTHS) + H + 4096 * (args.targets - 1)
-    ids = lsp.TEXTS[args.part](base, need)
-    rows: list[dict] = []
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        plh.write_rows(rows, args.out / "rows.parquet")
-        (args.out / "results.md").write_text(
-            render(rows, command)
-            + f"\n{time.strftime('%Y-%m-%d')}; CPU, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; the shipped memory's GistNet\n"
-        )
-        print(row, flush=True)
+    base, gist = lsp.load_memory()
+    ids = lsp.TEXTS[args.part](base, max(LENGTHS) + H + 4096 * (args.targets - 1))
+    emit = lsp.row_writer([], args.out, render, command)
 
     for e in [max(LENGTHS) + H + 4096 * i for i in range(args.targets)]:
         tg = ids[e - H : e]
