@@ -46,6 +46,7 @@ from .config import MegaContextConfig
 from .errors import ConfigError, InputError, InvariantError, StorageError
 from .focus import FocusLoop, FocusStep, check_positions, fitting_budget, refocus_after_ingest
 from .hook import patch, recording
+from .kernels.kv_splice import rope_rotate
 from .nll import nll_after
 from .telemetry import swap_counts
 from .tree import MegaContextTree
@@ -369,34 +370,45 @@ class Session:
         return self.focus.embed(ids)
 
     @torch.no_grad()
-    def _init_sink(self, position: int = 0) -> None:
-        """The sink token's K/V at ``position`` (it reads only itself, so they depend
-        on nothing but the position), computed by the runtime's own forward path into
-        a one-slot cache and copied into this cache's sink slot."""
+    def _init_sink(self) -> None:
+        """The sink token's K/V at position 0, computed by the runtime's own forward
+        path into a one-slot cache, kept (``_sink_kv``) and copied into this cache's
+        sink slot."""
         one = MegaContextCache.for_model(
             self.base.model, batch_size=1, capacity=1, double_buffer=False
         )
         one.plan(torch.zeros(1, 1, dtype=torch.long), [1])
         self.base.model(
             inputs_embeds=self.base.embed(torch.tensor([[self.base.sink_token_id]])),
-            position_ids=torch.full((1, 1), position, dtype=torch.long, device=self.base.device),
+            position_ids=torch.zeros(1, 1, dtype=torch.long, device=self.base.device),
             attention_mask=None,
             use_cache=True,
             logits_to_keep=1,
             **{self._cache_kw: one},
         )
-        self.cache.set_sink(one.kv[:, 0, 0, :, :1], one.kv[:, 1, 0, :, :1])
+        self._sink_kv = (one.kv[:, 0, 0, :, :1].clone(), one.kv[:, 1, 0, :, :1].clone())
+        self.cache.set_sink(*self._sink_kv)
+        self._sink_position = 0
+
+    def _move_sink(self, position: int) -> None:
+        """Put the cached sink at ``position``. The sink reads only itself, so at every
+        layer its hidden state, hence its value, does not depend on its position and
+        its key is the position-0 key rotated by ``position`` (``rope_rotate``, fp32
+        math from the kept position-0 key, so moves never compound rounding)."""
+        k0, v0 = self._sink_kv
+        delta = torch.full((1,), position, dtype=torch.long, device=k0.device)
+        self.cache.set_sink(rope_rotate(k0, delta, self.cache.inv_freq), v0)
         self._sink_position = position
 
     def _place_sink(self) -> bool:
-        """Move the cached sink to the current WC's :func:`sink_position` (a
-        one-token forward); True when it moved. Under ``sink_at: window`` it follows
-        the first token entry, so a refocus that adds or removes gists moves it."""
+        """Move the cached sink to the current WC's :func:`sink_position`; True when
+        it moved. Under ``sink_at: window`` it follows the first token entry, so a
+        refocus that adds or removes gists moves it."""
         assert self.wc is not None
         want = sink_position(self.focus.positions(), self.wc.levels, self.config.sink_at)
         if want == self._sink_position:
             return False
-        self._init_sink(want)
+        self._move_sink(want)
         return True
 
     def _wants_sink(self) -> bool:
@@ -1029,7 +1041,7 @@ class Session:
         # sessions saved before the sink could move read it at position 0
         saved_at = meta.get("kv_sink_position")
         if kv_sink:
-            self._init_sink(0 if saved_at is None else int(saved_at))
+            self._move_sink(0 if saved_at is None else int(saved_at))
         if kv_sink != self._wants_sink() or (kv_sink and self._place_sink()):
             # the rows read another context than this configuration's: recompute them
             self._prefill(0)

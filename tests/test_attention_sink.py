@@ -238,3 +238,27 @@ def test_a_session_saved_before_the_sink_moved_is_recomputed(tiny_base, tmp_path
     torch.testing.assert_close(
         r.next_token_logits(), _fresh(tiny_base, r, True), atol=1e-4, rtol=1e-4
     )
+
+
+@torch.no_grad()
+def test_a_moved_sink_is_what_a_forward_at_its_position_writes(tiny_base):
+    # the sink reads only itself: its value never depends on its position and its key
+    # is the position-0 key rotated, at every layer
+    s = _session(tiny_base)
+    for position in (777, 3, 0):
+        s._move_sink(position)
+        one = MegaContextCache.for_model(
+            tiny_base.model, batch_size=1, capacity=1, double_buffer=False
+        )
+        one.plan(torch.zeros(1, 1, dtype=torch.long), [1])
+        tiny_base.model(
+            inputs_embeds=tiny_base.embed(torch.tensor([[tiny_base.sink_token_id]])),
+            position_ids=torch.full((1, 1), position, dtype=torch.long),
+            use_cache=True,
+            **{s._cache_kw: one},
+        )
+        for buf in s.cache.buffers:
+            torch.testing.assert_close(
+                buf[:, :, 0, :, :1], one.kv[:, :, 0, :, :1], atol=1e-5, rtol=1e-5
+            )
+    assert s._sink_position == 0
