@@ -597,7 +597,7 @@ class Session:
             self._prefill(0)
             return
         if self.cache.sink_on[0]:
-            # a moved sink is recomputed at its place; kept rows keep the K/V they
+            # a moved sink's key is rotated to its place; kept rows keep the K/V they
             # computed against its old place, as they keep those of moved neighbours
             self._place_sink()
         index = self._kept_index(old_levels, old_nodes)

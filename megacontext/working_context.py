@@ -82,10 +82,9 @@ def sink_position(positions: torch.Tensor, levels: torch.Tensor, at: str = "wind
     - ``window`` (the default): ``max(min(positions[levels == 0]) - 1, 0)``, right
       before the first token entry. The recent window (and under ``nearby`` a
       retrieved span before it) then starts right after its sink, as every text the
-      model was trained on does, however far back the gists sit. Measured on
-      training-split text (``bench/sink_place_probe.py``): a sink thousands of
-      positions before the window costs plain text about as much as dropping 32
-      of its tokens and more (docs/positions.md, "Where the sink sits").
+      model was trained on does, however far back the gists sit. Chosen on
+      training-split text; it helps long histories at small budgets and costs where
+      the gists sit near the window (docs/positions.md, "Where the sink sits").
     - ``start``: position 0 (sessions 6-17; the ablation).
 
     Gists read a ``window`` sink at a negative distance; only they do."""
